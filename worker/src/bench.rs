@@ -1,0 +1,283 @@
+//! `moe-worker bench`: our engine and PyTorch eager (transformers) on the same checkpoint,
+//! same thread count, in one run; prints ratios and the batch-1 decode bandwidth ceiling.
+//! Each engine runs in its own child process so peak memory is measured per engine.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use clap::Args;
+use rayon::prelude::*;
+use serde_json::Value;
+
+use crate::engine::{Engine, EngineOptions};
+use crate::error::{Error, Result};
+use crate::sampling::SamplingParams;
+use crate::synthetic;
+use crate::weights::{Checkpoint, WeightSource};
+
+const TORCH_SCRIPT: &str = include_str!("../../scripts/bench_torch.py");
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Synthetic presets to benchmark (random f32 weights written as checkpoints).
+    #[arg(long, value_delimiter = ',', default_value = "mini,base")]
+    pub presets: Vec<String>,
+
+    /// Python with torch and transformers (default: $MOE_BENCH_PYTHON, then
+    /// ~/.cache/moe-serve/venv/bin/python, then python3).
+    #[arg(long)]
+    pub python: Option<PathBuf>,
+
+    /// Where checkpoints are written (default: ~/.cache/moe-serve/bench).
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+
+    #[arg(long, default_value_t = 128)]
+    pub prefill_tokens: usize,
+
+    #[arg(long, default_value_t = 64)]
+    pub decode_tokens: usize,
+
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+
+    /// Only run our engine.
+    #[arg(long)]
+    pub skip_torch: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct EngineRunArgs {
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long, default_value_t = 128)]
+    pub prefill_tokens: usize,
+    #[arg(long, default_value_t = 64)]
+    pub decode_tokens: usize,
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+}
+
+fn cache_root() -> PathBuf {
+    std::env::var_os("MOE_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/moe-serve")))
+        .unwrap_or_else(|| std::env::temp_dir().join("moe-serve"))
+}
+
+/// Read bandwidth of this machine with `threads` threads: the best of several passes over a
+/// buffer far larger than the caches.
+pub fn memory_bandwidth(threads: usize) -> f64 {
+    let len = 256 << 20; // 1 GiB of f32
+    let buf: Vec<f32> = (0..len).into_par_iter().map(|i| (i % 7) as f32).collect();
+    let mut best = 0f64;
+    for _ in 0..5 {
+        let t = Instant::now();
+        let per = len / threads;
+        let sum: f32 = buf.par_chunks(per).map(|c| c.chunks(16).map(|l| crate::kernels::dot(l, l)).sum::<f32>()).sum();
+        std::hint::black_box(sum);
+        best = best.max((len * 4) as f64 / t.elapsed().as_secs_f64());
+    }
+    best
+}
+
+fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<u64>().ok()))
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// The engine side of the benchmark, in this process.
+pub fn run_engine(a: EngineRunArgs) -> Result<()> {
+    let t0 = Instant::now();
+    let src = Checkpoint::open(&a.model)?;
+    let vocab = src.config().vocab_size as u64;
+    let model = crate::cli::load_full(&src)?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let mut engine = Engine::new(model, EngineOptions { max_batch_tokens: 4096 })?;
+    let mut rng = 1234u64;
+    let mut ids = |n: usize| -> Vec<u32> {
+        (0..n)
+            .map(|_| {
+                rng = synthetic::splitmix64(rng);
+                (3 + rng % (vocab - 3)) as u32
+            })
+            .collect()
+    };
+    let params = |n| SamplingParams { ignore_eos: true, ..SamplingParams::greedy(n) };
+
+    let mut best = f64::INFINITY;
+    for _ in 0..a.repeats {
+        let id = engine.add(ids(a.prefill_tokens), params(1))?;
+        let t = Instant::now();
+        engine.step()?;
+        best = best.min(t.elapsed().as_secs_f64());
+        engine.remove(id);
+    }
+    let prefill = a.prefill_tokens as f64 / best;
+
+    let mut decode = |batch: usize| -> Result<f64> {
+        let mut best = f64::INFINITY;
+        for _ in 0..a.repeats.saturating_sub(1).max(1) {
+            let seqs: Vec<_> =
+                (0..batch).map(|_| engine.add(ids(16), params(a.decode_tokens + 1))).collect::<Result<_>>()?;
+            engine.step()?; // prefill
+            let t = Instant::now();
+            for _ in 0..a.decode_tokens {
+                engine.step()?;
+            }
+            best = best.min(t.elapsed().as_secs_f64());
+            for s in seqs {
+                engine.remove(s);
+            }
+        }
+        Ok((batch * a.decode_tokens) as f64 / best)
+    };
+    let d1 = decode(1)?;
+    let db = decode(a.batch)?;
+    let out = serde_json::json!({
+        "engine": "moe-serve",
+        "load_s": load_s,
+        "prefill_tok_s": prefill,
+        "decode_b1_tok_s": d1,
+        "decode_batch_tok_s": db,
+        "peak_rss_bytes": peak_rss_bytes(),
+    });
+    println!("{out}");
+    Ok(())
+}
+
+fn run_json(mut cmd: Command, what: &str) -> Result<Value> {
+    let out = cmd.output().map_err(|e| Error::invalid(what, format!("could not start: {e}")))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let tail: Vec<&str> = err.lines().rev().take(5).collect();
+        return Err(Error::invalid(what, format!("failed ({}): {}", out.status, tail.join(" | "))));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().rev().find(|l| l.starts_with('{')).unwrap_or("");
+    serde_json::from_str(line).map_err(|e| Error::invalid(what, format!("unreadable result `{line}`: {e}")))
+}
+
+fn python(a: &BenchArgs) -> PathBuf {
+    if let Some(p) = &a.python {
+        return p.clone();
+    }
+    if let Some(p) = std::env::var_os("MOE_BENCH_PYTHON") {
+        return p.into();
+    }
+    let venv = cache_root().join("venv/bin/python");
+    if venv.exists() { venv } else { PathBuf::from("python3") }
+}
+
+fn checkpoint_size(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    let threads = rayon::current_num_threads();
+    let exe = std::env::current_exe().map_err(|e| Error::invalid("bench", format!("own path: {e}")))?;
+    let root = a.cache_dir.clone().unwrap_or_else(|| cache_root().join("bench"));
+    let script = std::env::temp_dir().join(format!("moe-bench-torch-{}.py", std::process::id()));
+    std::fs::write(&script, TORCH_SCRIPT).map_err(|e| Error::io(&script, e))?;
+
+    let bw = memory_bandwidth(threads);
+    println!("threads: {threads}; measured read bandwidth: {:.1} GB/s", bw / 1e9);
+    let mut rows = Vec::new();
+    for name in &a.presets {
+        let preset = synthetic::preset(name)?;
+        let dir = root.join(name);
+        if !dir.join("config.json").exists() {
+            eprintln!("writing {name} checkpoint to {}", dir.display());
+            synthetic::export(&preset, 0, &dir, 2 << 30, &mut |_, _| {})?;
+        }
+        let cfg = &preset.config;
+        let ceiling = bw / (cfg.active_params_per_token() as f64 * 4.0);
+        let common = |c: &mut Command| {
+            c.arg("--prefill-tokens").arg(a.prefill_tokens.to_string());
+            c.arg("--decode-tokens").arg(a.decode_tokens.to_string());
+            c.arg("--batch").arg(a.batch.to_string());
+        };
+        let mut ours = Command::new(&exe);
+        ours.arg("--threads").arg(threads.to_string()).arg("bench-engine").arg("--model").arg(&dir);
+        common(&mut ours);
+        let ours = run_json(ours, "engine benchmark")?;
+        let torch = if a.skip_torch {
+            None
+        } else {
+            let mut t = Command::new(python(&a));
+            t.arg(&script).arg("--model").arg(&dir).arg("--threads").arg(threads.to_string());
+            t.env("OMP_NUM_THREADS", threads.to_string());
+            common(&mut t);
+            Some(run_json(t, "pytorch benchmark")?)
+        };
+        rows.push((name.clone(), checkpoint_size(&dir), ceiling, ours, torch));
+    }
+    let _ = std::fs::remove_file(&script);
+
+    let f = |v: &Value, k: &str| v.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
+    println!();
+    println!(
+        "{:<6} {:<26} {:>12} {:>12} {:>12} {:>12}",
+        "model", "metric", "moe-serve", "pytorch", "ratio", "target"
+    );
+    for (name, size, ceiling, ours, torch) in &rows {
+        let t = |k: &str| torch.as_ref().map_or(f64::NAN, |t| f(t, k));
+        let line = |metric: &str, o: f64, p: f64, ratio: f64, target: &str| {
+            println!("{name:<6} {metric:<26} {o:>12.1} {p:>12.1} {ratio:>11.2}x {target:>12}");
+        };
+        for (metric, key, target) in [
+            ("prefill tok/s (128)", "prefill_tok_s", ">= 1.0x"),
+            ("decode tok/s batch 1", "decode_b1_tok_s", ""),
+            ("decode tok/s batch 8", "decode_batch_tok_s", ">= 1.5x"),
+        ] {
+            let (o, p) = (f(ours, key), t(key));
+            line(metric, o, p, o / p, target);
+        }
+        let (om, pm) = (f(ours, "peak_rss_bytes") / *size as f64, t("peak_rss_bytes") / *size as f64);
+        println!(
+            "{name:<6} {:<26} {:>11.2}x {:>11.2}x {:>12} {:>12}",
+            "peak memory / checkpoint",
+            om,
+            pm,
+            "",
+            "<= 1.3x"
+        );
+        let d1 = f(ours, "decode_b1_tok_s");
+        println!(
+            "{name:<6} {:<26} {:>12.1} {:>12.1} {:>11.0}% {:>12}",
+            "b1 decode vs ceiling",
+            d1,
+            ceiling,
+            100.0 * d1 / ceiling,
+            ">= 85%"
+        );
+        println!(
+            "{name:<6} checkpoint {:.0} MB; ceiling = bandwidth / {:.0} MB of weights read per token; pytorch b1 = {:.0}% of it",
+            *size as f64 / 1e6,
+            rows_bytes(name) / 1e6,
+            100.0 * t("decode_b1_tok_s") / ceiling
+        );
+    }
+    Ok(())
+}
+
+fn rows_bytes(preset: &str) -> f64 {
+    synthetic::preset(preset).map_or(f64::NAN, |p| p.config.active_params_per_token() as f64 * 4.0)
+}

@@ -1,0 +1,289 @@
+//! Command-line interface of `moe-worker`. Errors end the process with one line that names
+//! what is wrong, never a backtrace.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::engine::{Engine, EngineOptions};
+use crate::error::{Error, Result};
+use crate::model::{LoadProgress, Model};
+use crate::sampling::SamplingParams;
+use crate::source::ModelArg;
+use crate::synthetic;
+use crate::weights::{ShardSpec, WeightSource};
+
+#[derive(Debug, Parser)]
+#[command(name = "moe-worker", version, about = "moe-serve worker: Mixture-of-Experts inference")]
+pub struct Cli {
+    /// Compute threads (default: all cores).
+    #[arg(long, global = true, env = "MOE_THREADS")]
+    pub threads: Option<usize>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Generate a completion in this process.
+    Generate(GenerateArgs),
+    /// Write a synthetic model out as a Hugging Face checkpoint.
+    Export(ExportArgs),
+    /// List the synthetic presets.
+    Presets,
+    /// Benchmark the engine against PyTorch eager (transformers) on the same checkpoint.
+    Bench(crate::bench::BenchArgs),
+    #[command(hide = true)]
+    BenchEngine(crate::bench::EngineRunArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ModelArgs {
+    /// A checkpoint folder, or synthetic:PRESET[:SEED].
+    #[arg(long, env = "MOE_MODEL")]
+    pub model: ModelArg,
+
+    /// Tokenizer override: a tokenizer.json path, or cl100k_base.
+    #[arg(long)]
+    pub tokenizer: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    /// Prompt text (tokenized with the model's tokenizer; BOS prepended when the model has one).
+    #[arg(long, conflicts_with = "prompt_ids", required_unless_present = "prompt_ids")]
+    pub prompt: Option<String>,
+
+    /// Prompt as comma-separated token ids.
+    #[arg(long, value_delimiter = ',')]
+    pub prompt_ids: Option<Vec<u32>>,
+
+    #[arg(long, default_value_t = 32)]
+    pub max_new_tokens: usize,
+
+    /// 0 for greedy decoding.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+
+    /// 0 keeps every token.
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+
+    #[arg(long)]
+    pub seed: Option<u64>,
+
+    /// Do not stop at end-of-sequence tokens.
+    #[arg(long)]
+    pub ignore_eos: bool,
+
+    /// Print one JSON object: token_ids (generated only), text, and more.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// Preset name (see `moe-worker presets`).
+    #[arg(long)]
+    pub preset: String,
+
+    /// Seed of the synthetic weights.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+
+    /// Output folder.
+    #[arg(long)]
+    pub out: PathBuf,
+
+    /// Largest safetensors shard in bytes; bigger models are sharded with an index.
+    #[arg(long, default_value_t = 2 << 30)]
+    pub shard_bytes: u64,
+}
+
+/// Parses arguments, runs the command, and turns any error into one line on stderr.
+pub fn main() -> ExitCode {
+    std::panic::set_hook(Box::new(|info| {
+        eprintln!("moe-worker: internal error: {info}");
+    }));
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let rendered = e.to_string();
+            let first = rendered.lines().next().unwrap_or("invalid arguments");
+            eprintln!("moe-worker: {}", first.trim_start_matches("error: "));
+            return ExitCode::from(2);
+        }
+    };
+    init_tracing();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("moe-worker: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MOE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+pub fn init_threads(threads: Option<usize>) -> Result<usize> {
+    let n = match threads {
+        Some(0) => return Err(Error::invalid("threads", "must be at least 1")),
+        Some(n) => n,
+        None => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+    };
+    // A second call (tests) keeps the first pool.
+    let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+    Ok(n)
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    init_threads(cli.threads)?;
+    match cli.command {
+        Command::Generate(args) => generate(args),
+        Command::Export(args) => export(args),
+        Command::Presets => {
+            for p in synthetic::presets() {
+                let c = &p.config;
+                println!(
+                    "{:<10} {:>6.2}B params  {}",
+                    p.name,
+                    c.total_params() as f64 / 1e9,
+                    p.about
+                );
+            }
+            Ok(())
+        }
+        Command::Bench(args) => crate::bench::run(args),
+        Command::BenchEngine(args) => crate::bench::run_engine(args),
+    }
+}
+
+/// Loads a whole model, showing progress on a terminal for large ones.
+pub fn load_full(src: &dyn WeightSource) -> Result<Model> {
+    let spec = ShardSpec::full(src.config());
+    load_with_progress(src, spec)
+}
+
+pub fn load_with_progress(src: &dyn WeightSource, spec: ShardSpec) -> Result<Model> {
+    let show = std::io::stderr().is_terminal();
+    let started = std::time::Instant::now();
+    let mut last = 0.0f64;
+    let mut shown = false;
+    let mut progress = |p: LoadProgress| {
+        let elapsed = started.elapsed().as_secs_f64();
+        let big = p.bytes_total > 256 << 20;
+        if show && big && (elapsed - last > 0.2 || p.tensors_done == p.tensors_total) {
+            last = elapsed;
+            shown = true;
+            eprint!(
+                "\rloading weights: {:>5}/{} tensors, {:>7.1}/{:.1} MB",
+                p.tensors_done,
+                p.tensors_total,
+                p.bytes_done as f64 / 1e6,
+                p.bytes_total as f64 / 1e6
+            );
+            let _ = std::io::stderr().flush();
+        }
+    };
+    let model = Model::load(src, spec, &mut progress);
+    if shown {
+        eprintln!();
+    }
+    let model = model?;
+    tracing::info!(source = %src.describe(), secs = started.elapsed().as_secs_f64(), "weights loaded");
+    Ok(model)
+}
+
+fn generate(args: GenerateArgs) -> Result<()> {
+    let src = args.model.model.open()?;
+    let cfg = src.config().clone();
+    // Tokenize before loading so a bad prompt fails fast.
+    let tokenizer = match (&args.prompt, args.model.tokenizer.as_deref()) {
+        (Some(_), t) => Some(args.model.model.tokenizer(t)?),
+        (None, Some(t)) => Some(args.model.model.tokenizer(Some(t))?),
+        (None, None) => args.model.model.tokenizer(None).ok(),
+    };
+    let prompt_ids = match (&args.prompt, &args.prompt_ids) {
+        (Some(text), _) => tokenizer
+            .as_ref()
+            .ok_or_else(|| Error::invalid("tokenizer", "none available"))?
+            .encode(text, cfg.bos_token_id)?,
+        (None, Some(ids)) => ids.clone(),
+        (None, None) => return Err(Error::invalid("prompt", "give --prompt or --prompt-ids")),
+    };
+    if let Some(&bad) = prompt_ids.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+        return Err(Error::invalid(
+            "--prompt-ids",
+            format!("token id {bad} is outside the vocabulary (vocab_size {})", cfg.vocab_size),
+        ));
+    }
+    let params = SamplingParams {
+        max_new_tokens: args.max_new_tokens,
+        temperature: args.temperature,
+        top_p: args.top_p,
+        top_k: args.top_k,
+        seed: args.seed,
+        ignore_eos: args.ignore_eos,
+    };
+    params.validate().map_err(|e| match e {
+        Error::InvalidInput { field, message } => Error::invalid(&format!("--{}", field.replace('_', "-")), message),
+        other => other,
+    })?;
+    let model = load_full(src.as_ref())?;
+    let mut engine = Engine::new(model, EngineOptions::default())?;
+    let started = std::time::Instant::now();
+    let (ids, finish) = engine.generate(prompt_ids.clone(), params)?;
+    let secs = started.elapsed().as_secs_f64();
+    let text = tokenizer.as_ref().map(|t| t.decode(&ids));
+    if args.json {
+        let out = serde_json::json!({
+            "token_ids": ids,
+            "text": text,
+            "prompt_ids": prompt_ids,
+            "finish_reason": finish.as_str(),
+            "seconds": secs,
+        });
+        println!("{out}");
+    } else {
+        match text {
+            Some(t) => println!("{t}"),
+            None => println!("{ids:?}"),
+        }
+        eprintln!("[{} tokens in {:.2}s, finish: {}]", ids.len(), secs, finish.as_str());
+    }
+    Ok(())
+}
+
+fn export(args: ExportArgs) -> Result<()> {
+    let preset = synthetic::preset(&args.preset)?;
+    let show = std::io::stderr().is_terminal();
+    let mut progress = |done: usize, total: usize| {
+        if show {
+            eprint!("\rwriting tensors: {done}/{total}");
+        }
+    };
+    synthetic::export(&preset, args.seed, &args.out, args.shard_bytes, &mut progress)?;
+    if show {
+        eprintln!();
+    }
+    println!("{}", args.out.display());
+    Ok(())
+}

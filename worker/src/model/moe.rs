@@ -1,0 +1,236 @@
+//! Routing (softmax over experts, top-k, renormalised weights, as transformers' Mixtral)
+//! and the local SwiGLU experts. The router is separate from the experts: a stage routes,
+//! and whoever owns an expert computes it.
+
+use super::Layer;
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::kernels::{self, MatMul};
+
+/// Computes `out[rows, hidden] = Σ_k weight_k · expert_k(x[row])` for a layer's routing.
+pub trait ExpertCompute {
+    fn compute(&mut self, layer: usize, routing: &Routing, x: &[f32], out: &mut [f32]) -> Result<()>;
+}
+
+/// One layer's routing decision for a batch, grouped by expert.
+#[derive(Debug, Default, Clone)]
+pub struct Routing {
+    pub rows: usize,
+    pub top_k: usize,
+    /// `rows × top_k` chosen experts, best first.
+    pub experts: Vec<u32>,
+    /// `rows × top_k` renormalised weights.
+    pub weights: Vec<f32>,
+    /// For expert `e`, its assignments are `assignments[offsets[e]..offsets[e + 1]]`.
+    pub offsets: Vec<usize>,
+    /// (row, weight), grouped by expert, rows ascending within a group.
+    pub assignments: Vec<(u32, f32)>,
+}
+
+impl Routing {
+    /// Routes `rows` rows from their router logits (`rows × num_experts`).
+    pub fn route(&mut self, logits: &[f32], rows: usize, num_experts: usize, top_k: usize) {
+        self.rows = rows;
+        self.top_k = top_k;
+        self.experts.clear();
+        self.weights.clear();
+        let mut probs = vec![0f32; num_experts];
+        let mut picked: Vec<usize> = Vec::with_capacity(top_k);
+        for r in 0..rows {
+            let l = &logits[r * num_experts..(r + 1) * num_experts];
+            let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0;
+            for (p, &x) in probs.iter_mut().zip(l) {
+                *p = (x - max).exp();
+                sum += *p;
+            }
+            for p in probs.iter_mut() {
+                *p /= sum;
+            }
+            picked.clear();
+            for _ in 0..top_k {
+                // Highest probability not yet picked; ties go to the lower expert id.
+                let best = (0..num_experts)
+                    .filter(|e| !picked.contains(e))
+                    .fold(None, |b: Option<usize>, e| match b {
+                        Some(b) if probs[b] >= probs[e] => Some(b),
+                        _ => Some(e),
+                    })
+                    .unwrap_or(0);
+                picked.push(best);
+            }
+            let total: f32 = picked.iter().map(|&e| probs[e]).sum();
+            for &e in &picked {
+                self.experts.push(e as u32);
+                self.weights.push(probs[e] / total);
+            }
+        }
+        self.group(num_experts);
+    }
+
+    /// Builds the per-expert grouping from `experts` and `weights`.
+    pub fn group(&mut self, num_experts: usize) {
+        self.offsets.clear();
+        self.offsets.resize(num_experts + 1, 0);
+        for &e in &self.experts {
+            self.offsets[e as usize + 1] += 1;
+        }
+        for e in 0..num_experts {
+            self.offsets[e + 1] += self.offsets[e];
+        }
+        self.assignments.clear();
+        self.assignments.resize(self.experts.len(), (0, 0.0));
+        let mut fill = self.offsets.clone();
+        for (i, (&e, &w)) in self.experts.iter().zip(&self.weights).enumerate() {
+            let slot = &mut fill[e as usize];
+            self.assignments[*slot] = ((i / self.top_k.max(1)) as u32, w);
+            *slot += 1;
+        }
+    }
+
+    pub fn num_experts(&self) -> usize {
+        self.offsets.len().saturating_sub(1)
+    }
+
+    /// (row, weight) pairs routed to expert `e`.
+    pub fn for_expert(&self, e: usize) -> &[(u32, f32)] {
+        &self.assignments[self.offsets[e]..self.offsets[e + 1]]
+    }
+
+    /// Tokens routed to each expert in this batch.
+    pub fn counts(&self) -> impl Iterator<Item = usize> + '_ {
+        self.offsets.windows(2).map(|w| w[1] - w[0])
+    }
+}
+
+/// Buffers for the experts' gathered inputs and intermediates, reused across layers.
+#[derive(Debug, Default)]
+pub struct MoeScratch {
+    gathered: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    down: Vec<f32>,
+}
+
+/// Runs the experts of `layer` that have rows, each over only its rows, and accumulates the
+/// weighted results into `out` (which is overwritten).
+pub(super) fn compute_local(
+    cfg: &ModelConfig,
+    layer: &Layer,
+    routing: &Routing,
+    x: &[f32],
+    out: &mut [f32],
+    s: &mut MoeScratch,
+) -> Result<()> {
+    let (h, inter) = (cfg.hidden_size, cfg.intermediate_size);
+    let total = routing.assignments.len();
+    out.fill(0.0);
+    s.gathered.resize(total * h, 0.0);
+    s.gate.resize(total * inter, 0.0);
+    s.up.resize(total * inter, 0.0);
+    s.down.resize(total * h, 0.0);
+    for e in 0..routing.num_experts() {
+        let group = routing.for_expert(e);
+        if group.is_empty() {
+            continue;
+        }
+        if layer.experts.get(e).is_none_or(Option::is_none) {
+            return Err(Error::invalid(
+                "expert",
+                format!("layer {} expert {e} is not owned by this part", layer.index),
+            ));
+        }
+        let base = routing.offsets[e];
+        for (i, &(row, _)) in group.iter().enumerate() {
+            let row = row as usize;
+            s.gathered[(base + i) * h..(base + i + 1) * h].copy_from_slice(&x[row * h..(row + 1) * h]);
+        }
+    }
+    swiglu_grouped(layer, &routing.offsets, h, inter, s);
+    for e in 0..routing.num_experts() {
+        let base = routing.offsets[e];
+        for (i, &(row, w)) in routing.for_expert(e).iter().enumerate() {
+            let row = row as usize;
+            kernels::axpy(w, &s.down[(base + i) * h..(base + i + 1) * h], &mut out[row * h..(row + 1) * h]);
+        }
+    }
+    Ok(())
+}
+
+/// For each expert `e` with rows `offsets[e]..offsets[e+1]` of `s.gathered`, writes its FFN
+/// output to the same rows of `s.down`. Gate and up projections of every active expert run
+/// in one parallel region, then every down projection in another.
+fn swiglu_grouped(layer: &Layer, offsets: &[usize], h: usize, inter: usize, s: &mut MoeScratch) {
+    let active = || {
+        (0..offsets.len() - 1).filter_map(|e| {
+            let (a, b) = (offsets[e], offsets[e + 1]);
+            let expert = layer.experts.get(e)?.as_ref()?;
+            (b > a).then_some((expert, a, b))
+        })
+    };
+    {
+        let mut jobs = Vec::new();
+        let (mut gate, mut up) = (s.gate.as_mut_slice(), s.up.as_mut_slice());
+        let mut consumed = 0;
+        for (ex, a, b) in active() {
+            let m = b - a;
+            let (_, g_rest) = std::mem::take(&mut gate).split_at_mut((a - consumed) * inter);
+            let (g, g_rest) = g_rest.split_at_mut(m * inter);
+            let (_, u_rest) = std::mem::take(&mut up).split_at_mut((a - consumed) * inter);
+            let (u, u_rest) = u_rest.split_at_mut(m * inter);
+            gate = g_rest;
+            up = u_rest;
+            consumed = b;
+            let xe = &s.gathered[a * h..b * h];
+            jobs.push(MatMul::new(xe, ex.w1.as_slice(), g, m, inter, h));
+            jobs.push(MatMul::new(xe, ex.w3.as_slice(), u, m, inter, h));
+        }
+        kernels::matmul_many(&mut jobs);
+    }
+    let end = offsets.last().copied().unwrap_or(0);
+    for (g, u) in s.gate[..end * inter].iter_mut().zip(&s.up[..end * inter]) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+    let mut jobs = Vec::new();
+    let mut down = s.down.as_mut_slice();
+    let mut consumed = 0;
+    for (ex, a, b) in active() {
+        let m = b - a;
+        let (_, rest) = std::mem::take(&mut down).split_at_mut((a - consumed) * h);
+        let (d, rest) = rest.split_at_mut(m * h);
+        down = rest;
+        consumed = b;
+        jobs.push(MatMul::new(&s.gate[a * inter..b * inter], ex.w2.as_slice(), d, m, h, inter));
+    }
+    kernels::matmul_many(&mut jobs);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_like_transformers() {
+        // softmax([1, 3, 2, 0]) -> top-2 = experts 1 and 2, renormalised.
+        let mut r = Routing::default();
+        r.route(&[1.0, 3.0, 2.0, 0.0, 0.0, 0.0, 5.0, 0.0], 2, 4, 2);
+        assert_eq!(&r.experts[..2], &[1, 2]);
+        let (e1, e2) = (3f32.exp(), 2f32.exp());
+        assert!((r.weights[0] - e1 / (e1 + e2)).abs() < 1e-6);
+        assert!((r.weights[0] + r.weights[1] - 1.0).abs() < 1e-6);
+        // Row 1: expert 2 first, then a tie among the rest goes to the lowest id.
+        assert_eq!(&r.experts[2..], &[2, 0]);
+        assert_eq!(r.for_expert(2), &[(0, r.weights[1]), (1, r.weights[2])]);
+        assert_eq!(r.counts().collect::<Vec<_>>(), vec![1, 1, 2, 0]);
+    }
+
+    #[test]
+    fn top_k_equal_to_expert_count_uses_every_expert() {
+        let mut r = Routing::default();
+        r.route(&[0.5, -1.0, 2.0], 1, 3, 3);
+        let mut e = r.experts.clone();
+        e.sort();
+        assert_eq!(e, vec![0, 1, 2]);
+        assert!((r.weights.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+    }
+}

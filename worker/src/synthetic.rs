@@ -1,0 +1,292 @@
+//! Deterministic synthetic weights: every tensor is a pure function of (seed, name), so any
+//! shard of a huge-shaped model builds exactly its part with no download and no
+//! coordination, and two processes that own the same tensor hold identical values.
+
+use std::path::Path;
+
+use rayon::prelude::*;
+
+use crate::config::{DType, ModelConfig};
+use crate::error::{Error, Result};
+use crate::tokenizer::TokenizerKind;
+use crate::weights::{names, Weight, WeightSource};
+
+/// A named model shape with its tokenizer.
+#[derive(Debug, Clone)]
+pub struct Preset {
+    pub name: &'static str,
+    pub about: &'static str,
+    pub config: ModelConfig,
+    pub tokenizer: TokenizerKind,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn shape(
+    vocab: usize,
+    hidden: usize,
+    inter: usize,
+    layers: usize,
+    heads: usize,
+    kv_heads: usize,
+    experts: usize,
+    top_k: usize,
+    max_pos: usize,
+) -> ModelConfig {
+    ModelConfig {
+        vocab_size: vocab,
+        hidden_size: hidden,
+        intermediate_size: inter,
+        num_hidden_layers: layers,
+        num_attention_heads: heads,
+        num_key_value_heads: kv_heads,
+        head_dim: hidden / heads,
+        num_local_experts: experts,
+        num_experts_per_tok: top_k,
+        rms_norm_eps: 1e-5,
+        rope_theta: 1e6,
+        max_position_embeddings: max_pos,
+        sliding_window: None,
+        tie_word_embeddings: false,
+        bos_token_id: Some(1),
+        eos_token_ids: vec![2],
+        dtype: DType::F32,
+    }
+}
+
+/// Vocabulary of GPT-4's `cl100k_base` (100,256 ranks plus special tokens up to 100,276),
+/// padded to a multiple of 128 as serving stacks do.
+pub const CL100K_VOCAB: usize = 100_352;
+
+/// The built-in presets.
+pub fn presets() -> Vec<Preset> {
+    let mut gpt4_mini = shape(CL100K_VOCAB, 128, 256, 120, 8, 2, 16, 2, 8192);
+    // cl100k_base's <|endoftext|>; no BOS token.
+    gpt4_mini.bos_token_id = None;
+    gpt4_mini.eos_token_ids = vec![100_257];
+    vec![
+        Preset {
+            name: "tiny",
+            about: "4 layers, 8 experts, top-2, hidden 64: quick checks",
+            config: shape(512, 64, 128, 4, 4, 2, 8, 2, 2048),
+            tokenizer: TokenizerKind::ByteLevel,
+        },
+        Preset {
+            name: "mini",
+            about: "8 layers, 8 experts, top-2, hidden 512, vocab 32000: the engine benchmark's small model",
+            config: shape(32000, 512, 1408, 8, 8, 2, 8, 2, 32768),
+            tokenizer: TokenizerKind::ByteLevel,
+        },
+        Preset {
+            name: "base",
+            about: "8 layers, 8 experts, top-2, hidden 1024, vocab 32000: the engine benchmark's larger model",
+            config: shape(32000, 1024, 2816, 8, 16, 4, 8, 2, 32768),
+            tokenizer: TokenizerKind::ByteLevel,
+        },
+        Preset {
+            name: "gpt4-mini",
+            about: "GPT-4's reported topology (120 layers, 16 experts, top-2, 8k context, cl100k_base) at hidden 128",
+            config: gpt4_mini,
+            tokenizer: TokenizerKind::Cl100kBase,
+        },
+    ]
+}
+
+pub fn preset(name: &str) -> Result<Preset> {
+    presets().into_iter().find(|p| p.name == name).ok_or_else(|| {
+        let known: Vec<_> = presets().iter().map(|p| p.name).collect();
+        Error::invalid("model", format!("unknown synthetic preset `{name}` (known: {})", known.join(", ")))
+    })
+}
+
+/// A synthetic model: config + seed. Tensors are generated on demand.
+#[derive(Debug, Clone)]
+pub struct Synthetic {
+    pub config: ModelConfig,
+    pub seed: u64,
+}
+
+impl Synthetic {
+    pub fn new(config: ModelConfig, seed: u64) -> Self {
+        Self { config, seed }
+    }
+
+    /// The tensor `name` with `shape`, as a pure function of (seed, name).
+    pub fn tensor(&self, name: &str, shape: &[usize]) -> Vec<f32> {
+        let len: usize = shape.iter().product();
+        let key = splitmix64(self.seed ^ fnv1a(name.as_bytes()));
+        let fan_in = *shape.last().unwrap_or(&1) as f32;
+        // Norm weights near 1; linear weights scaled so activations keep their size; the
+        // router a little sharper so that routing varies between tokens.
+        let (center, spread) = if name.ends_with("norm.weight") {
+            (1.0, 0.1)
+        } else if name.ends_with("embed_tokens.weight") {
+            (0.0, 1.0)
+        } else if name.ends_with("gate.weight") {
+            (0.0, 2.0 * (3.0 / fan_in).sqrt())
+        } else {
+            (0.0, (3.0 / fan_in).sqrt())
+        };
+        let mut out = vec![0f32; len];
+        out.par_chunks_mut(1 << 16).enumerate().for_each(|(c, chunk)| {
+            let base = (c as u64) << 16;
+            for (i, v) in chunk.iter_mut().enumerate() {
+                let bits = splitmix64(key.wrapping_add((base + i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)));
+                // Uniform in [-1, 1) from the top 24 bits.
+                let u = (bits >> 40) as f32 / (1u64 << 23) as f32 - 1.0;
+                *v = center + spread * u;
+            }
+        });
+        out
+    }
+}
+
+impl WeightSource for Synthetic {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn load(&self, name: &str, shape: &[usize]) -> Result<Weight> {
+        Ok(Weight::owned(self.tensor(name, shape), shape.to_vec()))
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        // A synthetic model always has its own LM head; everything else is requested by name.
+        name != names::LM_HEAD || !self.config.tie_word_embeddings
+    }
+
+    fn describe(&self) -> String {
+        format!("synthetic (seed {})", self.seed)
+    }
+}
+
+pub fn splitmix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// Every tensor name and shape of a full model, in hub layout.
+pub fn all_tensors(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    let spec = crate::weights::ShardSpec::full(cfg);
+    let src = Synthetic::new(cfg.clone(), 0);
+    crate::model::Model::tensor_plan(cfg, &spec, &src)
+}
+
+/// Writes a synthetic model as a Hugging Face checkpoint: `config.json`, safetensors
+/// (sharded with an index past `shard_bytes`), and the tokenizer.
+pub fn export(
+    preset: &Preset,
+    seed: u64,
+    dir: &Path,
+    shard_bytes: u64,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let cfg = &preset.config;
+    let synth = Synthetic::new(cfg.clone(), seed);
+    let tensors = all_tensors(cfg);
+
+    // Group tensors into shards of at most `shard_bytes` each.
+    let mut shards: Vec<Vec<(String, Vec<usize>)>> = vec![Vec::new()];
+    let mut current = 0u64;
+    for t in tensors {
+        let bytes = t.1.iter().product::<usize>() as u64 * 4;
+        if current > 0 && current + bytes > shard_bytes {
+            shards.push(Vec::new());
+            current = 0;
+        }
+        current += bytes;
+        if let Some(last) = shards.last_mut() {
+            last.push(t);
+        }
+    }
+    let n = shards.len();
+    let total: usize = shards.iter().map(Vec::len).sum();
+    let mut done = 0;
+    let mut weight_map = serde_json::Map::new();
+    let mut total_size = 0u64;
+    for (si, shard) in shards.iter().enumerate() {
+        let file_name =
+            if n == 1 { "model.safetensors".to_string() } else { format!("model-{:05}-of-{n:05}.safetensors", si + 1) };
+        let data: Vec<(String, Vec<usize>, Vec<u8>)> = shard
+            .iter()
+            .map(|(name, shape)| {
+                let bytes = synth.tensor(name, shape).iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
+                done += 1;
+                progress(done, total);
+                (name.clone(), shape.clone(), bytes)
+            })
+            .collect();
+        let views = data
+            .iter()
+            .map(|(name, shape, bytes)| {
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
+                    .map(|v| (name.clone(), v))
+                    .map_err(|e| Error::tensor(name, e.to_string()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+        let path = dir.join(&file_name);
+        safetensors::serialize_to_file(views, Some(meta), &path)
+            .map_err(|e| Error::checkpoint(&path, format!("writing safetensors: {e}")))?;
+        for (name, shape, _) in &data {
+            total_size += shape.iter().product::<usize>() as u64 * 4;
+            weight_map.insert(name.clone(), serde_json::Value::from(file_name.clone()));
+        }
+    }
+    if n > 1 {
+        let index = serde_json::json!({ "metadata": { "total_size": total_size }, "weight_map": weight_map });
+        write_json(&dir.join("model.safetensors.index.json"), &index)?;
+    }
+    let mut config = cfg.to_hf_json();
+    if preset.tokenizer == TokenizerKind::Cl100kBase
+        && let Some(obj) = config.as_object_mut()
+    {
+        obj.insert("moe_serve_tokenizer".into(), "cl100k_base".into());
+    }
+    write_json(&dir.join("config.json"), &config)?;
+    crate::tokenizer::write_files(preset.tokenizer, cfg, dir)?;
+    Ok(())
+}
+
+pub fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| Error::checkpoint(path, e.to_string()))?;
+    std::fs::write(path, text + "\n").map_err(|e| Error::io(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tensors_are_pure_functions_of_seed_and_name() {
+        let cfg = preset("tiny").expect("tiny").config;
+        let a = Synthetic::new(cfg.clone(), 7);
+        let b = Synthetic::new(cfg, 7);
+        let name = names::expert(3, 5, "w2");
+        assert_eq!(a.tensor(&name, &[64, 128]), b.tensor(&name, &[64, 128]));
+        assert_ne!(a.tensor(&name, &[64, 128]), a.tensor(&names::expert(3, 4, "w2"), &[64, 128]));
+        let c = Synthetic::new(a.config.clone(), 8);
+        assert_ne!(a.tensor(&name, &[64, 128]), c.tensor(&name, &[64, 128]));
+        // Scale: uniform with variance 1/fan_in.
+        let t = a.tensor(&name, &[64, 128]);
+        let var = t.iter().map(|v| v * v).sum::<f32>() / t.len() as f32;
+        assert!((var * 128.0 - 1.0).abs() < 0.1, "variance {var}");
+    }
+
+    #[test]
+    fn presets_are_valid_and_gpt4_mini_has_gpt4_topology() {
+        for p in presets() {
+            p.config.validate().expect(p.name);
+        }
+        let g = preset("gpt4-mini").expect("preset").config;
+        assert_eq!((g.num_hidden_layers, g.num_local_experts, g.num_experts_per_tok), (120, 16, 2));
+        assert_eq!(g.max_position_embeddings, 8192);
+        assert!(preset("gpt5").is_err());
+    }
+}

@@ -1,0 +1,353 @@
+//! Weights: memory-mapped safetensors checkpoints (single file or sharded) and the
+//! [`WeightSource`] abstraction a model part loads its own tensors from.
+//!
+//! f32 tensors are used in place from the mapping (no copy: peak memory stays near the
+//! checkpoint's size, and processes on one node share the page cache); f16/bf16 tensors are
+//! converted to f32 once at load.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::File;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+
+/// Which part of a model a process owns: a contiguous layer range and a set of experts
+/// within it. The ends of the model (embeddings; final norm and LM head) are owned when
+/// the range starts at layer 0 / ends at the last layer, unless excluded explicitly.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardSpec {
+    pub layers: Range<usize>,
+    /// `None`: every expert of the owned layers.
+    pub experts: Option<BTreeSet<usize>>,
+    /// Attention, norms and routers of the owned layers (a stage's part).
+    pub attention: bool,
+    pub embeddings: bool,
+    pub head: bool,
+}
+
+impl ShardSpec {
+    /// The whole model in one process.
+    pub fn full(cfg: &ModelConfig) -> Self {
+        Self {
+            layers: 0..cfg.num_hidden_layers,
+            experts: None,
+            attention: true,
+            embeddings: true,
+            head: true,
+        }
+    }
+
+    /// A pipeline stage: attention and routers for `layers`, no experts.
+    pub fn stage(cfg: &ModelConfig, layers: Range<usize>, with_experts: bool) -> Self {
+        let embeddings = layers.start == 0;
+        let head = layers.end == cfg.num_hidden_layers;
+        Self {
+            layers,
+            experts: if with_experts { None } else { Some(BTreeSet::new()) },
+            attention: true,
+            embeddings,
+            head,
+        }
+    }
+
+    /// An expert shard: the given experts of `layers`, nothing else.
+    pub fn experts(layers: Range<usize>, experts: impl IntoIterator<Item = usize>) -> Self {
+        Self {
+            layers,
+            experts: Some(experts.into_iter().collect()),
+            attention: false,
+            embeddings: false,
+            head: false,
+        }
+    }
+
+    pub fn owns_expert(&self, layer: usize, expert: usize) -> bool {
+        self.layers.contains(&layer) && self.experts.as_ref().is_none_or(|s| s.contains(&expert))
+    }
+
+    pub fn check(&self, cfg: &ModelConfig) -> Result<()> {
+        if self.layers.start >= self.layers.end || self.layers.end > cfg.num_hidden_layers {
+            return Err(Error::invalid(
+                "layers",
+                format!(
+                    "range {}..{} is empty or outside the model's {} layers",
+                    self.layers.start, self.layers.end, cfg.num_hidden_layers
+                ),
+            ));
+        }
+        if let Some(e) = self.experts.as_ref().and_then(|s| s.iter().find(|&&e| e >= cfg.num_local_experts)) {
+            return Err(Error::invalid(
+                "experts",
+                format!("expert {e} does not exist (the model has {})", cfg.num_local_experts),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A read-only f32 tensor: a view into a checkpoint mapping, or owned memory.
+#[derive(Clone)]
+pub struct Weight {
+    data: WeightData,
+    shape: Vec<usize>,
+}
+
+#[derive(Clone)]
+enum WeightData {
+    Mapped { map: Arc<Mmap>, range: Range<usize> },
+    Owned(Arc<Vec<f32>>),
+}
+
+impl std::fmt::Debug for Weight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self.data {
+            WeightData::Mapped { .. } => "mapped",
+            WeightData::Owned(_) => "owned",
+        };
+        write!(f, "Weight({kind}, {:?})", self.shape)
+    }
+}
+
+impl Weight {
+    pub fn owned(data: Vec<f32>, shape: Vec<usize>) -> Self {
+        debug_assert_eq!(data.len(), shape.iter().product::<usize>());
+        Self { data: WeightData::Owned(Arc::new(data)), shape }
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    pub fn as_slice(&self) -> &[f32] {
+        match &self.data {
+            // Alignment and length were checked when the view was made.
+            WeightData::Mapped { map, range } => bytemuck::cast_slice(&map[range.clone()]),
+            WeightData::Owned(v) => v,
+        }
+    }
+
+    pub fn is_mapped(&self) -> bool {
+        matches!(self.data, WeightData::Mapped { .. })
+    }
+
+    /// Faults the tensor's pages in now, so the first request does not pay for it.
+    pub fn prefault(&self) -> f32 {
+        self.as_slice().iter().step_by(1024).sum()
+    }
+}
+
+/// Where a model part's tensors come from.
+pub trait WeightSource: Send + Sync {
+    fn config(&self) -> &ModelConfig;
+
+    /// Loads one tensor as f32, checking its shape.
+    fn load(&self, name: &str, shape: &[usize]) -> Result<Weight>;
+
+    /// Whether the source has the tensor (used for optional tensors such as a tied LM head).
+    fn contains(&self, name: &str) -> bool;
+
+    /// A short description for logs.
+    fn describe(&self) -> String;
+}
+
+struct MappedFile {
+    map: Arc<Mmap>,
+    data_start: usize,
+    tensors: HashMap<String, safetensors::tensor::TensorInfo>,
+}
+
+/// A Hugging Face checkpoint folder: `config.json` plus `model.safetensors`, or shards
+/// listed in `model.safetensors.index.json`. Files are opened and mapped only when a tensor
+/// they hold is first loaded.
+pub struct Checkpoint {
+    dir: PathBuf,
+    config: ModelConfig,
+    /// tensor name -> file name
+    index: HashMap<String, String>,
+    files: Mutex<HashMap<String, Arc<MappedFile>>>,
+    loaded: Mutex<Vec<String>>,
+}
+
+impl std::fmt::Debug for Checkpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkpoint").field("dir", &self.dir).finish_non_exhaustive()
+    }
+}
+
+const INDEX_FILE: &str = "model.safetensors.index.json";
+const SINGLE_FILE: &str = "model.safetensors";
+
+impl Checkpoint {
+    pub fn open(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::checkpoint(dir, "not a folder (expected a checkpoint folder with config.json)"));
+        }
+        let config = ModelConfig::from_dir(dir)?;
+        let index_path = dir.join(INDEX_FILE);
+        let index = if index_path.exists() {
+            let text = std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
+            let value: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| Error::checkpoint(&index_path, format!("invalid JSON: {e}")))?;
+            let map = value
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| Error::checkpoint(&index_path, "missing `weight_map` object"))?;
+            map.iter()
+                .map(|(k, v)| {
+                    v.as_str()
+                        .map(|f| (k.clone(), f.to_string()))
+                        .ok_or_else(|| Error::checkpoint(&index_path, format!("weight_map[`{k}`] is not a file name")))
+                })
+                .collect::<Result<HashMap<_, _>>>()?
+        } else {
+            let single = dir.join(SINGLE_FILE);
+            let file = Self::map_file(&single)?;
+            let index = file.tensors.keys().map(|k| (k.clone(), SINGLE_FILE.to_string())).collect();
+            let files = HashMap::from([(SINGLE_FILE.to_string(), Arc::new(file))]);
+            return Ok(Self {
+                dir: dir.to_path_buf(),
+                config,
+                index,
+                files: Mutex::new(files),
+                loaded: Mutex::new(Vec::new()),
+            });
+        };
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            config,
+            index,
+            files: Mutex::new(HashMap::new()),
+            loaded: Mutex::new(Vec::new()),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Names of the tensors loaded so far, in order.
+    pub fn loaded_tensors(&self) -> Vec<String> {
+        self.loaded.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// Files opened so far.
+    pub fn opened_files(&self) -> BTreeSet<String> {
+        self.files.lock().map(|f| f.keys().cloned().collect()).unwrap_or_default()
+    }
+
+    #[allow(unsafe_code)]
+    fn map_file(path: &Path) -> Result<MappedFile> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: checkpoints are treated as immutable while served; truncating or rewriting
+        // a mapped file underneath a running process is outside the supported contract.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let (header_len, metadata) = SafeTensors::read_metadata(&map)
+            .map_err(|e| Error::checkpoint(path, format!("not a valid safetensors file: {e}")))?;
+        let data_start = 8 + header_len;
+        let tensors = metadata.tensors().into_iter().map(|(k, v)| (k, v.clone())).collect();
+        Ok(MappedFile { map: Arc::new(map), data_start, tensors })
+    }
+
+    fn file_for(&self, name: &str) -> Result<Arc<MappedFile>> {
+        let file_name = self
+            .index
+            .get(name)
+            .ok_or_else(|| Error::tensor(name, format!("not found in checkpoint {}", self.dir.display())))?;
+        let mut files = self.files.lock().map_err(|_| Error::tensor(name, "loader lock poisoned"))?;
+        if let Some(f) = files.get(file_name) {
+            return Ok(f.clone());
+        }
+        let file = Arc::new(Self::map_file(&self.dir.join(file_name))?);
+        files.insert(file_name.clone(), file.clone());
+        Ok(file)
+    }
+}
+
+impl WeightSource for Checkpoint {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    fn describe(&self) -> String {
+        self.dir.display().to_string()
+    }
+
+    fn load(&self, name: &str, shape: &[usize]) -> Result<Weight> {
+        let file = self.file_for(name)?;
+        let info = file
+            .tensors
+            .get(name)
+            .ok_or_else(|| Error::tensor(name, "listed in the index but missing from its file"))?;
+        if info.shape != shape {
+            return Err(Error::tensor(
+                name,
+                format!("shape mismatch: checkpoint has {:?}, config implies {:?}", info.shape, shape),
+            ));
+        }
+        let (begin, end) = info.data_offsets;
+        let range = file.data_start + begin..file.data_start + end;
+        let elems: usize = shape.iter().product();
+        let bytes = file
+            .map
+            .get(range.clone())
+            .ok_or_else(|| Error::tensor(name, "data offsets point outside the file"))?;
+        let elem_size = match info.dtype {
+            Dtype::F32 => 4,
+            Dtype::F16 | Dtype::BF16 => 2,
+            other => return Err(Error::tensor(name, format!("unsupported dtype {other:?} (expected F32, F16 or BF16)"))),
+        };
+        if bytes.len() != elems * elem_size {
+            return Err(Error::tensor(name, format!("holds {} bytes, expected {}", bytes.len(), elems * elem_size)));
+        }
+        if let Ok(mut loaded) = self.loaded.lock() {
+            loaded.push(name.to_string());
+        }
+        let weight = match info.dtype {
+            Dtype::F32 if cfg!(target_endian = "little") && bytemuck::try_cast_slice::<u8, f32>(bytes).is_ok() => {
+                Weight { data: WeightData::Mapped { map: file.map.clone(), range }, shape: shape.to_vec() }
+            }
+            Dtype::F32 => Weight::owned(
+                bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+                shape.to_vec(),
+            ),
+            Dtype::F16 => Weight::owned(
+                bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+                shape.to_vec(),
+            ),
+            _ => Weight::owned(
+                bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+                shape.to_vec(),
+            ),
+        };
+        Ok(weight)
+    }
+}
+
+/// Hub tensor names of the Mixtral family.
+pub mod names {
+    pub const EMBED: &str = "model.embed_tokens.weight";
+    pub const FINAL_NORM: &str = "model.norm.weight";
+    pub const LM_HEAD: &str = "lm_head.weight";
+
+    pub fn layer(i: usize, rest: &str) -> String {
+        format!("model.layers.{i}.{rest}")
+    }
+
+    pub fn expert(i: usize, e: usize, w: &str) -> String {
+        format!("model.layers.{i}.block_sparse_moe.experts.{e}.{w}.weight")
+    }
+
+    pub fn router(i: usize) -> String {
+        layer(i, "block_sparse_moe.gate.weight")
+    }
+}
