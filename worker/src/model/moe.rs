@@ -88,6 +88,28 @@ impl Routing {
         }
     }
 
+    /// The assignments whose expert satisfies `keep` (what one expert shard is sent), with
+    /// rows and weights unchanged.
+    pub fn subset(&self, keep: impl Fn(usize) -> bool) -> Routing {
+        let n = self.num_experts();
+        let mut offsets = vec![0; n + 1];
+        let mut assignments = Vec::new();
+        for e in 0..n {
+            if keep(e) {
+                assignments.extend_from_slice(self.for_expert(e));
+            }
+            offsets[e + 1] = assignments.len();
+        }
+        Routing {
+            rows: self.rows,
+            top_k: self.top_k,
+            experts: Vec::new(),
+            weights: Vec::new(),
+            offsets,
+            assignments,
+        }
+    }
+
     pub fn num_experts(&self) -> usize {
         self.offsets.len().saturating_sub(1)
     }
