@@ -68,16 +68,15 @@ fn cache_root() -> PathBuf {
         .unwrap_or_else(|| std::env::temp_dir().join("moe-serve"))
 }
 
-/// Read bandwidth of this machine with `threads` threads: the best of several passes over a
-/// buffer far larger than the caches.
-pub fn memory_bandwidth(threads: usize) -> f64 {
+/// Read bandwidth of this machine with the pool's threads: the best of several passes over a
+/// buffer larger than the caches.
+pub fn memory_bandwidth() -> f64 {
     let len = 256 << 20; // 1 GiB of f32
     let buf: Vec<f32> = (0..len).into_par_iter().map(|i| (i % 7) as f32).collect();
     let mut best = 0f64;
     for _ in 0..5 {
         let t = Instant::now();
-        let per = len / threads;
-        let sum: f32 = buf.par_chunks(per).map(|c| c.chunks(16).map(|l| crate::kernels::dot(l, l)).sum::<f32>()).sum();
+        let sum: f32 = buf.par_chunks(1 << 16).map(|c| crate::kernels::dot(c, c)).sum();
         std::hint::black_box(sum);
         best = best.max((len * 4) as f64 / t.elapsed().as_secs_f64());
     }
@@ -197,7 +196,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let script = std::env::temp_dir().join(format!("moe-bench-torch-{}.py", std::process::id()));
     std::fs::write(&script, TORCH_SCRIPT).map_err(|e| Error::io(&script, e))?;
 
-    let bw = memory_bandwidth(threads);
+    let bw = memory_bandwidth();
     println!("threads: {threads}; measured read bandwidth: {:.1} GB/s", bw / 1e9);
     let mut rows = Vec::new();
     for name in &a.presets {

@@ -222,7 +222,7 @@ impl ModelConfig {
                 return Err(Error::config(name, "must be at least 1"));
             }
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
             return Err(Error::config(
                 "num_key_value_heads",
                 format!(
@@ -237,13 +237,13 @@ impl ModelConfig {
                 format!("{} exceeds num_local_experts {}", self.num_experts_per_tok, self.num_local_experts),
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(Error::config("head_dim", format!("{} must be even for rotary embeddings", self.head_dim)));
         }
-        if !(self.rope_theta > 0.0) {
+        if self.rope_theta.is_nan() || self.rope_theta <= 0.0 {
             return Err(Error::config("rope_theta", "must be positive"));
         }
-        if !(self.rms_norm_eps >= 0.0) {
+        if self.rms_norm_eps.is_nan() || self.rms_norm_eps < 0.0 {
             return Err(Error::config("rms_norm_eps", "must be non-negative"));
         }
         for &id in self.eos_token_ids.iter().chain(self.bos_token_id.iter()) {

@@ -12,8 +12,22 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-/// At or above this many input rows a matrix goes to `gemm` (packed, compute-bound path).
-pub const GEMM_MIN_ROWS: usize = 16;
+/// At or above this many input rows a matrix goes to `gemm` (packed, compute-bound path),
+/// unless the CPU has AVX-512, whose register-tiled kernel here beats gemm's AVX2 one
+/// (gemm's AVX-512 kernels need a nightly compiler). `MOE_GEMM_MIN_ROWS` overrides.
+fn gemm_min_rows() -> usize {
+    static MIN: OnceLock<usize> = OnceLock::new();
+    *MIN.get_or_init(|| {
+        if let Some(n) = std::env::var("MOE_GEMM_MIN_ROWS").ok().and_then(|v| v.parse().ok()) {
+            return n;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if std::env::var_os("MOE_NO_AVX512").is_none() && std::arch::is_x86_feature_detected!("avx512f") {
+            return usize::MAX;
+        }
+        16
+    })
+}
 
 /// One `y[m, n] = x[m, k] · w[n, k]ᵀ`.
 #[derive(Debug)]
@@ -62,7 +76,7 @@ pub fn matmul(x: &[f32], w: &[f32], y: &mut [f32], m: usize, n: usize, k: usize)
 /// Several independent products in one parallel region (no fork/join between them).
 pub fn matmul_many(jobs: &mut [MatMul<'_>]) {
     let threads = rayon::current_num_threads();
-    let (small, large): (Vec<_>, Vec<_>) = jobs.iter_mut().map(Raw::of).partition(|j| j.m < GEMM_MIN_ROWS);
+    let (small, large): (Vec<_>, Vec<_>) = jobs.iter_mut().map(Raw::of).partition(|j| j.m < gemm_min_rows());
     for j in large {
         // SAFETY: pointers and sizes come from checked slices (see `MatMul::new`).
         unsafe {
@@ -118,6 +132,22 @@ pub fn matmul_many(jobs: &mut [MatMul<'_>]) {
             }
         }
     });
+}
+
+/// (k block, weight rows per block) of the blocked path; `MOE_KC`/`MOE_WB` override for tuning.
+fn tuning() -> (usize, usize) {
+    static T: OnceLock<(usize, usize)> = OnceLock::new();
+    *T.get_or_init(|| {
+        let get = |k: &str, d: usize| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
+        (get("MOE_KC", 256), get("MOE_WB", 16))
+    })
+}
+
+/// Up to this many input rows the product is bandwidth-bound: stream weight rows in place
+/// (`MOE_STREAM_MAX_ROWS` tunes).
+fn stream_max_rows() -> usize {
+    static T: OnceLock<usize> = OnceLock::new();
+    *T.get_or_init(|| std::env::var("MOE_STREAM_MAX_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(12))
 }
 
 type RowsFn = unsafe fn(Raw, usize, usize);
@@ -198,52 +228,233 @@ mod x86 {
     use super::Raw;
     use std::arch::x86_64::*;
 
+    /// Input rows per register tile (6 x 4 accumulators + 5 operands fit the 32 zmm registers).
+    const X_TILE: usize = 6;
+
+    thread_local! {
+        /// Per-thread copy of the current weight block (see `rows_avx512`).
+        static PACKED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+
+    /// Small batches stream whole weight rows (long sequential reads, bandwidth-bound).
+    /// Larger ones are blocked over k so that a block of weight rows and a tile of input
+    /// rows both stay in L1 while every input tile passes over the weight block.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn rows_avx512(j: Raw, r0: usize, r1: usize) {
-        let k = j.k;
-        let kv = k / 16 * 16;
+        // Streaming re-reads each input tile from L2 per weight quad: fine for short rows.
+        if j.m <= super::stream_max_rows() || (j.m <= 64 && j.k <= 1024) {
+            // SAFETY: forwarded caller guarantees.
+            unsafe { stream_rows(j, r0, r1) };
+            return;
+        }
+        let (kc, wb) = super::tuning();
+        PACKED.with_borrow_mut(|packed| {
+            packed.resize(kc * wb, 0.0);
+            let mut kb = 0;
+            while kb < j.k {
+                let klen = kc.min(j.k - kb);
+                let mut b = r0;
+                while b < r1 {
+                    let be = (b + wb).min(r1);
+                    // Copy the block contiguously: weight rows are a power-of-two stride
+                    // apart in most models, which maps them onto a few L1 sets and thrashes.
+                    for r in b..be {
+                        // SAFETY: r < n and kb + klen <= k.
+                        let src = unsafe { std::slice::from_raw_parts(j.w.add(r * j.k + kb), klen) };
+                        packed[(r - b) * klen..(r - b + 1) * klen].copy_from_slice(src);
+                    }
+                    let mut i = 0;
+                    while i < j.m {
+                        let mx = (j.m - i).min(X_TILE);
+                        let mut r = b;
+                        while r < be {
+                            let rows = (be - r).min(4);
+                            // SAFETY: i + mx <= m, r + rows <= n, kb + klen <= k; see `Raw`.
+                            unsafe {
+                                let t = Tile {
+                                    x: j.x.add(i * j.k + kb),
+                                    ldx: j.k,
+                                    w: packed.as_ptr().add((r - b) * klen),
+                                    ldw: klen,
+                                    klen,
+                                    rows,
+                                    y: j.y.add(i * j.n + r),
+                                    ldy: j.n,
+                                    add: kb > 0,
+                                };
+                                dispatch(mx, t);
+                            }
+                            r += rows;
+                        }
+                        i += mx;
+                    }
+                    b = be;
+                }
+                kb += klen;
+            }
+        });
+    }
+
+    /// Few input rows: stream whole weight rows in place, four at a time; every input tile
+    /// passes over the four rows while they are in L1, so each weight byte comes from memory once.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn stream_rows(j: Raw, r0: usize, r1: usize) {
         let mut r = r0;
         while r < r1 {
             let rows = (r1 - r).min(4);
-            // SAFETY (whole block): r + rows <= n, i < m, offsets < k; see `Raw`.
-            unsafe {
-                let w0 = j.w.add(r * k);
-                let w1 = if rows > 1 { j.w.add((r + 1) * k) } else { w0 };
-                let w2 = if rows > 2 { j.w.add((r + 2) * k) } else { w0 };
-                let w3 = if rows > 3 { j.w.add((r + 3) * k) } else { w0 };
-                for i in 0..j.m {
-                    let x = j.x.add(i * k);
-                    let (mut a0, mut a1, mut a2, mut a3) =
-                        (_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps());
-                    let mut c = 0;
-                    while c < kv {
-                        let xv = _mm512_loadu_ps(x.add(c));
-                        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w0.add(c)), xv, a0);
-                        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w1.add(c)), xv, a1);
-                        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w2.add(c)), xv, a2);
-                        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w3.add(c)), xv, a3);
-                        c += 16;
+            // Even input tiles (8 rows: 4 + 4, not 6 + 2).
+            let tile_rows = j.m.div_ceil(j.m.div_ceil(X_TILE));
+            let mut i = 0;
+            while i < j.m {
+                let mx = (j.m - i).min(tile_rows);
+                // SAFETY: i + mx <= m, r + rows <= n; see `Raw`.
+                unsafe {
+                    let t = Tile {
+                        x: j.x.add(i * j.k),
+                        ldx: j.k,
+                        w: j.w.add(r * j.k),
+                        ldw: j.k,
+                        klen: j.k,
+                        rows,
+                        y: j.y.add(i * j.n + r),
+                        ldy: j.n,
+                        add: false,
+                    };
+                    if i == 0 { dispatch_streaming(mx, t) } else { dispatch(mx, t) }
+                }
+                i += mx;
+            }
+            r += rows;
+        }
+    }
+
+    /// Floats ahead of use that streamed weight rows are prefetched (`MOE_PREFETCH` tunes).
+    const PREFETCH_AHEAD: usize = 256;
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn dispatch(mx: usize, t: Tile) {
+        // SAFETY: forwarded caller guarantees.
+        unsafe {
+            match mx {
+                1 => tile::<1, false>(t),
+                2 => tile::<2, false>(t),
+                3 => tile::<3, false>(t),
+                4 => tile::<4, false>(t),
+                5 => tile::<5, false>(t),
+                _ => tile::<6, false>(t),
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn dispatch_streaming(mx: usize, t: Tile) {
+        // SAFETY: forwarded caller guarantees; prefetches never fault.
+        unsafe {
+            match mx {
+                1 => tile::<1, true>(t),
+                2 => tile::<2, true>(t),
+                3 => tile::<3, true>(t),
+                4 => tile::<4, true>(t),
+                5 => tile::<5, true>(t),
+                _ => tile::<6, true>(t),
+            }
+        }
+    }
+
+    #[derive(Clone, Copy)]
+    struct Tile {
+        x: *const f32,
+        ldx: usize,
+        w: *const f32,
+        ldw: usize,
+        klen: usize,
+        rows: usize,
+        y: *mut f32,
+        ldy: usize,
+        /// Add to y (later k blocks) instead of storing.
+        add: bool,
+    }
+
+    /// Sums each of four vectors: returns [Σa0, Σa1, Σa2, Σa3].
+    #[target_feature(enable = "avx512f")]
+    fn reduce4(a0: __m512, a1: __m512, a2: __m512, a3: __m512) -> __m128 {
+        let t0 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
+        let t1 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
+        let u = _mm512_add_ps(_mm512_shuffle_ps::<0x44>(t0, t1), _mm512_shuffle_ps::<0xEE>(t0, t1));
+        let lo = _mm512_castps512_ps256(u);
+        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(u)));
+        let s = _mm256_add_ps(lo, hi);
+        _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s))
+    }
+
+    /// `y[i, q] (+)= x[i] · w[q]` over `klen` for MX input rows and up to 4 weight rows.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tile<const MX: usize, const PREFETCH: bool>(t: Tile) {
+        let Tile { x, ldx, w, ldw, klen, rows, y, ldy, add } = t;
+        // SAFETY (whole body): rows `0..MX` of x and `0..rows` of w hold klen floats from
+        // here; y has MX rows of stride ldy with `rows` valid columns. Missing weight rows
+        // alias row 0 and their results are dropped.
+        unsafe {
+            let wp = [
+                w,
+                w.add(if rows > 1 { ldw } else { 0 }),
+                w.add(if rows > 2 { 2 * ldw } else { 0 }),
+                w.add(if rows > 3 { 3 * ldw } else { 0 }),
+            ];
+            let mut acc = [[_mm512_setzero_ps(); 4]; MX];
+            let kv = klen / 16 * 16;
+            let mut c = 0;
+            while c < kv {
+                if PREFETCH {
+                    // Weight rows stream from memory once: fetch ahead of use so the loads
+                    // below hit L1 (hardware prefetch alone falls behind with many streams).
+                    for p in wp {
+                        _mm_prefetch::<_MM_HINT_T0>(p.add(c + PREFETCH_AHEAD) as *const i8);
                     }
-                    let mut s = [
-                        _mm512_reduce_add_ps(a0),
-                        _mm512_reduce_add_ps(a1),
-                        _mm512_reduce_add_ps(a2),
-                        _mm512_reduce_add_ps(a3),
-                    ];
-                    for t in kv..k {
-                        let xt = *x.add(t);
-                        s[0] += *w0.add(t) * xt;
-                        s[1] += *w1.add(t) * xt;
-                        s[2] += *w2.add(t) * xt;
-                        s[3] += *w3.add(t) * xt;
+                }
+                let wv = [
+                    _mm512_loadu_ps(wp[0].add(c)),
+                    _mm512_loadu_ps(wp[1].add(c)),
+                    _mm512_loadu_ps(wp[2].add(c)),
+                    _mm512_loadu_ps(wp[3].add(c)),
+                ];
+                for (i, a) in acc.iter_mut().enumerate() {
+                    let xv = _mm512_loadu_ps(x.add(i * ldx + c));
+                    for q in 0..4 {
+                        a[q] = _mm512_fmadd_ps(wv[q], xv, a[q]);
                     }
-                    let y = j.y.add(i * j.n + r);
-                    for (q, v) in s.iter().take(rows).enumerate() {
-                        *y.add(q) = *v;
+                }
+                c += 16;
+            }
+            if kv < klen {
+                let mask: __mmask16 = ((1u32 << (klen - kv)) - 1) as u16;
+                let wv = [
+                    _mm512_maskz_loadu_ps(mask, wp[0].add(kv)),
+                    _mm512_maskz_loadu_ps(mask, wp[1].add(kv)),
+                    _mm512_maskz_loadu_ps(mask, wp[2].add(kv)),
+                    _mm512_maskz_loadu_ps(mask, wp[3].add(kv)),
+                ];
+                for (i, a) in acc.iter_mut().enumerate() {
+                    let xv = _mm512_maskz_loadu_ps(mask, x.add(i * ldx + kv));
+                    for q in 0..4 {
+                        a[q] = _mm512_fmadd_ps(wv[q], xv, a[q]);
                     }
                 }
             }
-            r += rows;
+            for (i, a) in acc.iter().enumerate() {
+                let sums = reduce4(a[0], a[1], a[2], a[3]);
+                let yr = y.add(i * ldy);
+                if rows == 4 {
+                    let v = if add { _mm_add_ps(_mm_loadu_ps(yr), sums) } else { sums };
+                    _mm_storeu_ps(yr, v);
+                } else {
+                    let mut s = [0f32; 4];
+                    _mm_storeu_ps(s.as_mut_ptr(), sums);
+                    for (q, v) in s.iter().take(rows).enumerate() {
+                        *yr.add(q) = if add { *yr.add(q) + v } else { *v };
+                    }
+                }
+            }
         }
     }
 
@@ -347,8 +558,8 @@ mod tests {
 
     #[test]
     fn matches_naive_over_shapes() {
-        // Odd shapes exercise the row and k tails; m >= GEMM_MIN_ROWS exercises gemm.
-        for &(m, n, k) in &[(1, 1, 1), (1, 7, 33), (3, 130, 100), (5, 257, 512), (16, 64, 48), (40, 33, 17)] {
+        // Odd shapes exercise the row, k and input-row tails; m >= 16 reaches gemm where it is used.
+        for &(m, n, k) in &[(1, 1, 1), (1, 7, 33), (3, 130, 100), (5, 257, 512), (16, 64, 48), (40, 33, 17), (7, 70, 300), (13, 9, 1000)] {
             let (x, w) = (data(m * k, 1), data(n * k, 2));
             let mut y = vec![0f32; m * n];
             matmul(&x, &w, &mut y, m, n, k);

@@ -193,7 +193,7 @@ impl Model {
         }
         if spec.head {
             plan.push((names::FINAL_NORM.to_string(), vec![h]));
-            if !(cfg.tie_word_embeddings && !src.contains(names::LM_HEAD)) {
+            if !cfg.tie_word_embeddings || src.contains(names::LM_HEAD) {
                 plan.push((names::LM_HEAD.to_string(), vec![cfg.vocab_size, h]));
             }
         }
