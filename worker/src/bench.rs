@@ -42,6 +42,10 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 8)]
     pub batch: usize,
 
+    /// Repetitions of each measurement (the best is kept, for both engines).
+    #[arg(long, default_value_t = 5)]
+    pub repeats: usize,
+
     /// Only run our engine.
     #[arg(long)]
     pub skip_torch: bool,
@@ -212,6 +216,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             c.arg("--prefill-tokens").arg(a.prefill_tokens.to_string());
             c.arg("--decode-tokens").arg(a.decode_tokens.to_string());
             c.arg("--batch").arg(a.batch.to_string());
+            c.arg("--repeats").arg(a.repeats.to_string());
         };
         let mut ours = Command::new(&exe);
         ours.arg("--threads").arg(threads.to_string()).arg("bench-engine").arg("--model").arg(&dir);

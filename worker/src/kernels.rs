@@ -263,9 +263,21 @@ mod x86 {
                         let src = unsafe { std::slice::from_raw_parts(j.w.add(r * j.k + kb), klen) };
                         packed[(r - b) * klen..(r - b + 1) * klen].copy_from_slice(src);
                     }
+                    // While computing on this block, fetch the next one into L2 a slice per
+                    // input tile, so packing it does not wait on memory.
+                    let (nb, nbe) = (be, (be + wb).min(r1));
+                    let lines_per_row = (klen * 4).div_ceil(64);
+                    let next_lines = (nbe - nb) * lines_per_row;
+                    let tiles = j.m.div_ceil(X_TILE);
                     let mut i = 0;
                     while i < j.m {
                         let mx = (j.m - i).min(X_TILE);
+                        let g = i / X_TILE;
+                        for line in next_lines * g / tiles..next_lines * (g + 1) / tiles {
+                            let (row, off) = (nb + line / lines_per_row, (line % lines_per_row) * 16);
+                            // SAFETY: prefetch of an address inside w (row < n, off < klen).
+                            unsafe { _mm_prefetch::<_MM_HINT_T1>(j.w.add(row * j.k + kb + off) as *const i8) };
+                        }
                         let mut r = b;
                         while r < be {
                             let rows = (be - r).min(4);
