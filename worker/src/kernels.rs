@@ -150,6 +150,13 @@ fn stream_max_rows() -> usize {
     *T.get_or_init(|| std::env::var("MOE_STREAM_MAX_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(12))
 }
 
+/// Floats ahead of use that streamed weight rows are prefetched (`MOE_PREFETCH` tunes). Rows
+/// of a quad are adjacent, so running past a row's end fetches the next quad's rows.
+fn prefetch_ahead() -> usize {
+    static T: OnceLock<usize> = OnceLock::new();
+    *T.get_or_init(|| std::env::var("MOE_PREFETCH").ok().and_then(|v| v.parse().ok()).unwrap_or(2048))
+}
+
 type RowsFn = unsafe fn(Raw, usize, usize);
 
 fn rows_fn() -> RowsFn {
@@ -340,9 +347,6 @@ mod x86 {
         }
     }
 
-    /// Floats ahead of use that streamed weight rows are prefetched (`MOE_PREFETCH` tunes).
-    const PREFETCH_AHEAD: usize = 256;
-
     #[target_feature(enable = "avx512f")]
     unsafe fn dispatch(mx: usize, t: Tile) {
         // SAFETY: forwarded caller guarantees.
@@ -403,6 +407,7 @@ mod x86 {
     #[target_feature(enable = "avx512f")]
     unsafe fn tile<const MX: usize, const PREFETCH: bool>(t: Tile) {
         let Tile { x, ldx, w, ldw, klen, rows, y, ldy, add } = t;
+        let ahead = super::prefetch_ahead();
         // SAFETY (whole body): rows `0..MX` of x and `0..rows` of w hold klen floats from
         // here; y has MX rows of stride ldy with `rows` valid columns. Missing weight rows
         // alias row 0 and their results are dropped.
@@ -421,7 +426,7 @@ mod x86 {
                     // Weight rows stream from memory once: fetch ahead of use so the loads
                     // below hit L1 (hardware prefetch alone falls behind with many streams).
                     for p in wp {
-                        _mm_prefetch::<_MM_HINT_T0>(p.add(c + PREFETCH_AHEAD) as *const i8);
+                        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(c + ahead) as *const i8);
                     }
                 }
                 let wv = [

@@ -25,6 +25,8 @@ pub struct Routing {
     pub offsets: Vec<usize>,
     /// (row, weight), grouped by expert, rows ascending within a group.
     pub assignments: Vec<(u32, f32)>,
+    probs: Vec<f32>,
+    fill: Vec<usize>,
 }
 
 impl Routing {
@@ -34,7 +36,8 @@ impl Routing {
         self.top_k = top_k;
         self.experts.clear();
         self.weights.clear();
-        let mut probs = vec![0f32; num_experts];
+        let mut probs = std::mem::take(&mut self.probs);
+        probs.resize(num_experts, 0.0);
         let mut picked: Vec<usize> = Vec::with_capacity(top_k);
         for r in 0..rows {
             let l = &logits[r * num_experts..(r + 1) * num_experts];
@@ -65,6 +68,7 @@ impl Routing {
                 self.weights.push(probs[e] / total);
             }
         }
+        self.probs = probs;
         self.group(num_experts);
     }
 
@@ -80,9 +84,10 @@ impl Routing {
         }
         self.assignments.clear();
         self.assignments.resize(self.experts.len(), (0, 0.0));
-        let mut fill = self.offsets.clone();
+        self.fill.clear();
+        self.fill.extend_from_slice(&self.offsets);
         for (i, (&e, &w)) in self.experts.iter().zip(&self.weights).enumerate() {
-            let slot = &mut fill[e as usize];
+            let slot = &mut self.fill[e as usize];
             self.assignments[*slot] = ((i / self.top_k.max(1)) as u32, w);
             *slot += 1;
         }
@@ -107,6 +112,8 @@ impl Routing {
             weights: Vec::new(),
             offsets,
             assignments,
+            probs: Vec::new(),
+            fill: Vec::new(),
         }
     }
 
