@@ -33,36 +33,41 @@ pub struct BenchArgs {
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
 
-    #[arg(long, default_value_t = 128)]
-    pub prefill_tokens: usize,
-
-    #[arg(long, default_value_t = 64)]
-    pub decode_tokens: usize,
-
-    #[arg(long, default_value_t = 8)]
-    pub batch: usize,
-
-    /// Repetitions of each measurement (the best is kept, for both engines).
-    #[arg(long, default_value_t = 5)]
-    pub repeats: usize,
+    #[command(flatten)]
+    pub workload: Workload,
 
     /// Only run our engine.
     #[arg(long)]
     pub skip_torch: bool,
 }
 
+/// What each engine is asked to do (the same for both).
+#[derive(Debug, Clone, Args)]
+pub struct Workload {
+    /// Prompt length of the prefill measurement.
+    #[arg(long, default_value_t = 128)]
+    pub prefill_tokens: usize,
+
+    /// Tokens timed per decode measurement.
+    #[arg(long, default_value_t = 64)]
+    pub decode_tokens: usize,
+
+    /// Sequences of the batched decode measurement.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+
+    /// Repetitions of each measurement (the best is kept).
+    #[arg(long, default_value_t = 5)]
+    pub repeats: usize,
+}
+
 #[derive(Debug, Args)]
 pub struct EngineRunArgs {
     #[arg(long)]
     pub model: PathBuf,
-    #[arg(long, default_value_t = 128)]
-    pub prefill_tokens: usize,
-    #[arg(long, default_value_t = 64)]
-    pub decode_tokens: usize,
-    #[arg(long, default_value_t = 8)]
-    pub batch: usize,
-    #[arg(long, default_value_t = 3)]
-    pub repeats: usize,
+
+    #[command(flatten)]
+    pub workload: Workload,
 }
 
 fn cache_root() -> PathBuf {
@@ -104,9 +109,10 @@ fn peak_rss_bytes() -> u64 {
 }
 
 /// The engine side of the benchmark, in this process.
-pub fn run_engine(a: EngineRunArgs) -> Result<()> {
+pub fn run_engine(args: EngineRunArgs) -> Result<()> {
+    let a = &args.workload;
     let t0 = Instant::now();
-    let src = Checkpoint::open(&a.model)?;
+    let src = Checkpoint::open(&args.model)?;
     let vocab = src.config().vocab_size as u64;
     let model = crate::cli::load_full(&src)?;
     let load_s = t0.elapsed().as_secs_f64();
@@ -218,10 +224,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let cfg = &preset.config;
         let ceiling = bw / (cfg.active_params_per_token() as f64 * 4.0);
         let common = |c: &mut Command| {
-            c.arg("--prefill-tokens").arg(a.prefill_tokens.to_string());
-            c.arg("--decode-tokens").arg(a.decode_tokens.to_string());
-            c.arg("--batch").arg(a.batch.to_string());
-            c.arg("--repeats").arg(a.repeats.to_string());
+            let w = &a.workload;
+            c.arg("--prefill-tokens").arg(w.prefill_tokens.to_string());
+            c.arg("--decode-tokens").arg(w.decode_tokens.to_string());
+            c.arg("--batch").arg(w.batch.to_string());
+            c.arg("--repeats").arg(w.repeats.to_string());
         };
         let mut ours = Command::new(&exe);
         ours.arg("--threads").arg(threads.to_string()).arg("bench-engine").arg("--model").arg(&dir);
