@@ -101,9 +101,11 @@ fn peak_rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<u64>().ok()))
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|kb| kb.parse::<u64>().ok())
+            })
         })
         .map_or(0, |kb| kb * 1024)
 }
@@ -116,7 +118,12 @@ pub fn run_engine(args: EngineRunArgs) -> Result<()> {
     let vocab = src.config().vocab_size as u64;
     let model = crate::cli::load_full(&src)?;
     let load_s = t0.elapsed().as_secs_f64();
-    let mut engine = Engine::new(model, EngineOptions { max_batch_tokens: 4096 })?;
+    let mut engine = Engine::new(
+        model,
+        EngineOptions {
+            max_batch_tokens: 4096,
+        },
+    )?;
     let mut rng = 1234u64;
     let mut ids = |n: usize| -> Vec<u32> {
         (0..n)
@@ -126,7 +133,10 @@ pub fn run_engine(args: EngineRunArgs) -> Result<()> {
             })
             .collect()
     };
-    let params = |n| SamplingParams { ignore_eos: true, ..SamplingParams::greedy(n) };
+    let params = |n| SamplingParams {
+        ignore_eos: true,
+        ..SamplingParams::greedy(n)
+    };
 
     let mut best = f64::INFINITY;
     for _ in 0..a.repeats {
@@ -141,8 +151,9 @@ pub fn run_engine(args: EngineRunArgs) -> Result<()> {
     let mut decode = |batch: usize| -> Result<f64> {
         let mut best = f64::INFINITY;
         for _ in 0..a.repeats.saturating_sub(1).max(1) {
-            let seqs: Vec<_> =
-                (0..batch).map(|_| engine.add(ids(16), params(a.decode_tokens + 1))).collect::<Result<_>>()?;
+            let seqs: Vec<_> = (0..batch)
+                .map(|_| engine.add(ids(16), params(a.decode_tokens + 1)))
+                .collect::<Result<_>>()?;
             engine.step()?; // prefill
             let t = Instant::now();
             for _ in 0..a.decode_tokens {
@@ -170,15 +181,25 @@ pub fn run_engine(args: EngineRunArgs) -> Result<()> {
 }
 
 fn run_json(mut cmd: Command, what: &str) -> Result<Value> {
-    let out = cmd.output().map_err(|e| Error::invalid(what, format!("could not start: {e}")))?;
+    let out = cmd
+        .output()
+        .map_err(|e| Error::invalid(what, format!("could not start: {e}")))?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
         let tail: Vec<&str> = err.lines().rev().take(5).collect();
-        return Err(Error::invalid(what, format!("failed ({}): {}", out.status, tail.join(" | "))));
+        return Err(Error::invalid(
+            what,
+            format!("failed ({}): {}", out.status, tail.join(" | ")),
+        ));
     }
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout.lines().rev().find(|l| l.starts_with('{')).unwrap_or("");
-    serde_json::from_str(line).map_err(|e| Error::invalid(what, format!("unreadable result `{line}`: {e}")))
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or("");
+    serde_json::from_str(line)
+        .map_err(|e| Error::invalid(what, format!("unreadable result `{line}`: {e}")))
 }
 
 fn python(a: &BenchArgs) -> PathBuf {
@@ -189,7 +210,11 @@ fn python(a: &BenchArgs) -> PathBuf {
         return p.into();
     }
     let venv = cache_root().join("venv/bin/python");
-    if venv.exists() { venv } else { PathBuf::from("python3") }
+    if venv.exists() {
+        venv
+    } else {
+        PathBuf::from("python3")
+    }
 }
 
 fn checkpoint_size(dir: &Path) -> u64 {
@@ -206,13 +231,20 @@ fn checkpoint_size(dir: &Path) -> u64 {
 
 pub fn run(a: BenchArgs) -> Result<()> {
     let threads = rayon::current_num_threads();
-    let exe = std::env::current_exe().map_err(|e| Error::invalid("bench", format!("own path: {e}")))?;
-    let root = a.cache_dir.clone().unwrap_or_else(|| cache_root().join("bench"));
+    let exe =
+        std::env::current_exe().map_err(|e| Error::invalid("bench", format!("own path: {e}")))?;
+    let root = a
+        .cache_dir
+        .clone()
+        .unwrap_or_else(|| cache_root().join("bench"));
     let script = std::env::temp_dir().join(format!("moe-bench-torch-{}.py", std::process::id()));
     std::fs::write(&script, TORCH_SCRIPT).map_err(|e| Error::io(&script, e))?;
 
     let bw = memory_bandwidth();
-    println!("threads: {threads}; measured read bandwidth: {:.1} GB/s", bw / 1e9);
+    println!(
+        "threads: {threads}; measured read bandwidth: {:.1} GB/s",
+        bw / 1e9
+    );
     let mut rows = Vec::new();
     for name in &a.presets {
         let preset = synthetic::preset(name)?;
@@ -231,14 +263,22 @@ pub fn run(a: BenchArgs) -> Result<()> {
             c.arg("--repeats").arg(w.repeats.to_string());
         };
         let mut ours = Command::new(&exe);
-        ours.arg("--threads").arg(threads.to_string()).arg("bench-engine").arg("--model").arg(&dir);
+        ours.arg("--threads")
+            .arg(threads.to_string())
+            .arg("bench-engine")
+            .arg("--model")
+            .arg(&dir);
         common(&mut ours);
         let ours = run_json(ours, "engine benchmark")?;
         let torch = if a.skip_torch {
             None
         } else {
             let mut t = Command::new(python(&a));
-            t.arg(&script).arg("--model").arg(&dir).arg("--threads").arg(threads.to_string());
+            t.arg(&script)
+                .arg("--model")
+                .arg(&dir)
+                .arg("--threads")
+                .arg(threads.to_string());
             t.env("OMP_NUM_THREADS", threads.to_string());
             common(&mut t);
             Some(run_json(t, "pytorch benchmark")?)
@@ -266,14 +306,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
             let (o, p) = (f(ours, key), t(key));
             line(metric, o, p, o / p, target);
         }
-        let (om, pm) = (f(ours, "peak_rss_bytes") / *size as f64, t("peak_rss_bytes") / *size as f64);
+        let (om, pm) = (
+            f(ours, "peak_rss_bytes") / *size as f64,
+            t("peak_rss_bytes") / *size as f64,
+        );
         println!(
             "{name:<6} {:<26} {:>11.2}x {:>11.2}x {:>12} {:>12}",
-            "peak memory / checkpoint",
-            om,
-            pm,
-            "",
-            "<= 1.3x"
+            "peak memory / checkpoint", om, pm, "", "<= 1.3x"
         );
         let d1 = f(ours, "decode_b1_tok_s");
         println!(
@@ -295,5 +334,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
 }
 
 fn rows_bytes(preset: &str) -> f64 {
-    synthetic::preset(preset).map_or(f64::NAN, |p| p.config.active_params_per_token() as f64 * 4.0)
+    synthetic::preset(preset).map_or(f64::NAN, |p| {
+        p.config.active_params_per_token() as f64 * 4.0
+    })
 }

@@ -16,7 +16,11 @@ use crate::synthetic;
 use crate::weights::{ShardSpec, WeightSource};
 
 #[derive(Debug, Parser)]
-#[command(name = "moe-worker", version, about = "moe-serve worker: Mixture-of-Experts inference")]
+#[command(
+    name = "moe-worker",
+    version,
+    about = "moe-serve worker: Mixture-of-Experts inference"
+)]
 pub struct Cli {
     /// Compute threads (default: all cores).
     #[arg(long, global = true, env = "MOE_THREADS")]
@@ -57,7 +61,11 @@ pub struct GenerateArgs {
     pub model: ModelArgs,
 
     /// Prompt text (tokenized with the model's tokenizer; BOS prepended when the model has one).
-    #[arg(long, conflicts_with = "prompt_ids", required_unless_present = "prompt_ids")]
+    #[arg(
+        long,
+        conflicts_with = "prompt_ids",
+        required_unless_present = "prompt_ids"
+    )]
     pub prompt: Option<String>,
 
     /// Prompt as comma-separated token ids.
@@ -140,17 +148,24 @@ pub fn main() -> ExitCode {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MOE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 pub fn init_threads(threads: Option<usize>) -> Result<usize> {
     let n = match threads {
         Some(0) => return Err(Error::invalid("threads", "must be at least 1")),
         Some(n) => n,
-        None => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        None => std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
     };
     // A second call (tests) keeps the first pool.
-    let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global();
     Ok(n)
 }
 
@@ -232,7 +247,10 @@ fn generate(args: GenerateArgs) -> Result<()> {
     if let Some(&bad) = prompt_ids.iter().find(|&&t| t as usize >= cfg.vocab_size) {
         return Err(Error::invalid(
             "--prompt-ids",
-            format!("token id {bad} is outside the vocabulary (vocab_size {})", cfg.vocab_size),
+            format!(
+                "token id {bad} is outside the vocabulary (vocab_size {})",
+                cfg.vocab_size
+            ),
         ));
     }
     let params = SamplingParams {
@@ -244,7 +262,9 @@ fn generate(args: GenerateArgs) -> Result<()> {
         ignore_eos: args.ignore_eos,
     };
     params.validate().map_err(|e| match e {
-        Error::InvalidInput { field, message } => Error::invalid(&format!("--{}", field.replace('_', "-")), message),
+        Error::InvalidInput { field, message } => {
+            Error::invalid(&format!("--{}", field.replace('_', "-")), message)
+        }
         other => other,
     })?;
     let model = load_full(src.as_ref())?;
@@ -267,7 +287,12 @@ fn generate(args: GenerateArgs) -> Result<()> {
             Some(t) => println!("{t}"),
             None => println!("{ids:?}"),
         }
-        eprintln!("[{} tokens in {:.2}s, finish: {}]", ids.len(), secs, finish.as_str());
+        eprintln!(
+            "[{} tokens in {:.2}s, finish: {}]",
+            ids.len(),
+            secs,
+            finish.as_str()
+        );
     }
     Ok(())
 }
@@ -280,7 +305,13 @@ fn export(args: ExportArgs) -> Result<()> {
             eprint!("\rwriting tensors: {done}/{total}");
         }
     };
-    synthetic::export(&preset, args.seed, &args.out, args.shard_bytes, &mut progress)?;
+    synthetic::export(
+        &preset,
+        args.seed,
+        &args.out,
+        args.shard_bytes,
+        &mut progress,
+    )?;
     if show {
         eprintln!();
     }

@@ -74,10 +74,9 @@ fn field<'a>(obj: &'a serde_json::Map<String, Value>, name: &str) -> Option<&'a 
 fn usize_field(obj: &serde_json::Map<String, Value>, name: &str) -> Result<Option<usize>> {
     match field(obj, name) {
         None => Ok(None),
-        Some(v) => v
-            .as_u64()
-            .map(|n| Some(n as usize))
-            .ok_or_else(|| Error::config(name, format!("expected a non-negative integer, got {v}"))),
+        Some(v) => v.as_u64().map(|n| Some(n as usize)).ok_or_else(|| {
+            Error::config(name, format!("expected a non-negative integer, got {v}"))
+        }),
     }
 }
 
@@ -129,7 +128,9 @@ impl ModelConfig {
             .as_object()
             .ok_or_else(|| Error::config("config.json", "expected a JSON object"))?;
 
-        let model_type = field(obj, "model_type").and_then(Value::as_str).unwrap_or("");
+        let model_type = field(obj, "model_type")
+            .and_then(Value::as_str)
+            .unwrap_or("");
         if model_type != "mixtral" {
             return Err(Error::config(
                 "model_type",
@@ -139,12 +140,16 @@ impl ModelConfig {
         if let Some(act) = field(obj, "hidden_act").and_then(Value::as_str)
             && act != "silu"
         {
-            return Err(Error::config("hidden_act", format!("unsupported activation `{act}` (supported: `silu`)")));
+            return Err(Error::config(
+                "hidden_act",
+                format!("unsupported activation `{act}` (supported: `silu`)"),
+            ));
         }
 
         let hidden_size = required_usize(obj, "hidden_size")?;
         let num_attention_heads = required_usize(obj, "num_attention_heads")?;
-        let num_key_value_heads = usize_field(obj, "num_key_value_heads")?.unwrap_or(num_attention_heads);
+        let num_key_value_heads =
+            usize_field(obj, "num_key_value_heads")?.unwrap_or(num_attention_heads);
         if num_attention_heads == 0 {
             return Err(Error::config("num_attention_heads", "must be at least 1"));
         }
@@ -156,7 +161,9 @@ impl ModelConfig {
         // 5.x: rope_parameters { rope_type, rope_theta }; 4.x: rope_theta (+ optional rope_scaling).
         let rope_theta = match field(obj, "rope_parameters") {
             Some(Value::Object(rp)) => {
-                let rope_type = field(rp, "rope_type").and_then(Value::as_str).unwrap_or("default");
+                let rope_type = field(rp, "rope_type")
+                    .and_then(Value::as_str)
+                    .unwrap_or("default");
                 if rope_type != "default" {
                     return Err(Error::config(
                         "rope_parameters.rope_type",
@@ -166,10 +173,18 @@ impl ModelConfig {
                 f64_field(rp, "rope_theta")?
                     .ok_or_else(|| Error::config("rope_parameters.rope_theta", "missing"))?
             }
-            Some(other) => return Err(Error::config("rope_parameters", format!("expected an object, got {other}"))),
+            Some(other) => {
+                return Err(Error::config(
+                    "rope_parameters",
+                    format!("expected an object, got {other}"),
+                ));
+            }
             None => {
                 if let Some(scaling) = field(obj, "rope_scaling") {
-                    return Err(Error::config("rope_scaling", format!("unsupported rope scaling {scaling}")));
+                    return Err(Error::config(
+                        "rope_scaling",
+                        format!("unsupported rope scaling {scaling}"),
+                    ));
                 }
                 f64_field(obj, "rope_theta")?.unwrap_or(1e6)
             }
@@ -194,10 +209,15 @@ impl ModelConfig {
             num_experts_per_tok: usize_field(obj, "num_experts_per_tok")?.unwrap_or(2),
             rms_norm_eps: f64_field(obj, "rms_norm_eps")?.unwrap_or(1e-5),
             rope_theta,
-            max_position_embeddings: usize_field(obj, "max_position_embeddings")?.unwrap_or(4096 * 32),
+            max_position_embeddings: usize_field(obj, "max_position_embeddings")?
+                .unwrap_or(4096 * 32),
             sliding_window: usize_field(obj, "sliding_window")?,
-            tie_word_embeddings: field(obj, "tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false),
-            bos_token_id: token_ids(field(obj, "bos_token_id"), "bos_token_id")?.first().copied(),
+            tie_word_embeddings: field(obj, "tie_word_embeddings")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            bos_token_id: token_ids(field(obj, "bos_token_id"), "bos_token_id")?
+                .first()
+                .copied(),
             eos_token_ids: token_ids(field(obj, "eos_token_id"), "eos_token_id")?,
             dtype,
         };
@@ -222,7 +242,10 @@ impl ModelConfig {
                 return Err(Error::config(name, "must be at least 1"));
             }
         }
-        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return Err(Error::config(
                 "num_key_value_heads",
                 format!(
@@ -234,11 +257,17 @@ impl ModelConfig {
         if self.num_experts_per_tok > self.num_local_experts {
             return Err(Error::config(
                 "num_experts_per_tok",
-                format!("{} exceeds num_local_experts {}", self.num_experts_per_tok, self.num_local_experts),
+                format!(
+                    "{} exceeds num_local_experts {}",
+                    self.num_experts_per_tok, self.num_local_experts
+                ),
             ));
         }
         if !self.head_dim.is_multiple_of(2) {
-            return Err(Error::config("head_dim", format!("{} must be even for rotary embeddings", self.head_dim)));
+            return Err(Error::config(
+                "head_dim",
+                format!("{} must be even for rotary embeddings", self.head_dim),
+            ));
         }
         if self.rope_theta.is_nan() || self.rope_theta <= 0.0 {
             return Err(Error::config("rope_theta", "must be positive"));
@@ -248,7 +277,13 @@ impl ModelConfig {
         }
         for &id in self.eos_token_ids.iter().chain(self.bos_token_id.iter()) {
             if id as usize >= self.vocab_size {
-                return Err(Error::config("eos_token_id", format!("token id {id} is outside the vocabulary ({})", self.vocab_size)));
+                return Err(Error::config(
+                    "eos_token_id",
+                    format!(
+                        "token id {id} is outside the vocabulary ({})",
+                        self.vocab_size
+                    ),
+                ));
             }
         }
         Ok(())
@@ -278,7 +313,8 @@ impl ModelConfig {
         let h = self.hidden_size as u64;
         let v = self.vocab_size as u64;
         let embed = v * h * if self.tie_word_embeddings { 1 } else { 2 };
-        let per_layer = self.layer_shared_params() + self.num_local_experts as u64 * self.expert_params();
+        let per_layer =
+            self.layer_shared_params() + self.num_local_experts as u64 * self.expert_params();
         embed + h + self.num_hidden_layers as u64 * per_layer
     }
 
@@ -286,7 +322,8 @@ impl ModelConfig {
     pub fn active_params_per_token(&self) -> u64 {
         let h = self.hidden_size as u64;
         let v = self.vocab_size as u64;
-        let per_layer = self.layer_shared_params() + self.num_experts_per_tok as u64 * self.expert_params();
+        let per_layer =
+            self.layer_shared_params() + self.num_experts_per_tok as u64 * self.expert_params();
         // The embedding row read is negligible; the LM head is read whole.
         v * h + h + self.num_hidden_layers as u64 * per_layer
     }
@@ -370,11 +407,15 @@ mod tests {
         assert!(e.contains("num_experts_per_tok"), "{e}");
 
         let bad = V4.replace("\"num_key_value_heads\": 2", "\"num_key_value_heads\": 3");
-        let e = ModelConfig::from_json(&bad).expect_err("kv heads").to_string();
+        let e = ModelConfig::from_json(&bad)
+            .expect_err("kv heads")
+            .to_string();
         assert!(e.contains("num_key_value_heads"), "{e}");
 
         let bad = V4.replace("\"hidden_size\": 32,", "");
-        let e = ModelConfig::from_json(&bad).expect_err("missing").to_string();
+        let e = ModelConfig::from_json(&bad)
+            .expect_err("missing")
+            .to_string();
         assert!(e.contains("hidden_size") && e.contains("missing"), "{e}");
     }
 

@@ -61,7 +61,9 @@ pub struct EngineOptions {
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        Self { max_batch_tokens: 2048 }
+        Self {
+            max_batch_tokens: 2048,
+        }
     }
 }
 
@@ -87,7 +89,10 @@ impl Engine {
             && model.layers().len() == cfg.num_hidden_layers
             && model.owned_experts().len() == cfg.num_hidden_layers * cfg.num_local_experts;
         if !whole {
-            return Err(Error::invalid("model part", "the single-process engine needs the whole model"));
+            return Err(Error::invalid(
+                "model part",
+                "the single-process engine needs the whole model",
+            ));
         }
         if opts.max_batch_tokens == 0 {
             return Err(Error::invalid("max_batch_tokens", "must be at least 1"));
@@ -120,7 +125,10 @@ impl Engine {
         if prompt.len() >= max_pos {
             return Err(Error::invalid(
                 "prompt",
-                format!("{} tokens leave no room to generate (context length {max_pos})", prompt.len()),
+                format!(
+                    "{} tokens leave no room to generate (context length {max_pos})",
+                    prompt.len()
+                ),
             ));
         }
         let id = SeqId(self.next_id);
@@ -153,7 +161,10 @@ impl Engine {
 
     /// Prompt and generated tokens of a sequence.
     pub fn tokens(&self, id: SeqId) -> Option<(&[u32], &[u32])> {
-        self.seqs.iter().find(|s| s.id == id).map(|s| s.tokens.split_at(s.prompt_len))
+        self.seqs
+            .iter()
+            .find(|s| s.id == id)
+            .map(|s| s.tokens.split_at(s.prompt_len))
     }
 
     /// Runs one batch step and returns the tokens it produced.
@@ -169,8 +180,12 @@ impl Engine {
             }
             let take = (s.tokens.len() - s.processed).min(budget);
             budget -= take;
-            chunks.push(Chunk { start: s.processed, len: take });
-            self.ids.extend_from_slice(&s.tokens[s.processed..s.processed + take]);
+            chunks.push(Chunk {
+                start: s.processed,
+                len: take,
+            });
+            self.ids
+                .extend_from_slice(&s.tokens[s.processed..s.processed + take]);
             if s.processed + take == s.tokens.len() {
                 sample_rows.push((members.len(), self.ids.len() - 1));
             }
@@ -189,14 +204,24 @@ impl Engine {
                     next.next();
                 }
             }
-            let mut experts = LocalExperts { model: &self.model, scratch: &mut self.moe };
-            self.model.forward_layers(&mut self.hidden, &chunks, &mut caches, &mut experts, &mut self.scratch)?;
+            let mut experts = LocalExperts {
+                model: &self.model,
+                scratch: &mut self.moe,
+            };
+            self.model.forward_layers(
+                &mut self.hidden,
+                &chunks,
+                &mut caches,
+                &mut experts,
+                &mut self.scratch,
+            )?;
         }
         for (&i, c) in members.iter().zip(&chunks) {
             self.seqs[i].processed += c.len;
         }
         let rows: Vec<usize> = sample_rows.iter().map(|&(_, r)| r).collect();
-        self.model.logits(&self.hidden, &rows, &mut self.logits, &mut self.scratch)?;
+        self.model
+            .logits(&self.hidden, &rows, &mut self.logits, &mut self.scratch)?;
         let vocab = self.model.config().vocab_size;
         let eos = &self.model.config().eos_token_ids;
         let max_pos = self.model.config().max_position_embeddings;
@@ -214,13 +239,21 @@ impl Engine {
                 None
             };
             s.finish = finish;
-            events.push(TokenEvent { seq: s.id, token, finish });
+            events.push(TokenEvent {
+                seq: s.id,
+                token,
+                finish,
+            });
         }
         Ok(events)
     }
 
     /// Generates for one prompt to completion (the `generate` command's path).
-    pub fn generate(&mut self, prompt: Vec<u32>, params: SamplingParams) -> Result<(Vec<u32>, FinishReason)> {
+    pub fn generate(
+        &mut self,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+    ) -> Result<(Vec<u32>, FinishReason)> {
         let id = self.add(prompt, params)?;
         let mut out = Vec::new();
         loop {

@@ -5,10 +5,17 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 
     #[error("{}config field `{field}`: {message}", file.as_ref().map(|f| format!("{}: ", f.display())).unwrap_or_default())]
-    Config { file: Option<PathBuf>, field: String, message: String },
+    Config {
+        file: Option<PathBuf>,
+        field: String,
+        message: String,
+    },
 
     #[error("{}: {message}", path.display())]
     Checkpoint { path: PathBuf, message: String },
@@ -27,29 +34,49 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub fn io(path: &Path, source: std::io::Error) -> Self {
-        Self::Io { path: path.to_path_buf(), source }
+        Self::Io {
+            path: path.to_path_buf(),
+            source,
+        }
     }
 
     pub fn config(field: &str, message: impl Into<String>) -> Self {
-        Self::Config { file: None, field: field.to_string(), message: message.into() }
+        Self::Config {
+            file: None,
+            field: field.to_string(),
+            message: message.into(),
+        }
     }
 
     pub fn checkpoint(path: &Path, message: impl Into<String>) -> Self {
-        Self::Checkpoint { path: path.to_path_buf(), message: message.into() }
+        Self::Checkpoint {
+            path: path.to_path_buf(),
+            message: message.into(),
+        }
     }
 
     pub fn tensor(name: &str, message: impl Into<String>) -> Self {
-        Self::Tensor { name: name.to_string(), message: message.into() }
+        Self::Tensor {
+            name: name.to_string(),
+            message: message.into(),
+        }
     }
 
     pub fn invalid(field: &str, message: impl Into<String>) -> Self {
-        Self::InvalidInput { field: field.to_string(), message: message.into() }
+        Self::InvalidInput {
+            field: field.to_string(),
+            message: message.into(),
+        }
     }
 
     /// Attaches the file a config error came from.
     pub fn in_file(self, path: &Path) -> Self {
         match self {
-            Self::Config { field, message, .. } => Self::Config { file: Some(path.to_path_buf()), field, message },
+            Self::Config { field, message, .. } => Self::Config {
+                file: Some(path.to_path_buf()),
+                field,
+                message,
+            },
             other => other,
         }
     }

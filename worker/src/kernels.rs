@@ -18,11 +18,16 @@ use rayon::prelude::*;
 fn gemm_min_rows() -> usize {
     static MIN: OnceLock<usize> = OnceLock::new();
     *MIN.get_or_init(|| {
-        if let Some(n) = std::env::var("MOE_GEMM_MIN_ROWS").ok().and_then(|v| v.parse().ok()) {
+        if let Some(n) = std::env::var("MOE_GEMM_MIN_ROWS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
             return n;
         }
         #[cfg(target_arch = "x86_64")]
-        if std::env::var_os("MOE_NO_AVX512").is_none() && std::arch::is_x86_feature_detected!("avx512f") {
+        if std::env::var_os("MOE_NO_AVX512").is_none()
+            && std::arch::is_x86_feature_detected!("avx512f")
+        {
             return usize::MAX;
         }
         16
@@ -42,7 +47,10 @@ pub struct MatMul<'a> {
 
 impl<'a> MatMul<'a> {
     pub fn new(x: &'a [f32], w: &'a [f32], y: &'a mut [f32], m: usize, n: usize, k: usize) -> Self {
-        assert!(x.len() >= m * k && w.len() >= n * k && y.len() >= m * n, "matmul operand sizes");
+        assert!(
+            x.len() >= m * k && w.len() >= n * k && y.len() >= m * n,
+            "matmul operand sizes"
+        );
         Self { x, w, y, m, n, k }
     }
 }
@@ -64,7 +72,14 @@ unsafe impl Sync for Raw {}
 
 impl Raw {
     fn of(j: &mut MatMul<'_>) -> Self {
-        Self { x: j.x.as_ptr(), w: j.w.as_ptr(), y: j.y.as_mut_ptr(), m: j.m, n: j.n, k: j.k }
+        Self {
+            x: j.x.as_ptr(),
+            w: j.w.as_ptr(),
+            y: j.y.as_mut_ptr(),
+            m: j.m,
+            n: j.n,
+            k: j.k,
+        }
     }
 }
 
@@ -76,7 +91,10 @@ pub fn matmul(x: &[f32], w: &[f32], y: &mut [f32], m: usize, n: usize, k: usize)
 /// Several independent products in one parallel region (no fork/join between them).
 pub fn matmul_many(jobs: &mut [MatMul<'_>]) {
     let threads = rayon::current_num_threads();
-    let (small, large): (Vec<_>, Vec<_>) = jobs.iter_mut().map(Raw::of).partition(|j| j.m < gemm_min_rows());
+    let (small, large): (Vec<_>, Vec<_>) = jobs
+        .iter_mut()
+        .map(Raw::of)
+        .partition(|j| j.m < gemm_min_rows());
     for j in large {
         // SAFETY: pointers and sizes come from checked slices (see `MatMul::new`).
         unsafe {
@@ -99,7 +117,11 @@ pub fn matmul_many(jobs: &mut [MatMul<'_>]) {
                 false,
                 false,
                 false,
-                if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None },
+                if threads > 1 {
+                    gemm::Parallelism::Rayon(threads)
+                } else {
+                    gemm::Parallelism::None
+                },
             );
         }
     }
@@ -138,7 +160,12 @@ pub fn matmul_many(jobs: &mut [MatMul<'_>]) {
 fn tuning() -> (usize, usize) {
     static T: OnceLock<(usize, usize)> = OnceLock::new();
     *T.get_or_init(|| {
-        let get = |k: &str, d: usize| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
+        let get = |k: &str, d: usize| {
+            std::env::var(k)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(d)
+        };
         (get("MOE_KC", 256), get("MOE_WB", 16))
     })
 }
@@ -147,14 +174,24 @@ fn tuning() -> (usize, usize) {
 /// (`MOE_STREAM_MAX_ROWS` tunes).
 fn stream_max_rows() -> usize {
     static T: OnceLock<usize> = OnceLock::new();
-    *T.get_or_init(|| std::env::var("MOE_STREAM_MAX_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(12))
+    *T.get_or_init(|| {
+        std::env::var("MOE_STREAM_MAX_ROWS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(12)
+    })
 }
 
 /// Floats ahead of use that streamed weight rows are prefetched (`MOE_PREFETCH` tunes). Rows
 /// of a quad are adjacent, so running past a row's end fetches the next quad's rows.
 fn prefetch_ahead() -> usize {
     static T: OnceLock<usize> = OnceLock::new();
-    *T.get_or_init(|| std::env::var("MOE_PREFETCH").ok().and_then(|v| v.parse().ok()).unwrap_or(2048))
+    *T.get_or_init(|| {
+        std::env::var("MOE_PREFETCH")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(2048)
+    })
 }
 
 type RowsFn = unsafe fn(Raw, usize, usize);
@@ -164,10 +201,14 @@ fn rows_fn() -> RowsFn {
     *CHOICE.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         {
-            if std::env::var_os("MOE_NO_AVX512").is_none() && std::arch::is_x86_feature_detected!("avx512f") {
+            if std::env::var_os("MOE_NO_AVX512").is_none()
+                && std::arch::is_x86_feature_detected!("avx512f")
+            {
                 return x86::rows_avx512 as RowsFn;
             }
-            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
                 return x86::rows_avx2 as RowsFn;
             }
         }
@@ -183,7 +224,12 @@ fn rows_kernel(j: Raw, r0: usize, r1: usize) {
 /// Portable fallback: output rows `r0..r1` of every input row.
 unsafe fn rows_scalar(j: Raw, r0: usize, r1: usize) {
     // SAFETY: the caller guarantees the operand extents.
-    let (x, w) = unsafe { (std::slice::from_raw_parts(j.x, j.m * j.k), std::slice::from_raw_parts(j.w, j.n * j.k)) };
+    let (x, w) = unsafe {
+        (
+            std::slice::from_raw_parts(j.x, j.m * j.k),
+            std::slice::from_raw_parts(j.w, j.n * j.k),
+        )
+    };
     for r in r0..r1 {
         let wr = &w[r * j.k..(r + 1) * j.k];
         for i in 0..j.m {
@@ -215,7 +261,8 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     debug_assert_eq!(a.len(), b.len());
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
             // SAFETY: feature checked above; slices have equal length.
             return unsafe { x86::dot_avx2(a, b) };
         }
@@ -267,7 +314,8 @@ mod x86 {
                     // apart in most models, which maps them onto a few L1 sets and thrashes.
                     for r in b..be {
                         // SAFETY: r < n and kb + klen <= k.
-                        let src = unsafe { std::slice::from_raw_parts(j.w.add(r * j.k + kb), klen) };
+                        let src =
+                            unsafe { std::slice::from_raw_parts(j.w.add(r * j.k + kb), klen) };
                         packed[(r - b) * klen..(r - b + 1) * klen].copy_from_slice(src);
                     }
                     // While computing on this block, fetch the next one into L2 a slice per
@@ -281,9 +329,14 @@ mod x86 {
                         let mx = (j.m - i).min(X_TILE);
                         let g = i / X_TILE;
                         for line in next_lines * g / tiles..next_lines * (g + 1) / tiles {
-                            let (row, off) = (nb + line / lines_per_row, (line % lines_per_row) * 16);
+                            let (row, off) =
+                                (nb + line / lines_per_row, (line % lines_per_row) * 16);
                             // SAFETY: prefetch of an address inside w (row < n, off < klen).
-                            unsafe { _mm_prefetch::<_MM_HINT_T1>(j.w.add(row * j.k + kb + off) as *const i8) };
+                            unsafe {
+                                _mm_prefetch::<_MM_HINT_T1>(
+                                    j.w.add(row * j.k + kb + off) as *const i8
+                                )
+                            };
                         }
                         let mut r = b;
                         while r < be {
@@ -339,7 +392,11 @@ mod x86 {
                         ldy: j.n,
                         add: false,
                     };
-                    if i == 0 { dispatch_streaming(mx, t) } else { dispatch(mx, t) }
+                    if i == 0 {
+                        dispatch_streaming(mx, t)
+                    } else {
+                        dispatch(mx, t)
+                    }
                 }
                 i += mx;
             }
@@ -396,7 +453,10 @@ mod x86 {
     fn reduce4(a0: __m512, a1: __m512, a2: __m512, a3: __m512) -> __m128 {
         let t0 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
         let t1 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
-        let u = _mm512_add_ps(_mm512_shuffle_ps::<0x44>(t0, t1), _mm512_shuffle_ps::<0xEE>(t0, t1));
+        let u = _mm512_add_ps(
+            _mm512_shuffle_ps::<0x44>(t0, t1),
+            _mm512_shuffle_ps::<0xEE>(t0, t1),
+        );
         let lo = _mm512_castps512_ps256(u);
         let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(u)));
         let s = _mm256_add_ps(lo, hi);
@@ -406,7 +466,17 @@ mod x86 {
     /// `y[i, q] (+)= x[i] · w[q]` over `klen` for MX input rows and up to 4 weight rows.
     #[target_feature(enable = "avx512f")]
     unsafe fn tile<const MX: usize, const PREFETCH: bool>(t: Tile) {
-        let Tile { x, ldx, w, ldw, klen, rows, y, ldy, add } = t;
+        let Tile {
+            x,
+            ldx,
+            w,
+            ldw,
+            klen,
+            rows,
+            y,
+            ldy,
+            add,
+        } = t;
         let ahead = super::prefetch_ahead();
         // SAFETY (whole body): rows `0..MX` of x and `0..rows` of w hold klen floats from
         // here; y has MX rows of stride ldy with `rows` valid columns. Missing weight rows
@@ -462,7 +532,11 @@ mod x86 {
                 let sums = reduce4(a[0], a[1], a[2], a[3]);
                 let yr = y.add(i * ldy);
                 if rows == 4 {
-                    let v = if add { _mm_add_ps(_mm_loadu_ps(yr), sums) } else { sums };
+                    let v = if add {
+                        _mm_add_ps(_mm_loadu_ps(yr), sums)
+                    } else {
+                        sums
+                    };
                     _mm_storeu_ps(yr, v);
                 } else {
                     let mut s = [0f32; 4];
@@ -500,8 +574,12 @@ mod x86 {
                 let w3 = if rows > 3 { j.w.add((r + 3) * k) } else { w0 };
                 for i in 0..j.m {
                     let x = j.x.add(i * k);
-                    let (mut a0, mut a1, mut a2, mut a3) =
-                        (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
+                    let (mut a0, mut a1, mut a2, mut a3) = (
+                        _mm256_setzero_ps(),
+                        _mm256_setzero_ps(),
+                        _mm256_setzero_ps(),
+                        _mm256_setzero_ps(),
+                    );
                     let mut c = 0;
                     while c < kv {
                         let xv = _mm256_loadu_ps(x.add(c));
@@ -538,7 +616,11 @@ mod x86 {
             let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
             let mut c = 0;
             while c < nv {
-                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a.as_ptr().add(c)), _mm256_loadu_ps(b.as_ptr().add(c)), s0);
+                s0 = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(a.as_ptr().add(c)),
+                    _mm256_loadu_ps(b.as_ptr().add(c)),
+                    s0,
+                );
                 s1 = _mm256_fmadd_ps(
                     _mm256_loadu_ps(a.as_ptr().add(c + 8)),
                     _mm256_loadu_ps(b.as_ptr().add(c + 8)),
@@ -563,26 +645,42 @@ mod tests {
         let mut y = vec![0f32; m * n];
         for i in 0..m {
             for r in 0..n {
-                y[i * n + r] = (0..k).map(|t| x[i * k + t] as f64 * w[r * k + t] as f64).sum::<f64>() as f32;
+                y[i * n + r] = (0..k)
+                    .map(|t| x[i * k + t] as f64 * w[r * k + t] as f64)
+                    .sum::<f64>() as f32;
             }
         }
         y
     }
 
     fn data(len: usize, seed: u32) -> Vec<f32> {
-        (0..len).map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0).collect()
+        (0..len)
+            .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0)
+            .collect()
     }
 
     #[test]
     fn matches_naive_over_shapes() {
         // Odd shapes exercise the row, k and input-row tails; m >= 16 reaches gemm where it is used.
-        for &(m, n, k) in &[(1, 1, 1), (1, 7, 33), (3, 130, 100), (5, 257, 512), (16, 64, 48), (40, 33, 17), (7, 70, 300), (13, 9, 1000)] {
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (1, 7, 33),
+            (3, 130, 100),
+            (5, 257, 512),
+            (16, 64, 48),
+            (40, 33, 17),
+            (7, 70, 300),
+            (13, 9, 1000),
+        ] {
             let (x, w) = (data(m * k, 1), data(n * k, 2));
             let mut y = vec![0f32; m * n];
             matmul(&x, &w, &mut y, m, n, k);
             let want = naive(&x, &w, m, n, k);
             for (a, b) in y.iter().zip(&want) {
-                assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{m}x{n}x{k}: {a} vs {b}");
+                assert!(
+                    (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                    "{m}x{n}x{k}: {a} vs {b}"
+                );
             }
         }
     }
@@ -593,7 +691,10 @@ mod tests {
         let x = data(m * k, 3);
         let (w1, w2) = (data(300 * k, 4), data(45 * k, 5));
         let (mut y1, mut y2) = (vec![0f32; m * 300], vec![0f32; m * 45]);
-        matmul_many(&mut [MatMul::new(&x, &w1, &mut y1, m, 300, k), MatMul::new(&x, &w2, &mut y2, m, 45, k)]);
+        matmul_many(&mut [
+            MatMul::new(&x, &w1, &mut y1, m, 300, k),
+            MatMul::new(&x, &w2, &mut y2, m, 45, k),
+        ]);
         assert_eq!(y1, {
             let mut y = vec![0f32; m * 300];
             matmul(&x, &w1, &mut y, m, 300, k);

@@ -20,13 +20,23 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        Self { max_new_tokens: 16, temperature: 0.0, top_p: 1.0, top_k: 0, seed: None, ignore_eos: false }
+        Self {
+            max_new_tokens: 16,
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: None,
+            ignore_eos: false,
+        }
     }
 }
 
 impl SamplingParams {
     pub fn greedy(max_new_tokens: usize) -> Self {
-        Self { max_new_tokens, ..Self::default() }
+        Self {
+            max_new_tokens,
+            ..Self::default()
+        }
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -34,10 +44,16 @@ impl SamplingParams {
             return Err(Error::invalid("max_new_tokens", "must be at least 1"));
         }
         if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return Err(Error::invalid("temperature", format!("{} must be a finite number >= 0", self.temperature)));
+            return Err(Error::invalid(
+                "temperature",
+                format!("{} must be a finite number >= 0", self.temperature),
+            ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(Error::invalid("top_p", format!("{} must be > 0 and <= 1", self.top_p)));
+            return Err(Error::invalid(
+                "top_p",
+                format!("{} must be > 0 and <= 1", self.top_p),
+            ));
         }
         Ok(())
     }
@@ -63,7 +79,13 @@ impl Sampler {
                 .unwrap_or(0);
             splitmix64(nanos ^ salt.rotate_left(32))
         });
-        Self { temperature: p.temperature, top_p: p.top_p, top_k: p.top_k, state, order: Vec::new() }
+        Self {
+            temperature: p.temperature,
+            top_p: p.top_p,
+            top_k: p.top_k,
+            state,
+            order: Vec::new(),
+        }
     }
 
     fn uniform(&mut self) -> f32 {
@@ -79,7 +101,11 @@ impl Sampler {
         let inv_t = 1.0 / self.temperature;
         self.order.clear();
         self.order.extend(0..logits.len() as u32);
-        let keep = if self.top_k > 0 { self.top_k.min(logits.len()) } else { logits.len() };
+        let keep = if self.top_k > 0 {
+            self.top_k.min(logits.len())
+        } else {
+            logits.len()
+        };
         let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]);
         if keep < logits.len() {
             self.order.select_nth_unstable_by(keep - 1, by_logit);
@@ -88,7 +114,11 @@ impl Sampler {
         if self.top_p < 1.0 {
             self.order.sort_unstable_by(by_logit);
         }
-        let max = self.order.iter().map(|&i| logits[i as usize]).fold(f32::NEG_INFINITY, f32::max);
+        let max = self
+            .order
+            .iter()
+            .map(|&i| logits[i as usize])
+            .fold(f32::NEG_INFINITY, f32::max);
         let mut total = 0f32;
         for &i in &self.order {
             let p = ((logits[i as usize] - max) * inv_t).exp();
@@ -136,7 +166,13 @@ mod tests {
     use super::*;
 
     fn params(temperature: f32, top_k: usize, top_p: f32, seed: u64) -> SamplingParams {
-        SamplingParams { temperature, top_k, top_p, seed: Some(seed), ..SamplingParams::default() }
+        SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+            seed: Some(seed),
+            ..SamplingParams::default()
+        }
     }
 
     #[test]
@@ -150,12 +186,17 @@ mod tests {
         let logits = [1.0f32, 0.5, 3.0, 2.5, -4.0, 0.0];
         let draw = |seed| {
             let mut s = Sampler::new(&params(1.0, 2, 1.0, seed), 0);
-            (0..200).map(|_| s.sample(&mut logits.clone())).collect::<Vec<_>>()
+            (0..200)
+                .map(|_| s.sample(&mut logits.clone()))
+                .collect::<Vec<_>>()
         };
         let a = draw(42);
         assert_eq!(a, draw(42));
         assert_ne!(a, draw(43));
-        assert!(a.iter().all(|&t| t == 2 || t == 3), "top-k=2 keeps tokens 2 and 3 only");
+        assert!(
+            a.iter().all(|&t| t == 2 || t == 3),
+            "top-k=2 keeps tokens 2 and 3 only"
+        );
         assert!(a.contains(&2) && a.contains(&3));
     }
 
@@ -180,10 +221,20 @@ mod tests {
     fn validation_names_the_field() {
         let mut p = SamplingParams::greedy(4);
         p.top_p = 0.0;
-        assert!(p.validate().expect_err("top_p").to_string().contains("top_p"));
+        assert!(
+            p.validate()
+                .expect_err("top_p")
+                .to_string()
+                .contains("top_p")
+        );
         p.top_p = 1.0;
         p.temperature = f32::NAN;
-        assert!(p.validate().expect_err("temperature").to_string().contains("temperature"));
+        assert!(
+            p.validate()
+                .expect_err("temperature")
+                .to_string()
+                .contains("temperature")
+        );
         assert!(SamplingParams::greedy(0).validate().is_err());
     }
 }

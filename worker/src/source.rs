@@ -23,14 +23,22 @@ impl std::str::FromStr for ModelArg {
                 let (preset, seed) = match rest.split_once(':') {
                     Some((p, seed)) => (
                         p,
-                        seed.parse().map_err(|_| Error::invalid("model", format!("seed `{seed}` is not an integer")))?,
+                        seed.parse().map_err(|_| {
+                            Error::invalid("model", format!("seed `{seed}` is not an integer"))
+                        })?,
                     ),
                     None => (rest, 0),
                 };
                 synthetic::preset(preset)?;
-                Ok(Self::Synthetic { preset: preset.to_string(), seed })
+                Ok(Self::Synthetic {
+                    preset: preset.to_string(),
+                    seed,
+                })
             }
-            None if s.is_empty() => Err(Error::invalid("model", "empty (expected a folder or synthetic:PRESET)")),
+            None if s.is_empty() => Err(Error::invalid(
+                "model",
+                "empty (expected a folder or synthetic:PRESET)",
+            )),
             None => Ok(Self::Dir(PathBuf::from(s))),
         }
     }
@@ -50,7 +58,9 @@ impl ModelArg {
     pub fn open(&self) -> Result<Arc<dyn WeightSource>> {
         Ok(match self {
             Self::Dir(d) => Arc::new(Checkpoint::open(d)?),
-            Self::Synthetic { preset, seed } => Arc::new(Synthetic::new(synthetic::preset(preset)?.config, *seed)),
+            Self::Synthetic { preset, seed } => {
+                Arc::new(Synthetic::new(synthetic::preset(preset)?.config, *seed))
+            }
         })
     }
 
@@ -61,7 +71,9 @@ impl ModelArg {
         }
         match self {
             Self::Dir(d) => Tokenizer::for_checkpoint(d),
-            Self::Synthetic { preset, .. } => Tokenizer::of_kind(synthetic::preset(preset)?.tokenizer),
+            Self::Synthetic { preset, .. } => {
+                Tokenizer::of_kind(synthetic::preset(preset)?.tokenizer)
+            }
         }
     }
 }

@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use crate::config::{DType, ModelConfig};
 use crate::error::{Error, Result};
 use crate::tokenizer::TokenizerKind;
-use crate::weights::{names, Weight, WeightSource};
+use crate::weights::{Weight, WeightSource, names};
 
 /// A named model shape with its tokenizer.
 #[derive(Debug, Clone)]
@@ -92,10 +92,19 @@ pub fn presets() -> Vec<Preset> {
 }
 
 pub fn preset(name: &str) -> Result<Preset> {
-    presets().into_iter().find(|p| p.name == name).ok_or_else(|| {
-        let known: Vec<_> = presets().iter().map(|p| p.name).collect();
-        Error::invalid("model", format!("unknown synthetic preset `{name}` (known: {})", known.join(", ")))
-    })
+    presets()
+        .into_iter()
+        .find(|p| p.name == name)
+        .ok_or_else(|| {
+            let known: Vec<_> = presets().iter().map(|p| p.name).collect();
+            Error::invalid(
+                "model",
+                format!(
+                    "unknown synthetic preset `{name}` (known: {})",
+                    known.join(", ")
+                ),
+            )
+        })
 }
 
 /// A synthetic model: config + seed. Tensors are generated on demand.
@@ -127,15 +136,19 @@ impl Synthetic {
             (0.0, (3.0 / fan_in).sqrt())
         };
         let mut out = vec![0f32; len];
-        out.par_chunks_mut(1 << 16).enumerate().for_each(|(c, chunk)| {
-            let base = (c as u64) << 16;
-            for (i, v) in chunk.iter_mut().enumerate() {
-                let bits = splitmix64(key.wrapping_add((base + i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)));
-                // Uniform in [-1, 1) from the top 24 bits.
-                let u = (bits >> 40) as f32 / (1u64 << 23) as f32 - 1.0;
-                *v = center + spread * u;
-            }
-        });
+        out.par_chunks_mut(1 << 16)
+            .enumerate()
+            .for_each(|(c, chunk)| {
+                let base = (c as u64) << 16;
+                for (i, v) in chunk.iter_mut().enumerate() {
+                    let bits = splitmix64(
+                        key.wrapping_add((base + i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+                    );
+                    // Uniform in [-1, 1) from the top 24 bits.
+                    let u = (bits >> 40) as f32 / (1u64 << 23) as f32 - 1.0;
+                    *v = center + spread * u;
+                }
+            });
         out
     }
 }
@@ -167,7 +180,9 @@ pub fn splitmix64(mut x: u64) -> u64 {
 }
 
 fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// Every tensor name and shape of a full model, in hub layout.
@@ -211,12 +226,19 @@ pub fn export(
     let mut weight_map = serde_json::Map::new();
     let mut total_size = 0u64;
     for (si, shard) in shards.iter().enumerate() {
-        let file_name =
-            if n == 1 { "model.safetensors".to_string() } else { format!("model-{:05}-of-{n:05}.safetensors", si + 1) };
+        let file_name = if n == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{n:05}.safetensors", si + 1)
+        };
         let data: Vec<(String, Vec<usize>, Vec<u8>)> = shard
             .iter()
             .map(|(name, shape)| {
-                let bytes = synth.tensor(name, shape).iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
+                let bytes = synth
+                    .tensor(name, shape)
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect::<Vec<u8>>();
                 done += 1;
                 progress(done, total);
                 (name.clone(), shape.clone(), bytes)
@@ -255,7 +277,8 @@ pub fn export(
 }
 
 pub fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
-    let text = serde_json::to_string_pretty(value).map_err(|e| Error::checkpoint(path, e.to_string()))?;
+    let text =
+        serde_json::to_string_pretty(value).map_err(|e| Error::checkpoint(path, e.to_string()))?;
     std::fs::write(path, text + "\n").map_err(|e| Error::io(path, e))
 }
 
@@ -270,7 +293,10 @@ mod tests {
         let b = Synthetic::new(cfg, 7);
         let name = names::expert(3, 5, "w2");
         assert_eq!(a.tensor(&name, &[64, 128]), b.tensor(&name, &[64, 128]));
-        assert_ne!(a.tensor(&name, &[64, 128]), a.tensor(&names::expert(3, 4, "w2"), &[64, 128]));
+        assert_ne!(
+            a.tensor(&name, &[64, 128]),
+            a.tensor(&names::expert(3, 4, "w2"), &[64, 128])
+        );
         let c = Synthetic::new(a.config.clone(), 8);
         assert_ne!(a.tensor(&name, &[64, 128]), c.tensor(&name, &[64, 128]));
         // Scale: uniform with variance 1/fan_in.
@@ -285,7 +311,14 @@ mod tests {
             p.config.validate().expect(p.name);
         }
         let g = preset("gpt4-mini").expect("preset").config;
-        assert_eq!((g.num_hidden_layers, g.num_local_experts, g.num_experts_per_tok), (120, 16, 2));
+        assert_eq!(
+            (
+                g.num_hidden_layers,
+                g.num_local_experts,
+                g.num_experts_per_tok
+            ),
+            (120, 16, 2)
+        );
         assert_eq!(g.max_position_embeddings, 8192);
         assert!(preset("gpt5").is_err());
     }

@@ -37,9 +37,11 @@ impl Tokenizer {
     pub fn of_kind(kind: TokenizerKind) -> Result<Self> {
         match kind {
             TokenizerKind::Cl100kBase => Ok(Self::Tiktoken(tiktoken_rs::cl100k_base_singleton())),
-            TokenizerKind::ByteLevel => tokenizers::Tokenizer::from_bytes(byte_level_json().to_string())
-                .map(|t| Self::Hf(Box::new(t)))
-                .map_err(|e| Error::Tokenizer(e.to_string())),
+            TokenizerKind::ByteLevel => {
+                tokenizers::Tokenizer::from_bytes(byte_level_json().to_string())
+                    .map(|t| Self::Hf(Box::new(t)))
+                    .map_err(|e| Error::Tokenizer(e.to_string()))
+            }
         }
     }
 
@@ -72,7 +74,10 @@ impl Tokenizer {
         }
         let path = dir.join("tokenizer.json");
         if !path.exists() {
-            return Err(Error::checkpoint(&path, "not found (pass --tokenizer, or --prompt-ids instead of --prompt)"));
+            return Err(Error::checkpoint(
+                &path,
+                "not found (pass --tokenizer, or --prompt-ids instead of --prompt)",
+            ));
         }
         Self::from_file(&path)
     }
@@ -82,7 +87,9 @@ impl Tokenizer {
         let mut ids: Vec<u32> = bos.into_iter().collect();
         match self {
             Self::Hf(t) => {
-                let enc = t.encode(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+                let enc = t
+                    .encode(text, false)
+                    .map_err(|e| Error::Tokenizer(e.to_string()))?;
                 ids.extend_from_slice(enc.get_ids());
             }
             Self::Tiktoken(bpe) => ids.extend(bpe.encode_with_special_tokens(text)),
@@ -94,7 +101,9 @@ impl Tokenizer {
     pub fn decode(&self, ids: &[u32]) -> String {
         match self {
             Self::Hf(t) => t.decode(ids, true).unwrap_or_else(|_| {
-                ids.iter().map(|&i| t.decode(&[i], true).unwrap_or_else(|_| "\u{FFFD}".into())).collect()
+                ids.iter()
+                    .map(|&i| t.decode(&[i], true).unwrap_or_else(|_| "\u{FFFD}".into()))
+                    .collect()
             }),
             Self::Tiktoken(_) => String::from_utf8_lossy(&self.bytes(ids)).into_owned(),
         }
@@ -104,7 +113,10 @@ impl Tokenizer {
         match self {
             Self::Tiktoken(bpe) => ids
                 .iter()
-                .flat_map(|&i| bpe.decode_bytes(&[i]).unwrap_or_else(|_| "\u{FFFD}".as_bytes().to_vec()))
+                .flat_map(|&i| {
+                    bpe.decode_bytes(&[i])
+                        .unwrap_or_else(|_| "\u{FFFD}".as_bytes().to_vec())
+                })
                 .collect(),
             Self::Hf(_) => self.decode(ids).into_bytes(),
         }
@@ -112,7 +124,13 @@ impl Tokenizer {
 
     /// A stream decoder for one sequence.
     pub fn stream(&self) -> DecodeStream<'_> {
-        DecodeStream { tok: self, ids: Vec::new(), prefix: 0, read: 0, pending: Vec::new() }
+        DecodeStream {
+            tok: self,
+            ids: Vec::new(),
+            prefix: 0,
+            read: 0,
+            pending: Vec::new(),
+        }
     }
 }
 
@@ -127,7 +145,9 @@ pub struct DecodeStream<'a> {
 
 impl std::fmt::Debug for DecodeStream<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DecodeStream").field("ids", &self.ids.len()).finish_non_exhaustive()
+        f.debug_struct("DecodeStream")
+            .field("ids", &self.ids.len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -146,7 +166,10 @@ impl DecodeStream<'_> {
                 self.ids.push(id);
                 let before = self.tok.decode(&self.ids[self.prefix..self.read]);
                 let after = self.tok.decode(&self.ids[self.prefix..]);
-                if after.len() > before.len() && !after.ends_with('\u{FFFD}') && after.starts_with(&before) {
+                if after.len() > before.len()
+                    && !after.ends_with('\u{FFFD}')
+                    && after.starts_with(&before)
+                {
                     let text = after[before.len()..].to_string();
                     self.prefix = self.read;
                     self.read = self.ids.len();
@@ -171,7 +194,10 @@ impl DecodeStream<'_> {
                 let after = self.tok.decode(&self.ids[self.prefix..]);
                 self.prefix = self.ids.len();
                 self.read = self.ids.len();
-                after.strip_prefix(&before).filter(|s| !s.is_empty()).map(str::to_string)
+                after
+                    .strip_prefix(&before)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
             }
         }
     }
@@ -212,7 +238,8 @@ fn byte_chars() -> Vec<char> {
     let mut table = vec!['\0'; 256];
     let mut n = 0u32;
     for b in 0..256u32 {
-        let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+        let printable =
+            (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
         table[b as usize] = if printable {
             char::from_u32(b).unwrap_or('\0')
         } else {
@@ -297,7 +324,10 @@ mod tests {
             let mut out = String::new();
             for &id in &ids {
                 if let Some(piece) = s.push(id) {
-                    assert!(!piece.contains('\u{FFFD}'), "{kind:?} emitted a partial character");
+                    assert!(
+                        !piece.contains('\u{FFFD}'),
+                        "{kind:?} emitted a partial character"
+                    );
                     out.push_str(&piece);
                 }
             }
@@ -310,7 +340,10 @@ mod tests {
     fn cl100k_matches_known_ids() {
         let t = Tokenizer::of_kind(TokenizerKind::Cl100kBase).expect("cl100k");
         // "hello world" in cl100k_base is [15339, 1917].
-        assert_eq!(t.encode("hello world", None).expect("encode"), vec![15339, 1917]);
+        assert_eq!(
+            t.encode("hello world", None).expect("encode"),
+            vec![15339, 1917]
+        );
         assert_eq!(t.decode(&[15339, 1917]), "hello world");
     }
 

@@ -49,7 +49,11 @@ impl ShardSpec {
         let head = layers.end == cfg.num_hidden_layers;
         Self {
             layers,
-            experts: if with_experts { None } else { Some(BTreeSet::new()) },
+            experts: if with_experts {
+                None
+            } else {
+                Some(BTreeSet::new())
+            },
             attention: true,
             embeddings,
             head,
@@ -81,10 +85,17 @@ impl ShardSpec {
                 ),
             ));
         }
-        if let Some(e) = self.experts.as_ref().and_then(|s| s.iter().find(|&&e| e >= cfg.num_local_experts)) {
+        if let Some(e) = self
+            .experts
+            .as_ref()
+            .and_then(|s| s.iter().find(|&&e| e >= cfg.num_local_experts))
+        {
             return Err(Error::invalid(
                 "experts",
-                format!("expert {e} does not exist (the model has {})", cfg.num_local_experts),
+                format!(
+                    "expert {e} does not exist (the model has {})",
+                    cfg.num_local_experts
+                ),
             ));
         }
         Ok(())
@@ -117,7 +128,10 @@ impl std::fmt::Debug for Weight {
 impl Weight {
     pub fn owned(data: Vec<f32>, shape: Vec<usize>) -> Self {
         debug_assert_eq!(data.len(), shape.iter().product::<usize>());
-        Self { data: WeightData::Owned(Arc::new(data)), shape }
+        Self {
+            data: WeightData::Owned(Arc::new(data)),
+            shape,
+        }
     }
 
     pub fn shape(&self) -> &[usize] {
@@ -176,7 +190,9 @@ pub struct Checkpoint {
 
 impl std::fmt::Debug for Checkpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Checkpoint").field("dir", &self.dir).finish_non_exhaustive()
+        f.debug_struct("Checkpoint")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
     }
 }
 
@@ -186,12 +202,16 @@ const SINGLE_FILE: &str = "model.safetensors";
 impl Checkpoint {
     pub fn open(dir: &Path) -> Result<Self> {
         if !dir.is_dir() {
-            return Err(Error::checkpoint(dir, "not a folder (expected a checkpoint folder with config.json)"));
+            return Err(Error::checkpoint(
+                dir,
+                "not a folder (expected a checkpoint folder with config.json)",
+            ));
         }
         let config = ModelConfig::from_dir(dir)?;
         let index_path = dir.join(INDEX_FILE);
         let index = if index_path.exists() {
-            let text = std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
+            let text =
+                std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
             let value: serde_json::Value = serde_json::from_str(&text)
                 .map_err(|e| Error::checkpoint(&index_path, format!("invalid JSON: {e}")))?;
             let map = value
@@ -202,13 +222,22 @@ impl Checkpoint {
                 .map(|(k, v)| {
                     v.as_str()
                         .map(|f| (k.clone(), f.to_string()))
-                        .ok_or_else(|| Error::checkpoint(&index_path, format!("weight_map[`{k}`] is not a file name")))
+                        .ok_or_else(|| {
+                            Error::checkpoint(
+                                &index_path,
+                                format!("weight_map[`{k}`] is not a file name"),
+                            )
+                        })
                 })
                 .collect::<Result<HashMap<_, _>>>()?
         } else {
             let single = dir.join(SINGLE_FILE);
             let file = Self::map_file(&single)?;
-            let index = file.tensors.keys().map(|k| (k.clone(), SINGLE_FILE.to_string())).collect();
+            let index = file
+                .tensors
+                .keys()
+                .map(|k| (k.clone(), SINGLE_FILE.to_string()))
+                .collect();
             let files = HashMap::from([(SINGLE_FILE.to_string(), Arc::new(file))]);
             return Ok(Self {
                 dir: dir.to_path_buf(),
@@ -238,7 +267,10 @@ impl Checkpoint {
 
     /// Files opened so far.
     pub fn opened_files(&self) -> BTreeSet<String> {
-        self.files.lock().map(|f| f.keys().cloned().collect()).unwrap_or_default()
+        self.files
+            .lock()
+            .map(|f| f.keys().cloned().collect())
+            .unwrap_or_default()
     }
 
     #[allow(unsafe_code)]
@@ -250,16 +282,29 @@ impl Checkpoint {
         let (header_len, metadata) = SafeTensors::read_metadata(&map)
             .map_err(|e| Error::checkpoint(path, format!("not a valid safetensors file: {e}")))?;
         let data_start = 8 + header_len;
-        let tensors = metadata.tensors().into_iter().map(|(k, v)| (k, v.clone())).collect();
-        Ok(MappedFile { map: Arc::new(map), data_start, tensors })
+        let tensors = metadata
+            .tensors()
+            .into_iter()
+            .map(|(k, v)| (k, v.clone()))
+            .collect();
+        Ok(MappedFile {
+            map: Arc::new(map),
+            data_start,
+            tensors,
+        })
     }
 
     fn file_for(&self, name: &str) -> Result<Arc<MappedFile>> {
-        let file_name = self
-            .index
-            .get(name)
-            .ok_or_else(|| Error::tensor(name, format!("not found in checkpoint {}", self.dir.display())))?;
-        let mut files = self.files.lock().map_err(|_| Error::tensor(name, "loader lock poisoned"))?;
+        let file_name = self.index.get(name).ok_or_else(|| {
+            Error::tensor(
+                name,
+                format!("not found in checkpoint {}", self.dir.display()),
+            )
+        })?;
+        let mut files = self
+            .files
+            .lock()
+            .map_err(|_| Error::tensor(name, "loader lock poisoned"))?;
         if let Some(f) = files.get(file_name) {
             return Ok(f.clone());
         }
@@ -291,7 +336,10 @@ impl WeightSource for Checkpoint {
         if info.shape != shape {
             return Err(Error::tensor(
                 name,
-                format!("shape mismatch: checkpoint has {:?}, config implies {:?}", info.shape, shape),
+                format!(
+                    "shape mismatch: checkpoint has {:?}, config implies {:?}",
+                    info.shape, shape
+                ),
             ));
         }
         let (begin, end) = info.data_offsets;
@@ -304,28 +352,58 @@ impl WeightSource for Checkpoint {
         let elem_size = match info.dtype {
             Dtype::F32 => 4,
             Dtype::F16 | Dtype::BF16 => 2,
-            other => return Err(Error::tensor(name, format!("unsupported dtype {other:?} (expected F32, F16 or BF16)"))),
+            other => {
+                return Err(Error::tensor(
+                    name,
+                    format!("unsupported dtype {other:?} (expected F32, F16 or BF16)"),
+                ));
+            }
         };
         if bytes.len() != elems * elem_size {
-            return Err(Error::tensor(name, format!("holds {} bytes, expected {}", bytes.len(), elems * elem_size)));
+            return Err(Error::tensor(
+                name,
+                format!(
+                    "holds {} bytes, expected {}",
+                    bytes.len(),
+                    elems * elem_size
+                ),
+            ));
         }
         if let Ok(mut loaded) = self.loaded.lock() {
             loaded.push(name.to_string());
         }
         let weight = match info.dtype {
-            Dtype::F32 if cfg!(target_endian = "little") && bytemuck::try_cast_slice::<u8, f32>(bytes).is_ok() => {
-                Weight { data: WeightData::Mapped { map: file.map.clone(), range }, shape: shape.to_vec() }
+            Dtype::F32
+                if cfg!(target_endian = "little")
+                    && bytemuck::try_cast_slice::<u8, f32>(bytes).is_ok() =>
+            {
+                Weight {
+                    data: WeightData::Mapped {
+                        map: file.map.clone(),
+                        range,
+                    },
+                    shape: shape.to_vec(),
+                }
             }
             Dtype::F32 => Weight::owned(
-                bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+                bytes
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect(),
                 shape.to_vec(),
             ),
             Dtype::F16 => Weight::owned(
-                bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+                bytes
+                    .chunks_exact(2)
+                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                    .collect(),
                 shape.to_vec(),
             ),
             _ => Weight::owned(
-                bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+                bytes
+                    .chunks_exact(2)
+                    .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                    .collect(),
                 shape.to_vec(),
             ),
         };

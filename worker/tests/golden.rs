@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use moe_worker::engine::{Engine, EngineOptions};
 use moe_worker::model::{Chunk, ExpertCompute, LocalExperts, Model, MoeScratch, Routing, Scratch};
-use moe_worker::sampling::{argmax, SamplingParams};
+use moe_worker::sampling::{SamplingParams, argmax};
 use moe_worker::tokenizer::Tokenizer;
 use moe_worker::weights::{Checkpoint, ShardSpec, WeightSource};
 use serde_json::Value;
@@ -20,20 +20,33 @@ fn golden_dirs() -> Vec<PathBuf> {
         .filter(|p| p.join("expected.json").exists())
         .collect();
     dirs.sort();
-    assert!(dirs.len() >= 2, "expected at least two golden checkpoints in {}", root.display());
+    assert!(
+        dirs.len() >= 2,
+        "expected at least two golden checkpoints in {}",
+        root.display()
+    );
     dirs
 }
 
 fn expected(dir: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).expect("read")).expect("json")
+    serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).expect("read"))
+        .expect("json")
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().expect("ids").iter().map(|x| x.as_u64().expect("id") as u32).collect()
+    v.as_array()
+        .expect("ids")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
 }
 
 fn floats(v: &Value) -> Vec<f32> {
-    v.as_array().expect("floats").iter().map(|x| x.as_f64().expect("f") as f32).collect()
+    v.as_array()
+        .expect("floats")
+        .iter()
+        .map(|x| x.as_f64().expect("f") as f32)
+        .collect()
 }
 
 fn assert_close(got: &[f32], want: &[f32], what: &str) {
@@ -45,7 +58,12 @@ fn assert_close(got: &[f32], want: &[f32], what: &str) {
             at = i;
         }
     }
-    assert!(worst <= TOLERANCE, "{what}: max |diff| {worst} at {at} ({} vs {})", got[at], want[at]);
+    assert!(
+        worst <= TOLERANCE,
+        "{what}: max |diff| {worst} at {at} ({} vs {})",
+        got[at],
+        want[at]
+    );
 }
 
 fn load(dir: &Path) -> Model {
@@ -55,13 +73,28 @@ fn load(dir: &Path) -> Model {
 
 /// Runs `tokens` through the model at positions `cache.len()..`, returning logits of every row.
 fn forward_all(model: &Model, cache: &mut moe_worker::model::KvCache, tokens: &[u32]) -> Vec<f32> {
-    let (mut hidden, mut logits, mut s, mut moe) = (Vec::new(), Vec::new(), Scratch::default(), MoeScratch::default());
+    let (mut hidden, mut logits, mut s, mut moe) = (
+        Vec::new(),
+        Vec::new(),
+        Scratch::default(),
+        MoeScratch::default(),
+    );
     model.embed(tokens, &mut hidden).expect("embed");
-    let chunk = Chunk { start: cache.len(), len: tokens.len() };
-    let mut experts = LocalExperts { model, scratch: &mut moe };
-    model.forward_layers(&mut hidden, &[chunk], &mut [cache], &mut experts, &mut s).expect("forward");
+    let chunk = Chunk {
+        start: cache.len(),
+        len: tokens.len(),
+    };
+    let mut experts = LocalExperts {
+        model,
+        scratch: &mut moe,
+    };
+    model
+        .forward_layers(&mut hidden, &[chunk], &mut [cache], &mut experts, &mut s)
+        .expect("forward");
     let rows: Vec<usize> = (0..tokens.len()).collect();
-    model.logits(&hidden, &rows, &mut logits, &mut s).expect("logits");
+    model
+        .logits(&hidden, &rows, &mut logits, &mut s)
+        .expect("logits");
     logits
 }
 
@@ -75,16 +108,27 @@ fn logits_and_greedy_tokens_match_transformers() {
         let cases = exp["cases"].as_array().expect("cases");
         assert!(cases.len() >= 4);
         for case in cases {
-            let name = format!("{}/{}", dir.file_name().expect("name").to_string_lossy(), case["name"]);
+            let name = format!(
+                "{}/{}",
+                dir.file_name().expect("name").to_string_lossy(),
+                case["name"]
+            );
             let prompt = ids(&case["prompt_ids"]);
             if let Some(text) = case["prompt"].as_str() {
-                let ours = tokenizer.encode(text, model.config().bos_token_id).expect("encode");
+                let ours = tokenizer
+                    .encode(text, model.config().bos_token_id)
+                    .expect("encode");
                 assert_eq!(ours, prompt, "{name}: tokenization of {text:?}");
             }
             // Prefill: logits at every prompt position.
             let mut cache = model.new_cache(prompt.len() + 8);
             let logits = forward_all(&model, &mut cache, &prompt);
-            let want: Vec<f32> = case["prefill_logits"].as_array().expect("rows").iter().flat_map(floats).collect();
+            let want: Vec<f32> = case["prefill_logits"]
+                .as_array()
+                .expect("rows")
+                .iter()
+                .flat_map(floats)
+                .collect();
             assert_close(&logits, &want, &format!("{name} prefill logits"));
 
             // Greedy decode through the KV cache, one token at a time.
@@ -107,9 +151,18 @@ fn batched_engine_with_joining_sequences_gives_the_same_tokens() {
         let exp = expected(&dir);
         let cases = exp["cases"].as_array().expect("cases").clone();
         // A small token budget forces prompts to be prefilled in chunks across steps.
-        let mut engine = Engine::new(load(&dir), EngineOptions { max_batch_tokens: 7 }).expect("engine");
-        let mut pending: Vec<(usize, Vec<u32>, Vec<u32>)> =
-            cases.iter().enumerate().map(|(i, c)| (i, ids(&c["prompt_ids"]), ids(&c["greedy_ids"]))).collect();
+        let mut engine = Engine::new(
+            load(&dir),
+            EngineOptions {
+                max_batch_tokens: 7,
+            },
+        )
+        .expect("engine");
+        let mut pending: Vec<(usize, Vec<u32>, Vec<u32>)> = cases
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (i, ids(&c["prompt_ids"]), ids(&c["greedy_ids"])))
+            .collect();
         let mut live = Vec::new();
         let mut got: Vec<Vec<u32>> = vec![Vec::new(); cases.len()];
         let mut step = 0;
@@ -117,11 +170,18 @@ fn batched_engine_with_joining_sequences_gives_the_same_tokens() {
             // One new sequence joins every other step, while others are mid-flight.
             if step % 2 == 0 && !pending.is_empty() {
                 let (i, prompt, want) = pending.remove(0);
-                let p = SamplingParams { ignore_eos: true, ..SamplingParams::greedy(want.len()) };
+                let p = SamplingParams {
+                    ignore_eos: true,
+                    ..SamplingParams::greedy(want.len())
+                };
                 live.push((engine.add(prompt, p).expect("add"), i));
             }
             for e in engine.step().expect("step") {
-                let i = live.iter().find(|(id, _)| *id == e.seq).expect("known seq").1;
+                let i = live
+                    .iter()
+                    .find(|(id, _)| *id == e.seq)
+                    .expect("known seq")
+                    .1;
                 got[i].push(e.token);
                 if e.finish.is_some() {
                     engine.remove(e.seq);
@@ -131,7 +191,13 @@ fn batched_engine_with_joining_sequences_gives_the_same_tokens() {
             assert!(step < 500, "engine did not finish");
         }
         for (i, c) in cases.iter().enumerate() {
-            assert_eq!(got[i], ids(&c["greedy_ids"]), "{} case {}", dir.display(), c["name"]);
+            assert_eq!(
+                got[i],
+                ids(&c["greedy_ids"]),
+                "{} case {}",
+                dir.display(),
+                c["name"]
+            );
         }
     }
 }
@@ -143,7 +209,13 @@ struct Recording<'a> {
 }
 
 impl ExpertCompute for Recording<'_> {
-    fn compute(&mut self, layer: usize, routing: &Routing, x: &[f32], out: &mut [f32]) -> moe_worker::Result<()> {
+    fn compute(
+        &mut self,
+        layer: usize,
+        routing: &Routing,
+        x: &[f32],
+        out: &mut [f32],
+    ) -> moe_worker::Result<()> {
         self.seen.push((layer, routing.clone()));
         self.inner.compute(layer, routing, x, out)
     }
@@ -151,20 +223,44 @@ impl ExpertCompute for Recording<'_> {
 
 #[test]
 fn router_picks_the_experts_and_weights_transformers_picks() {
-    let dir = golden_dirs().into_iter().find(|d| expected(d).get("router_case").is_some()).expect("router case");
+    let dir = golden_dirs()
+        .into_iter()
+        .find(|d| expected(d).get("router_case").is_some())
+        .expect("router case");
     let rc = expected(&dir)["router_case"].clone();
     let model = load(&dir);
     let prompt = ids(&rc["prompt_ids"]);
     let (mut hidden, mut s, mut moe) = (Vec::new(), Scratch::default(), MoeScratch::default());
     model.embed(&prompt, &mut hidden).expect("embed");
     let mut cache = model.new_cache(prompt.len());
-    let mut rec = Recording { inner: LocalExperts { model: &model, scratch: &mut moe }, seen: Vec::new() };
-    let chunk = Chunk { start: 0, len: prompt.len() };
-    model.forward_layers(&mut hidden, &[chunk], &mut [&mut cache], &mut rec, &mut s).expect("forward");
+    let mut rec = Recording {
+        inner: LocalExperts {
+            model: &model,
+            scratch: &mut moe,
+        },
+        seen: Vec::new(),
+    };
+    let chunk = Chunk {
+        start: 0,
+        len: prompt.len(),
+    };
+    model
+        .forward_layers(&mut hidden, &[chunk], &mut [&mut cache], &mut rec, &mut s)
+        .expect("forward");
     let (layer, routing) = &rec.seen[0];
     assert_eq!(*layer, 0);
-    let want_experts: Vec<u32> = rc["layer0_topk_experts"].as_array().expect("e").iter().flat_map(ids).collect();
-    let want_weights: Vec<f32> = rc["layer0_topk_weights"].as_array().expect("w").iter().flat_map(floats).collect();
+    let want_experts: Vec<u32> = rc["layer0_topk_experts"]
+        .as_array()
+        .expect("e")
+        .iter()
+        .flat_map(ids)
+        .collect();
+    let want_weights: Vec<f32> = rc["layer0_topk_weights"]
+        .as_array()
+        .expect("w")
+        .iter()
+        .flat_map(floats)
+        .collect();
     assert_eq!(routing.experts, want_experts);
     assert_close(&routing.weights, &want_weights, "router weights");
 }

@@ -15,7 +15,10 @@ fn sharded_tiny(dir: &Path) {
 }
 
 fn owned_names(model_spec: &ShardSpec, ckpt: &Checkpoint) -> BTreeSet<String> {
-    Model::tensor_plan(ckpt.config(), model_spec, ckpt).into_iter().map(|(n, _)| n).collect()
+    Model::tensor_plan(ckpt.config(), model_spec, ckpt)
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect()
 }
 
 #[test]
@@ -27,16 +30,30 @@ fn a_partial_load_never_touches_tensors_it_does_not_own() {
     )
     .expect("json");
     let weight_map = index["weight_map"].as_object().expect("weight_map");
-    let files: BTreeSet<&str> = weight_map.values().map(|v| v.as_str().expect("file")).collect();
-    assert!(files.len() > 20, "expected many shards, got {}", files.len());
+    let files: BTreeSet<&str> = weight_map
+        .values()
+        .map(|v| v.as_str().expect("file"))
+        .collect();
+    assert!(
+        files.len() > 20,
+        "expected many shards, got {}",
+        files.len()
+    );
 
     let spec = ShardSpec::experts(1..3, [2, 5]);
     let ckpt = Checkpoint::open(tmp.path()).expect("open");
     let owned = owned_names(&spec, &ckpt);
-    assert_eq!(owned.len(), 2 * 2 * 3, "2 layers x 2 experts x 3 projections");
+    assert_eq!(
+        owned.len(),
+        2 * 2 * 3,
+        "2 layers x 2 experts x 3 projections"
+    );
 
     // Remove every shard that holds none of the owned tensors: loading must not need them.
-    let needed: BTreeSet<&str> = owned.iter().map(|n| weight_map[n].as_str().expect("file")).collect();
+    let needed: BTreeSet<&str> = owned
+        .iter()
+        .map(|n| weight_map[n].as_str().expect("file"))
+        .collect();
     for f in &files {
         if !needed.contains(f) {
             std::fs::remove_file(tmp.path().join(f)).expect("remove shard");
@@ -47,10 +64,14 @@ fn a_partial_load_never_touches_tensors_it_does_not_own() {
     let loaded: BTreeSet<String> = ckpt.loaded_tensors().into_iter().collect();
     assert_eq!(loaded, owned, "loaded exactly the owned tensors");
     assert_eq!(ckpt.opened_files().len(), needed.len());
-    assert_eq!(model.owned_experts(), [(1, 2), (1, 5), (2, 2), (2, 5)].into_iter().collect());
+    assert_eq!(
+        model.owned_experts(),
+        [(1, 2), (1, 5), (2, 2), (2, 5)].into_iter().collect()
+    );
 
     // The whole model cannot load from the same folder: proof the files really are gone.
-    let err = Model::load(&ckpt, ShardSpec::full(ckpt.config()), &mut |_| {}).expect_err("full load");
+    let err =
+        Model::load(&ckpt, ShardSpec::full(ckpt.config()), &mut |_| {}).expect_err("full load");
     assert!(err.to_string().contains(".safetensors"), "{err}");
 
     // A stage part owns attention and routers of its layers, no experts, and the model end
@@ -59,7 +80,11 @@ fn a_partial_load_never_touches_tensors_it_does_not_own() {
     let names = owned_names(&stage, &ckpt);
     assert!(names.contains("model.embed_tokens.weight") && !names.contains("lm_head.weight"));
     assert!(names.iter().all(|n| !n.contains(".experts.")));
-    assert!(names.iter().all(|n| !n.starts_with("model.layers.2.") && !n.starts_with("model.layers.3.")));
+    assert!(
+        names
+            .iter()
+            .all(|n| !n.starts_with("model.layers.2.") && !n.starts_with("model.layers.3."))
+    );
 }
 
 /// Dispatches each expert's rows to whichever part owns it and sums the results, as a
@@ -70,7 +95,13 @@ struct Shards<'a> {
 }
 
 impl ExpertCompute for Shards<'_> {
-    fn compute(&mut self, layer: usize, routing: &Routing, x: &[f32], out: &mut [f32]) -> moe_worker::Result<()> {
+    fn compute(
+        &mut self,
+        layer: usize,
+        routing: &Routing,
+        x: &[f32],
+        out: &mut [f32],
+    ) -> moe_worker::Result<()> {
         out.fill(0.0);
         let mut partial = vec![0f32; out.len()];
         for part in &self.parts {
@@ -78,7 +109,10 @@ impl ExpertCompute for Shards<'_> {
             if mine.assignments.is_empty() {
                 continue;
             }
-            let mut local = LocalExperts { model: part, scratch: &mut self.scratch };
+            let mut local = LocalExperts {
+                model: part,
+                scratch: &mut self.scratch,
+            };
             local.compute(layer, &mine, x, &mut partial)?;
             for (o, p) in out.iter_mut().zip(&partial) {
                 *o += p;
@@ -93,36 +127,85 @@ fn a_stage_with_expert_shards_computes_what_the_whole_model_computes() {
     let synth = Synthetic::new(synthetic::preset("tiny").expect("preset").config, 11);
     let cfg = synth.config().clone();
     let whole = Model::load(&synth, ShardSpec::full(&cfg), &mut |_| {}).expect("whole");
-    let stage = Model::load(&synth, ShardSpec::stage(&cfg, 0..cfg.num_hidden_layers, false), &mut |_| {})
-        .expect("stage");
-    let shard_a = Model::load(&synth, ShardSpec::experts(0..cfg.num_hidden_layers, [0, 2, 4, 6]), &mut |_| {})
-        .expect("shard a");
-    let shard_b = Model::load(&synth, ShardSpec::experts(0..cfg.num_hidden_layers, [1, 3, 5, 7]), &mut |_| {})
-        .expect("shard b");
+    let stage = Model::load(
+        &synth,
+        ShardSpec::stage(&cfg, 0..cfg.num_hidden_layers, false),
+        &mut |_| {},
+    )
+    .expect("stage");
+    let shard_a = Model::load(
+        &synth,
+        ShardSpec::experts(0..cfg.num_hidden_layers, [0, 2, 4, 6]),
+        &mut |_| {},
+    )
+    .expect("shard a");
+    let shard_b = Model::load(
+        &synth,
+        ShardSpec::experts(0..cfg.num_hidden_layers, [1, 3, 5, 7]),
+        &mut |_| {},
+    )
+    .expect("shard b");
     assert!(stage.owned_experts().is_empty());
 
-    let prompt: Vec<u32> = (0..13).map(|i| (i * 37 + 5) % cfg.vocab_size as u32).collect();
+    let prompt: Vec<u32> = (0..13)
+        .map(|i| (i * 37 + 5) % cfg.vocab_size as u32)
+        .collect();
     let run = |model: &Model, experts: &mut dyn ExpertCompute| {
         let (mut hidden, mut logits, mut s) = (Vec::new(), Vec::new(), Scratch::default());
         let mut cache = model.new_cache(prompt.len());
         model.embed(&prompt, &mut hidden).expect("embed");
-        let chunk = Chunk { start: 0, len: prompt.len() };
-        model.forward_layers(&mut hidden, &[chunk], &mut [&mut cache], experts, &mut s).expect("forward");
-        model.logits(&hidden, &[prompt.len() - 1], &mut logits, &mut s).expect("logits");
+        let chunk = Chunk {
+            start: 0,
+            len: prompt.len(),
+        };
+        model
+            .forward_layers(&mut hidden, &[chunk], &mut [&mut cache], experts, &mut s)
+            .expect("forward");
+        model
+            .logits(&hidden, &[prompt.len() - 1], &mut logits, &mut s)
+            .expect("logits");
         logits
     };
     let mut moe = MoeScratch::default();
-    let want = run(&whole, &mut LocalExperts { model: &whole, scratch: &mut moe });
-    let mut shards = Shards { parts: vec![&shard_a, &shard_b], scratch: MoeScratch::default() };
+    let want = run(
+        &whole,
+        &mut LocalExperts {
+            model: &whole,
+            scratch: &mut moe,
+        },
+    );
+    let mut shards = Shards {
+        parts: vec![&shard_a, &shard_b],
+        scratch: MoeScratch::default(),
+    };
     let got = run(&stage, &mut shards);
-    let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let worst = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
     assert!(worst < 1e-5, "split vs whole: max diff {worst}");
 
     // An expert the parts do not own is an error, not a silent zero.
-    let mut only_a = Shards { parts: vec![&shard_a], scratch: MoeScratch::default() };
-    let mut lonely = LocalExperts { model: &shard_a, scratch: &mut only_a.scratch };
+    let mut only_a = Shards {
+        parts: vec![&shard_a],
+        scratch: MoeScratch::default(),
+    };
+    let mut lonely = LocalExperts {
+        model: &shard_a,
+        scratch: &mut only_a.scratch,
+    };
     let mut r = Routing::default();
     r.route(&[0.0, 9.0, 0.0, 0.0, 0.0, 0.0, 0.0, 8.0], 1, 8, 2);
-    let err = lonely.compute(0, &r, &vec![0.0; cfg.hidden_size], &mut vec![0.0; cfg.hidden_size]);
-    assert!(err.expect_err("unowned expert").to_string().contains("expert 1"));
+    let err = lonely.compute(
+        0,
+        &r,
+        &vec![0.0; cfg.hidden_size],
+        &mut vec![0.0; cfg.hidden_size],
+    );
+    assert!(
+        err.expect_err("unowned expert")
+            .to_string()
+            .contains("expert 1")
+    );
 }

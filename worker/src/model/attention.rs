@@ -19,8 +19,12 @@ pub struct KvCache {
 impl KvCache {
     pub fn new(layers: usize, kv_dim: usize, capacity: usize) -> Self {
         Self {
-            k: (0..layers).map(|_| Vec::with_capacity(capacity * kv_dim)).collect(),
-            v: (0..layers).map(|_| Vec::with_capacity(capacity * kv_dim)).collect(),
+            k: (0..layers)
+                .map(|_| Vec::with_capacity(capacity * kv_dim))
+                .collect(),
+            v: (0..layers)
+                .map(|_| Vec::with_capacity(capacity * kv_dim))
+                .collect(),
             kv_dim,
             len: 0,
         }
@@ -51,7 +55,11 @@ impl KvCache {
 
     /// Bytes held by the cache.
     pub fn bytes(&self) -> usize {
-        self.k.iter().chain(self.v.iter()).map(|b| b.capacity() * 4).sum()
+        self.k
+            .iter()
+            .chain(self.v.iter())
+            .map(|b| b.capacity() * 4)
+            .sum()
     }
 }
 
@@ -71,8 +79,9 @@ impl RopeRows {
         self.cos.clear();
         self.sin.clear();
         let theta = cfg.rope_theta as f32;
-        let inv: Vec<f32> =
-            (0..half).map(|i| 1.0 / theta.powf((2 * i) as f32 / cfg.head_dim as f32)).collect();
+        let inv: Vec<f32> = (0..half)
+            .map(|i| 1.0 / theta.powf((2 * i) as f32 / cfg.head_dim as f32))
+            .collect();
         for c in chunks {
             for p in c.start..c.start + c.len {
                 for &f in &inv {
@@ -86,7 +95,10 @@ impl RopeRows {
 
     fn apply(&self, row: usize, x: &mut [f32]) {
         let half = self.half;
-        let (cos, sin) = (&self.cos[row * half..(row + 1) * half], &self.sin[row * half..(row + 1) * half]);
+        let (cos, sin) = (
+            &self.cos[row * half..(row + 1) * half],
+            &self.sin[row * half..(row + 1) * half],
+        );
         for head in x.chunks_exact_mut(2 * half) {
             let (a, b) = head.split_at_mut(half);
             for i in 0..half {
@@ -168,15 +180,27 @@ pub(super) fn attend(
             let oh = &mut o[head * hd..(head + 1) * hd];
             oh.fill(0.0);
             for (p, s) in (first..=pos).zip(scores.iter()) {
-                kernels::axpy(s / sum, &vc[p * kvd + kvh * hd..p * kvd + (kvh + 1) * hd], oh);
+                kernels::axpy(
+                    s / sum,
+                    &vc[p * kvd + kvh * hd..p * kvd + (kvh + 1) * hd],
+                    oh,
+                );
             }
         }
     };
-    let work: usize = chunks.iter().map(|c| c.len * (c.start + c.len)).sum::<usize>() * qd;
+    let work: usize = chunks
+        .iter()
+        .map(|c| c.len * (c.start + c.len))
+        .sum::<usize>()
+        * qd;
     if work > 1 << 18 && rayon::current_num_threads() > 1 {
-        out.par_chunks_mut(qd).enumerate().for_each_init(Vec::new, one_row);
+        out.par_chunks_mut(qd)
+            .enumerate()
+            .for_each_init(Vec::new, one_row);
     } else {
         let mut scores = Vec::new();
-        out.chunks_mut(qd).enumerate().for_each(|r| one_row(&mut scores, r));
+        out.chunks_mut(qd)
+            .enumerate()
+            .for_each(|r| one_row(&mut scores, r));
     }
 }

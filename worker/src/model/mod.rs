@@ -12,7 +12,7 @@ pub use moe::{ExpertCompute, Routing};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::kernels::{self, MatMul};
-use crate::weights::{names, ShardSpec, Weight, WeightSource};
+use crate::weights::{ShardSpec, Weight, WeightSource, names};
 
 /// Attention, norms and router of one layer (what a pipeline stage owns).
 #[derive(Debug)]
@@ -101,8 +101,16 @@ impl Model {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         let plan = Self::tensor_plan(&cfg, &spec, src);
         let tensors_total = plan.len();
-        let bytes_total: u64 = plan.iter().map(|(_, s)| s.iter().product::<usize>() as u64 * 4).sum();
-        let mut done = LoadProgress { tensors_done: 0, tensors_total, bytes_done: 0, bytes_total };
+        let bytes_total: u64 = plan
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>() as u64 * 4)
+            .sum();
+        let mut done = LoadProgress {
+            tensors_done: 0,
+            tensors_total,
+            bytes_done: 0,
+            bytes_total,
+        };
         progress(done);
         let mut load = |name: String, shape: Vec<usize>| -> Result<Weight> {
             let w = src.load(&name, &shape)?;
@@ -148,7 +156,11 @@ impl Model {
                     None
                 });
             }
-            layers.push(Layer { index: li, attention, experts });
+            layers.push(Layer {
+                index: li,
+                attention,
+                experts,
+            });
         }
         let (final_norm, lm_head) = if spec.head {
             let norm = load(names::FINAL_NORM.into(), vec![h])?;
@@ -162,11 +174,22 @@ impl Model {
             (None, None)
         };
         let embed = if spec.embeddings { embed } else { None };
-        Ok(Self { cfg, spec, embed, layers, final_norm, lm_head })
+        Ok(Self {
+            cfg,
+            spec,
+            embed,
+            layers,
+            final_norm,
+            lm_head,
+        })
     }
 
     /// The (name, shape) of every tensor `spec` owns, in load order.
-    pub fn tensor_plan(cfg: &ModelConfig, spec: &ShardSpec, src: &dyn WeightSource) -> Vec<(String, Vec<usize>)> {
+    pub fn tensor_plan(
+        cfg: &ModelConfig,
+        spec: &ShardSpec,
+        src: &dyn WeightSource,
+    ) -> Vec<(String, Vec<usize>)> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         let mut plan = Vec::new();
         if spec.embeddings || (spec.head && cfg.tie_word_embeddings) {
@@ -216,7 +239,13 @@ impl Model {
     pub fn owned_experts(&self) -> BTreeSet<(usize, usize)> {
         self.layers
             .iter()
-            .flat_map(|l| l.experts.iter().enumerate().filter(|(_, e)| e.is_some()).map(move |(e, _)| (l.index, e)))
+            .flat_map(|l| {
+                l.experts
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, e)| e.is_some())
+                    .map(move |(e, _)| (l.index, e))
+            })
             .collect()
     }
 
@@ -230,7 +259,10 @@ impl Model {
         if let Some(&bad) = ids.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
             return Err(Error::invalid(
                 "token id",
-                format!("{bad} is outside the vocabulary (vocab_size {})", self.cfg.vocab_size),
+                format!(
+                    "{bad} is outside the vocabulary (vocab_size {})",
+                    self.cfg.vocab_size
+                ),
             ));
         }
         Ok(())
@@ -267,19 +299,30 @@ impl Model {
         let (h, qd, kvd) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim());
         let rows: usize = chunks.iter().map(|c| c.len).sum();
         if hidden.len() != rows * h || chunks.len() != caches.len() {
-            return Err(Error::invalid("batch", "hidden rows, chunks and caches disagree"));
+            return Err(Error::invalid(
+                "batch",
+                "hidden rows, chunks and caches disagree",
+            ));
         }
         for (c, cache) in chunks.iter().zip(caches.iter_mut()) {
             if c.start != cache.len() {
                 return Err(Error::invalid(
                     "batch",
-                    format!("chunk starts at position {} but the cache holds {}", c.start, cache.len()),
+                    format!(
+                        "chunk starts at position {} but the cache holds {}",
+                        c.start,
+                        cache.len()
+                    ),
                 ));
             }
             if c.start + c.len > cfg.max_position_embeddings {
                 return Err(Error::invalid(
                     "sequence length",
-                    format!("{} exceeds max_position_embeddings {}", c.start + c.len, cfg.max_position_embeddings),
+                    format!(
+                        "{} exceeds max_position_embeddings {}",
+                        c.start + c.len,
+                        cfg.max_position_embeddings
+                    ),
                 ));
             }
             cache.reserve(c.start + c.len);
@@ -296,7 +339,12 @@ impl Model {
                 .as_ref()
                 .ok_or_else(|| Error::invalid("model part", "this part does not own attention"))?;
             let eps = cfg.rms_norm_eps as f32;
-            rms_norm(hidden, attn.input_norm.as_slice(), eps, resize(&mut s.normed, rows * h));
+            rms_norm(
+                hidden,
+                attn.input_norm.as_slice(),
+                eps,
+                resize(&mut s.normed, rows * h),
+            );
             {
                 let (q, k, v) = (resize(&mut s.q, rows * qd), &mut s.k, &mut s.v);
                 let (k, v) = (resize(k, rows * kvd), resize(v, rows * kvd));
@@ -318,15 +366,35 @@ impl Model {
                 &s.v,
                 resize(&mut s.attn, rows * qd),
             );
-            kernels::matmul(&s.attn, attn.o.as_slice(), resize(&mut s.proj, rows * h), rows, h, qd);
+            kernels::matmul(
+                &s.attn,
+                attn.o.as_slice(),
+                resize(&mut s.proj, rows * h),
+                rows,
+                h,
+                qd,
+            );
             for (x, d) in hidden.iter_mut().zip(&s.proj) {
                 *x += d;
             }
 
-            rms_norm(hidden, attn.post_norm.as_slice(), eps, resize(&mut s.normed, rows * h));
+            rms_norm(
+                hidden,
+                attn.post_norm.as_slice(),
+                eps,
+                resize(&mut s.normed, rows * h),
+            );
             let ne = cfg.num_local_experts;
-            kernels::matmul(&s.normed, attn.router.as_slice(), resize(&mut s.router_logits, rows * ne), rows, ne, h);
-            s.routing.route(&s.router_logits, rows, ne, cfg.num_experts_per_tok);
+            kernels::matmul(
+                &s.normed,
+                attn.router.as_slice(),
+                resize(&mut s.router_logits, rows * ne),
+                rows,
+                ne,
+                h,
+            );
+            s.routing
+                .route(&s.router_logits, rows, ne, cfg.num_experts_per_tok);
             let out = resize(&mut s.proj, rows * h);
             experts.compute(layer.index, &s.routing, &s.normed, out)?;
             for (x, d) in hidden.iter_mut().zip(out.iter()) {
@@ -340,10 +408,21 @@ impl Model {
     }
 
     /// Final norm and LM head for the given rows of `hidden`: `logits` is `rows × vocab`.
-    pub fn logits(&self, hidden: &[f32], rows: &[usize], logits: &mut Vec<f32>, s: &mut Scratch) -> Result<()> {
+    pub fn logits(
+        &self,
+        hidden: &[f32],
+        rows: &[usize],
+        logits: &mut Vec<f32>,
+        s: &mut Scratch,
+    ) -> Result<()> {
         let (norm, head) = match (&self.final_norm, &self.lm_head) {
             (Some(n), Some(hd)) => (n, hd),
-            _ => return Err(Error::invalid("model part", "this part does not own the LM head")),
+            _ => {
+                return Err(Error::invalid(
+                    "model part",
+                    "this part does not own the LM head",
+                ));
+            }
         };
         let h = self.cfg.hidden_size;
         s.head_rows.clear();
@@ -351,7 +430,12 @@ impl Model {
             s.head_rows.extend_from_slice(&hidden[r * h..(r + 1) * h]);
         }
         let normed = resize(&mut s.normed, rows.len() * h);
-        rms_norm(&s.head_rows, norm.as_slice(), self.cfg.rms_norm_eps as f32, normed);
+        rms_norm(
+            &s.head_rows,
+            norm.as_slice(),
+            self.cfg.rms_norm_eps as f32,
+            normed,
+        );
         let v = self.cfg.vocab_size;
         logits.resize(rows.len() * v, 0.0);
         kernels::matmul(normed, head.as_slice(), logits, rows.len(), v, h);
@@ -369,7 +453,9 @@ impl Model {
 
 impl Model {
     pub fn layer(&self, index: usize) -> Option<&Layer> {
-        index.checked_sub(self.spec.layers.start).and_then(|i| self.layers.get(i))
+        index
+            .checked_sub(self.spec.layers.start)
+            .and_then(|i| self.layers.get(i))
     }
 }
 
@@ -381,7 +467,13 @@ pub struct LocalExperts<'a> {
 }
 
 impl ExpertCompute for LocalExperts<'_> {
-    fn compute(&mut self, layer: usize, routing: &Routing, x: &[f32], out: &mut [f32]) -> Result<()> {
+    fn compute(
+        &mut self,
+        layer: usize,
+        routing: &Routing,
+        x: &[f32],
+        out: &mut [f32],
+    ) -> Result<()> {
         let l = self
             .model
             .layer(layer)

@@ -9,7 +9,13 @@ use crate::kernels::{self, MatMul};
 
 /// Computes `out[rows, hidden] = Σ_k weight_k · expert_k(x[row])` for a layer's routing.
 pub trait ExpertCompute {
-    fn compute(&mut self, layer: usize, routing: &Routing, x: &[f32], out: &mut [f32]) -> Result<()>;
+    fn compute(
+        &mut self,
+        layer: usize,
+        routing: &Routing,
+        x: &[f32],
+        out: &mut [f32],
+    ) -> Result<()>;
 }
 
 /// One layer's routing decision for a batch, grouped by expert.
@@ -172,7 +178,8 @@ pub(super) fn compute_local(
         let base = routing.offsets[e];
         for (i, &(row, _)) in group.iter().enumerate() {
             let row = row as usize;
-            s.gathered[(base + i) * h..(base + i + 1) * h].copy_from_slice(&x[row * h..(row + 1) * h]);
+            s.gathered[(base + i) * h..(base + i + 1) * h]
+                .copy_from_slice(&x[row * h..(row + 1) * h]);
         }
     }
     swiglu_grouped(layer, &routing.offsets, h, inter, s);
@@ -180,7 +187,11 @@ pub(super) fn compute_local(
         let base = routing.offsets[e];
         for (i, &(row, w)) in routing.for_expert(e).iter().enumerate() {
             let row = row as usize;
-            kernels::axpy(w, &s.down[(base + i) * h..(base + i + 1) * h], &mut out[row * h..(row + 1) * h]);
+            kernels::axpy(
+                w,
+                &s.down[(base + i) * h..(base + i + 1) * h],
+                &mut out[row * h..(row + 1) * h],
+            );
         }
     }
     Ok(())
@@ -229,7 +240,14 @@ fn swiglu_grouped(layer: &Layer, offsets: &[usize], h: usize, inter: usize, s: &
         let (d, rest) = rest.split_at_mut(m * h);
         down = rest;
         consumed = b;
-        jobs.push(MatMul::new(&s.gate[a * inter..b * inter], ex.w2.as_slice(), d, m, h, inter));
+        jobs.push(MatMul::new(
+            &s.gate[a * inter..b * inter],
+            ex.w2.as_slice(),
+            d,
+            m,
+            h,
+            inter,
+        ));
     }
     kernels::matmul_many(&mut jobs);
 }
