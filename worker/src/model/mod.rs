@@ -98,21 +98,20 @@ impl Model {
     ) -> Result<Self> {
         let cfg = src.config().clone();
         spec.check(&cfg)?;
-        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        // The plan is the one list of owned tensors; loading follows it, then assembles.
         let plan = Self::tensor_plan(&cfg, &spec, src);
-        let tensors_total = plan.len();
-        let bytes_total: u64 = plan
-            .iter()
-            .map(|(_, s)| s.iter().product::<usize>() as u64 * 4)
-            .sum();
         let mut done = LoadProgress {
             tensors_done: 0,
-            tensors_total,
+            tensors_total: plan.len(),
             bytes_done: 0,
-            bytes_total,
+            bytes_total: plan
+                .iter()
+                .map(|(_, s)| s.iter().product::<usize>() as u64 * 4)
+                .sum(),
         };
         progress(done);
-        let mut load = |name: String, shape: Vec<usize>| -> Result<Weight> {
+        let mut loaded = std::collections::HashMap::with_capacity(plan.len());
+        for (name, shape) in plan {
             let w = src.load(&name, &shape)?;
             if w.is_mapped() {
                 std::hint::black_box(w.prefault());
@@ -120,11 +119,16 @@ impl Model {
             done.tensors_done += 1;
             done.bytes_done += shape.iter().product::<usize>() as u64 * 4;
             progress(done);
-            Ok(w)
+            loaded.insert(name, w);
+        }
+        let mut take = |name: &str| {
+            loaded
+                .remove(name)
+                .ok_or_else(|| Error::tensor(name, "missing from the load plan"))
         };
 
         let embed = if spec.embeddings || (spec.head && cfg.tie_word_embeddings) {
-            Some(load(names::EMBED.into(), vec![cfg.vocab_size, h])?)
+            Some(take(names::EMBED)?)
         } else {
             None
         };
@@ -133,13 +137,13 @@ impl Model {
             let attention = if spec.attention {
                 let l = |rest: &str| names::layer(li, rest);
                 Some(LayerAttention {
-                    input_norm: load(l("input_layernorm.weight"), vec![h])?,
-                    q: load(l("self_attn.q_proj.weight"), vec![cfg.q_dim(), h])?,
-                    k: load(l("self_attn.k_proj.weight"), vec![cfg.kv_dim(), h])?,
-                    v: load(l("self_attn.v_proj.weight"), vec![cfg.kv_dim(), h])?,
-                    o: load(l("self_attn.o_proj.weight"), vec![h, cfg.q_dim()])?,
-                    post_norm: load(l("post_attention_layernorm.weight"), vec![h])?,
-                    router: load(names::router(li), vec![cfg.num_local_experts, h])?,
+                    input_norm: take(&l("input_layernorm.weight"))?,
+                    q: take(&l("self_attn.q_proj.weight"))?,
+                    k: take(&l("self_attn.k_proj.weight"))?,
+                    v: take(&l("self_attn.v_proj.weight"))?,
+                    o: take(&l("self_attn.o_proj.weight"))?,
+                    post_norm: take(&l("post_attention_layernorm.weight"))?,
+                    router: take(&names::router(li))?,
                 })
             } else {
                 None
@@ -148,9 +152,9 @@ impl Model {
             for e in 0..cfg.num_local_experts {
                 experts.push(if spec.owns_expert(li, e) {
                     Some(Expert {
-                        w1: load(names::expert(li, e, "w1"), vec![i, h])?,
-                        w3: load(names::expert(li, e, "w3"), vec![i, h])?,
-                        w2: load(names::expert(li, e, "w2"), vec![h, i])?,
+                        w1: take(&names::expert(li, e, "w1"))?,
+                        w3: take(&names::expert(li, e, "w3"))?,
+                        w2: take(&names::expert(li, e, "w2"))?,
                     })
                 } else {
                     None
@@ -163,11 +167,11 @@ impl Model {
             });
         }
         let (final_norm, lm_head) = if spec.head {
-            let norm = load(names::FINAL_NORM.into(), vec![h])?;
+            let norm = take(names::FINAL_NORM)?;
             let head = if cfg.tie_word_embeddings && !src.contains(names::LM_HEAD) {
                 embed.clone()
             } else {
-                Some(load(names::LM_HEAD.into(), vec![cfg.vocab_size, h])?)
+                Some(take(names::LM_HEAD)?)
             };
             (Some(norm), head)
         } else {
