@@ -11,6 +11,17 @@ fn worker(args: &[&str]) -> Output {
         .expect("run moe-worker")
 }
 
+/// Runs `generate ARGS --json`, asserts success, and returns the printed object.
+fn generate_json(args: &[&str]) -> serde_json::Value {
+    let out = worker(&[&["generate"], args, &["--json"]].concat());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("one JSON object")
+}
+
 fn golden(name: &str) -> String {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/golden")
@@ -59,8 +70,7 @@ fn generate_json_prints_generated_ids_and_text() {
         .iter()
         .map(|v| v.as_u64().expect("id"))
         .collect();
-    let out = worker(&[
-        "generate",
+    let v = generate_json(&[
         "--model",
         &dir,
         "--prompt",
@@ -68,14 +78,7 @@ fn generate_json_prints_generated_ids_and_text() {
         "--max-new-tokens",
         &want.len().to_string(),
         "--ignore-eos",
-        "--json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
     let got: Vec<u64> = v["token_ids"]
         .as_array()
         .expect("token_ids")
@@ -90,8 +93,7 @@ fn generate_json_prints_generated_ids_and_text() {
 #[test]
 fn seeded_sampling_is_reproducible_from_the_cli() {
     let run = |seed: &str| {
-        let out = worker(&[
-            "generate",
+        generate_json(&[
             "--model",
             "synthetic:tiny",
             "--prompt-ids",
@@ -107,15 +109,8 @@ fn seeded_sampling_is_reproducible_from_the_cli() {
             "--seed",
             seed,
             "--ignore-eos",
-            "--json",
-        ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-        v["token_ids"].clone()
+        ])["token_ids"]
+            .clone()
     };
     assert_eq!(run("7"), run("7"));
     assert_ne!(run("7"), run("8"));
@@ -253,34 +248,21 @@ fn export_writes_a_checkpoint_the_engine_loads_back() {
     assert!(
         out.join("model.safetensors.index.json").exists() && out.join("tokenizer.json").exists()
     );
-    let from_dir = worker(&[
-        "generate",
-        "--model",
-        &out.display().to_string(),
-        "--prompt",
-        "hi there",
-        "--max-new-tokens",
-        "6",
-        "--ignore-eos",
-        "--json",
-    ]);
-    let from_synth = worker(&[
-        "generate",
-        "--model",
-        "synthetic:tiny:5",
-        "--prompt",
-        "hi there",
-        "--max-new-tokens",
-        "6",
-        "--ignore-eos",
-        "--json",
-    ]);
-    let ids = |o: &Output| {
-        serde_json::from_slice::<serde_json::Value>(&o.stdout).expect("json")["token_ids"].clone()
+    let ids = |model: &str| {
+        let args = [
+            "--model",
+            model,
+            "--prompt",
+            "hi there",
+            "--max-new-tokens",
+            "6",
+            "--ignore-eos",
+        ];
+        generate_json(&args)["token_ids"].clone()
     };
+    let (from_dir, from_synth) = (ids(&out.display().to_string()), ids("synthetic:tiny:5"));
     assert_eq!(
-        ids(&from_dir),
-        ids(&from_synth),
+        from_dir, from_synth,
         "exported checkpoint == in-memory synthetic model"
     );
 }
