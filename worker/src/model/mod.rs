@@ -7,7 +7,7 @@ mod moe;
 use std::collections::BTreeSet;
 
 pub use attention::KvCache;
-pub use moe::{ExpertCompute, Routing};
+pub use moe::{ExpertCompute, Routing, gather, scatter_add};
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -460,6 +460,31 @@ impl Model {
         index
             .checked_sub(self.spec.layers.start)
             .and_then(|i| self.layers.get(i))
+    }
+
+    /// What an expert shard computes: each expert of `groups` (ascending (expert, rows)) over
+    /// its consecutive rows of `x` (`rows × hidden_size`), unweighted, into `out`.
+    pub fn expert_ffn(
+        &self,
+        layer: usize,
+        groups: &[(usize, usize)],
+        x: &[f32],
+        out: &mut Vec<f32>,
+        scratch: &mut MoeScratch,
+    ) -> Result<()> {
+        let l = self.layer(layer).ok_or_else(|| {
+            Error::invalid(
+                "layer",
+                format!(
+                    "{layer} is not owned by this part (layers {}..{})",
+                    self.spec.layers.start, self.spec.layers.end
+                ),
+            )
+        })?;
+        moe::ffn_groups(&self.cfg, l, groups, x, scratch)?;
+        out.clear();
+        out.extend_from_slice(&scratch.down[..x.len()]);
+        Ok(())
     }
 }
 

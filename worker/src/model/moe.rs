@@ -142,9 +142,44 @@ impl Routing {
 #[derive(Debug, Default)]
 pub struct MoeScratch {
     gathered: Vec<f32>,
+    groups: Vec<(usize, usize)>,
+    offsets: Vec<usize>,
     gate: Vec<f32>,
     up: Vec<f32>,
-    down: Vec<f32>,
+    pub(super) down: Vec<f32>,
+}
+
+/// Appends the rows of `x` routed to the experts that satisfy `keep` to `gathered`, grouped
+/// by expert in ascending order, and lists (expert, rows) in `groups`: what one expert shard
+/// is sent for a layer.
+pub fn gather(
+    routing: &Routing,
+    keep: impl Fn(usize) -> bool,
+    x: &[f32],
+    h: usize,
+    gathered: &mut Vec<f32>,
+    groups: &mut Vec<(usize, usize)>,
+) {
+    for e in 0..routing.num_experts() {
+        let group = routing.for_expert(e);
+        if group.is_empty() || !keep(e) {
+            continue;
+        }
+        groups.push((e, group.len()));
+        for &(row, _) in group {
+            let row = row as usize;
+            gathered.extend_from_slice(&x[row * h..(row + 1) * h]);
+        }
+    }
+}
+
+/// Adds expert `e`'s weighted outputs (`down`, one row per assignment in routing order) into
+/// `out`. Called for experts in ascending order, it sums exactly as the local path does.
+pub fn scatter_add(routing: &Routing, e: usize, down: &[f32], h: usize, out: &mut [f32]) {
+    for (i, &(row, w)) in routing.for_expert(e).iter().enumerate() {
+        let row = row as usize;
+        kernels::axpy(w, &down[i * h..(i + 1) * h], &mut out[row * h..(row + 1) * h]);
+    }
 }
 
 /// Runs the experts of `layer` that have rows, each over only its rows, and accumulates the
@@ -157,50 +192,87 @@ pub(super) fn compute_local(
     out: &mut [f32],
     s: &mut MoeScratch,
 ) -> Result<()> {
-    let (h, inter) = (cfg.hidden_size, cfg.intermediate_size);
-    let total = routing.assignments.len();
+    let h = cfg.hidden_size;
     out.fill(0.0);
-    s.gathered.resize(total * h, 0.0);
-    s.gate.resize(total * inter, 0.0);
-    s.up.resize(total * inter, 0.0);
-    s.down.resize(total * h, 0.0);
+    let mut gathered = std::mem::take(&mut s.gathered);
+    let mut groups = std::mem::take(&mut s.groups);
+    gathered.clear();
+    groups.clear();
+    gather(routing, |_| true, x, h, &mut gathered, &mut groups);
+    let result = ffn_groups(cfg, layer, &groups, &gathered, s);
+    s.gathered = gathered;
+    s.groups = groups;
+    result?;
     for e in 0..routing.num_experts() {
-        let group = routing.for_expert(e);
-        if group.is_empty() {
-            continue;
+        let base = routing.offsets[e];
+        let n = routing.offsets[e + 1] - base;
+        scatter_add(routing, e, &s.down[base * h..(base + n) * h], h, out);
+    }
+    Ok(())
+}
+
+/// Runs each expert of `groups` (ascending (expert, rows)) over its consecutive rows of `x`;
+/// the outputs land in the same rows of `s.down`.
+pub(super) fn ffn_groups(
+    cfg: &ModelConfig,
+    layer: &Layer,
+    groups: &[(usize, usize)],
+    x: &[f32],
+    s: &mut MoeScratch,
+) -> Result<()> {
+    let (h, inter, ne) = (cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts);
+    let total: usize = groups.iter().map(|g| g.1).sum();
+    if x.len() != total * h {
+        return Err(Error::invalid(
+            "expert input",
+            format!("{} values for {total} rows of width {h}", x.len()),
+        ));
+    }
+    s.offsets.clear();
+    s.offsets.resize(ne + 1, 0);
+    let mut prev = None;
+    for &(e, rows) in groups {
+        if e >= ne {
+            return Err(Error::invalid(
+                "expert",
+                format!("{e} is outside the model's {ne} experts"),
+            ));
         }
+        if prev.is_some_and(|p| p >= e) {
+            return Err(Error::invalid("expert", "experts must be listed in ascending order"));
+        }
+        prev = Some(e);
         if layer.experts.get(e).is_none_or(Option::is_none) {
             return Err(Error::invalid(
                 "expert",
                 format!("layer {} expert {e} is not owned by this part", layer.index),
             ));
         }
-        let base = routing.offsets[e];
-        for (i, &(row, _)) in group.iter().enumerate() {
-            let row = row as usize;
-            s.gathered[(base + i) * h..(base + i + 1) * h]
-                .copy_from_slice(&x[row * h..(row + 1) * h]);
-        }
+        s.offsets[e + 1] = rows;
     }
-    swiglu_grouped(layer, &routing.offsets, h, inter, s);
-    for e in 0..routing.num_experts() {
-        let base = routing.offsets[e];
-        for (i, &(row, w)) in routing.for_expert(e).iter().enumerate() {
-            let row = row as usize;
-            kernels::axpy(
-                w,
-                &s.down[(base + i) * h..(base + i + 1) * h],
-                &mut out[row * h..(row + 1) * h],
-            );
-        }
+    for e in 0..ne {
+        s.offsets[e + 1] += s.offsets[e];
     }
+    s.gate.resize(total * inter, 0.0);
+    s.up.resize(total * inter, 0.0);
+    s.down.resize(total * h, 0.0);
+    let offsets = std::mem::take(&mut s.offsets);
+    swiglu_grouped(layer, &offsets, h, inter, x, s);
+    s.offsets = offsets;
     Ok(())
 }
 
-/// For each expert `e` with rows `offsets[e]..offsets[e+1]` of `s.gathered`, writes its FFN
-/// output to the same rows of `s.down`. Gate and up projections of every active expert run
-/// in one parallel region, then every down projection in another.
-fn swiglu_grouped(layer: &Layer, offsets: &[usize], h: usize, inter: usize, s: &mut MoeScratch) {
+/// For each expert `e` with rows `offsets[e]..offsets[e+1]` of `x`, writes its FFN output
+/// to the same rows of `s.down`. Gate and up projections of every active expert run in one
+/// parallel region, then every down projection in another.
+fn swiglu_grouped(
+    layer: &Layer,
+    offsets: &[usize],
+    h: usize,
+    inter: usize,
+    x: &[f32],
+    s: &mut MoeScratch,
+) {
     let active = || {
         (0..offsets.len() - 1).filter_map(|e| {
             let (a, b) = (offsets[e], offsets[e + 1]);
@@ -221,7 +293,7 @@ fn swiglu_grouped(layer: &Layer, offsets: &[usize], h: usize, inter: usize, s: &
             gate = g_rest;
             up = u_rest;
             consumed = b;
-            let xe = &s.gathered[a * h..b * h];
+            let xe = &x[a * h..b * h];
             jobs.push(MatMul::new(xe, ex.w1.as_slice(), g, m, inter, h));
             jobs.push(MatMul::new(xe, ex.w3.as_slice(), u, m, inter, h));
         }
