@@ -42,6 +42,14 @@ pub enum Command {
     Bench(crate::bench::BenchArgs),
     #[command(hide = true)]
     BenchEngine(crate::bench::EngineRunArgs),
+    /// Serve the whole deployment on this machine: every role as its own process on loopback.
+    Local(crate::serve::local::LocalArgs),
+    /// Serve the OpenAI-compatible HTTP API in front of the pipeline.
+    Gateway(crate::serve::gateway::GatewayArgs),
+    /// Serve a pipeline stage (a layer range).
+    Stage(crate::serve::stage::StageArgs),
+    /// Serve an expert shard (a set of experts over a layer range).
+    Expert(crate::serve::expert::ExpertArgs),
 }
 
 #[derive(Debug, Args)]
@@ -188,7 +196,21 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Bench(args) => crate::bench::run(args),
         Command::BenchEngine(args) => crate::bench::run_engine(args),
+        Command::Local(args) => serve(crate::serve::local::run(args)),
+        Command::Gateway(args) => serve(crate::serve::gateway::run(args)),
+        Command::Stage(args) => serve(crate::serve::stage::run(args)),
+        Command::Expert(args) => serve(crate::serve::expert::run(args)),
     }
+}
+
+/// Runs a server role on a multi-threaded tokio runtime.
+fn serve(fut: impl std::future::Future<Output = Result<()>>) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| Error::peer("runtime", e.to_string()))?;
+    rt.block_on(fut)
 }
 
 /// Loads a whole model, showing progress on a terminal for large ones.

@@ -28,6 +28,14 @@ pub enum Error {
 
     #[error("invalid {field}: {message}")]
     InvalidInput { field: String, message: String },
+
+    /// Another process of the deployment failed or could not be reached.
+    #[error("{peer}: {message}")]
+    Peer { peer: String, message: String },
+
+    /// The request ran out of time.
+    #[error("deadline exceeded: {0}")]
+    Deadline(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -69,6 +77,13 @@ impl Error {
         }
     }
 
+    pub fn peer(peer: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Peer {
+            peer: peer.into(),
+            message: message.into(),
+        }
+    }
+
     /// Attaches the file a config error came from.
     pub fn in_file(self, path: &Path) -> Self {
         match self {
@@ -90,6 +105,8 @@ impl Error {
             Self::Tensor { .. } => "tensor",
             Self::Tokenizer(_) => "tokenizer",
             Self::InvalidInput { .. } => "invalid_input",
+            Self::Peer { .. } => "peer",
+            Self::Deadline(_) => "deadline",
         }
     }
 }

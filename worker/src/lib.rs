@@ -9,6 +9,7 @@ pub mod error;
 pub mod kernels;
 pub mod model;
 pub mod sampling;
+pub mod serve;
 pub mod source;
 pub mod synthetic;
 pub mod tokenizer;

@@ -71,12 +71,27 @@ impl ShardSpec {
         }
     }
 
+    /// The gateway's part: final norm and LM head only.
+    pub fn head(cfg: &ModelConfig) -> Self {
+        let n = cfg.num_hidden_layers;
+        Self {
+            layers: n..n,
+            experts: Some(BTreeSet::new()),
+            attention: false,
+            embeddings: false,
+            head: true,
+        }
+    }
+
     pub fn owns_expert(&self, layer: usize, expert: usize) -> bool {
         self.layers.contains(&layer) && self.experts.as_ref().is_none_or(|s| s.contains(&expert))
     }
 
     pub fn check(&self, cfg: &ModelConfig) -> Result<()> {
-        if self.layers.start >= self.layers.end || self.layers.end > cfg.num_hidden_layers {
+        let ends_only = self.layers.is_empty() && (self.embeddings || self.head);
+        if (self.layers.start >= self.layers.end && !ends_only)
+            || self.layers.end > cfg.num_hidden_layers
+        {
             return Err(Error::invalid(
                 "layers",
                 format!(

@@ -446,6 +446,26 @@ impl Model {
         Ok(())
     }
 
+    /// Bytes of weights this part holds (f32).
+    pub fn weight_bytes(&self) -> u64 {
+        let n = |w: &Weight| w.as_slice().len() as u64 * 4;
+        let mut total = 0;
+        for w in [&self.embed, &self.final_norm, &self.lm_head].into_iter().flatten() {
+            total += n(w);
+        }
+        for l in &self.layers {
+            if let Some(a) = &l.attention {
+                for w in [&a.input_norm, &a.q, &a.k, &a.v, &a.o, &a.post_norm, &a.router] {
+                    total += n(w);
+                }
+            }
+            for e in l.experts.iter().flatten() {
+                total += n(&e.w1) + n(&e.w2) + n(&e.w3);
+            }
+        }
+        total
+    }
+
     pub fn owns_head(&self) -> bool {
         self.lm_head.is_some()
     }

@@ -1,0 +1,222 @@
+//! `moe-worker expert`: an expert shard. Stateless: it owns a set of experts over a layer
+//! range and computes their SwiGLU FFNs for whatever rows a stage sends, so it can run as
+//! many replicas as load needs.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Instant;
+
+use moe_proto::v1::expert_server::{Expert, ExpertServer};
+use moe_proto::v1::{
+    DescribeRequest, ExpertRequest, ExpertResponse, LoadStatsRequest, LoadStatsResponse, Role,
+    ShardInfo,
+};
+use moe_proto::{decode_f32, encode_f32};
+use tonic::{Request, Response, Status};
+
+use super::{LoadCounters, ServerArgs, bind, shutdown_signal, to_status};
+use crate::cli::{ModelArgs, load_with_progress};
+use crate::error::{Error, Result};
+use crate::model::{Model, MoeScratch};
+use crate::weights::ShardSpec;
+
+#[derive(Debug, clap::Args)]
+pub struct ExpertArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    #[command(flatten)]
+    pub server: ServerArgs,
+
+    /// Owned layers, START..END (end exclusive).
+    #[arg(long, env = "MOE_LAYERS", value_parser = parse_range)]
+    pub layers: std::ops::Range<usize>,
+
+    /// Owned experts, comma-separated ids.
+    #[arg(long, env = "MOE_EXPERTS", value_delimiter = ',', required = true)]
+    pub experts: Vec<usize>,
+
+    /// This shard's index in the plan (reported by Describe).
+    #[arg(long, env = "MOE_SHARD_INDEX", default_value_t = 0)]
+    pub index: u32,
+}
+
+/// Parses `START..END`.
+pub fn parse_range(s: &str) -> std::result::Result<std::ops::Range<usize>, String> {
+    let (a, b) = s
+        .split_once("..")
+        .ok_or_else(|| format!("`{s}` is not START..END"))?;
+    let a: usize = a.trim().parse().map_err(|_| format!("`{a}` is not a layer index"))?;
+    let b: usize = b.trim().parse().map_err(|_| format!("`{b}` is not a layer index"))?;
+    if a >= b {
+        return Err(format!("`{s}` is an empty range"));
+    }
+    Ok(a..b)
+}
+
+/// Describes a loaded model part.
+pub fn shard_info(model: &Model, role: Role, index: u32, name: &str) -> ShardInfo {
+    let cfg = model.config();
+    let spec = model.spec();
+    ShardInfo {
+        role: role as i32,
+        model: name.to_string(),
+        hidden_size: cfg.hidden_size as u32,
+        num_layers: cfg.num_hidden_layers as u32,
+        num_experts: cfg.num_local_experts as u32,
+        vocab_size: cfg.vocab_size as u32,
+        layer_start: spec.layers.start as u32,
+        layer_end: spec.layers.end as u32,
+        experts: spec
+            .experts
+            .as_ref()
+            .map(|s| s.iter().map(|&e| e as u32).collect())
+            .unwrap_or_default(),
+        index,
+        weight_bytes: model.weight_bytes(),
+    }
+}
+
+pub struct ExpertService {
+    model: Arc<Model>,
+    info: ShardInfo,
+    load: Arc<LoadCounters>,
+    max_rows: usize,
+}
+
+impl ExpertService {
+    pub fn new(model: Arc<Model>, info: ShardInfo, max_message_bytes: usize) -> Self {
+        let h = model.config().hidden_size.max(1);
+        Self {
+            model,
+            info,
+            load: Arc::default(),
+            max_rows: max_message_bytes / (h * 4),
+        }
+    }
+
+    fn check(&self, req: &ExpertRequest) -> Result<Vec<(usize, usize)>, Status> {
+        let spec = self.model.spec();
+        let layer = req.layer as usize;
+        if !spec.layers.contains(&layer) {
+            return Err(Status::invalid_argument(format!(
+                "layer {layer} is not owned by this shard (layers {}..{})",
+                spec.layers.start, spec.layers.end
+            )));
+        }
+        let mut groups = Vec::with_capacity(req.experts.len());
+        let mut total = 0usize;
+        for g in &req.experts {
+            let e = g.expert as usize;
+            if !spec.owns_expert(layer, e) {
+                return Err(Status::invalid_argument(format!(
+                    "expert {e} of layer {layer} is not owned by this shard"
+                )));
+            }
+            if g.rows == 0 {
+                return Err(Status::invalid_argument(format!("expert {e}: zero rows")));
+            }
+            total = total.saturating_add(g.rows as usize);
+            groups.push((e, g.rows as usize));
+        }
+        if total > self.max_rows {
+            return Err(Status::invalid_argument(format!(
+                "{total} rows exceed the limit of {} per call",
+                self.max_rows
+            )));
+        }
+        Ok(groups)
+    }
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<MoeScratch> = std::cell::RefCell::new(MoeScratch::default());
+}
+
+#[tonic::async_trait]
+impl Expert for ExpertService {
+    async fn compute(
+        &self,
+        request: Request<ExpertRequest>,
+    ) -> Result<Response<ExpertResponse>, Status> {
+        let span = tracing::info_span!("expert.compute", layer = request.get_ref().layer);
+        let req = request.into_inner();
+        let groups = self.check(&req)?;
+        let total: usize = groups.iter().map(|g| g.1).sum();
+        let h = self.model.config().hidden_size;
+        let mut x = Vec::new();
+        decode_f32("input", req.input.as_ref(), Some(total), h, &mut x)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let model = self.model.clone();
+        let layer = req.layer as usize;
+        let started = Instant::now();
+        let out = tokio::task::spawn_blocking(move || {
+            let _g = span.enter();
+            let mut out = Vec::new();
+            SCRATCH
+                .with_borrow_mut(|s| model.expert_ffn(layer, &groups, &x, &mut out, s))
+                .map(|()| (out, groups))
+        })
+        .await
+        .map_err(|e| Status::internal(format!("expert task: {e}")))?
+        .map_err(to_status)?;
+        let (out, groups) = out;
+        self.load.record_batch(total, started.elapsed());
+        self.load
+            .record_experts(layer, groups.iter().map(|&(e, n)| (e, n)));
+        Ok(Response::new(ExpertResponse {
+            output: Some(encode_f32(&out, &[total, h])),
+        }))
+    }
+
+    async fn describe(
+        &self,
+        _request: Request<DescribeRequest>,
+    ) -> Result<Response<ShardInfo>, Status> {
+        Ok(Response::new(self.info.clone()))
+    }
+
+    async fn load_stats(
+        &self,
+        request: Request<LoadStatsRequest>,
+    ) -> Result<Response<LoadStatsResponse>, Status> {
+        Ok(Response::new(
+            self.load.snapshot(request.get_ref().reset, 0),
+        ))
+    }
+}
+
+pub async fn run(args: ExpertArgs) -> Result<()> {
+    let listener = bind(args.server.listen, "expert").await?;
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    let src = args.model.model.open()?;
+    let experts: BTreeSet<usize> = args.experts.iter().copied().collect();
+    let spec = ShardSpec::experts(args.layers.clone(), experts);
+    let name = args.model.model.to_string();
+    let model = tokio::task::spawn_blocking(move || load_with_progress(src.as_ref(), spec))
+        .await
+        .map_err(|e| Error::peer("expert", format!("load task: {e}")))??;
+    let model = Arc::new(model);
+    let info = shard_info(&model, Role::Expert, args.index, &name);
+    let limit = args.server.max_message_bytes;
+    let service = ExpertServer::new(ExpertService::new(model, info, limit))
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
+    reporter.set_serving::<ExpertServer<ExpertService>>().await;
+    reporter
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    tracing::info!(layers = ?args.layers, experts = ?args.experts, "expert shard serving");
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(service)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown_signal(args.server.exit_with_stdin),
+        )
+        .await
+        .map_err(|e| Error::peer("expert", format!("server: {e}")))
+}

@@ -1,0 +1,683 @@
+//! OpenAI-compatible HTTP: completions and chat completions (plain and server-sent events),
+//! models, health, readiness and Prometheus metrics. Every error is a JSON object whose
+//! message names the field at fault.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::{GenEvent, GenRequest, Shared};
+use crate::engine::FinishReason;
+use crate::error::Error;
+use crate::sampling::SamplingParams;
+
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(models))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(8 << 20))
+        .with_state(shared)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors.
+
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    message: String,
+    param: Option<String>,
+    retry_after: Option<u32>,
+}
+
+impl ApiError {
+    fn bad(param: &str, message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            kind: "invalid_request_error",
+            message: format!("{param}: {}", message.into()),
+            param: Some(param.to_string()),
+            retry_after: None,
+        }
+    }
+
+    fn from_engine(e: Error) -> Self {
+        let (status, kind, retry, param) = match &e {
+            Error::InvalidInput { field, .. } => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                None,
+                Some(field.clone()),
+            ),
+            Error::Deadline(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout", None, None),
+            Error::Peer { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", Some(1), None),
+            _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error", None, None),
+        };
+        Self {
+            status,
+            kind,
+            message: e.to_string(),
+            param,
+            retry_after: retry,
+        }
+    }
+
+    fn body(&self) -> Value {
+        json!({"error": {
+            "message": self.message,
+            "type": self.kind,
+            "param": self.param,
+            "code": self.status.as_u16(),
+        }})
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (self.status, axum::Json(self.body())).into_response();
+        if let Some(s) = self.retry_after {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        r
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError {
+        status: StatusCode::NOT_FOUND,
+        kind: "not_found",
+        message: "no such endpoint".into(),
+        param: None,
+        retry_after: None,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Requests.
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+/// Fields shared by both endpoints (`prompt` and `messages` are read separately).
+#[derive(Debug, Deserialize)]
+struct Common {
+    model: Option<String>,
+    max_tokens: Option<i64>,
+    max_completion_tokens: Option<i64>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    top_k: Option<i64>,
+    seed: Option<i64>,
+    #[serde(default)]
+    stream: bool,
+    stream_options: Option<StreamOptions>,
+    n: Option<i64>,
+    stop: Option<Stop>,
+    #[serde(default)]
+    ignore_eos: bool,
+    #[serde(default)]
+    echo: bool,
+    logprobs: Option<Value>,
+    best_of: Option<i64>,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
+    logit_bias: Option<serde_json::Map<String, Value>>,
+}
+
+struct Prepared {
+    prompt: Vec<u32>,
+    params: SamplingParams,
+    stream: bool,
+    include_usage: bool,
+    stop: Vec<String>,
+}
+
+fn parse_body(body: &Bytes) -> Result<(Value, Common), ApiError> {
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad("body", format!("not valid JSON: {e}")))?;
+    if !v.is_object() {
+        return Err(ApiError::bad("body", "must be a JSON object"));
+    }
+    let common: Common = serde_path_to_error::deserialize(&v).map_err(|e| {
+        let path = e.path().to_string();
+        ApiError::bad(&path, e.into_inner().to_string())
+    })?;
+    Ok((v, common))
+}
+
+fn prepare(sh: &Shared, c: &Common, prompt: Vec<u32>, chat: bool) -> Result<Prepared, ApiError> {
+    if let Some(m) = &c.model {
+        if m != &sh.model_name {
+            return Err(ApiError {
+                status: StatusCode::NOT_FOUND,
+                kind: "model_not_found",
+                message: format!("model: `{m}` is not served here (this gateway serves `{}`)", sh.model_name),
+                param: Some("model".into()),
+                retry_after: None,
+            });
+        }
+    }
+    if c.n.is_some_and(|n| n != 1) {
+        return Err(ApiError::bad("n", "only 1 choice per request is supported"));
+    }
+    if c.best_of.is_some_and(|n| n != 1) {
+        return Err(ApiError::bad("best_of", "only 1 is supported"));
+    }
+    if c.echo {
+        return Err(ApiError::bad("echo", "is not supported"));
+    }
+    if c.logprobs.as_ref().is_some_and(|v| !v.is_null() && v != &Value::Bool(false)) {
+        return Err(ApiError::bad("logprobs", "is not supported"));
+    }
+    for (name, v) in [("presence_penalty", c.presence_penalty), ("frequency_penalty", c.frequency_penalty)] {
+        if v.is_some_and(|v| v != 0.0) {
+            return Err(ApiError::bad(name, "is not supported (only 0)"));
+        }
+    }
+    if c.logit_bias.as_ref().is_some_and(|m| !m.is_empty()) {
+        return Err(ApiError::bad("logit_bias", "is not supported"));
+    }
+    let context = sh.cfg.max_position_embeddings;
+    let room = context.saturating_sub(prompt.len());
+    let (field, asked) = match (c.max_completion_tokens, c.max_tokens) {
+        (Some(m), _) => ("max_completion_tokens", Some(m)),
+        (None, m) => ("max_tokens", m),
+    };
+    let max_new = match asked {
+        Some(m) if m < 1 => return Err(ApiError::bad(field, format!("{m} must be at least 1"))),
+        Some(m) if m as u64 > room as u64 => {
+            return Err(ApiError::bad(
+                field,
+                format!(
+                    "{m} plus the prompt's {} tokens exceeds the context length {context}",
+                    prompt.len()
+                ),
+            ));
+        }
+        Some(m) => m as usize,
+        None if chat => room,
+        None => 16.min(room),
+    };
+    let top_k = match c.top_k {
+        None | Some(-1) => 0,
+        Some(k) if k < 0 => return Err(ApiError::bad("top_k", format!("{k} must be >= 0 (or -1 for all)"))),
+        Some(k) => k as usize,
+    };
+    let seed = match c.seed {
+        Some(s) if s < 0 => return Err(ApiError::bad("seed", format!("{s} must be >= 0"))),
+        s => s.map(|s| s as u64),
+    };
+    let params = SamplingParams {
+        max_new_tokens: max_new.max(1),
+        temperature: c.temperature.unwrap_or(1.0),
+        top_p: c.top_p.unwrap_or(1.0),
+        top_k,
+        seed,
+        ignore_eos: c.ignore_eos,
+    };
+    sh.check(&prompt, &params).map_err(|e| match e {
+        Error::InvalidInput { field, message } => {
+            let param = match field.as_str() {
+                "token id" | "prompt" if chat => "messages".to_string(),
+                "token id" => "prompt".to_string(),
+                "max_new_tokens" => field_name(field.as_str()),
+                f => f.to_string(),
+            };
+            ApiError::bad(&param, message)
+        }
+        other => ApiError::from_engine(other),
+    })?;
+    let stop = match &c.stop {
+        None => Vec::new(),
+        Some(Stop::One(s)) => vec![s.clone()],
+        Some(Stop::Many(v)) => v.clone(),
+    };
+    if stop.len() > 4 || stop.iter().any(String::is_empty) {
+        return Err(ApiError::bad("stop", "at most 4 non-empty strings"));
+    }
+    if !stop.is_empty() && sh.tokenizer.is_none() {
+        return Err(ApiError::bad("stop", "needs a tokenizer, and this model has none"));
+    }
+    Ok(Prepared {
+        prompt,
+        params,
+        stream: c.stream,
+        include_usage: c.stream_options.as_ref().is_some_and(|o| o.include_usage),
+        stop,
+    })
+}
+
+fn field_name(f: &str) -> String {
+    if f == "max_new_tokens" { "max_tokens".into() } else { f.into() }
+}
+
+/// `prompt`: a string, an array of token ids, or a one-element array of either.
+fn read_prompt(sh: &Shared, v: &Value) -> Result<Vec<u32>, ApiError> {
+    let p = v.get("prompt").ok_or_else(|| ApiError::bad("prompt", "is required"))?;
+    let ids = |a: &Vec<Value>, field: &str| -> Result<Vec<u32>, ApiError> {
+        a.iter()
+            .enumerate()
+            .map(|(i, t)| {
+                t.as_u64()
+                    .filter(|&t| t <= u32::MAX as u64)
+                    .map(|t| t as u32)
+                    .ok_or_else(|| ApiError::bad(&format!("{field}[{i}]"), format!("{t} is not a token id")))
+            })
+            .collect()
+    };
+    match p {
+        Value::String(s) => encode(sh, s, "prompt"),
+        Value::Array(a) if a.iter().all(Value::is_number) => ids(a, "prompt"),
+        Value::Array(a) if a.len() == 1 => match &a[0] {
+            Value::String(s) => encode(sh, s, "prompt[0]"),
+            Value::Array(inner) => ids(inner, "prompt[0]"),
+            _ => Err(ApiError::bad("prompt[0]", "must be a string or an array of token ids")),
+        },
+        Value::Array(a) if a.len() > 1 && !a.iter().all(Value::is_number) => Err(ApiError::bad(
+            "prompt",
+            "one prompt per request (send several requests; they are batched together)",
+        )),
+        _ => Err(ApiError::bad("prompt", "must be a string or an array of token ids")),
+    }
+}
+
+fn encode(sh: &Shared, text: &str, field: &str) -> Result<Vec<u32>, ApiError> {
+    let tok = sh
+        .tokenizer
+        .as_ref()
+        .ok_or_else(|| ApiError::bad(field, "this model has no tokenizer: send token ids"))?;
+    tok.encode(text, sh.cfg.bos_token_id)
+        .map_err(|e| ApiError::bad(field, e.to_string()))
+}
+
+/// Renders chat messages with the built-in template: one `<|role|>` header per message, then
+/// an open assistant turn.
+fn read_messages(sh: &Shared, v: &Value) -> Result<Vec<u32>, ApiError> {
+    let msgs = v
+        .get("messages")
+        .ok_or_else(|| ApiError::bad("messages", "is required"))?
+        .as_array()
+        .ok_or_else(|| ApiError::bad("messages", "must be an array"))?;
+    if msgs.is_empty() {
+        return Err(ApiError::bad("messages", "must contain at least one message"));
+    }
+    let mut text = String::new();
+    for (i, m) in msgs.iter().enumerate() {
+        let role = m
+            .get("role")
+            .and_then(Value::as_str)
+            .ok_or_else(|| ApiError::bad(&format!("messages[{i}].role"), "is required"))?;
+        if !matches!(role, "system" | "developer" | "user" | "assistant" | "tool") {
+            return Err(ApiError::bad(
+                &format!("messages[{i}].role"),
+                format!("`{role}` is not one of system, developer, user, assistant, tool"),
+            ));
+        }
+        let content = match m.get("content") {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Array(parts)) => {
+                let mut s = String::new();
+                for (j, part) in parts.iter().enumerate() {
+                    match (part.get("type").and_then(Value::as_str), part.get("text").and_then(Value::as_str)) {
+                        (Some("text"), Some(t)) => s.push_str(t),
+                        _ => {
+                            return Err(ApiError::bad(
+                                &format!("messages[{i}].content[{j}]"),
+                                "only text parts are supported",
+                            ));
+                        }
+                    }
+                }
+                s
+            }
+            Some(Value::Null) | None if role == "assistant" => String::new(),
+            _ => return Err(ApiError::bad(&format!("messages[{i}].content"), "must be a string or text parts")),
+        };
+        text.push_str(&format!("<|{role}|>\n{content}\n"));
+    }
+    text.push_str("<|assistant|>\n");
+    encode(sh, &text, "messages")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Generation.
+
+/// Holds back text that could still become a stop string.
+struct StopMatcher {
+    stops: Vec<String>,
+    held: String,
+}
+
+impl StopMatcher {
+    /// Returns the text safe to emit, and whether a stop string was reached.
+    fn push(&mut self, delta: &str) -> (String, bool) {
+        self.held.push_str(delta);
+        if let Some(at) = self.stops.iter().filter_map(|s| self.held.find(s.as_str())).min() {
+            let out = self.held[..at].to_string();
+            self.held.clear();
+            return (out, true);
+        }
+        // Keep the longest suffix that is a prefix of some stop string.
+        let mut keep = 0;
+        for s in &self.stops {
+            for (i, _) in self.held.char_indices() {
+                let tail = &self.held[i..];
+                if s.starts_with(tail) {
+                    keep = keep.max(tail.len());
+                    break;
+                }
+            }
+        }
+        let cut = self.held.len() - keep;
+        let out = self.held[..cut].to_string();
+        self.held.drain(..cut);
+        (out, false)
+    }
+
+    fn finish(&mut self) -> String {
+        std::mem::take(&mut self.held)
+    }
+}
+
+struct Generation {
+    rx: mpsc::UnboundedReceiver<GenEvent>,
+    prompt_tokens: usize,
+}
+
+fn start(sh: &Shared, p: &Prepared, endpoint: &'static str) -> Result<Generation, ApiError> {
+    if !sh.ready.load(Ordering::SeqCst) {
+        return Err(ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            kind: "unavailable",
+            message: "the pipeline is not ready yet".into(),
+            param: None,
+            retry_after: Some(1),
+        });
+    }
+    let (tx, rx) = mpsc::unbounded_channel();
+    let span = tracing::info_span!("gateway.request", endpoint, prompt_tokens = p.prompt.len());
+    let req = GenRequest {
+        prompt: p.prompt.clone(),
+        params: p.params.clone(),
+        events: tx,
+        span,
+    };
+    if sh.submit(req).is_err() {
+        return Err(ApiError {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            kind: "rate_limit_exceeded",
+            message: format!("the request queue is full ({} waiting); retry later", sh.queued()),
+            param: None,
+            retry_after: Some(1),
+        });
+    }
+    Ok(Generation {
+        rx,
+        prompt_tokens: p.prompt.len(),
+    })
+}
+
+struct Output {
+    ids: Vec<u32>,
+    text: String,
+    finish: &'static str,
+}
+
+/// Runs a generation to the end (non-streaming).
+async fn collect(sh: &Shared, p: &Prepared, mut g: Generation) -> Result<Output, ApiError> {
+    let mut ids = Vec::new();
+    let mut stops = StopMatcher {
+        stops: p.stop.clone(),
+        held: String::new(),
+    };
+    let mut text = String::new();
+    let mut decoder = sh.tokenizer.as_ref().map(|t| t.stream());
+    loop {
+        match g.rx.recv().await {
+            Some(GenEvent::Token(t)) => {
+                ids.push(t);
+                if let Some(piece) = decoder.as_mut().and_then(|d| d.push(t)) {
+                    let (out, stopped) = stops.push(&piece);
+                    text.push_str(&out);
+                    if stopped {
+                        return Ok(Output { ids, text, finish: "stop" });
+                    }
+                }
+            }
+            Some(GenEvent::Done(f)) => {
+                if let Some(rest) = decoder.as_mut().and_then(|d| d.finish()) {
+                    let (out, stopped) = stops.push(&rest);
+                    text.push_str(&out);
+                    if stopped {
+                        return Ok(Output { ids, text, finish: "stop" });
+                    }
+                }
+                text.push_str(&stops.finish());
+                return Ok(Output { ids, text, finish: finish_str(f) });
+            }
+            Some(GenEvent::Failed(e)) => return Err(ApiError::from_engine(e)),
+            None => return Err(ApiError::from_engine(Error::peer("gateway", "generation ended unexpectedly"))),
+        }
+    }
+}
+
+fn finish_str(f: FinishReason) -> &'static str {
+    f.as_str()
+}
+
+fn usage(prompt: usize, completion: usize) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+}
+
+fn now_secs() -> u64 {
+    crate::serve::now_unix_ms() / 1000
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Text,
+    Chat,
+}
+
+/// Streams a generation as server-sent events in the OpenAI chunk format.
+fn stream(sh: Arc<Shared>, p: Prepared, mut g: Generation, kind: Kind) -> Response {
+    let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(64);
+    let id = format!("{}-{}", if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }, uuid_like());
+    let created = now_secs();
+    let model = sh.model_name.clone();
+    tokio::spawn(async move {
+        let object = if kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
+        let chunk = |text: &str, ids: &[u32], finish: Option<&str>, first: bool| -> Event {
+            let choice = match kind {
+                Kind::Text => json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish, "token_ids": ids}),
+                Kind::Chat => {
+                    let mut delta = json!({"content": text});
+                    if first {
+                        delta["role"] = json!("assistant");
+                    }
+                    if finish.is_some() && text.is_empty() {
+                        delta = json!({});
+                    }
+                    json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish, "token_ids": ids})
+                }
+            };
+            let body = json!({"id": id, "object": object, "created": created, "model": model, "choices": [choice]});
+            Event::default().data(body.to_string())
+        };
+        let mut decoder = sh.tokenizer.as_ref().map(|t| t.stream());
+        let mut stops = StopMatcher { stops: p.stop.clone(), held: String::new() };
+        let mut generated = 0usize;
+        let mut first = true;
+        let finish: &str = loop {
+            match g.rx.recv().await {
+                Some(GenEvent::Token(t)) => {
+                    generated += 1;
+                    let piece = decoder.as_mut().and_then(|d| d.push(t)).unwrap_or_default();
+                    let (out, stopped) = stops.push(&piece);
+                    if tx.send(Ok(chunk(&out, &[t], None, first))).await.is_err() {
+                        return; // client gone; dropping the receiver cancels the sequence
+                    }
+                    first = false;
+                    if stopped {
+                        break "stop";
+                    }
+                }
+                Some(GenEvent::Done(f)) => {
+                    let rest = decoder.as_mut().and_then(|d| d.finish()).unwrap_or_default();
+                    let (mut out, stopped) = stops.push(&rest);
+                    if !stopped {
+                        out.push_str(&stops.finish());
+                    }
+                    if !out.is_empty() {
+                        let _ = tx.send(Ok(chunk(&out, &[], None, first))).await;
+                    }
+                    break if stopped { "stop" } else { finish_str(f) };
+                }
+                Some(GenEvent::Failed(e)) => {
+                    let err = ApiError::from_engine(e);
+                    let _ = tx.send(Ok(Event::default().data(err.body().to_string()))).await;
+                    return;
+                }
+                None => return,
+            }
+        };
+        drop(g.rx);
+        let _ = tx.send(Ok(chunk("", &[], Some(finish), false))).await;
+        if p.include_usage {
+            let body = json!({"id": id, "object": object, "created": created, "model": model,
+                "choices": [], "usage": usage(g.prompt_tokens, generated)});
+            let _ = tx.send(Ok(Event::default().data(body.to_string()))).await;
+        }
+        let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
+    });
+    Sse::new(ReceiverStream::new(rx))
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+fn uuid_like() -> String {
+    use std::sync::atomic::AtomicU64;
+    static N: AtomicU64 = AtomicU64::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    format!("{:x}{:04x}", crate::serve::now_unix_ms(), n & 0xffff)
+}
+
+async fn generate(sh: Arc<Shared>, body: Bytes, kind: Kind) -> Result<Response, ApiError> {
+    let (v, common) = parse_body(&body)?;
+    let prompt = match kind {
+        Kind::Text => read_prompt(&sh, &v)?,
+        Kind::Chat => read_messages(&sh, &v)?,
+    };
+    let p = prepare(&sh, &common, prompt, kind == Kind::Chat)?;
+    let endpoint = if kind == Kind::Chat { "chat" } else { "completions" };
+    let g = start(&sh, &p, endpoint)?;
+    if p.stream {
+        return Ok(stream(sh, p, g, kind));
+    }
+    let prompt_tokens = g.prompt_tokens;
+    let out = collect(&sh, &p, g).await?;
+    let created = now_secs();
+    let u = usage(prompt_tokens, out.ids.len());
+    let body = match kind {
+        Kind::Text => json!({
+            "id": format!("cmpl-{}", uuid_like()), "object": "text_completion", "created": created,
+            "model": sh.model_name,
+            "choices": [{"index": 0, "text": out.text, "logprobs": null, "finish_reason": out.finish, "token_ids": out.ids}],
+            "usage": u,
+        }),
+        Kind::Chat => json!({
+            "id": format!("chatcmpl-{}", uuid_like()), "object": "chat.completion", "created": created,
+            "model": sh.model_name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
+                         "logprobs": null, "finish_reason": out.finish, "token_ids": out.ids}],
+            "usage": u,
+        }),
+    };
+    Ok(axum::Json(body).into_response())
+}
+
+async fn completions(State(sh): State<Arc<Shared>>, body: Bytes) -> Response {
+    let r = generate(sh.clone(), body, Kind::Text).await;
+    respond(&sh, "completions", r)
+}
+
+async fn chat_completions(State(sh): State<Arc<Shared>>, body: Bytes) -> Response {
+    let r = generate(sh.clone(), body, Kind::Chat).await;
+    respond(&sh, "chat_completions", r)
+}
+
+fn respond(sh: &Shared, endpoint: &str, r: Result<Response, ApiError>) -> Response {
+    let resp = r.unwrap_or_else(IntoResponse::into_response);
+    sh.metrics.request(endpoint, resp.status().as_u16());
+    resp
+}
+
+async fn models(State(sh): State<Arc<Shared>>) -> Response {
+    axum::Json(json!({"object": "list", "data": [{
+        "id": sh.model_name, "object": "model", "created": 0, "owned_by": "moe-serve",
+        "max_model_len": sh.cfg.max_position_embeddings,
+    }]}))
+    .into_response()
+}
+
+async fn readyz(State(sh): State<Arc<Shared>>) -> Response {
+    if sh.ready.load(Ordering::SeqCst) {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready: waiting for every stage to serve\n").into_response()
+    }
+}
+
+async fn metrics(State(sh): State<Arc<Shared>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        sh.metrics.render(),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StopMatcher;
+
+    #[test]
+    fn stop_strings_hold_back_partial_matches() {
+        let mut m = StopMatcher { stops: vec!["END".into()], held: String::new() };
+        assert_eq!(m.push("abc E"), ("abc ".to_string(), false));
+        assert_eq!(m.push("N"), (String::new(), false));
+        assert_eq!(m.push("Dx"), (String::new(), true));
+        let mut m = StopMatcher { stops: vec!["END".into()], held: String::new() };
+        assert_eq!(m.push("E"), (String::new(), false));
+        assert_eq!(m.push("x"), ("Ex".to_string(), false));
+        assert_eq!(m.finish(), "");
+    }
+}

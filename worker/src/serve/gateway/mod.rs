@@ -1,0 +1,387 @@
+//! `moe-worker gateway`: the OpenAI-compatible front door. It tokenizes, batches requests
+//! continuously into several micro-batch lanes (so every stage has work while the others
+//! run), sends each step down the pipeline, applies the final norm and LM head to the last
+//! stage's output, samples, and streams tokens back.
+
+mod http;
+mod metrics;
+mod pipeline;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+pub use metrics::Metrics;
+pub use pipeline::Pipeline;
+
+use crate::cli::{ModelArgs, load_with_progress};
+use crate::engine::{BatchLimits, Batcher, EngineOptions, FinishReason, SeqId};
+use crate::error::{Error, Result};
+use crate::model::{Model, Scratch};
+use crate::sampling::SamplingParams;
+use crate::serve::{DEFAULT_MAX_MESSAGE_BYTES, parse_addrs, shutdown_signal};
+use crate::tokenizer::Tokenizer;
+use crate::weights::ShardSpec;
+
+#[derive(Debug, clap::Args)]
+pub struct GatewayArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    /// HTTP address to listen on (port 0 picks a free port; the address is printed).
+    #[arg(long, env = "MOE_HTTP_LISTEN", default_value = "127.0.0.1:8000")]
+    pub listen: SocketAddr,
+
+    /// Stage addresses in pipeline order, comma-separated.
+    #[arg(long, env = "MOE_STAGE_ADDRS")]
+    pub stage_addrs: String,
+
+    /// Model name served by /v1/models (default: the --model argument).
+    #[arg(long, env = "MOE_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+
+    /// Micro-batch lanes in flight at once (default: the number of stages, at least 2).
+    #[arg(long, env = "MOE_MICRO_BATCHES")]
+    pub micro_batches: Option<usize>,
+
+    /// Most sequences running at once, over all lanes.
+    #[arg(long, env = "MOE_MAX_SEQUENCES", default_value_t = 64)]
+    pub max_sequences: usize,
+
+    /// Most tokens in one micro-batch (prompt chunks plus decode tokens).
+    #[arg(long, env = "MOE_MAX_BATCH_TOKENS", default_value_t = 512)]
+    pub max_batch_tokens: usize,
+
+    /// Requests waiting for a slot before new ones are refused with 429.
+    #[arg(long, env = "MOE_MAX_QUEUE", default_value_t = 256)]
+    pub max_queue: usize,
+
+    /// Deadline of one pipeline step, in milliseconds.
+    #[arg(long, env = "MOE_STEP_TIMEOUT_MS", default_value_t = 60_000)]
+    pub step_timeout_ms: u64,
+
+    /// Largest gRPC message accepted or sent, in bytes.
+    #[arg(long, env = "MOE_MAX_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
+    pub max_message_bytes: usize,
+
+    #[arg(long, hide = true)]
+    pub exit_with_stdin: bool,
+}
+
+/// What a request's stream receives.
+#[derive(Debug)]
+pub enum GenEvent {
+    Token(u32),
+    Done(FinishReason),
+    Failed(Error),
+}
+
+/// A tokenized request waiting for a lane.
+#[derive(Debug)]
+pub struct GenRequest {
+    pub prompt: Vec<u32>,
+    pub params: SamplingParams,
+    pub events: mpsc::UnboundedSender<GenEvent>,
+    pub span: tracing::Span,
+}
+
+pub struct Shared {
+    pub model_name: String,
+    pub cfg: crate::config::ModelConfig,
+    pub tokenizer: Option<Tokenizer>,
+    pub metrics: Metrics,
+    pub ready: AtomicBool,
+    head: Model,
+    pipeline: Pipeline,
+    checker: Batcher,
+    queue: mpsc::Sender<GenRequest>,
+    queue_rx: tokio::sync::Mutex<mpsc::Receiver<GenRequest>>,
+    per_lane: usize,
+    opts: EngineOptions,
+    step_timeout: Duration,
+    next_seq: AtomicU64,
+}
+
+impl Shared {
+    /// Checks a request as a lane will, so that bad input is refused before it queues.
+    pub fn check(&self, prompt: &[u32], params: &SamplingParams) -> Result<()> {
+        self.checker.check(prompt, params)
+    }
+
+    /// Queues a request; `Err` when the queue is full.
+    pub fn submit(&self, req: GenRequest) -> std::result::Result<(), GenRequest> {
+        self.queue.try_send(req).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(r) | mpsc::error::TrySendError::Closed(r) => r,
+        })?;
+        self.metrics.queue_depth.set(self.queued() as i64);
+        Ok(())
+    }
+
+    pub fn queued(&self) -> usize {
+        self.queue.max_capacity() - self.queue.capacity()
+    }
+}
+
+struct Running {
+    events: mpsc::UnboundedSender<GenEvent>,
+    span: tracing::Span,
+    started: Instant,
+    first_token: bool,
+}
+
+/// One lane: its own sequences, one micro-batch in flight at a time.
+async fn lane(shared: Arc<Shared>, index: usize) {
+    let Ok(mut batcher) = Batcher::new(BatchLimits::of(&shared.cfg), shared.opts.clone()) else {
+        return;
+    };
+    let mut running: HashMap<SeqId, Running> = HashMap::new();
+    let mut scratch = Scratch::default();
+    loop {
+        if batcher.is_empty() {
+            let next = {
+                let mut rx = shared.queue_rx.lock().await;
+                rx.recv().await
+            };
+            let Some(r) = next else { return };
+            admit(&shared, &mut batcher, &mut running, r);
+        }
+        while batcher.len() < shared.per_lane {
+            let Ok(mut rx) = shared.queue_rx.try_lock() else {
+                break;
+            };
+            let Ok(r) = rx.try_recv() else { break };
+            drop(rx);
+            admit(&shared, &mut batcher, &mut running, r);
+        }
+        shared.metrics.queue_depth.set(shared.queued() as i64);
+        // Clients that went away.
+        let gone: Vec<SeqId> = running
+            .iter()
+            .filter(|(_, r)| r.events.is_closed())
+            .map(|(id, _)| *id)
+            .collect();
+        if !gone.is_empty() {
+            for id in &gone {
+                batcher.remove(*id);
+                running.remove(id);
+                shared.metrics.finished("cancelled");
+            }
+            release(&shared, gone);
+        }
+        shared
+            .metrics
+            .lane_sequences
+            .get_or_create(&metrics::LaneLabel { lane: index as u32 })
+            .set(batcher.len() as i64);
+        let Some(step) = batcher.schedule() else {
+            continue;
+        };
+        let span = tracing::info_span!(
+            "gateway.step",
+            lane = index,
+            seqs = step.seqs.len(),
+            tokens = step.ids.len()
+        );
+        // The step belongs to the trace of its first request; the others are linked.
+        if let Some(parent) = step.seqs.first().and_then(|id| running.get(id)) {
+            span.follows_from(&parent.span);
+        }
+        let trace_context = HashMap::new();
+        let started = Instant::now();
+        let result = shared
+            .pipeline
+            .forward(&step, shared.step_timeout, trace_context)
+            .await;
+        shared.metrics.step_seconds.observe(started.elapsed().as_secs_f64());
+        let result = match result {
+            Ok(last) => {
+                let rows: Vec<usize> = step.sampled.clone();
+                let (sh, s) = (shared.clone(), std::mem::take(&mut scratch));
+                let joined = tokio::task::spawn_blocking(move || {
+                    let mut s = s;
+                    let mut logits = Vec::new();
+                    let r = sh.head.logits(&last, &rows, &mut logits, &mut s);
+                    (r.map(|()| logits), s)
+                })
+                .await;
+                match joined {
+                    Ok((r, s)) => {
+                        scratch = s;
+                        r
+                    }
+                    Err(e) => Err(Error::peer("gateway", format!("LM head task: {e}"))),
+                }
+            }
+            Err(e) => Err(e),
+        };
+        let mut done = Vec::new();
+        match result {
+            Ok(mut logits) => {
+                for ev in batcher.commit(&step, &mut logits) {
+                    let Some(r) = running.get_mut(&ev.seq) else { continue };
+                    if !r.first_token {
+                        r.first_token = true;
+                        shared
+                            .metrics
+                            .time_to_first_token
+                            .observe(r.started.elapsed().as_secs_f64());
+                    }
+                    shared.metrics.generated_tokens.inc();
+                    let _ = r.events.send(GenEvent::Token(ev.token));
+                    if let Some(f) = ev.finish {
+                        let _ = r.events.send(GenEvent::Done(f));
+                        done.push(ev.seq);
+                        shared.metrics.finished(f.as_str());
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, seqs = step.seqs.len(), "step failed");
+                for id in &step.seqs {
+                    if let Some(r) = running.get(id) {
+                        let copy = match &e {
+                            Error::Deadline(m) => Error::Deadline(m.clone()),
+                            Error::InvalidInput { field, message } => Error::invalid(field, message.clone()),
+                            other => Error::peer("pipeline", other.to_string()),
+                        };
+                        let _ = r.events.send(GenEvent::Failed(copy));
+                        shared.metrics.finished("error");
+                    }
+                    done.push(*id);
+                }
+            }
+        }
+        for id in &done {
+            batcher.remove(*id);
+            running.remove(id);
+        }
+        release(&shared, done);
+    }
+}
+
+fn admit(shared: &Shared, batcher: &mut Batcher, running: &mut HashMap<SeqId, Running>, r: GenRequest) {
+    let id = SeqId(shared.next_seq.fetch_add(1, Ordering::Relaxed));
+    shared.metrics.prompt_tokens.inc_by(r.prompt.len() as u64);
+    match batcher.add(id, r.prompt, r.params) {
+        Ok(()) => {
+            running.insert(
+                id,
+                Running {
+                    events: r.events,
+                    span: r.span,
+                    started: Instant::now(),
+                    first_token: false,
+                },
+            );
+        }
+        Err(e) => {
+            let _ = r.events.send(GenEvent::Failed(e));
+        }
+    }
+}
+
+fn release(shared: &Arc<Shared>, ids: Vec<SeqId>) {
+    if ids.is_empty() {
+        return;
+    }
+    let sh = shared.clone();
+    tokio::spawn(async move {
+        let raw: Vec<u64> = ids.iter().map(|s| s.0).collect();
+        sh.pipeline.release(&raw).await;
+    });
+}
+
+/// Polls every stage's gRPC health; the gateway is ready when all serve.
+async fn watch_readiness(shared: Arc<Shared>) {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    loop {
+        let mut all = true;
+        for (name, client) in shared.pipeline.stage_channels() {
+            let mut h = HealthClient::new(client);
+            let mut req = tonic::Request::new(HealthCheckRequest {
+                service: String::new(),
+            });
+            req.set_timeout(Duration::from_secs(1));
+            let ok = matches!(
+                tokio::time::timeout(Duration::from_secs(1), h.check(req)).await,
+                Ok(Ok(r)) if r.get_ref().status == 1
+            );
+            if !ok {
+                tracing::debug!(%name, "stage not serving");
+                all = false;
+            }
+        }
+        if shared.ready.swap(all, Ordering::SeqCst) != all {
+            tracing::info!(ready = all, "gateway readiness changed");
+        }
+        shared.metrics.ready.set(i64::from(all));
+        tokio::time::sleep(Duration::from_millis(if all { 2000 } else { 250 })).await;
+    }
+}
+
+pub async fn run(args: GatewayArgs) -> Result<()> {
+    let addrs = parse_addrs(&args.stage_addrs);
+    let src = args.model.model.open()?;
+    let cfg = src.config().clone();
+    let tokenizer = match args.model.model.tokenizer(args.model.tokenizer.as_deref()) {
+        Ok(t) => Some(t),
+        Err(e) if args.model.tokenizer.is_none() => {
+            tracing::warn!(error = %e, "no tokenizer: prompts must be token ids");
+            None
+        }
+        Err(e) => return Err(e),
+    };
+    if args.max_sequences == 0 {
+        return Err(Error::invalid("max-sequences", "must be at least 1"));
+    }
+    let spec = ShardSpec::head(&cfg);
+    let head = tokio::task::spawn_blocking(move || load_with_progress(src.as_ref(), spec))
+        .await
+        .map_err(|e| Error::peer("gateway", format!("load task: {e}")))??;
+    let lanes = args.micro_batches.unwrap_or(addrs.len().max(2)).max(1);
+    let opts = EngineOptions {
+        max_batch_tokens: args.max_batch_tokens,
+    };
+    let (queue, queue_rx) = mpsc::channel(args.max_queue.max(1));
+    let shared = Arc::new(Shared {
+        model_name: args
+            .served_model_name
+            .clone()
+            .unwrap_or_else(|| args.model.model.to_string()),
+        checker: Batcher::new(BatchLimits::of(&cfg), opts.clone())?,
+        pipeline: Pipeline::new(&addrs, cfg.hidden_size, args.max_message_bytes)?,
+        cfg,
+        tokenizer,
+        metrics: Metrics::new(),
+        ready: AtomicBool::new(false),
+        head,
+        queue,
+        queue_rx: tokio::sync::Mutex::new(queue_rx),
+        per_lane: args.max_sequences.div_ceil(lanes),
+        opts,
+        step_timeout: Duration::from_millis(args.step_timeout_ms),
+        next_seq: AtomicU64::new(1),
+    });
+    for i in 0..lanes {
+        tokio::spawn(lane(shared.clone(), i));
+    }
+    tokio::spawn(watch_readiness(shared.clone()));
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| Error::peer("gateway", format!("cannot listen on {}: {e}", args.listen)))?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| Error::peer("gateway", e.to_string()))?;
+    println!("gateway listening on http://{local}");
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    axum::serve(listener, http::router(shared))
+        .with_graceful_shutdown(shutdown_signal(args.exit_with_stdin))
+        .await
+        .map_err(|e| Error::peer("gateway", format!("server: {e}")))
+}

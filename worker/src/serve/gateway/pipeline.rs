@@ -1,0 +1,226 @@
+//! The gateway's connection to the pipeline: one bidirectional stream to the first stage that
+//! carries every lane's micro-batches, answered by id; reopened after a failure.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use moe_proto::v1::forward_request::Input;
+use moe_proto::v1::forward_response::Result as FwdResult;
+use moe_proto::v1::stage_client::StageClient;
+use moe_proto::v1::{ForwardRequest, ReleaseRequest, SeqSlice, TokenIds};
+use moe_proto::decode_f32;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use tonic::{Code, Request};
+
+use crate::engine::Step;
+use crate::error::{Error, Result};
+use crate::serve::{channel, now_unix_ms};
+
+type Reply = oneshot::Sender<Result<Vec<f32>>>;
+
+struct Open {
+    tx: mpsc::Sender<ForwardRequest>,
+    /// Set by the reader task when the stream fails.
+    alive: Arc<std::sync::atomic::AtomicBool>,
+}
+
+pub struct Pipeline {
+    stages: Vec<(String, StageClient<Channel>)>,
+    channels: Vec<Channel>,
+    open: tokio::sync::Mutex<Option<Open>>,
+    waiting: Arc<Mutex<HashMap<u64, Reply>>>,
+    next_id: AtomicU64,
+    hidden: usize,
+}
+
+impl Pipeline {
+    pub fn new(addrs: &[String], hidden: usize, max_message_bytes: usize) -> Result<Self> {
+        let channels = addrs.iter().map(|a| channel(a)).collect::<Result<Vec<_>>>()?;
+        let stages = addrs
+            .iter()
+            .zip(&channels)
+            .enumerate()
+            .map(|(i, (a, ch))| {
+                Ok((
+                    format!("stage {i} at {a}"),
+                    StageClient::new(ch.clone())
+                        .max_decoding_message_size(max_message_bytes)
+                        .max_encoding_message_size(max_message_bytes),
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if stages.is_empty() {
+            return Err(Error::invalid("stage addrs", "at least one stage is required"));
+        }
+        Ok(Self {
+            stages,
+            channels,
+            open: tokio::sync::Mutex::new(None),
+            waiting: Arc::default(),
+            next_id: AtomicU64::new(1),
+            hidden,
+        })
+    }
+
+    pub fn stage_channels(&self) -> impl Iterator<Item = (&str, Channel)> {
+        self.stages
+            .iter()
+            .zip(&self.channels)
+            .map(|((n, _), c)| (n.as_str(), c.clone()))
+    }
+
+    async fn sender(&self) -> Result<mpsc::Sender<ForwardRequest>> {
+        let mut open = self.open.lock().await;
+        if let Some(o) = open.as_ref() {
+            if o.alive.load(Ordering::SeqCst) {
+                return Ok(o.tx.clone());
+            }
+        }
+        let (name, client) = &self.stages[0];
+        let (tx, rx) = mpsc::channel::<ForwardRequest>(64);
+        let mut client = client.clone();
+        let resp = tokio::time::timeout(
+            Duration::from_secs(5),
+            client.forward(ReceiverStream::new(rx)),
+        )
+        .await
+        .map_err(|_| Error::peer(name.clone(), "no answer when opening the stream"))?
+        .map_err(|s| Error::peer(name.clone(), s.message().to_string()))?;
+        let mut inbound = resp.into_inner();
+        let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (waiting, a, name, hidden) = (self.waiting.clone(), alive.clone(), name.clone(), self.hidden);
+        tokio::spawn(async move {
+            let why = loop {
+                match inbound.message().await {
+                    Ok(Some(r)) => {
+                        let reply = waiting.lock().ok().and_then(|mut w| w.remove(&r.micro_batch_id));
+                        let Some(reply) = reply else { continue };
+                        let out = match r.result {
+                            Some(FwdResult::LastHidden(t)) => {
+                                let mut v = Vec::new();
+                                decode_f32("last hidden", Some(&t), None, hidden, &mut v)
+                                    .map(|_| v)
+                                    .map_err(|e| Error::peer("last stage", e.to_string()))
+                            }
+                            Some(FwdResult::Error(e)) => Err(stage_error(e.code, e.message)),
+                            None => Err(Error::peer("pipeline", "empty response")),
+                        };
+                        let _ = reply.send(out);
+                    }
+                    Ok(None) => break "stream ended".to_string(),
+                    Err(s) => break s.message().to_string(),
+                }
+            };
+            a.store(false, Ordering::SeqCst);
+            tracing::warn!(%why, "pipeline stream closed");
+            // Whatever was in flight on this stream is lost.
+            let lost: Vec<Reply> = waiting
+                .lock()
+                .map(|mut w| w.drain().map(|(_, r)| r).collect())
+                .unwrap_or_default();
+            for r in lost {
+                let _ = r.send(Err(Error::peer(name.clone(), why.clone())));
+            }
+        });
+        *open = Some(Open {
+            tx: tx.clone(),
+            alive,
+        });
+        Ok(tx)
+    }
+
+    /// Runs one step through every stage; returns the last hidden row of each sequence
+    /// (`step.seqs.len() × hidden`).
+    pub async fn forward(
+        &self,
+        step: &Step,
+        timeout: Duration,
+        trace_context: HashMap<String, String>,
+    ) -> Result<Vec<f32>> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let req = ForwardRequest {
+            micro_batch_id: id,
+            seqs: step
+                .seqs
+                .iter()
+                .zip(&step.chunks)
+                .zip(&step.capacities)
+                .map(|((s, c), &cap)| SeqSlice {
+                    seq_id: s.0,
+                    start: c.start as u32,
+                    len: c.len as u32,
+                    capacity: cap as u32,
+                })
+                .collect(),
+            input: Some(Input::Tokens(TokenIds {
+                ids: step.ids.clone(),
+            })),
+            deadline_unix_ms: now_unix_ms() + timeout.as_millis() as u64,
+            trace_context,
+        };
+        let (reply, rx) = oneshot::channel();
+        if let Ok(mut w) = self.waiting.lock() {
+            w.insert(id, reply);
+        }
+        let sent = match self.sender().await {
+            Ok(tx) => tx
+                .send(req)
+                .await
+                .map_err(|_| Error::peer(self.stages[0].0.clone(), "stream closed")),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = sent {
+            if let Ok(mut w) = self.waiting.lock() {
+                w.remove(&id);
+            }
+            return Err(e);
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(Error::peer("pipeline", "stream closed")),
+            Err(_) => {
+                if let Ok(mut w) = self.waiting.lock() {
+                    w.remove(&id);
+                }
+                Err(Error::Deadline(format!(
+                    "the pipeline did not answer within {timeout:?}"
+                )))
+            }
+        }
+    }
+
+    /// Frees the sequences' KV caches on every stage (best effort: a stage that restarted
+    /// holds none).
+    pub async fn release(&self, ids: &[u64]) {
+        if ids.is_empty() {
+            return;
+        }
+        let calls = self.stages.iter().map(|(name, c)| {
+            let mut c = c.clone();
+            let mut req = Request::new(ReleaseRequest {
+                seq_ids: ids.to_vec(),
+            });
+            req.set_timeout(Duration::from_secs(2));
+            async move {
+                match tokio::time::timeout(Duration::from_secs(2), c.release(req)).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(s)) => tracing::debug!(%name, error = %s, "release failed"),
+                    Err(_) => tracing::debug!(%name, "release timed out"),
+                }
+            }
+        });
+        futures::future::join_all(calls).await;
+    }
+}
+
+fn stage_error(code: i32, message: String) -> Error {
+    match Code::from_i32(code) {
+        Code::DeadlineExceeded => Error::Deadline(message),
+        Code::InvalidArgument | Code::FailedPrecondition => Error::invalid("request", message),
+        _ => Error::peer("pipeline", message),
+    }
+}

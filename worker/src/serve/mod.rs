@@ -1,0 +1,189 @@
+//! The long-running roles of a deployment — gateway, pipeline stage, expert shard — and the
+//! one-machine launcher that starts them as separate processes.
+
+pub mod expert;
+pub mod gateway;
+pub mod local;
+pub mod stage;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::error::{Error, Result};
+
+/// Largest gRPC message a worker accepts or sends, unless configured.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 256 << 20;
+
+/// Options every gRPC server role shares.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServerArgs {
+    /// Address to listen on (port 0 picks a free port; the chosen address is printed).
+    #[arg(long, env = "MOE_LISTEN", default_value = "127.0.0.1:0")]
+    pub listen: SocketAddr,
+
+    /// Largest gRPC message accepted or sent, in bytes.
+    #[arg(long, env = "MOE_MAX_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
+    pub max_message_bytes: usize,
+
+    /// Exit when standard input closes (the local launcher sets this, so a child never
+    /// outlives it).
+    #[arg(long, hide = true)]
+    pub exit_with_stdin: bool,
+}
+
+/// Binds `addr` and prints `listening on ADDR` on stdout (the launcher reads it).
+pub async fn bind(addr: SocketAddr, role: &str) -> Result<TcpListener> {
+    let l = TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::peer(role, format!("cannot listen on {addr}: {e}")))?;
+    let local = l
+        .local_addr()
+        .map_err(|e| Error::peer(role, format!("listener address: {e}")))?;
+    println!("{role} listening on {local}");
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    Ok(l)
+}
+
+/// A lazily connecting channel to a peer worker.
+pub fn channel(addr: &str) -> Result<Channel> {
+    let uri = if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    Ok(Endpoint::from_shared(uri)
+        .map_err(|e| Error::invalid("peer address", format!("`{addr}`: {e}")))?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .connect_lazy())
+}
+
+/// Resolves when the process should stop: SIGINT, SIGTERM, or (when asked) standard input
+/// closing.
+pub async fn shutdown_signal(exit_with_stdin: bool) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let stdin_closed = async move {
+        if !exit_with_stdin {
+            return std::future::pending::<()>().await;
+        }
+        // A blocking read on its own thread: EOF or an error means the parent is gone.
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let mut buf = [0u8; 64];
+            let mut stdin = std::io::stdin();
+            while matches!(stdin.read(&mut buf), Ok(n) if n > 0) {}
+            let _ = tx.send(());
+        });
+        let _ = rx.await;
+    };
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+        _ = stdin_closed => {}
+    }
+}
+
+/// The current time as milliseconds since the Unix epoch.
+pub fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Time left until a deadline in Unix milliseconds (`None`: no deadline; zero: passed).
+pub fn remaining(deadline_unix_ms: u64) -> Option<Duration> {
+    (deadline_unix_ms != 0)
+        .then(|| Duration::from_millis(deadline_unix_ms.saturating_sub(now_unix_ms())))
+}
+
+/// Maps an engine error to a gRPC status: bad input is `INVALID_ARGUMENT`.
+pub fn to_status(e: Error) -> tonic::Status {
+    match e {
+        Error::InvalidInput { .. } | Error::Tensor { .. } => {
+            tonic::Status::invalid_argument(e.to_string())
+        }
+        Error::Deadline(_) => tonic::Status::deadline_exceeded(e.to_string()),
+        Error::Peer { .. } => tonic::Status::unavailable(e.to_string()),
+        _ => tonic::Status::internal(e.to_string()),
+    }
+}
+
+/// Parses comma-separated peer addresses.
+pub fn parse_addrs(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+/// Per-(layer, expert) routed-token counters and work counters, read by `LoadStats`.
+#[derive(Debug, Default)]
+pub struct LoadCounters {
+    inner: std::sync::Mutex<LoadInner>,
+}
+
+#[derive(Debug, Default)]
+struct LoadInner {
+    experts: std::collections::BTreeMap<(u32, u32), u64>,
+    batches: u64,
+    rows: u64,
+    busy: Duration,
+}
+
+impl LoadCounters {
+    pub fn record_batch(&self, rows: usize, busy: Duration) {
+        if let Ok(mut g) = self.inner.lock() {
+            g.batches += 1;
+            g.rows += rows as u64;
+            g.busy += busy;
+        }
+    }
+
+    pub fn record_experts(&self, layer: usize, counts: impl Iterator<Item = (usize, usize)>) {
+        if let Ok(mut g) = self.inner.lock() {
+            for (e, n) in counts {
+                if n > 0 {
+                    *g.experts.entry((layer as u32, e as u32)).or_default() += n as u64;
+                }
+            }
+        }
+    }
+
+    pub fn snapshot(&self, reset: bool, active: u32) -> moe_proto::v1::LoadStatsResponse {
+        let Ok(mut g) = self.inner.lock() else {
+            return Default::default();
+        };
+        let out = moe_proto::v1::LoadStatsResponse {
+            experts: g
+                .experts
+                .iter()
+                .map(|(&(layer, expert), &tokens)| moe_proto::v1::ExpertLoad {
+                    layer,
+                    expert,
+                    tokens,
+                })
+                .collect(),
+            batches: g.batches,
+            rows: g.rows,
+            active_sequences: active,
+            busy_seconds: g.busy.as_secs_f64(),
+        };
+        if reset {
+            *g = LoadInner::default();
+        }
+        out
+    }
+}

@@ -1,0 +1,784 @@
+//! `moe-worker stage`: a pipeline stage. It owns a contiguous layer range — attention, norms,
+//! routers and the KV caches of its sequences — and sends each MoE layer's rows to the expert
+//! shards that own the chosen experts, one request per shard, then passes the hidden states
+//! to the next stage. The last stage answers with each sequence's last hidden row.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use moe_proto::v1::expert_client::ExpertClient;
+use moe_proto::v1::forward_request::Input;
+use moe_proto::v1::forward_response::Result as FwdResult;
+use moe_proto::v1::stage_client::StageClient;
+use moe_proto::v1::stage_server::{Stage, StageServer};
+use moe_proto::v1::{
+    DescribeRequest, ExpertRequest, ExpertRows, ForwardError, ForwardRequest, ForwardResponse,
+    LoadStatsRequest, LoadStatsResponse, ReleaseRequest, ReleaseResponse, Role, ShardInfo,
+};
+use moe_proto::{decode_f32, encode_f32};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Response, Status, Streaming};
+
+use super::expert::{parse_range, shard_info};
+use super::{
+    LoadCounters, ServerArgs, bind, channel, parse_addrs, remaining, shutdown_signal, to_status,
+};
+use crate::cli::{ModelArgs, load_with_progress};
+use crate::error::{Error, Result};
+use crate::model::{
+    Chunk, ExpertCompute, KvCache, LocalExperts, Model, MoeScratch, Routing, Scratch, gather,
+    scatter_add,
+};
+use crate::weights::ShardSpec;
+
+#[derive(Debug, clap::Args)]
+pub struct StageArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    #[command(flatten)]
+    pub server: ServerArgs,
+
+    /// Owned layers, START..END (end exclusive).
+    #[arg(long, env = "MOE_LAYERS", value_parser = parse_range)]
+    pub layers: std::ops::Range<usize>,
+
+    /// This stage's index in the plan.
+    #[arg(long, env = "MOE_STAGE_INDEX", default_value_t = 0)]
+    pub index: u32,
+
+    /// Address of the next stage; none for the last stage.
+    #[arg(long, env = "MOE_NEXT_STAGE")]
+    pub next: Option<String>,
+
+    /// Expert shard addresses, comma-separated (replicas of a shard may all be listed).
+    /// Empty: this stage computes its own experts.
+    #[arg(long, env = "MOE_EXPERT_ADDRS", default_value = "")]
+    pub expert_addrs: String,
+
+    /// Deadline of one expert call when the micro-batch carries none, in milliseconds.
+    #[arg(long, env = "MOE_EXPERT_TIMEOUT_MS", default_value_t = 30_000)]
+    pub expert_timeout_ms: u64,
+
+    /// How long to wait at startup for the expert shards to answer, in seconds.
+    #[arg(long, env = "MOE_STARTUP_TIMEOUT_S", default_value_t = 300)]
+    pub startup_timeout_s: u64,
+
+    /// Most sequences holding a KV cache at once.
+    #[arg(long, env = "MOE_MAX_SEQUENCES", default_value_t = 1024)]
+    pub max_sequences: usize,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Expert dispatch.
+
+struct Replica {
+    addr: String,
+    client: ExpertClient<Channel>,
+    outstanding: AtomicUsize,
+}
+
+/// One expert shard (a layer range × a set of experts) and its replicas.
+struct ShardGroup {
+    name: String,
+    replicas: Vec<Replica>,
+}
+
+/// Which shard computes each (layer, expert) of this stage's layers.
+pub struct ExpertRouter {
+    groups: Vec<ShardGroup>,
+    layer_start: usize,
+    /// `[layer - layer_start][expert]` → index into `groups`.
+    owner: Vec<Vec<usize>>,
+    hidden: usize,
+}
+
+impl ExpertRouter {
+    /// Asks every address what it owns (retrying until `timeout`), groups replicas, and
+    /// checks that every expert of `layers` is covered.
+    pub async fn connect(
+        addrs: &[String],
+        model: &Model,
+        max_message_bytes: usize,
+        timeout: Duration,
+    ) -> Result<Self> {
+        let cfg = model.config();
+        let layers = model.spec().layers.clone();
+        let start = Instant::now();
+        let mut by_owner: BTreeMap<(u32, u32, Vec<u32>), Vec<Replica>> = BTreeMap::new();
+        for addr in addrs {
+            let mut client = ExpertClient::new(channel(addr)?)
+                .max_decoding_message_size(max_message_bytes)
+                .max_encoding_message_size(max_message_bytes);
+            let info: ShardInfo = loop {
+                let mut req = Request::new(DescribeRequest {});
+                req.set_timeout(Duration::from_secs(5));
+                match client.describe(req).await {
+                    Ok(r) => break r.into_inner(),
+                    Err(e) if start.elapsed() < timeout => {
+                        tracing::debug!(%addr, error = %e, "expert shard not ready yet");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    Err(e) => {
+                        return Err(Error::peer(
+                            format!("expert shard {addr}"),
+                            format!("not reachable within {timeout:?}: {}", e.message()),
+                        ));
+                    }
+                }
+            };
+            if info.hidden_size as usize != cfg.hidden_size
+                || info.num_experts as usize != cfg.num_local_experts
+                || info.num_layers as usize != cfg.num_hidden_layers
+            {
+                return Err(Error::peer(
+                    format!("expert shard {addr}"),
+                    format!(
+                        "serves a different model ({} layers, {} experts, hidden {})",
+                        info.num_layers, info.num_experts, info.hidden_size
+                    ),
+                ));
+            }
+            by_owner
+                .entry((info.layer_start, info.layer_end, info.experts.clone()))
+                .or_default()
+                .push(Replica {
+                    addr: addr.clone(),
+                    client,
+                    outstanding: AtomicUsize::new(0),
+                });
+        }
+        let mut groups = Vec::new();
+        let mut owner = vec![vec![usize::MAX; cfg.num_local_experts]; layers.len()];
+        for ((ls, le, experts), replicas) in by_owner {
+            let gi = groups.len();
+            for l in (ls as usize)..(le as usize) {
+                let Some(row) = l.checked_sub(layers.start).and_then(|i| owner.get_mut(i)) else {
+                    continue;
+                };
+                for &e in &experts {
+                    if let Some(slot) = row.get_mut(e as usize) {
+                        if *slot == usize::MAX {
+                            *slot = gi;
+                        }
+                    }
+                }
+            }
+            let list: Vec<String> = experts.iter().map(|e| e.to_string()).collect();
+            groups.push(ShardGroup {
+                name: format!("expert shard (layers {ls}..{le}, experts {})", list.join(",")),
+                replicas,
+            });
+        }
+        for (i, row) in owner.iter().enumerate() {
+            if let Some(e) = row.iter().position(|&g| g == usize::MAX) {
+                return Err(Error::invalid(
+                    "expert addrs",
+                    format!(
+                        "no expert shard owns layer {} expert {e}",
+                        layers.start + i
+                    ),
+                ));
+            }
+        }
+        Ok(Self {
+            groups,
+            layer_start: layers.start,
+            owner,
+            hidden: cfg.hidden_size,
+        })
+    }
+
+    /// Calls one shard, trying its replicas by least outstanding work.
+    async fn call(&self, group: usize, req: ExpertRequest, timeout: Duration) -> Result<Vec<f32>> {
+        let g = &self.groups[group];
+        let rows: usize = req.experts.iter().map(|e| e.rows as usize).sum();
+        let mut order: Vec<usize> = (0..g.replicas.len()).collect();
+        order.sort_by_key(|&i| g.replicas[i].outstanding.load(Ordering::Relaxed));
+        let deadline = Instant::now() + timeout;
+        let mut last = String::new();
+        for i in order {
+            let r = &g.replicas[i];
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            r.outstanding.fetch_add(1, Ordering::Relaxed);
+            let mut request = Request::new(req.clone());
+            request.set_timeout(left);
+            let mut client = r.client.clone();
+            let result = tokio::time::timeout(left, client.compute(request)).await;
+            r.outstanding.fetch_sub(1, Ordering::Relaxed);
+            match result {
+                Ok(Ok(resp)) => {
+                    let mut out = Vec::new();
+                    decode_f32(
+                        "expert output",
+                        resp.get_ref().output.as_ref(),
+                        Some(rows),
+                        self.hidden,
+                        &mut out,
+                    )
+                    .map_err(|e| Error::peer(format!("{} at {}", g.name, r.addr), e.to_string()))?;
+                    return Ok(out);
+                }
+                // The shard rejected the input: another replica would too.
+                Ok(Err(s)) if s.code() == Code::InvalidArgument => {
+                    return Err(Error::peer(
+                        format!("{} at {}", g.name, r.addr),
+                        s.message().to_string(),
+                    ));
+                }
+                Ok(Err(s)) => last = format!("{} at {}: {}", g.name, r.addr, s.message()),
+                Err(_) => last = format!("{} at {}: no answer within {left:?}", g.name, r.addr),
+            }
+        }
+        if last.is_empty() {
+            return Err(Error::Deadline(format!("{}: no time left", g.name)));
+        }
+        Err(Error::peer("expert call", last))
+    }
+}
+
+/// Computes a layer's experts on the remote shards, from a blocking thread.
+struct RemoteExperts<'a> {
+    router: &'a ExpertRouter,
+    handle: &'a tokio::runtime::Handle,
+    timeout: Duration,
+    load: &'a LoadCounters,
+}
+
+impl ExpertCompute for RemoteExperts<'_> {
+    fn compute(
+        &mut self,
+        layer: usize,
+        routing: &Routing,
+        x: &[f32],
+        out: &mut [f32],
+    ) -> Result<()> {
+        let r = self.router;
+        let h = r.hidden;
+        let owners = layer
+            .checked_sub(r.layer_start)
+            .and_then(|i| r.owner.get(i))
+            .ok_or_else(|| Error::invalid("layer", format!("{layer} is not owned by this stage")))?;
+        self.load.record_experts(layer, routing.counts().enumerate());
+        let mut calls = Vec::new();
+        for gi in 0..r.groups.len() {
+            let (mut gathered, mut groups) = (Vec::new(), Vec::new());
+            gather(routing, |e| owners[e] == gi, x, h, &mut gathered, &mut groups);
+            if groups.is_empty() {
+                continue;
+            }
+            let rows: usize = groups.iter().map(|g| g.1).sum();
+            let req = ExpertRequest {
+                layer: layer as u32,
+                experts: groups
+                    .iter()
+                    .map(|&(e, n)| ExpertRows {
+                        expert: e as u32,
+                        rows: n as u32,
+                    })
+                    .collect(),
+                input: Some(encode_f32(&gathered, &[rows, h])),
+            };
+            calls.push((gi, groups, r.call(gi, req, self.timeout)));
+        }
+        let (meta, futs): (Vec<_>, Vec<_>) =
+            calls.into_iter().map(|(g, groups, f)| ((g, groups), f)).unzip();
+        let results = self.handle.block_on(join_all(futs));
+        // Where each expert's rows are: (result, first row).
+        let mut at = vec![None; routing.num_experts()];
+        for (ri, ((_, groups), res)) in meta.iter().zip(&results).enumerate() {
+            if let Err(e) = res {
+                return Err(Error::peer(format!("layer {layer}"), e.to_string()));
+            }
+            let mut row = 0;
+            for &(e, n) in groups {
+                at[e] = Some((ri, row));
+                row += n;
+            }
+        }
+        out.fill(0.0);
+        for (e, place) in at.iter().enumerate() {
+            if let Some((ri, row)) = *place {
+                let n = routing.for_expert(e).len();
+                if let Ok(down) = &results[ri] {
+                    scatter_add(routing, e, &down[row * h..(row + n) * h], h, out);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Counts routed tokens for the local path too.
+struct CountingExperts<'a> {
+    inner: LocalExperts<'a>,
+    load: &'a LoadCounters,
+}
+
+impl ExpertCompute for CountingExperts<'_> {
+    fn compute(&mut self, layer: usize, routing: &Routing, x: &[f32], out: &mut [f32]) -> Result<()> {
+        self.load.record_experts(layer, routing.counts().enumerate());
+        self.inner.compute(layer, routing, x, out)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The stage.
+
+struct Core {
+    model: Arc<Model>,
+    info: ShardInfo,
+    caches: Mutex<HashMap<u64, KvCache>>,
+    experts: Option<ExpertRouter>,
+    load: LoadCounters,
+    handle: tokio::runtime::Handle,
+    expert_timeout: Duration,
+    max_sequences: usize,
+    is_last: bool,
+    next: Option<(String, StageClient<Channel>)>,
+}
+
+thread_local! {
+    static BUFFERS: std::cell::RefCell<(Scratch, MoeScratch)> = Default::default();
+}
+
+fn fwd_error(id: u64, status: &Status) -> ForwardResponse {
+    ForwardResponse {
+        micro_batch_id: id,
+        result: Some(FwdResult::Error(ForwardError {
+            code: status.code() as i32,
+            message: status.message().to_string(),
+        })),
+    }
+}
+
+impl Core {
+    /// Runs a micro-batch through this stage's layers; returns the hidden states of every
+    /// row, or (last stage) of each sequence's last row.
+    fn run(&self, req: &ForwardRequest) -> Result<Vec<f32>, Status> {
+        let cfg = self.model.config();
+        let h = cfg.hidden_size;
+        if req.seqs.is_empty() {
+            return Err(Status::invalid_argument("seqs: empty micro-batch"));
+        }
+        let mut chunks = Vec::with_capacity(req.seqs.len());
+        let mut seen = HashSet::new();
+        for s in &req.seqs {
+            if s.len == 0 {
+                return Err(Status::invalid_argument(format!("seqs: sequence {} has len 0", s.seq_id)));
+            }
+            if !seen.insert(s.seq_id) {
+                return Err(Status::invalid_argument(format!(
+                    "seqs: sequence {} appears twice",
+                    s.seq_id
+                )));
+            }
+            chunks.push(Chunk {
+                start: s.start as usize,
+                len: s.len as usize,
+            });
+        }
+        let rows: usize = chunks.iter().map(|c| c.len).sum();
+        let mut hidden = Vec::new();
+        match &req.input {
+            Some(Input::Tokens(t)) => {
+                if !self.model.owns_embeddings() {
+                    return Err(Status::invalid_argument(
+                        "input: token ids go to the first stage; this stage takes hidden states",
+                    ));
+                }
+                if t.ids.len() != rows {
+                    return Err(Status::invalid_argument(format!(
+                        "input: {} token ids for {rows} rows",
+                        t.ids.len()
+                    )));
+                }
+                self.model.embed(&t.ids, &mut hidden).map_err(to_status)?;
+            }
+            Some(Input::Hidden(t)) => {
+                if self.model.owns_embeddings() {
+                    return Err(Status::invalid_argument(
+                        "input: the first stage takes token ids, not hidden states",
+                    ));
+                }
+                decode_f32("input hidden", Some(t), Some(rows), h, &mut hidden)
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            }
+            None => return Err(Status::invalid_argument("input: missing")),
+        }
+        // Take the sequences' caches out while the batch runs.
+        let mut caches = Vec::with_capacity(req.seqs.len());
+        {
+            let mut map = self
+                .caches
+                .lock()
+                .map_err(|_| Status::internal("cache lock poisoned"))?;
+            let new = req
+                .seqs
+                .iter()
+                .filter(|s| s.start == 0 && !map.contains_key(&s.seq_id))
+                .count();
+            if map.len() + new > self.max_sequences {
+                return Err(Status::resource_exhausted(format!(
+                    "{} sequences hold KV caches; the limit is {}",
+                    map.len(),
+                    self.max_sequences
+                )));
+            }
+            for s in &req.seqs {
+                let cache = if s.start == 0 {
+                    let cap = (s.capacity as usize)
+                        .max(s.len as usize)
+                        .min(cfg.max_position_embeddings);
+                    map.remove(&s.seq_id);
+                    Some(self.model.new_cache(cap))
+                } else {
+                    map.remove(&s.seq_id)
+                };
+                match cache {
+                    Some(c) if c.len() == s.start as usize => caches.push((s.seq_id, c)),
+                    Some(c) => {
+                        // Put back what was taken; this batch does not run.
+                        map.insert(s.seq_id, c);
+                        for (id, c) in caches.drain(..) {
+                            map.insert(id, c);
+                        }
+                        return Err(Status::failed_precondition(format!(
+                            "sequence {} starts at {} but this stage has {} positions cached",
+                            s.seq_id,
+                            s.start,
+                            map.get(&s.seq_id).map_or(0, KvCache::len)
+                        )));
+                    }
+                    None => {
+                        for (id, c) in caches.drain(..) {
+                            map.insert(id, c);
+                        }
+                        return Err(Status::failed_precondition(format!(
+                            "sequence {} has no KV cache on stage {} (released, or the stage restarted)",
+                            s.seq_id, self.info.index
+                        )));
+                    }
+                }
+            }
+        }
+        let started = Instant::now();
+        let timeout = remaining(req.deadline_unix_ms).unwrap_or(self.expert_timeout);
+        let result = BUFFERS.with_borrow_mut(|(scratch, moe)| {
+            let mut refs: Vec<&mut KvCache> = caches.iter_mut().map(|(_, c)| c).collect();
+            match &self.experts {
+                Some(router) => {
+                    let mut ex = RemoteExperts {
+                        router,
+                        handle: &self.handle,
+                        timeout,
+                        load: &self.load,
+                    };
+                    self.model
+                        .forward_layers(&mut hidden, &chunks, &mut refs, &mut ex, scratch)
+                }
+                None => {
+                    let mut ex = CountingExperts {
+                        inner: LocalExperts {
+                            model: &self.model,
+                            scratch: moe,
+                        },
+                        load: &self.load,
+                    };
+                    self.model
+                        .forward_layers(&mut hidden, &chunks, &mut refs, &mut ex, scratch)
+                }
+            }
+        });
+        if let Err(e) = result {
+            // The sequences' caches are now inconsistent across stages: drop them.
+            return Err(to_status(e));
+        }
+        self.load.record_batch(rows, started.elapsed());
+        if let Ok(mut map) = self.caches.lock() {
+            for (id, c) in caches {
+                map.insert(id, c);
+            }
+        }
+        if !self.is_last {
+            return Ok(hidden);
+        }
+        let mut last = Vec::with_capacity(chunks.len() * h);
+        let mut end = 0;
+        for c in &chunks {
+            end += c.len;
+            last.extend_from_slice(&hidden[(end - 1) * h..end * h]);
+        }
+        Ok(last)
+    }
+}
+
+/// The open stream to the next stage, and the micro-batches awaiting its answer.
+struct Downstream {
+    tx: mpsc::Sender<ForwardRequest>,
+    pending: Arc<Mutex<HashSet<u64>>>,
+    alive: Arc<AtomicBool>,
+}
+
+impl Downstream {
+    async fn open(
+        name: &str,
+        client: &StageClient<Channel>,
+        upstream: mpsc::Sender<Result<ForwardResponse, Status>>,
+    ) -> Result<Self, Status> {
+        let (tx, rx) = mpsc::channel::<ForwardRequest>(64);
+        let mut client = client.clone();
+        let opened = tokio::time::timeout(
+            Duration::from_secs(5),
+            client.forward(ReceiverStream::new(rx)),
+        )
+        .await
+        .map_err(|_| Status::unavailable(format!("{name}: no answer when opening the stream")))?
+        .map_err(|s| Status::unavailable(format!("{name}: {}", s.message())))?;
+        let mut inbound = opened.into_inner();
+        let pending: Arc<Mutex<HashSet<u64>>> = Arc::default();
+        let alive = Arc::new(AtomicBool::new(true));
+        let (p, a, name) = (pending.clone(), alive.clone(), name.to_string());
+        tokio::spawn(async move {
+            let why = loop {
+                match inbound.message().await {
+                    Ok(Some(resp)) => {
+                        if let Ok(mut p) = p.lock() {
+                            p.remove(&resp.micro_batch_id);
+                        }
+                        if upstream.send(Ok(resp)).await.is_err() {
+                            break "upstream closed".to_string();
+                        }
+                    }
+                    Ok(None) => break "stream ended".to_string(),
+                    Err(s) => break s.message().to_string(),
+                }
+            };
+            a.store(false, Ordering::SeqCst);
+            let lost: Vec<u64> = p.lock().map(|mut p| p.drain().collect()).unwrap_or_default();
+            for id in lost {
+                let status = Status::unavailable(format!("{name}: {why}"));
+                let _ = upstream.send(Ok(fwd_error(id, &status))).await;
+            }
+        });
+        Ok(Self { tx, pending, alive })
+    }
+}
+
+pub struct StageService {
+    core: Arc<Core>,
+}
+
+#[tonic::async_trait]
+impl Stage for StageService {
+    type ForwardStream = ReceiverStream<Result<ForwardResponse, Status>>;
+
+    async fn forward(
+        &self,
+        request: Request<Streaming<ForwardRequest>>,
+    ) -> Result<Response<Self::ForwardStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(64);
+        let core = self.core.clone();
+        tokio::spawn(async move {
+            let mut down: Option<Downstream> = None;
+            loop {
+                let msg = match inbound.message().await {
+                    Ok(Some(m)) => m,
+                    Ok(None) | Err(_) => break,
+                };
+                let id = msg.micro_batch_id;
+                let span = tracing::info_span!("stage.forward", stage = core.info.index, micro_batch = id, rows = tracing::field::Empty);
+                if remaining(msg.deadline_unix_ms).is_some_and(|d| d.is_zero()) {
+                    let s = Status::deadline_exceeded(format!(
+                        "micro-batch {id} reached stage {} after its deadline",
+                        core.info.index
+                    ));
+                    let _ = tx.send(Ok(fwd_error(id, &s))).await;
+                    continue;
+                }
+                let c = core.clone();
+                let (msg, result) = match tokio::task::spawn_blocking(move || {
+                    let _g = span.enter();
+                    let r = c.run(&msg);
+                    (msg, r)
+                })
+                .await
+                {
+                    Ok(v) => v,
+                    Err(e) => {
+                        let s = Status::internal(format!("stage task: {e}"));
+                        let _ = tx.send(Ok(fwd_error(id, &s))).await;
+                        continue;
+                    }
+                };
+                let hidden = match result {
+                    Ok(h) => h,
+                    Err(s) => {
+                        let _ = tx.send(Ok(fwd_error(id, &s))).await;
+                        continue;
+                    }
+                };
+                let h = core.model.config().hidden_size;
+                let rows = hidden.len() / h.max(1);
+                let tensor = encode_f32(&hidden, &[rows, h]);
+                let Some((next_name, client)) = &core.next else {
+                    let resp = ForwardResponse {
+                        micro_batch_id: id,
+                        result: Some(FwdResult::LastHidden(tensor)),
+                    };
+                    if tx.send(Ok(resp)).await.is_err() {
+                        break;
+                    }
+                    continue;
+                };
+                if down.as_ref().is_none_or(|d| !d.alive.load(Ordering::SeqCst)) {
+                    match Downstream::open(next_name, client, tx.clone()).await {
+                        Ok(d) => down = Some(d),
+                        Err(s) => {
+                            down = None;
+                            let _ = tx.send(Ok(fwd_error(id, &s))).await;
+                            continue;
+                        }
+                    }
+                }
+                let Some(d) = &down else { continue };
+                if let Ok(mut p) = d.pending.lock() {
+                    p.insert(id);
+                }
+                let next = ForwardRequest {
+                    micro_batch_id: id,
+                    seqs: msg.seqs,
+                    input: Some(Input::Hidden(tensor)),
+                    deadline_unix_ms: msg.deadline_unix_ms,
+                    trace_context: msg.trace_context,
+                };
+                if d.tx.send(next).await.is_err() {
+                    if let Ok(mut p) = d.pending.lock() {
+                        p.remove(&id);
+                    }
+                    let s = Status::unavailable(format!("{next_name}: stream closed"));
+                    let _ = tx.send(Ok(fwd_error(id, &s))).await;
+                    down = None;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn release(
+        &self,
+        request: Request<ReleaseRequest>,
+    ) -> Result<Response<ReleaseResponse>, Status> {
+        let mut released = 0;
+        if let Ok(mut map) = self.core.caches.lock() {
+            for id in &request.get_ref().seq_ids {
+                released += u32::from(map.remove(id).is_some());
+            }
+        }
+        Ok(Response::new(ReleaseResponse { released }))
+    }
+
+    async fn describe(
+        &self,
+        _request: Request<DescribeRequest>,
+    ) -> Result<Response<ShardInfo>, Status> {
+        Ok(Response::new(self.core.info.clone()))
+    }
+
+    async fn load_stats(
+        &self,
+        request: Request<LoadStatsRequest>,
+    ) -> Result<Response<LoadStatsResponse>, Status> {
+        let active = self.core.caches.lock().map(|m| m.len() as u32).unwrap_or(0);
+        Ok(Response::new(
+            self.core.load.snapshot(request.get_ref().reset, active),
+        ))
+    }
+}
+
+pub async fn run(args: StageArgs) -> Result<()> {
+    let listener = bind(args.server.listen, "stage").await?;
+    let src = args.model.model.open()?;
+    let cfg = src.config().clone();
+    let expert_addrs = parse_addrs(&args.expert_addrs);
+    let spec = ShardSpec::stage(&cfg, args.layers.clone(), expert_addrs.is_empty());
+    spec.check(&cfg)?;
+    let is_last = args.layers.end == cfg.num_hidden_layers;
+    if is_last && args.next.is_some() {
+        return Err(Error::invalid("next", "the last stage has no next stage"));
+    }
+    if !is_last && args.next.is_none() {
+        return Err(Error::invalid(
+            "next",
+            format!(
+                "stage ends at layer {} of {}: the next stage's address is required",
+                args.layers.end, cfg.num_hidden_layers
+            ),
+        ));
+    }
+    let name = args.model.model.to_string();
+    let model = tokio::task::spawn_blocking(move || load_with_progress(src.as_ref(), spec))
+        .await
+        .map_err(|e| Error::peer("stage", format!("load task: {e}")))??;
+    let limit = args.server.max_message_bytes;
+    let experts = if expert_addrs.is_empty() {
+        None
+    } else {
+        Some(
+            ExpertRouter::connect(
+                &expert_addrs,
+                &model,
+                limit,
+                Duration::from_secs(args.startup_timeout_s),
+            )
+            .await?,
+        )
+    };
+    let next = match &args.next {
+        Some(addr) => Some((
+            format!("stage {} at {addr}", args.index + 1),
+            StageClient::new(channel(addr)?)
+                .max_decoding_message_size(limit)
+                .max_encoding_message_size(limit),
+        )),
+        None => None,
+    };
+    let model = Arc::new(model);
+    let info = shard_info(&model, Role::Stage, args.index, &name);
+    let core = Arc::new(Core {
+        model,
+        info,
+        caches: Mutex::default(),
+        experts,
+        load: LoadCounters::default(),
+        handle: tokio::runtime::Handle::current(),
+        expert_timeout: Duration::from_millis(args.expert_timeout_ms),
+        max_sequences: args.max_sequences,
+        is_last,
+        next,
+    });
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_serving::<StageServer<StageService>>().await;
+    let service = StageServer::new(StageService { core })
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
+    tracing::info!(layers = ?args.layers, "stage serving");
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(service)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown_signal(args.server.exit_with_stdin),
+        )
+        .await
+        .map_err(|e| Error::peer("stage", format!("server: {e}")))
+}
