@@ -143,23 +143,23 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_tracing();
-    match run(cli) {
+    let service = match &cli.command {
+        Command::Gateway(_) => "moe-gateway",
+        Command::Stage(_) => "moe-stage",
+        Command::Expert(_) => "moe-expert",
+        Command::Local(_) => "moe-local",
+        _ => "moe-worker",
+    };
+    let telemetry = crate::telemetry::init(service);
+    let result = run(cli);
+    telemetry.shutdown();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("moe-worker: {e}");
             ExitCode::FAILURE
         }
     }
-}
-
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("MOE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
 }
 
 pub fn init_threads(threads: Option<usize>) -> Result<usize> {

@@ -12,6 +12,7 @@ pub mod sampling;
 pub mod serve;
 pub mod source;
 pub mod synthetic;
+pub mod telemetry;
 pub mod tokenizer;
 pub mod weights;
 

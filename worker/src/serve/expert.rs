@@ -140,6 +140,7 @@ impl Expert for ExpertService {
         request: Request<ExpertRequest>,
     ) -> Result<Response<ExpertResponse>, Status> {
         let span = tracing::info_span!("expert.compute", layer = request.get_ref().layer);
+        crate::telemetry::set_parent(&span, crate::telemetry::extract_metadata(request.metadata()));
         let req = request.into_inner();
         let groups = self.check(&req)?;
         let total: usize = groups.iter().map(|g| g.1).sum();

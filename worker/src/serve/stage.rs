@@ -211,6 +211,8 @@ impl ExpertRouter {
             r.outstanding.fetch_add(1, Ordering::Relaxed);
             let mut request = Request::new(req.clone());
             request.set_timeout(left);
+            let span = tracing::info_span!("stage.expert_call", shard = %g.name, replica = %r.addr, rows);
+            crate::telemetry::inject_metadata(&span, request.metadata_mut());
             let mut client = r.client.clone();
             let result = tokio::time::timeout(left, client.compute(request)).await;
             r.outstanding.fetch_sub(1, Ordering::Relaxed);
@@ -596,7 +598,9 @@ impl Stage for StageService {
                     Ok(None) | Err(_) => break,
                 };
                 let id = msg.micro_batch_id;
-                let span = tracing::info_span!("stage.forward", stage = core.info.index, micro_batch = id, rows = tracing::field::Empty);
+                let span = tracing::info_span!("stage.forward", stage = core.info.index, micro_batch = id);
+                crate::telemetry::set_parent(&span, crate::telemetry::extract_map(&msg.trace_context));
+                let downstream_context = crate::telemetry::inject_map(&span);
                 if remaining(msg.deadline_unix_ms).is_some_and(|d| d.is_zero()) {
                     let s = Status::deadline_exceeded(format!(
                         "micro-batch {id} reached stage {} after its deadline",
@@ -659,7 +663,7 @@ impl Stage for StageService {
                     seqs: msg.seqs,
                     input: Some(Input::Hidden(tensor)),
                     deadline_unix_ms: msg.deadline_unix_ms,
-                    trace_context: msg.trace_context,
+                    trace_context: downstream_context,
                 };
                 if d.tx.send(next).await.is_err() {
                     if let Ok(mut p) = d.pending.lock() {

@@ -13,7 +13,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use opentelemetry::trace::TraceContextExt;
 use tokio::sync::mpsc;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 pub use metrics::Metrics;
 pub use pipeline::Pipeline;
@@ -187,14 +190,20 @@ async fn lane(shared: Arc<Shared>, index: usize) {
             tokens = step.ids.len()
         );
         // The step belongs to the trace of its first request; the others are linked.
-        if let Some(parent) = step.seqs.first().and_then(|id| running.get(id)) {
-            span.follows_from(&parent.span);
+        for (i, id) in step.seqs.iter().enumerate() {
+            let Some(r) = running.get(id) else { continue };
+            if i == 0 {
+                crate::telemetry::set_parent(&span, r.span.context());
+            } else {
+                span.add_link(r.span.context().span().span_context().clone());
+            }
         }
-        let trace_context = HashMap::new();
+        let trace_context = crate::telemetry::inject_map(&span);
         let started = Instant::now();
         let result = shared
             .pipeline
             .forward(&step, shared.step_timeout, trace_context)
+            .instrument(span.clone())
             .await;
         shared.metrics.step_seconds.observe(started.elapsed().as_secs_f64());
         let result = match result {

@@ -1,0 +1,320 @@
+//! The deployment as separate processes on loopback (`moe-worker local`): the same greedy
+//! tokens as single-process generation, the OpenAI HTTP contract, bad input, and faults.
+
+#[path = "support/deploy.rs"]
+mod deploy;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use deploy::{Deployment, generate_ids};
+use serde_json::{Value, json};
+
+fn golden_dirs() -> Vec<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
+    let mut dirs: Vec<_> = std::fs::read_dir(&root)
+        .expect("golden folder")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.join("expected.json").exists())
+        .collect();
+    dirs.sort();
+    dirs
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("not an id array: {v}"))
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
+}
+
+async fn post(base: &str, path: &str, body: Value) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .post(format!("{base}{path}"))
+        .json(&body)
+        .timeout(Duration::from_secs(120))
+        .send()
+        .await
+        .expect("http");
+    let status = r.status().as_u16();
+    let v = r.json().await.unwrap_or(Value::Null);
+    (status, v)
+}
+
+async fn complete_ids(base: &str, prompt: &[u32], max_tokens: usize) -> Vec<u32> {
+    let (status, v) = post(
+        base,
+        "/v1/completions",
+        json!({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["usage"]["prompt_tokens"], prompt.len());
+    assert_eq!(v["usage"]["completion_tokens"], max_tokens);
+    ids(&v["choices"][0]["token_ids"])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn golden_checkpoints_give_the_same_tokens_distributed() {
+    let dirs = golden_dirs();
+    assert!(dirs.len() >= 2);
+    for dir in dirs {
+        let model = dir.to_str().expect("utf-8 path").to_string();
+        let expected: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).expect("read"))
+                .expect("json");
+        let layers = expected["config"]["num_hidden_layers"].as_u64().unwrap_or(2) as usize;
+        let d = Deployment::start(&model, layers.min(3), 2, &[]);
+        for case in expected["cases"].as_array().expect("cases") {
+            let prompt = ids(&case["prompt_ids"]);
+            let want = ids(&case["greedy_ids"]);
+            let got = complete_ids(&d.base, &prompt, want.len()).await;
+            assert_eq!(got, want, "{model}: {} vs transformers", case["name"]);
+            assert_eq!(got, generate_ids(&model, &prompt, want.len()), "{model}: vs generate");
+        }
+        d.stop();
+    }
+}
+
+/// Deterministic pseudo-random token ids.
+fn prompt(len: usize, seed: u64, vocab: u64) -> Vec<u32> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % vocab) as u32
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gpt4_mini_over_4_stages_and_4_expert_shards_with_concurrent_requests() {
+    let model = "synthetic:gpt4-mini";
+    let d = Deployment::start(model, 4, 4, &["--max-sequences", "8"]);
+    // Different lengths, arriving at different times, sharing the running batch.
+    let work: Vec<(Vec<u32>, usize)> = [(3, 6), (17, 10), (40, 4), (1, 8), (64, 5), (9, 12)]
+        .iter()
+        .enumerate()
+        .map(|(i, &(len, new))| (prompt(len, i as u64 + 1, 100_000), new))
+        .collect();
+    let mut tasks = Vec::new();
+    for (i, (p, n)) in work.iter().cloned().enumerate() {
+        let base = d.base.clone();
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(40 * i as u64)).await;
+            complete_ids(&base, &p, n).await
+        }));
+    }
+    let mut got = Vec::new();
+    for t in tasks {
+        got.push(t.await.expect("task"));
+    }
+    for ((p, n), g) in work.iter().zip(&got) {
+        assert_eq!(g, &generate_ids(model, p, *n), "prompt of {} tokens", p.len());
+    }
+    // The model list, readiness, and metrics that count what just ran.
+    let models: Value = reqwest::get(format!("{}/v1/models", d.base))
+        .await
+        .expect("models")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(models["data"][0]["id"], "synthetic:gpt4-mini:0");
+    let ready = reqwest::get(format!("{}/readyz", d.base)).await.expect("readyz");
+    assert_eq!(ready.status(), 200);
+    let metrics = reqwest::get(format!("{}/metrics", d.base))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let total: usize = work.iter().map(|w| w.1).sum();
+    assert!(
+        metrics.contains(&format!("moe_gateway_generated_tokens_total {total}")),
+        "{metrics}"
+    );
+    d.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_400_naming_the_field() {
+    let d = Deployment::start("synthetic:tiny", 1, 1, &[]);
+    let cases = [
+        (json!({"max_tokens": 4}), "prompt"),
+        (json!({"prompt": "hi", "max_tokens": "a"}), "max_tokens"),
+        (json!({"prompt": "hi", "max_tokens": 0}), "max_tokens"),
+        (json!({"prompt": "hi", "max_tokens": 100000}), "max_tokens"),
+        (json!({"prompt": "hi", "temperature": -1}), "temperature"),
+        (json!({"prompt": "hi", "top_p": 0}), "top_p"),
+        (json!({"prompt": [1, 2, 999999]}), "prompt"),
+        (json!({"prompt": [1, -2]}), "prompt[1]"),
+        (json!({"prompt": {"a": 1}}), "prompt"),
+        (json!({"prompt": []}), "prompt"),
+        (json!({"prompt": "hi", "n": 2}), "n"),
+        (json!({"prompt": "hi", "stop": ["", "x"]}), "stop"),
+        (json!({"prompt": "hi", "stream": "yes"}), "stream"),
+    ];
+    for (body, field) in cases {
+        let (status, v) = post(&d.base, "/v1/completions", body.clone()).await;
+        assert_eq!(status, 400, "{body} -> {v}");
+        assert_eq!(v["error"]["param"], field, "{body} -> {v}");
+        let msg = v["error"]["message"].as_str().expect("message");
+        assert!(msg.starts_with(field), "{body} -> {msg}");
+    }
+    let chat = [
+        (json!({"messages": []}), "messages"),
+        (json!({"messages": [{"role": "wizard", "content": "x"}]}), "messages[0].role"),
+        (json!({"messages": [{"role": "user", "content": 5}]}), "messages[0].content"),
+    ];
+    for (body, field) in chat {
+        let (status, v) = post(&d.base, "/v1/chat/completions", body.clone()).await;
+        assert_eq!(status, 400, "{body} -> {v}");
+        assert_eq!(v["error"]["param"], field, "{body} -> {v}");
+    }
+    let (status, v) = post(&d.base, "/v1/completions", json!({"model": "gpt-5", "prompt": "x"})).await;
+    assert_eq!(status, 404, "{v}");
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/completions", d.base))
+        .body("{not json")
+        .send()
+        .await
+        .expect("http");
+    assert_eq!(r.status(), 400);
+    // The gateway still serves.
+    let (status, v) = post(&d.base, "/v1/completions", json!({"prompt": "ok", "max_tokens": 2})).await;
+    assert_eq!(status, 200, "{v}");
+    d.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_answers_429_with_retry_after() {
+    let d = Deployment::start(
+        "synthetic:tiny",
+        1,
+        1,
+        &["--max-sequences", "1", "--max-queue", "1", "--micro-batches", "1"],
+    );
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let base = d.base.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = reqwest::Client::new()
+                .post(format!("{base}/v1/completions"))
+                .json(&json!({"prompt": [5, 6, 7], "max_tokens": 120, "ignore_eos": true}))
+                .send()
+                .await
+                .expect("http");
+            let retry = r.headers().get("retry-after").map(|v| v.to_str().unwrap_or("").to_string());
+            let status = r.status().as_u16();
+            let body: Value = r.json().await.unwrap_or(Value::Null);
+            (status, retry, body)
+        }));
+    }
+    let mut ok = 0;
+    let mut limited = 0;
+    for t in tasks {
+        let (status, retry, body) = t.await.expect("task");
+        match status {
+            200 => ok += 1,
+            429 => {
+                limited += 1;
+                assert_eq!(retry.as_deref(), Some("1"));
+                assert_eq!(body["error"]["type"], "rate_limit_exceeded", "{body}");
+            }
+            s => panic!("unexpected {s}: {body}"),
+        }
+    }
+    assert!(ok >= 2 && limited >= 1, "ok {ok}, 429 {limited}");
+    d.stop();
+}
+
+/// Reads a streamed completion until it ends; returns (tokens, error message if any).
+async fn stream_until_end(resp: reqwest::Response) -> (usize, Option<String>) {
+    use futures::StreamExt;
+    let mut body = resp.bytes_stream();
+    let mut buf = String::new();
+    let mut tokens = 0;
+    while let Some(chunk) = body.next().await {
+        let Ok(chunk) = chunk else {
+            return (tokens, Some("connection closed".into()));
+        };
+        buf.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(at) = buf.find("\n\n") {
+            let event: String = buf.drain(..at + 2).collect();
+            let Some(data) = event.trim().strip_prefix("data: ") else { continue };
+            if data == "[DONE]" {
+                return (tokens, None);
+            }
+            let v: Value = serde_json::from_str(data).expect("event json");
+            if let Some(e) = v.get("error") {
+                return (tokens, Some(e["message"].as_str().unwrap_or("").to_string()));
+            }
+            tokens += v["choices"][0]["token_ids"].as_array().map_or(0, Vec::len);
+        }
+    }
+    (tokens, Some("stream ended without [DONE]".into()))
+}
+
+async fn kill_mid_request(d: &Deployment, role: &str, index: usize) {
+    let models: Value = reqwest::get(format!("{}/v1/models", d.base))
+        .await
+        .expect("models")
+        .json()
+        .await
+        .expect("json");
+    let room = models["data"][0]["max_model_len"].as_u64().expect("max_model_len") - 3;
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/completions", d.base))
+        .json(&json!({"prompt": [3, 4, 5], "max_tokens": room, "ignore_eos": true, "stream": true}))
+        .send()
+        .await
+        .expect("http");
+    assert_eq!(resp.status(), 200);
+    let reader = tokio::spawn(stream_until_end(resp));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pid = d.pid_of(role, index);
+    std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .expect("kill");
+    let killed = Instant::now();
+    let (tokens, err) = tokio::time::timeout(Duration::from_secs(20), reader)
+        .await
+        .expect("the in-flight request must end within its deadline")
+        .expect("task");
+    let err = err.unwrap_or_else(|| panic!("request survived the {role} being killed ({tokens} tokens)"));
+    assert!(tokens > 0, "the request was running before the kill");
+    assert!(!err.is_empty());
+    assert!(killed.elapsed() < Duration::from_secs(20));
+    // The gateway stays up, and new requests succeed once the launcher restarted the process.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let want = generate_ids("synthetic:tiny", &[9, 8, 7], 6);
+    loop {
+        let (status, v) = post(
+            &d.base,
+            "/v1/completions",
+            json!({"prompt": [9, 8, 7], "max_tokens": 6, "temperature": 0, "ignore_eos": true}),
+        )
+        .await;
+        if status == 200 {
+            assert_eq!(ids(&v["choices"][0]["token_ids"]), want);
+            break;
+        }
+        assert!(matches!(status, 503 | 504), "{status}: {v}");
+        assert!(Instant::now() < deadline, "no recovery after killing the {role}: {v}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_ne!(d.pid_of(role, index), pid, "the {role} was restarted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_an_expert_or_a_stage_fails_in_flight_requests_cleanly_and_recovers() {
+    let d = Deployment::start("synthetic:tiny", 2, 2, &["--step-timeout-ms", "5000"]);
+    kill_mid_request(&d, "expert", 1).await;
+    kill_mid_request(&d, "stage", 1).await;
+    kill_mid_request(&d, "stage", 0).await;
+    d.stop();
+}
