@@ -14,21 +14,25 @@ use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-use crate::cli::ModelArgs;
 use crate::error::{Error, Result};
 use crate::serve::shutdown_signal;
 
 #[derive(Debug, clap::Args)]
 pub struct LocalArgs {
-    #[command(flatten)]
-    pub model: ModelArgs,
+    /// A checkpoint folder, or synthetic:PRESET[:SEED].
+    #[arg(long, env = "MOE_MODEL", default_value = "synthetic:gpt4-mini")]
+    pub model: crate::source::ModelArg,
+
+    /// Tokenizer override: a tokenizer.json path, or cl100k_base.
+    #[arg(long)]
+    pub tokenizer: Option<String>,
 
     /// Pipeline stages.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 4)]
     pub stages: usize,
 
     /// Expert shards (0: each stage computes its own experts).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 4)]
     pub expert_shards: usize,
 
     /// HTTP port of the gateway on 127.0.0.1 (0 picks a free port).
@@ -74,7 +78,7 @@ struct Running {
     child: Child,
 }
 
-fn model_args(m: &ModelArgs) -> Vec<String> {
+fn model_args(m: &LocalArgs) -> Vec<String> {
     let mut v = vec!["--model".to_string(), m.model.to_string()];
     if let Some(t) = &m.tokenizer {
         v.push("--tokenizer".into());
@@ -156,7 +160,7 @@ async fn gateway_ready(addr: &str) -> bool {
 }
 
 pub async fn run(args: LocalArgs) -> Result<()> {
-    let src = args.model.model.open()?;
+    let src = args.model.open()?;
     let cfg = src.config().clone();
     let shape = moe_plan::ModelShape {
         num_layers: cfg.num_hidden_layers,
@@ -180,7 +184,7 @@ pub async fn run(args: LocalArgs) -> Result<()> {
 }
 
 async fn start_and_serve(args: &LocalArgs, plan: &moe_plan::Plan, children: &mut Vec<Running>) -> Result<()> {
-    let model = model_args(&args.model);
+    let model = model_args(args);
     let started = Instant::now();
     let mut expert_addrs = Vec::new();
     for s in &plan.expert_shards {
@@ -285,13 +289,16 @@ async fn start_and_serve(args: &LocalArgs, plan: &moe_plan::Plan, children: &mut
     }
     println!(
         "moe-serve ready: {} over {} stages and {} expert shards ({} processes) in {:.1}s",
-        args.model.model,
+        args.model,
         plan.stages.len(),
         plan.expert_shards.len(),
         children.len(),
         started.elapsed().as_secs_f64()
     );
     println!("OpenAI endpoint: http://{http}/v1");
+    println!(
+        "try: curl -s http://{http}/v1/completions -H 'content-type: application/json' \\\n  -d '{{\"prompt\": \"The capital of France is\", \"max_tokens\": 16, \"temperature\": 0}}'"
+    );
     use std::io::Write;
     let _ = std::io::stdout().flush();
 

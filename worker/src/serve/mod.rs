@@ -48,6 +48,20 @@ pub async fn bind(addr: SocketAddr, role: &str) -> Result<TcpListener> {
     Ok(l)
 }
 
+/// Accepted connections with Nagle's algorithm off: activations are latency-bound messages,
+/// and delayed ACKs would otherwise add tens of milliseconds per hop.
+pub fn incoming(
+    listener: TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use futures::StreamExt;
+    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|s| {
+        if let Ok(s) = &s {
+            let _ = s.set_nodelay(true);
+        }
+        s
+    })
+}
+
 /// A lazily connecting channel to a peer worker.
 pub fn channel(addr: &str) -> Result<Channel> {
     let uri = if addr.contains("://") {

@@ -780,7 +780,7 @@ pub async fn run(args: StageArgs) -> Result<()> {
         .add_service(health)
         .add_service(service)
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            super::incoming(listener),
             shutdown_signal(args.server.exit_with_stdin),
         )
         .await
