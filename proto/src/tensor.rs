@@ -91,6 +91,11 @@ pub fn decode_f32(
     out.clear();
     out.reserve(n);
     match Dtype::try_from(t.dtype) {
+        Ok(Dtype::F32) if cfg!(target_endian = "little") => {
+            // A straight copy: the bytes need not be 4-aligned, the Vec is.
+            out.resize(n, 0.0);
+            bytemuck::cast_slice_mut::<f32, u8>(out).copy_from_slice(&t.data);
+        }
         Ok(Dtype::F32) => out.extend(
             t.data
                 .chunks_exact(4)

@@ -42,6 +42,10 @@ pub enum Command {
     Bench(crate::bench::BenchArgs),
     #[command(hide = true)]
     BenchEngine(crate::bench::EngineRunArgs),
+    /// Benchmark activation transport: our gRPC path vs raw TCP on loopback.
+    BenchTransport(crate::serve::bench::TransportArgs),
+    /// Benchmark the `local` deployment against single-process generation.
+    BenchLocal(crate::serve::bench::LocalBenchArgs),
     /// Serve the whole deployment on this machine: every role as its own process on loopback.
     Local(crate::serve::local::LocalArgs),
     /// Serve the OpenAI-compatible HTTP API in front of the pipeline.
@@ -196,6 +200,8 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Bench(args) => crate::bench::run(args),
         Command::BenchEngine(args) => crate::bench::run_engine(args),
+        Command::BenchTransport(args) => crate::serve::bench::transport(args),
+        Command::BenchLocal(args) => crate::serve::bench::local(args),
         Command::Local(args) => serve(crate::serve::local::run(args)),
         Command::Gateway(args) => serve(crate::serve::gateway::run(args)),
         Command::Stage(args) => serve(crate::serve::stage::run(args)),

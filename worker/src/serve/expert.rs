@@ -211,7 +211,7 @@ pub async fn run(args: ExpertArgs) -> Result<()> {
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
     tracing::info!(layers = ?args.layers, experts = ?args.experts, "expert shard serving");
-    tonic::transport::Server::builder()
+    super::server()
         .add_service(health)
         .add_service(service)
         .serve_with_incoming_shutdown(

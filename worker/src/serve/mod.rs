@@ -1,6 +1,7 @@
 //! The long-running roles of a deployment — gateway, pipeline stage, expert shard — and the
 //! one-machine launcher that starts them as separate processes.
 
+pub mod bench;
 pub mod expert;
 pub mod gateway;
 pub mod local;
@@ -62,6 +63,22 @@ pub fn incoming(
     })
 }
 
+/// HTTP/2 flow-control windows: activations are megabytes, and the 64 KiB default would
+/// stall every large tensor on window updates.
+const STREAM_WINDOW: u32 = 16 << 20;
+const CONNECTION_WINDOW: u32 = 64 << 20;
+/// Largest HTTP/2 frame: fewer frames per tensor.
+const FRAME: u32 = 1 << 20;
+
+/// A gRPC server with the data plane's transport settings.
+pub fn server() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .initial_stream_window_size(Some(STREAM_WINDOW))
+        .initial_connection_window_size(Some(CONNECTION_WINDOW))
+        .max_frame_size(Some(FRAME))
+        .tcp_nodelay(true)
+}
+
 /// A lazily connecting channel to a peer worker.
 pub fn channel(addr: &str) -> Result<Channel> {
     let uri = if addr.contains("://") {
@@ -73,6 +90,9 @@ pub fn channel(addr: &str) -> Result<Channel> {
         .map_err(|e| Error::invalid("peer address", format!("`{addr}`: {e}")))?
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true)
+        .initial_stream_window_size(Some(STREAM_WINDOW))
+        .initial_connection_window_size(Some(CONNECTION_WINDOW))
+        .max_frame_size(Some(FRAME))
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5))
         .connect_lazy())
@@ -155,6 +175,7 @@ struct LoadInner {
     batches: u64,
     rows: u64,
     busy: Duration,
+    expert_wait: Duration,
 }
 
 impl LoadCounters {
@@ -163,6 +184,12 @@ impl LoadCounters {
             g.batches += 1;
             g.rows += rows as u64;
             g.busy += busy;
+        }
+    }
+
+    pub fn record_expert_wait(&self, d: Duration) {
+        if let Ok(mut g) = self.inner.lock() {
+            g.expert_wait += d;
         }
     }
 
@@ -194,6 +221,7 @@ impl LoadCounters {
             rows: g.rows,
             active_sequences: active,
             busy_seconds: g.busy.as_secs_f64(),
+            expert_wait_seconds: g.expert_wait.as_secs_f64(),
         };
         if reset {
             *g = LoadInner::default();

@@ -293,7 +293,9 @@ impl ExpertCompute for RemoteExperts<'_> {
         }
         let (meta, futs): (Vec<_>, Vec<_>) =
             calls.into_iter().map(|(g, groups, f)| ((g, groups), f)).unzip();
+        let waited = Instant::now();
         let results = self.handle.block_on(join_all(futs));
+        self.load.record_expert_wait(waited.elapsed());
         // Where each expert's rows are: (result, first row).
         let mut at = vec![None; routing.num_experts()];
         for (ri, ((_, groups), res)) in meta.iter().zip(&results).enumerate() {
@@ -776,7 +778,7 @@ pub async fn run(args: StageArgs) -> Result<()> {
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
     tracing::info!(layers = ?args.layers, "stage serving");
-    tonic::transport::Server::builder()
+    super::server()
         .add_service(health)
         .add_service(service)
         .serve_with_incoming_shutdown(

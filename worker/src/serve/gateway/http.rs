@@ -28,6 +28,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
+        .route("/v1/stats", get(stats))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -646,6 +647,46 @@ async fn models(State(sh): State<Arc<Shared>>) -> Response {
         "id": sh.model_name, "object": "model", "created": 0, "owned_by": "moe-serve",
         "max_model_len": sh.cfg.max_position_embeddings,
     }]}))
+    .into_response()
+}
+
+/// moe-serve extension: load statistics of the deployment (routed tokens per (layer, expert),
+/// where time goes). `?reset=true` zeroes the stages' counters after reading.
+async fn stats(
+    State(sh): State<Arc<Shared>>,
+    axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>,
+) -> Response {
+    let reset = q.get("reset").is_some_and(|v| v == "true" || v == "1");
+    let mut experts: std::collections::BTreeMap<(u32, u32), u64> = Default::default();
+    let mut stages = Vec::new();
+    for (i, r) in sh.stage_stats(reset).await.into_iter().enumerate() {
+        match r {
+            Ok(s) => {
+                for e in &s.experts {
+                    *experts.entry((e.layer, e.expert)).or_default() += e.tokens;
+                }
+                stages.push(json!({
+                    "index": i, "batches": s.batches, "rows": s.rows,
+                    "busySeconds": s.busy_seconds, "expertWaitSeconds": s.expert_wait_seconds,
+                    "activeSequences": s.active_sequences,
+                }));
+            }
+            Err(e) => stages.push(json!({"index": i, "error": e.to_string()})),
+        }
+    }
+    let load: Vec<Value> = experts
+        .iter()
+        .map(|(&(layer, expert), &tokens)| json!({"layer": layer, "expert": expert, "tokens": tokens}))
+        .collect();
+    axum::Json(json!({
+        "gateway": {
+            "steps": sh.steps.load(Ordering::Relaxed),
+            "pipelineSeconds": sh.pipeline_us.load(Ordering::Relaxed) as f64 / 1e6,
+            "headSeconds": sh.head_us.load(Ordering::Relaxed) as f64 / 1e6,
+        },
+        "stages": stages,
+        "experts": load,
+    }))
     .into_response()
 }
 

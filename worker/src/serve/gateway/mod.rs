@@ -107,9 +107,30 @@ pub struct Shared {
     opts: EngineOptions,
     step_timeout: Duration,
     next_seq: AtomicU64,
+    /// Microseconds waiting on the pipeline, and in the LM head and sampling.
+    pub pipeline_us: AtomicU64,
+    pub head_us: AtomicU64,
+    pub steps: AtomicU64,
 }
 
 impl Shared {
+    /// Every stage's load statistics (routed tokens per expert, busy time), fetched now.
+    pub async fn stage_stats(&self, reset: bool) -> Vec<Result<moe_proto::v1::LoadStatsResponse>> {
+        let calls = self.pipeline.stage_channels().map(|(name, ch)| {
+            let name = name.to_string();
+            async move {
+                let mut c = moe_proto::v1::stage_client::StageClient::new(ch);
+                let mut req = tonic::Request::new(moe_proto::v1::LoadStatsRequest { reset });
+                req.set_timeout(Duration::from_secs(2));
+                c.load_stats(req)
+                    .await
+                    .map(tonic::Response::into_inner)
+                    .map_err(|s| Error::peer(name, s.message().to_string()))
+            }
+        });
+        futures::future::join_all(calls).await
+    }
+
     /// Checks a request as a lane will, so that bad input is refused before it queues.
     pub fn check(&self, prompt: &[u32], params: &SamplingParams) -> Result<()> {
         self.checker.check(prompt, params)
@@ -206,6 +227,11 @@ async fn lane(shared: Arc<Shared>, index: usize) {
             .instrument(span.clone())
             .await;
         shared.metrics.step_seconds.observe(started.elapsed().as_secs_f64());
+        shared
+            .pipeline_us
+            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        shared.steps.fetch_add(1, Ordering::Relaxed);
+        let head_started = Instant::now();
         let result = match result {
             Ok(last) => {
                 let rows: Vec<usize> = step.sampled.clone();
@@ -227,6 +253,9 @@ async fn lane(shared: Arc<Shared>, index: usize) {
             }
             Err(e) => Err(e),
         };
+        shared
+            .head_us
+            .fetch_add(head_started.elapsed().as_micros() as u64, Ordering::Relaxed);
         let mut done = Vec::new();
         match result {
             Ok(mut logits) => {
@@ -375,6 +404,9 @@ pub async fn run(args: GatewayArgs) -> Result<()> {
         opts,
         step_timeout: Duration::from_millis(args.step_timeout_ms),
         next_seq: AtomicU64::new(1),
+        pipeline_us: AtomicU64::new(0),
+        head_us: AtomicU64::new(0),
+        steps: AtomicU64::new(0),
     });
     for i in 0..lanes {
         tokio::spawn(lane(shared.clone(), i));

@@ -1,0 +1,365 @@
+//! Data-plane benchmarks, each against a baseline measured in the same run:
+//! - `bench-transport`: activation tensors through our gRPC path (tonic + the tensor codec)
+//!   vs raw TCP on loopback: throughput of large tensors, and round trip of a small batch.
+//! - `bench-local`: end-to-end tokens/s of the `local` deployment vs single-process
+//!   generation on the same model, at batch 1 and batch 8, with where the time goes.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use moe_proto::v1::expert_client::ExpertClient;
+use moe_proto::v1::expert_server::{Expert, ExpertServer};
+use moe_proto::v1::{
+    DescribeRequest, ExpertRequest, ExpertResponse, ExpertRows, LoadStatsRequest,
+    LoadStatsResponse, ShardInfo,
+};
+use moe_proto::{decode_f32, encode_f32};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::{Request, Response, Status};
+
+use crate::engine::{Engine, EngineOptions};
+use crate::error::{Error, Result};
+use crate::sampling::SamplingParams;
+use crate::source::ModelArg;
+
+#[derive(Debug, clap::Args)]
+pub struct TransportArgs {
+    /// Hidden size of the activations.
+    #[arg(long, default_value_t = 1024)]
+    pub hidden: usize,
+    /// Rows of the large tensor (throughput).
+    #[arg(long, default_value_t = 4096)]
+    pub large_rows: usize,
+    /// Rows of the small batch (round trip).
+    #[arg(long, default_value_t = 8)]
+    pub small_rows: usize,
+    /// Round trips of the large tensor per measurement.
+    #[arg(long, default_value_t = 20)]
+    pub large_iters: usize,
+    /// Round trips of the small batch per measurement.
+    #[arg(long, default_value_t = 2000)]
+    pub small_iters: usize,
+    /// Repetitions (the best is kept).
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+}
+
+/// An expert service that returns its input: the real codec and gRPC path, no compute.
+struct Echo;
+
+#[tonic::async_trait]
+impl Expert for Echo {
+    async fn compute(&self, r: Request<ExpertRequest>) -> Result<Response<ExpertResponse>, Status> {
+        let req = r.into_inner();
+        let rows: usize = req.experts.iter().map(|e| e.rows as usize).sum();
+        let cols = req.input.as_ref().and_then(|t| t.shape.get(1)).copied().unwrap_or(0) as usize;
+        let mut x = Vec::new();
+        decode_f32("input", req.input.as_ref(), Some(rows), cols, &mut x)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(Response::new(ExpertResponse {
+            output: Some(encode_f32(&x, &[rows, cols])),
+        }))
+    }
+    async fn describe(&self, _: Request<DescribeRequest>) -> Result<Response<ShardInfo>, Status> {
+        Ok(Response::new(ShardInfo::default()))
+    }
+    async fn load_stats(
+        &self,
+        _: Request<LoadStatsRequest>,
+    ) -> Result<Response<LoadStatsResponse>, Status> {
+        Ok(Response::new(LoadStatsResponse::default()))
+    }
+}
+
+/// Raw TCP echo: 8-byte length, then the payload, sent back whole.
+async fn tcp_echo_server(listener: tokio::net::TcpListener) {
+    while let Ok((mut s, _)) = listener.accept().await {
+        let _ = s.set_nodelay(true);
+        tokio::spawn(async move {
+            let mut buf = Vec::new();
+            loop {
+                let Ok(n) = s.read_u64_le().await else { return };
+                buf.resize(n as usize, 0);
+                if s.read_exact(&mut buf).await.is_err() {
+                    return;
+                }
+                if s.write_u64_le(n).await.is_err() || s.write_all(&buf).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+fn best_of(repeats: usize, mut f: impl FnMut() -> Result<Duration>) -> Result<Duration> {
+    let mut best = Duration::MAX;
+    for _ in 0..repeats.max(1) {
+        best = best.min(f()?);
+    }
+    Ok(best)
+}
+
+pub fn transport(args: TransportArgs) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| Error::peer("runtime", e.to_string()))?;
+    let limit = (args.large_rows * args.hidden * 4 + (1 << 20)).max(4 << 20);
+    let (tcp_addr, grpc_addr) = rt.block_on(async {
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addrs = (tcp.local_addr()?, grpc.local_addr()?);
+        tokio::spawn(tcp_echo_server(tcp));
+        let svc = ExpertServer::new(Echo)
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(limit);
+        tokio::spawn(
+            super::server()
+                .add_service(svc)
+                .serve_with_incoming(super::incoming(grpc)),
+        );
+        Ok::<_, std::io::Error>(addrs)
+    })
+    .map_err(|e| Error::peer("bench", e.to_string()))?;
+    let mut client = rt.block_on(async {
+        let ch = super::channel(&grpc_addr.to_string())?;
+        Ok::<_, Error>(
+            ExpertClient::new(ch)
+                .max_decoding_message_size(limit)
+                .max_encoding_message_size(limit),
+        )
+    })?;
+    let mut tcp = rt.block_on(tokio::net::TcpStream::connect(tcp_addr)).map_err(|e| Error::peer("bench", e.to_string()))?;
+    tcp.set_nodelay(true).map_err(|e| Error::peer("bench", e.to_string()))?;
+
+    let h = args.hidden;
+    let mut measure = |rows: usize, iters: usize| -> Result<(Duration, Duration)> {
+        let x: Vec<f32> = (0..rows * h).map(|i| (i % 977) as f32 * 0.001).collect();
+        let bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mut back = vec![0u8; bytes.len()];
+        let raw = best_of(args.repeats, || {
+            rt.block_on(async {
+                let t = Instant::now();
+                for _ in 0..iters {
+                    tcp.write_u64_le(bytes.len() as u64).await?;
+                    tcp.write_all(&bytes).await?;
+                    let n = tcp.read_u64_le().await? as usize;
+                    back.resize(n, 0);
+                    tcp.read_exact(&mut back).await?;
+                }
+                Ok::<_, std::io::Error>(t.elapsed())
+            })
+            .map_err(|e| Error::peer("raw tcp", e.to_string()))
+        })?;
+        let mut out = Vec::new();
+        let grpc = best_of(args.repeats, || {
+            rt.block_on(async {
+                let t = Instant::now();
+                for _ in 0..iters {
+                    let req = ExpertRequest {
+                        layer: 0,
+                        experts: vec![ExpertRows { expert: 0, rows: rows as u32 }],
+                        input: Some(encode_f32(&x, &[rows, h])),
+                    };
+                    let r = client
+                        .compute(req)
+                        .await
+                        .map_err(|s| Error::peer("grpc", s.message().to_string()))?;
+                    decode_f32("out", r.get_ref().output.as_ref(), Some(rows), h, &mut out)
+                        .map_err(|e| Error::peer("grpc", e.to_string()))?;
+                }
+                Ok::<_, Error>(t.elapsed())
+            })
+        })?;
+        Ok((raw, grpc))
+    };
+    let large_bytes = (args.large_rows * h * 4) as f64;
+    let (raw_l, grpc_l) = measure(args.large_rows, args.large_iters)?;
+    let (raw_s, grpc_s) = measure(args.small_rows, args.small_iters)?;
+    let gbps = |d: Duration, iters: usize| 2.0 * large_bytes * iters as f64 / d.as_secs_f64() / 1e9;
+    let us = |d: Duration, iters: usize| d.as_secs_f64() * 1e6 / iters as f64;
+    println!("activation transport on loopback, best of {} (echo: each tensor goes there and back)", args.repeats);
+    println!("| measure | moe.v1 gRPC | raw TCP | ratio | target |");
+    println!("|---|---|---|---|---|");
+    let (g, r) = (gbps(grpc_l, args.large_iters), gbps(raw_l, args.large_iters));
+    println!(
+        "| throughput, [{}x{}] f32 ({:.1} MiB) | {:.2} GB/s | {:.2} GB/s | {:.2}x | >= 0.7x |",
+        args.large_rows, h, large_bytes / (1 << 20) as f64, g, r, g / r
+    );
+    let (g, r) = (us(grpc_s, args.small_iters), us(raw_s, args.small_iters));
+    println!(
+        "| round trip, [{}x{}] f32 | {:.1} us | {:.1} us | {:.2}x | <= 2x |",
+        args.small_rows, h, g, r, g / r
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, clap::Args)]
+pub struct LocalBenchArgs {
+    #[arg(long, default_value = "synthetic:gpt4-mini")]
+    pub model: ModelArg,
+    #[arg(long, default_value_t = 4)]
+    pub stages: usize,
+    #[arg(long, default_value_t = 4)]
+    pub expert_shards: usize,
+    /// Prompt tokens per request.
+    #[arg(long, default_value_t = 16)]
+    pub prompt_tokens: usize,
+    /// Tokens generated per request.
+    #[arg(long, default_value_t = 32)]
+    pub tokens: usize,
+    /// Concurrent requests of the batched measurement.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+}
+
+fn prompt(n: usize, seed: u64, vocab: usize) -> Vec<u32> {
+    let mut x = seed;
+    (0..n)
+        .map(|_| {
+            x = crate::synthetic::splitmix64(x);
+            (3 + x % (vocab as u64 - 3)) as u32
+        })
+        .collect()
+}
+
+/// Minimal HTTP/1.1 request (the benchmark should not depend on an HTTP client crate).
+fn http(addr: &str, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {
+    let err = |e: std::io::Error| Error::peer("http", e.to_string());
+    let mut s = TcpStream::connect(addr).map_err(err)?;
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .map_err(err)?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).map_err(err)?;
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(Error::peer("http", format!("{path}: {}", head.lines().next().unwrap_or(""))));
+    }
+    serde_json::from_str(body).map_err(|e| Error::peer("http", format!("{path}: {e}")))
+}
+
+pub fn local(args: LocalBenchArgs) -> Result<()> {
+    let src = args.model.open()?;
+    let vocab = src.config().vocab_size;
+    let prompts: Vec<Vec<u32>> = (0..args.batch.max(1))
+        .map(|i| prompt(args.prompt_tokens, i as u64 + 7, vocab))
+        .collect();
+    let params = SamplingParams { ignore_eos: true, ..SamplingParams::greedy(args.tokens) };
+
+    // Single process.
+    let model = crate::cli::load_full(src.as_ref())?;
+    let mut engine = Engine::new(model, EngineOptions::default())?;
+    engine.generate(prompts[0].clone(), params.clone())?;
+    let t = Instant::now();
+    let single_ids = engine.generate(prompts[0].clone(), params.clone())?.0;
+    let single_b1 = args.tokens as f64 / t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    for p in &prompts {
+        engine.add(p.clone(), params.clone())?;
+    }
+    let mut produced = 0;
+    while engine.has_work() {
+        produced += engine.step()?.len();
+    }
+    let single_b8 = produced as f64 / t.elapsed().as_secs_f64();
+    drop(engine);
+
+    // The deployment.
+    let exe = std::env::current_exe().map_err(|e| Error::peer("bench", e.to_string()))?;
+    let mut child = Command::new(exe)
+        .args(["local", "--model", &args.model.to_string(), "--http-port", "0"])
+        .args(["--stages", &args.stages.to_string(), "--expert-shards", &args.expert_shards.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| Error::peer("bench", e.to_string()))?;
+    let result = (|| -> Result<()> {
+        let mut out = std::io::BufReader::new(child.stdout.take().ok_or_else(|| Error::peer("bench", "stdout"))?);
+        let addr = loop {
+            let mut line = String::new();
+            if std::io::BufRead::read_line(&mut out, &mut line).map_err(|e| Error::peer("bench", e.to_string()))? == 0 {
+                return Err(Error::peer("bench", "local exited before it was ready"));
+            }
+            if let Some(ep) = line.trim().strip_prefix("OpenAI endpoint: http://") {
+                break ep.trim_end_matches("/v1").to_string();
+            }
+        };
+        std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+        let request = |p: &Vec<u32>| json!({"prompt": p, "max_tokens": args.tokens, "temperature": 0, "ignore_eos": true});
+        http(&addr, "POST", "/v1/completions", Some(&request(&prompts[0])))?;
+        http(&addr, "GET", "/v1/stats?reset=true", None)?;
+        let t = Instant::now();
+        let v = http(&addr, "POST", "/v1/completions", Some(&request(&prompts[0])))?;
+        let wall_b1 = t.elapsed().as_secs_f64();
+        let stats_b1 = http(&addr, "GET", "/v1/stats?reset=true", None)?;
+        let ids: Vec<u32> = v["choices"][0]["token_ids"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect())
+            .unwrap_or_default();
+        if ids != single_ids {
+            return Err(Error::peer("bench", "the deployment's tokens differ from single-process generation"));
+        }
+        let gw0: Value = http(&addr, "GET", "/v1/stats", None)?;
+        let t = Instant::now();
+        let handles: Vec<_> = prompts
+            .iter()
+            .map(|p| {
+                let (addr, body) = (addr.clone(), request(p));
+                std::thread::spawn(move || http(&addr, "POST", "/v1/completions", Some(&body)))
+            })
+            .collect();
+        let mut produced = 0;
+        for h in handles {
+            let v = h.join().map_err(|_| Error::peer("bench", "request thread"))??;
+            produced += v["usage"]["completion_tokens"].as_u64().unwrap_or(0) as usize;
+        }
+        let wall_b8 = t.elapsed().as_secs_f64();
+        let stats_b8 = http(&addr, "GET", "/v1/stats", None)?;
+        let local_b1 = args.tokens as f64 / wall_b1;
+        let local_b8 = produced as f64 / wall_b8;
+        println!(
+            "{} over {} stages and {} expert shards; {} prompt tokens, {} generated per request",
+            args.model, args.stages, args.expert_shards, args.prompt_tokens, args.tokens
+        );
+        println!("| batch | local tok/s | single-process tok/s | ratio |");
+        println!("|---|---|---|---|");
+        println!("| 1 | {local_b1:.1} | {single_b1:.1} | {:.2}x |", local_b1 / single_b1);
+        println!("| {} | {local_b8:.1} | {single_b8:.1} | {:.2}x |", prompts.len(), local_b8 / single_b8);
+        breakdown("batch 1", &stats_b1, None, wall_b1, args.tokens);
+        breakdown(&format!("batch {}", prompts.len()), &stats_b8, Some(&gw0), wall_b8, produced);
+        Ok(())
+    })();
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = child.wait();
+    result
+}
+
+/// Where a measurement's time went, per generated token.
+fn breakdown(label: &str, s: &Value, before: Option<&Value>, wall: f64, tokens: usize) {
+    let f = |v: &Value| v.as_f64().unwrap_or(0.0);
+    let gw = |k: &str| f(&s["gateway"][k]) - before.map_or(0.0, |b| f(&b["gateway"][k]));
+    let stages = s["stages"].as_array().cloned().unwrap_or_default();
+    let busy: f64 = stages.iter().map(|x| f(&x["busySeconds"])).sum();
+    let wait: f64 = stages.iter().map(|x| f(&x["expertWaitSeconds"])).sum();
+    let per = |x: f64| x * 1e3 / tokens.max(1) as f64;
+    println!(
+        "{label}: {:.2} ms/token wall; summed over the pipeline per token: stage compute {:.2} ms, expert calls (compute + transport) {:.2} ms; gateway: waiting on the pipeline {:.2} ms (of which not in any stage {:.2} ms), LM head + sampling {:.2} ms",
+        per(wall),
+        per(busy - wait),
+        per(wait),
+        per(gw("pipelineSeconds")),
+        per((gw("pipelineSeconds") - busy).max(0.0)),
+        per(gw("headSeconds")),
+    );
+}
