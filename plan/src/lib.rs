@@ -88,7 +88,11 @@ pub struct Plan {
 
 impl Plan {
     /// The expert shards that hold (layer, expert).
-    pub fn shards_for(&self, layer: usize, expert: usize) -> impl Iterator<Item = &ExpertShardPlan> {
+    pub fn shards_for(
+        &self,
+        layer: usize,
+        expert: usize,
+    ) -> impl Iterator<Item = &ExpertShardPlan> {
         self.expert_shards
             .iter()
             .filter(move |s| s.owns(layer, expert))
@@ -158,7 +162,7 @@ pub fn plan(model: ModelShape, stages: usize, expert_shards: usize) -> Result<Pl
     if expert_shards > 0 {
         let groups = (1..=model.num_experts.min(expert_shards))
             .rev()
-            .find(|g| expert_shards % g == 0)
+            .find(|&g| expert_shards.is_multiple_of(g))
             .unwrap_or(1);
         let blocks = expert_shards / groups;
         if blocks > model.num_layers {
@@ -260,7 +264,11 @@ mod tests {
     #[test]
     fn rejects_impossible_plans_naming_the_field() {
         let e = plan(GPT4, 121, 4).unwrap_err();
-        assert!(e.to_string().starts_with("stages: 121 stages for 120 layers"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("stages: 121 stages for 120 layers"),
+            "{e}"
+        );
         let small = ModelShape {
             num_layers: 2,
             num_experts: 2,
@@ -269,7 +277,12 @@ mod tests {
         let e = plan(small, 1, 6).unwrap_err();
         assert!(e.to_string().starts_with("expertShards:"), "{e}");
         let bad = ModelShape { top_k: 3, ..small };
-        assert!(plan(bad, 1, 1).unwrap_err().to_string().starts_with("model.topK"));
+        assert!(
+            plan(bad, 1, 1)
+                .unwrap_err()
+                .to_string()
+                .starts_with("model.topK")
+        );
         assert!(plan(GPT4, 0, 1).is_err());
     }
 

@@ -133,12 +133,15 @@ mod tests {
     fn rejects_what_a_peer_gets_wrong() {
         let t = encode_f32(&[0.0; 6], &[2, 3]);
         let mut out = Vec::new();
-        let e = decode_f32("hidden", Some(&t), None, 4, &mut out).unwrap_err();
-        assert_eq!(e.to_string(), "hidden: shape [2, 3] where [rows, 4] was expected");
+        let e = decode_f32("hidden", Some(&t), None, 4, &mut out).expect_err("rejected");
+        assert_eq!(
+            e.to_string(),
+            "hidden: shape [2, 3] where [rows, 4] was expected"
+        );
         assert!(decode_f32("hidden", Some(&t), Some(3), 3, &mut out).is_err());
         let mut short = t.clone();
         short.data = short.data.slice(..20);
-        let e = decode_f32("hidden", Some(&short), None, 3, &mut out).unwrap_err();
+        let e = decode_f32("hidden", Some(&short), None, 3, &mut out).expect_err("rejected");
         assert!(e.to_string().contains("20 bytes"), "{e}");
         let mut bad = t.clone();
         bad.dtype = 9;
@@ -169,7 +172,7 @@ mod tests {
             data: Bytes::from(bytes),
         };
         let mut out = Vec::new();
-        decode_f32("x", Some(&t), None, 2, &mut out).unwrap();
+        decode_f32("x", Some(&t), None, 2, &mut out).expect("decode");
         assert_eq!(out, vals);
     }
 }

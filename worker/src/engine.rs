@@ -140,7 +140,10 @@ impl Batcher {
         if prompt.is_empty() {
             return Err(Error::invalid("prompt", "must contain at least one token"));
         }
-        if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= self.limits.vocab_size) {
+        if let Some(&bad) = prompt
+            .iter()
+            .find(|&&t| t as usize >= self.limits.vocab_size)
+        {
             return Err(Error::invalid(
                 "token id",
                 format!(

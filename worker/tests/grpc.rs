@@ -43,19 +43,34 @@ fn start(args: &[&str]) -> Proc {
     BufReader::new(child.stdout.take().expect("stdout"))
         .read_line(&mut line)
         .expect("read");
-    let addr = line.rsplit_once("listening on ").expect("listening line").1.trim().to_string();
+    let addr = line
+        .rsplit_once("listening on ")
+        .expect("listening line")
+        .1
+        .trim()
+        .to_string();
     Proc(child, format!("http://{addr}"))
 }
 
 fn rows(experts: &[(u32, u32)]) -> Vec<ExpertRows> {
-    experts.iter().map(|&(expert, rows)| ExpertRows { expert, rows }).collect()
+    experts
+        .iter()
+        .map(|&(expert, rows)| ExpertRows { expert, rows })
+        .collect()
 }
 
 #[tokio::test]
 async fn expert_shard_rejects_bad_input_and_keeps_serving() {
     let p = start(&[
-        "expert", "--model", "synthetic:tiny", "--layers", "0..2", "--experts", "0,1",
-        "--max-message-bytes", "65536",
+        "expert",
+        "--model",
+        "synthetic:tiny",
+        "--layers",
+        "0..2",
+        "--experts",
+        "0,1",
+        "--max-message-bytes",
+        "65536",
     ]);
     let mut c = loop {
         match ExpertClient::connect(p.1.clone()).await {
@@ -63,13 +78,26 @@ async fn expert_shard_rejects_bad_input_and_keeps_serving() {
             Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
         }
     };
-    let info = c.describe(DescribeRequest {}).await.expect("describe").into_inner();
-    assert_eq!((info.layer_start, info.layer_end, info.experts.clone()), (0, 2, vec![0, 1]));
+    let info = c
+        .describe(DescribeRequest {})
+        .await
+        .expect("describe")
+        .into_inner();
+    assert_eq!(
+        (info.layer_start, info.layer_end, info.experts.clone()),
+        (0, 2, vec![0, 1])
+    );
     let h = info.hidden_size as usize;
 
     // A valid call equals the same experts computed in this process.
-    let x: Vec<f32> = (0..3 * h).map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0).collect();
-    let ok = ExpertRequest { layer: 1, experts: rows(&[(0, 2), (1, 1)]), input: Some(encode_f32(&x, &[3, h])) };
+    let x: Vec<f32> = (0..3 * h)
+        .map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0)
+        .collect();
+    let ok = ExpertRequest {
+        layer: 1,
+        experts: rows(&[(0, 2), (1, 1)]),
+        input: Some(encode_f32(&x, &[3, h])),
+    };
     let out = c.compute(ok.clone()).await.expect("compute").into_inner();
     let mut got = Vec::new();
     decode_f32("out", out.output.as_ref(), Some(3), h, &mut got).expect("decode");
@@ -78,7 +106,13 @@ async fn expert_shard_rejects_bad_input_and_keeps_serving() {
     let local = Model::load(&src, ShardSpec::experts(0..2, [0, 1]), &mut |_| {}).expect("load");
     let mut want = Vec::new();
     local
-        .expert_ffn(1, &[(0, 2), (1, 1)], &x, &mut want, &mut MoeScratch::default())
+        .expert_ffn(
+            1,
+            &[(0, 2), (1, 1)],
+            &x,
+            &mut want,
+            &mut MoeScratch::default(),
+        )
         .expect("local");
     assert_eq!(got, want);
 
@@ -94,10 +128,22 @@ async fn expert_shard_rejects_bad_input_and_keeps_serving() {
         (bad(&|r| r.experts = rows(&[(0, 2), (1, 0)])), "zero rows"),
         (bad(&|r| r.experts = rows(&[(0, 1), (1, 1)])), "shape"),
         (bad(&|r| r.input.as_mut().expect("t").dtype = 9), "dtype"),
-        (bad(&|r| r.input.as_mut().expect("t").shape = vec![3, h as u64 + 1]), "shape"),
-        (bad(&|r| { let t = r.input.as_mut().expect("t"); t.data = t.data.slice(..10); }), "bytes"),
+        (
+            bad(&|r| r.input.as_mut().expect("t").shape = vec![3, h as u64 + 1]),
+            "shape",
+        ),
+        (
+            bad(&|r| {
+                let t = r.input.as_mut().expect("t");
+                t.data = t.data.slice(..10);
+            }),
+            "bytes",
+        ),
         (bad(&|r| r.input = None), "missing"),
-        (bad(&|r| r.experts = rows(&[(0, u32::MAX), (1, u32::MAX)])), "rows exceed"),
+        (
+            bad(&|r| r.experts = rows(&[(0, u32::MAX), (1, u32::MAX)])),
+            "rows exceed",
+        ),
     ];
     for (req, needle) in cases {
         let e = c.compute(req).await.expect_err("bad input accepted");
@@ -107,7 +153,11 @@ async fn expert_shard_rejects_bad_input_and_keeps_serving() {
     // Larger than the message limit: refused, and the shard lives on.
     let big: Vec<f32> = vec![0.5; 300 * h];
     let e = c
-        .compute(ExpertRequest { layer: 0, experts: rows(&[(0, 300)]), input: Some(encode_f32(&big, &[300, h])) })
+        .compute(ExpertRequest {
+            layer: 0,
+            experts: rows(&[(0, 300)]),
+            input: Some(encode_f32(&big, &[300, h])),
+        })
         .await
         .expect_err("oversized message accepted");
     assert_ne!(e.code(), Code::Ok);
@@ -115,15 +165,28 @@ async fn expert_shard_rejects_bad_input_and_keeps_serving() {
 
     // The standard health service.
     let mut health = tonic_health::pb::health_client::HealthClient::new(
-        tonic::transport::Endpoint::from_shared(p.1.clone()).expect("uri").connect().await.expect("connect"),
+        tonic::transport::Endpoint::from_shared(p.1.clone())
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect"),
     );
     let s = health
-        .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
         .await
         .expect("health")
         .into_inner();
-    assert_eq!(s.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
-    let stats = c.load_stats(LoadStatsRequest { reset: false }).await.expect("stats").into_inner();
+    assert_eq!(
+        s.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    let stats = c
+        .load_stats(LoadStatsRequest { reset: false })
+        .await
+        .expect("stats")
+        .into_inner();
     assert_eq!(stats.batches, 2);
 }
 
@@ -137,22 +200,63 @@ async fn stage_answers_bad_micro_batches_with_errors_on_the_stream() {
             Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
         }
     };
-    let h = c.describe(DescribeRequest {}).await.expect("describe").into_inner().hidden_size as usize;
-    let seq = |id, start, len| SeqSlice { seq_id: id, start, len, capacity: 16 };
+    let h = c
+        .describe(DescribeRequest {})
+        .await
+        .expect("describe")
+        .into_inner()
+        .hidden_size as usize;
+    let seq = |id, start, len| SeqSlice {
+        seq_id: id,
+        start,
+        len,
+        capacity: 16,
+    };
     let tokens = |ids: Vec<u32>| Some(Input::Tokens(TokenIds { ids }));
     let reqs = vec![
         // 1: hidden states sent to the first stage.
-        ForwardRequest { micro_batch_id: 1, seqs: vec![seq(7, 0, 2)], input: Some(Input::Hidden(encode_f32(&vec![0.0; 2 * h], &[2, h]))), ..Default::default() },
+        ForwardRequest {
+            micro_batch_id: 1,
+            seqs: vec![seq(7, 0, 2)],
+            input: Some(Input::Hidden(encode_f32(&vec![0.0; 2 * h], &[2, h]))),
+            ..Default::default()
+        },
         // 2: a continuation of a sequence the stage never saw.
-        ForwardRequest { micro_batch_id: 2, seqs: vec![seq(8, 5, 1)], input: tokens(vec![3]), ..Default::default() },
+        ForwardRequest {
+            micro_batch_id: 2,
+            seqs: vec![seq(8, 5, 1)],
+            input: tokens(vec![3]),
+            ..Default::default()
+        },
         // 3: token count disagrees with the slices.
-        ForwardRequest { micro_batch_id: 3, seqs: vec![seq(9, 0, 3)], input: tokens(vec![3]), ..Default::default() },
+        ForwardRequest {
+            micro_batch_id: 3,
+            seqs: vec![seq(9, 0, 3)],
+            input: tokens(vec![3]),
+            ..Default::default()
+        },
         // 4: a token outside the vocabulary.
-        ForwardRequest { micro_batch_id: 4, seqs: vec![seq(10, 0, 1)], input: tokens(vec![u32::MAX]), ..Default::default() },
+        ForwardRequest {
+            micro_batch_id: 4,
+            seqs: vec![seq(10, 0, 1)],
+            input: tokens(vec![u32::MAX]),
+            ..Default::default()
+        },
         // 5: past its deadline.
-        ForwardRequest { micro_batch_id: 5, seqs: vec![seq(11, 0, 1)], input: tokens(vec![3]), deadline_unix_ms: 1, ..Default::default() },
+        ForwardRequest {
+            micro_batch_id: 5,
+            seqs: vec![seq(11, 0, 1)],
+            input: tokens(vec![3]),
+            deadline_unix_ms: 1,
+            ..Default::default()
+        },
         // 6: fine.
-        ForwardRequest { micro_batch_id: 6, seqs: vec![seq(12, 0, 2)], input: tokens(vec![3, 4]), ..Default::default() },
+        ForwardRequest {
+            micro_batch_id: 6,
+            seqs: vec![seq(12, 0, 2)],
+            input: tokens(vec![3, 4]),
+            ..Default::default()
+        },
     ];
     let want = [
         (1, Code::InvalidArgument, "token ids"),
@@ -175,7 +279,11 @@ async fn stage_answers_bad_micro_batches_with_errors_on_the_stream() {
         match &answers[&id] {
             FwdResult::Error(e) => {
                 assert_eq!(e.code, code as i32, "micro-batch {id}: {}", e.message);
-                assert!(e.message.contains(needle), "micro-batch {id}: {}", e.message);
+                assert!(
+                    e.message.contains(needle),
+                    "micro-batch {id}: {}",
+                    e.message
+                );
             }
             other => panic!("micro-batch {id} succeeded: {other:?}"),
         }
@@ -184,9 +292,22 @@ async fn stage_answers_bad_micro_batches_with_errors_on_the_stream() {
         FwdResult::LastHidden(t) => assert_eq!(t.shape, vec![1, h as u64]),
         other => panic!("{other:?}"),
     }
-    let stats = c.load_stats(LoadStatsRequest { reset: false }).await.expect("stats").into_inner();
+    let stats = c
+        .load_stats(LoadStatsRequest { reset: false })
+        .await
+        .expect("stats")
+        .into_inner();
     assert_eq!(stats.active_sequences, 1);
-    assert!(stats.experts.iter().map(|e| e.tokens).sum::<u64>() >= 2 * 4 * 2, "{stats:?}");
-    let r = c.release(ReleaseRequest { seq_ids: vec![12, 99] }).await.expect("release").into_inner();
+    assert!(
+        stats.experts.iter().map(|e| e.tokens).sum::<u64>() >= 2 * 4 * 2,
+        "{stats:?}"
+    );
+    let r = c
+        .release(ReleaseRequest {
+            seq_ids: vec![12, 99],
+        })
+        .await
+        .expect("release")
+        .into_inner();
     assert_eq!(r.released, 1);
 }

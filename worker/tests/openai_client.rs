@@ -29,7 +29,10 @@ fn python() -> PathBuf {
         .find_map(|l| l.trim().strip_prefix("openai=="))
         .expect("openai pin");
     let check = format!("import openai, sys; sys.exit(openai.__version__ != '{version}')");
-    let ok = Command::new(&py).args(["-c", &check]).status().is_ok_and(|s| s.success());
+    let ok = Command::new(&py)
+        .args(["-c", &check])
+        .status()
+        .is_ok_and(|s| s.success());
     if !ok {
         let status = Command::new("python3")
             .args(["-m", "venv"])
@@ -55,7 +58,15 @@ fn official_openai_client_works_against_the_gateway() {
     // The prompt's ids, as the gateway tokenizes it (BOS first).
     let prompt = "The capital of France is";
     let out = Command::new(deploy::BIN)
-        .args(["generate", "--model", model, "--json", "--ignore-eos", "--max-new-tokens", "8"])
+        .args([
+            "generate",
+            "--model",
+            model,
+            "--json",
+            "--ignore-eos",
+            "--max-new-tokens",
+            "8",
+        ])
         .args(["--prompt", prompt])
         .output()
         .expect("generate");

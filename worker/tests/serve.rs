@@ -61,17 +61,24 @@ async fn golden_checkpoints_give_the_same_tokens_distributed() {
     assert!(dirs.len() >= 2);
     for dir in dirs {
         let model = dir.to_str().expect("utf-8 path").to_string();
-        let expected: Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).expect("read"))
-                .expect("json");
-        let layers = expected["config"]["num_hidden_layers"].as_u64().unwrap_or(2) as usize;
+        let expected: Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("expected.json")).expect("read"),
+        )
+        .expect("json");
+        let layers = expected["config"]["num_hidden_layers"]
+            .as_u64()
+            .unwrap_or(2) as usize;
         let d = Deployment::start(&model, layers.min(3), 2, &[]);
         for case in expected["cases"].as_array().expect("cases") {
             let prompt = ids(&case["prompt_ids"]);
             let want = ids(&case["greedy_ids"]);
             let got = complete_ids(&d.base, &prompt, want.len()).await;
             assert_eq!(got, want, "{model}: {} vs transformers", case["name"]);
-            assert_eq!(got, generate_ids(&model, &prompt, want.len()), "{model}: vs generate");
+            assert_eq!(
+                got,
+                generate_ids(&model, &prompt, want.len()),
+                "{model}: vs generate"
+            );
         }
         d.stop();
     }
@@ -113,7 +120,12 @@ async fn gpt4_mini_over_4_stages_and_4_expert_shards_with_concurrent_requests() 
         got.push(t.await.expect("task"));
     }
     for ((p, n), g) in work.iter().zip(&got) {
-        assert_eq!(g, &generate_ids(model, p, *n), "prompt of {} tokens", p.len());
+        assert_eq!(
+            g,
+            &generate_ids(model, p, *n),
+            "prompt of {} tokens",
+            p.len()
+        );
     }
     // The model list, readiness, and metrics that count what just ran.
     let models: Value = reqwest::get(format!("{}/v1/models", d.base))
@@ -123,7 +135,9 @@ async fn gpt4_mini_over_4_stages_and_4_expert_shards_with_concurrent_requests() 
         .await
         .expect("json");
     assert_eq!(models["data"][0]["id"], "synthetic:gpt4-mini:0");
-    let ready = reqwest::get(format!("{}/readyz", d.base)).await.expect("readyz");
+    let ready = reqwest::get(format!("{}/readyz", d.base))
+        .await
+        .expect("readyz");
     assert_eq!(ready.status(), 200);
     let metrics = reqwest::get(format!("{}/metrics", d.base))
         .await
@@ -166,15 +180,26 @@ async fn bad_requests_get_400_naming_the_field() {
     }
     let chat = [
         (json!({"messages": []}), "messages"),
-        (json!({"messages": [{"role": "wizard", "content": "x"}]}), "messages[0].role"),
-        (json!({"messages": [{"role": "user", "content": 5}]}), "messages[0].content"),
+        (
+            json!({"messages": [{"role": "wizard", "content": "x"}]}),
+            "messages[0].role",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": 5}]}),
+            "messages[0].content",
+        ),
     ];
     for (body, field) in chat {
         let (status, v) = post(&d.base, "/v1/chat/completions", body.clone()).await;
         assert_eq!(status, 400, "{body} -> {v}");
         assert_eq!(v["error"]["param"], field, "{body} -> {v}");
     }
-    let (status, v) = post(&d.base, "/v1/completions", json!({"model": "gpt-5", "prompt": "x"})).await;
+    let (status, v) = post(
+        &d.base,
+        "/v1/completions",
+        json!({"model": "gpt-5", "prompt": "x"}),
+    )
+    .await;
     assert_eq!(status, 404, "{v}");
     let r = reqwest::Client::new()
         .post(format!("{}/v1/completions", d.base))
@@ -184,7 +209,12 @@ async fn bad_requests_get_400_naming_the_field() {
         .expect("http");
     assert_eq!(r.status(), 400);
     // The gateway still serves.
-    let (status, v) = post(&d.base, "/v1/completions", json!({"prompt": "ok", "max_tokens": 2})).await;
+    let (status, v) = post(
+        &d.base,
+        "/v1/completions",
+        json!({"prompt": "ok", "max_tokens": 2}),
+    )
+    .await;
     assert_eq!(status, 200, "{v}");
     d.stop();
 }
@@ -195,7 +225,14 @@ async fn a_full_queue_answers_429_with_retry_after() {
         "synthetic:tiny",
         1,
         1,
-        &["--max-sequences", "1", "--max-queue", "1", "--micro-batches", "1"],
+        &[
+            "--max-sequences",
+            "1",
+            "--max-queue",
+            "1",
+            "--micro-batches",
+            "1",
+        ],
     );
     let mut tasks = Vec::new();
     for _ in 0..8 {
@@ -207,7 +244,10 @@ async fn a_full_queue_answers_429_with_retry_after() {
                 .send()
                 .await
                 .expect("http");
-            let retry = r.headers().get("retry-after").map(|v| v.to_str().unwrap_or("").to_string());
+            let retry = r
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap_or("").to_string());
             let status = r.status().as_u16();
             let body: Value = r.json().await.unwrap_or(Value::Null);
             (status, retry, body)
@@ -244,13 +284,18 @@ async fn stream_until_end(resp: reqwest::Response) -> (usize, Option<String>) {
         buf.push_str(&String::from_utf8_lossy(&chunk));
         while let Some(at) = buf.find("\n\n") {
             let event: String = buf.drain(..at + 2).collect();
-            let Some(data) = event.trim().strip_prefix("data: ") else { continue };
+            let Some(data) = event.trim().strip_prefix("data: ") else {
+                continue;
+            };
             if data == "[DONE]" {
                 return (tokens, None);
             }
             let v: Value = serde_json::from_str(data).expect("event json");
             if let Some(e) = v.get("error") {
-                return (tokens, Some(e["message"].as_str().unwrap_or("").to_string()));
+                return (
+                    tokens,
+                    Some(e["message"].as_str().unwrap_or("").to_string()),
+                );
             }
             tokens += v["choices"][0]["token_ids"].as_array().map_or(0, Vec::len);
         }
@@ -265,7 +310,10 @@ async fn kill_mid_request(d: &Deployment, role: &str, index: usize) {
         .json()
         .await
         .expect("json");
-    let room = models["data"][0]["max_model_len"].as_u64().expect("max_model_len") - 3;
+    let room = models["data"][0]["max_model_len"]
+        .as_u64()
+        .expect("max_model_len")
+        - 3;
     let resp = reqwest::Client::new()
         .post(format!("{}/v1/completions", d.base))
         .json(&json!({"prompt": [3, 4, 5], "max_tokens": room, "ignore_eos": true, "stream": true}))
@@ -285,7 +333,8 @@ async fn kill_mid_request(d: &Deployment, role: &str, index: usize) {
         .await
         .expect("the in-flight request must end within its deadline")
         .expect("task");
-    let err = err.unwrap_or_else(|| panic!("request survived the {role} being killed ({tokens} tokens)"));
+    let err =
+        err.unwrap_or_else(|| panic!("request survived the {role} being killed ({tokens} tokens)"));
     assert!(tokens > 0, "the request was running before the kill");
     assert!(!err.is_empty());
     assert!(killed.elapsed() < Duration::from_secs(20));
@@ -304,7 +353,10 @@ async fn kill_mid_request(d: &Deployment, role: &str, index: usize) {
             break;
         }
         assert!(matches!(status, 503 | 504), "{status}: {v}");
-        assert!(Instant::now() < deadline, "no recovery after killing the {role}: {v}");
+        assert!(
+            Instant::now() < deadline,
+            "no recovery after killing the {role}: {v}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_ne!(d.pid_of(role, index), pid, "the {role} was restarted");

@@ -40,7 +40,9 @@ async fn a_request_is_one_trace_across_gateway_stages_and_experts() {
         .expect("http");
     assert_eq!(r.status(), 200);
     // Stopping flushes every process's spans.
-    tokio::task::spawn_blocking(move || d.stop()).await.expect("stop");
+    tokio::task::spawn_blocking(move || d.stop())
+        .await
+        .expect("stop");
     let spans = collector.spans();
     let by_id: HashMap<&str, &otlp::CollectedSpan> =
         spans.iter().map(|s| (s.span_id.as_str(), s)).collect();
@@ -49,8 +51,10 @@ async fn a_request_is_one_trace_across_gateway_stages_and_experts() {
         .find(|s| s.name == "gateway.request")
         .unwrap_or_else(|| panic!("no gateway.request span in {spans:#?}"));
     assert_eq!(request.service, "moe-gateway");
-    let trace: Vec<&otlp::CollectedSpan> =
-        spans.iter().filter(|s| s.trace_id == request.trace_id).collect();
+    let trace: Vec<&otlp::CollectedSpan> = spans
+        .iter()
+        .filter(|s| s.trace_id == request.trace_id)
+        .collect();
     for (service, name) in [
         ("moe-gateway", "gateway.step"),
         ("moe-stage", "stage.forward"),
@@ -80,5 +84,8 @@ async fn a_request_is_one_trace_across_gateway_stages_and_experts() {
     }
     // Both stages took part.
     let stage_spans = trace.iter().filter(|s| s.name == "stage.forward").count();
-    assert!(stage_spans >= 2 * 3, "{stage_spans} stage spans for 3 steps over 2 stages");
+    assert!(
+        stage_spans >= 2 * 3,
+        "{stage_spans} stage spans for 3 steps over 2 stages"
+    );
 }

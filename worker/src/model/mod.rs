@@ -450,12 +450,23 @@ impl Model {
     pub fn weight_bytes(&self) -> u64 {
         let n = |w: &Weight| w.as_slice().len() as u64 * 4;
         let mut total = 0;
-        for w in [&self.embed, &self.final_norm, &self.lm_head].into_iter().flatten() {
+        for w in [&self.embed, &self.final_norm, &self.lm_head]
+            .into_iter()
+            .flatten()
+        {
             total += n(w);
         }
         for l in &self.layers {
             if let Some(a) = &l.attention {
-                for w in [&a.input_norm, &a.q, &a.k, &a.v, &a.o, &a.post_norm, &a.router] {
+                for w in [
+                    &a.input_norm,
+                    &a.q,
+                    &a.k,
+                    &a.v,
+                    &a.o,
+                    &a.post_norm,
+                    &a.router,
+                ] {
                     total += n(w);
                 }
             }

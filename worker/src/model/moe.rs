@@ -178,7 +178,11 @@ pub fn gather(
 pub fn scatter_add(routing: &Routing, e: usize, down: &[f32], h: usize, out: &mut [f32]) {
     for (i, &(row, w)) in routing.for_expert(e).iter().enumerate() {
         let row = row as usize;
-        kernels::axpy(w, &down[i * h..(i + 1) * h], &mut out[row * h..(row + 1) * h]);
+        kernels::axpy(
+            w,
+            &down[i * h..(i + 1) * h],
+            &mut out[row * h..(row + 1) * h],
+        );
     }
 }
 
@@ -220,7 +224,11 @@ pub(super) fn ffn_groups(
     x: &[f32],
     s: &mut MoeScratch,
 ) -> Result<()> {
-    let (h, inter, ne) = (cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts);
+    let (h, inter, ne) = (
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_local_experts,
+    );
     let total: usize = groups.iter().map(|g| g.1).sum();
     if x.len() != total * h {
         return Err(Error::invalid(
@@ -239,7 +247,10 @@ pub(super) fn ffn_groups(
             ));
         }
         if prev.is_some_and(|p| p >= e) {
-            return Err(Error::invalid("expert", "experts must be listed in ascending order"));
+            return Err(Error::invalid(
+                "expert",
+                "experts must be listed in ascending order",
+            ));
         }
         prev = Some(e);
         if layer.experts.get(e).is_none_or(Option::is_none) {

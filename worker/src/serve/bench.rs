@@ -55,7 +55,12 @@ impl Expert for Echo {
     async fn compute(&self, r: Request<ExpertRequest>) -> Result<Response<ExpertResponse>, Status> {
         let req = r.into_inner();
         let rows: usize = req.experts.iter().map(|e| e.rows as usize).sum();
-        let cols = req.input.as_ref().and_then(|t| t.shape.get(1)).copied().unwrap_or(0) as usize;
+        let cols = req
+            .input
+            .as_ref()
+            .and_then(|t| t.shape.get(1))
+            .copied()
+            .unwrap_or(0) as usize;
         let mut x = Vec::new();
         decode_f32("input", req.input.as_ref(), Some(rows), cols, &mut x)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -109,22 +114,23 @@ pub fn transport(args: TransportArgs) -> Result<()> {
         .build()
         .map_err(|e| Error::peer("runtime", e.to_string()))?;
     let limit = (args.large_rows * args.hidden * 4 + (1 << 20)).max(4 << 20);
-    let (tcp_addr, grpc_addr) = rt.block_on(async {
-        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addrs = (tcp.local_addr()?, grpc.local_addr()?);
-        tokio::spawn(tcp_echo_server(tcp));
-        let svc = ExpertServer::new(Echo)
-            .max_decoding_message_size(limit)
-            .max_encoding_message_size(limit);
-        tokio::spawn(
-            super::server()
-                .add_service(svc)
-                .serve_with_incoming(super::incoming(grpc)),
-        );
-        Ok::<_, std::io::Error>(addrs)
-    })
-    .map_err(|e| Error::peer("bench", e.to_string()))?;
+    let (tcp_addr, grpc_addr) = rt
+        .block_on(async {
+            let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let addrs = (tcp.local_addr()?, grpc.local_addr()?);
+            tokio::spawn(tcp_echo_server(tcp));
+            let svc = ExpertServer::new(Echo)
+                .max_decoding_message_size(limit)
+                .max_encoding_message_size(limit);
+            tokio::spawn(
+                super::server()
+                    .add_service(svc)
+                    .serve_with_incoming(super::incoming(grpc)),
+            );
+            Ok::<_, std::io::Error>(addrs)
+        })
+        .map_err(|e| Error::peer("bench", e.to_string()))?;
     let mut client = rt.block_on(async {
         let ch = super::channel(&grpc_addr.to_string())?;
         Ok::<_, Error>(
@@ -133,8 +139,11 @@ pub fn transport(args: TransportArgs) -> Result<()> {
                 .max_encoding_message_size(limit),
         )
     })?;
-    let mut tcp = rt.block_on(tokio::net::TcpStream::connect(tcp_addr)).map_err(|e| Error::peer("bench", e.to_string()))?;
-    tcp.set_nodelay(true).map_err(|e| Error::peer("bench", e.to_string()))?;
+    let mut tcp = rt
+        .block_on(tokio::net::TcpStream::connect(tcp_addr))
+        .map_err(|e| Error::peer("bench", e.to_string()))?;
+    tcp.set_nodelay(true)
+        .map_err(|e| Error::peer("bench", e.to_string()))?;
 
     let h = args.hidden;
     let mut measure = |rows: usize, iters: usize| -> Result<(Duration, Duration)> {
@@ -162,7 +171,10 @@ pub fn transport(args: TransportArgs) -> Result<()> {
                 for _ in 0..iters {
                     let req = ExpertRequest {
                         layer: 0,
-                        experts: vec![ExpertRows { expert: 0, rows: rows as u32 }],
+                        experts: vec![ExpertRows {
+                            expert: 0,
+                            rows: rows as u32,
+                        }],
                         input: Some(encode_f32(&x, &[rows, h])),
                     };
                     let r = client
@@ -182,18 +194,33 @@ pub fn transport(args: TransportArgs) -> Result<()> {
     let (raw_s, grpc_s) = measure(args.small_rows, args.small_iters)?;
     let gbps = |d: Duration, iters: usize| 2.0 * large_bytes * iters as f64 / d.as_secs_f64() / 1e9;
     let us = |d: Duration, iters: usize| d.as_secs_f64() * 1e6 / iters as f64;
-    println!("activation transport on loopback, best of {} (echo: each tensor goes there and back)", args.repeats);
+    println!(
+        "activation transport on loopback, best of {} (echo: each tensor goes there and back)",
+        args.repeats
+    );
     println!("| measure | moe.v1 gRPC | raw TCP | ratio | target |");
     println!("|---|---|---|---|---|");
-    let (g, r) = (gbps(grpc_l, args.large_iters), gbps(raw_l, args.large_iters));
+    let (g, r) = (
+        gbps(grpc_l, args.large_iters),
+        gbps(raw_l, args.large_iters),
+    );
     println!(
         "| throughput, [{}x{}] f32 ({:.1} MiB) | {:.2} GB/s | {:.2} GB/s | {:.2}x | >= 0.7x |",
-        args.large_rows, h, large_bytes / (1 << 20) as f64, g, r, g / r
+        args.large_rows,
+        h,
+        large_bytes / (1 << 20) as f64,
+        g,
+        r,
+        g / r
     );
     let (g, r) = (us(grpc_s, args.small_iters), us(raw_s, args.small_iters));
     println!(
         "| round trip, [{}x{}] f32 | {:.1} us | {:.1} us | {:.2}x | <= 2x |",
-        args.small_rows, h, g, r, g / r
+        args.small_rows,
+        h,
+        g,
+        r,
+        g / r
     );
     Ok(())
 }
@@ -244,7 +271,10 @@ fn http(addr: &str, method: &str, path: &str, body: Option<&Value>) -> Result<Va
     s.read_to_string(&mut resp).map_err(err)?;
     let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
     if !head.starts_with("HTTP/1.1 200") {
-        return Err(Error::peer("http", format!("{path}: {}", head.lines().next().unwrap_or(""))));
+        return Err(Error::peer(
+            "http",
+            format!("{path}: {}", head.lines().next().unwrap_or("")),
+        ));
     }
     serde_json::from_str(body).map_err(|e| Error::peer("http", format!("{path}: {e}")))
 }
@@ -255,7 +285,10 @@ pub fn local(args: LocalBenchArgs) -> Result<()> {
     let prompts: Vec<Vec<u32>> = (0..args.batch.max(1))
         .map(|i| prompt(args.prompt_tokens, i as u64 + 7, vocab))
         .collect();
-    let params = SamplingParams { ignore_eos: true, ..SamplingParams::greedy(args.tokens) };
+    let params = SamplingParams {
+        ignore_eos: true,
+        ..SamplingParams::greedy(args.tokens)
+    };
 
     // Single process.
     let model = crate::cli::load_full(src.as_ref())?;
@@ -278,17 +311,36 @@ pub fn local(args: LocalBenchArgs) -> Result<()> {
     // The deployment.
     let exe = std::env::current_exe().map_err(|e| Error::peer("bench", e.to_string()))?;
     let mut child = Command::new(exe)
-        .args(["local", "--model", &args.model.to_string(), "--http-port", "0"])
-        .args(["--stages", &args.stages.to_string(), "--expert-shards", &args.expert_shards.to_string()])
+        .args([
+            "local",
+            "--model",
+            &args.model.to_string(),
+            "--http-port",
+            "0",
+        ])
+        .args([
+            "--stages",
+            &args.stages.to_string(),
+            "--expert-shards",
+            &args.expert_shards.to_string(),
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
         .map_err(|e| Error::peer("bench", e.to_string()))?;
     let result = (|| -> Result<()> {
-        let mut out = std::io::BufReader::new(child.stdout.take().ok_or_else(|| Error::peer("bench", "stdout"))?);
+        let mut out = std::io::BufReader::new(
+            child
+                .stdout
+                .take()
+                .ok_or_else(|| Error::peer("bench", "stdout"))?,
+        );
         let addr = loop {
             let mut line = String::new();
-            if std::io::BufRead::read_line(&mut out, &mut line).map_err(|e| Error::peer("bench", e.to_string()))? == 0 {
+            if std::io::BufRead::read_line(&mut out, &mut line)
+                .map_err(|e| Error::peer("bench", e.to_string()))?
+                == 0
+            {
                 return Err(Error::peer("bench", "local exited before it was ready"));
             }
             if let Some(ep) = line.trim().strip_prefix("OpenAI endpoint: http://") {
@@ -297,18 +349,36 @@ pub fn local(args: LocalBenchArgs) -> Result<()> {
         };
         std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
         let request = |p: &Vec<u32>| json!({"prompt": p, "max_tokens": args.tokens, "temperature": 0, "ignore_eos": true});
-        http(&addr, "POST", "/v1/completions", Some(&request(&prompts[0])))?;
-        http(&addr, "GET", "/v1/stats?reset=true", None)?;
+        http(
+            &addr,
+            "POST",
+            "/v1/completions",
+            Some(&request(&prompts[0])),
+        )?;
+        let gw_b1 = http(&addr, "GET", "/v1/stats?reset=true", None)?;
         let t = Instant::now();
-        let v = http(&addr, "POST", "/v1/completions", Some(&request(&prompts[0])))?;
+        let v = http(
+            &addr,
+            "POST",
+            "/v1/completions",
+            Some(&request(&prompts[0])),
+        )?;
         let wall_b1 = t.elapsed().as_secs_f64();
         let stats_b1 = http(&addr, "GET", "/v1/stats?reset=true", None)?;
         let ids: Vec<u32> = v["choices"][0]["token_ids"]
             .as_array()
-            .map(|a| a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_u64())
+                    .map(|x| x as u32)
+                    .collect()
+            })
             .unwrap_or_default();
         if ids != single_ids {
-            return Err(Error::peer("bench", "the deployment's tokens differ from single-process generation"));
+            return Err(Error::peer(
+                "bench",
+                "the deployment's tokens differ from single-process generation",
+            ));
         }
         let gw0: Value = http(&addr, "GET", "/v1/stats", None)?;
         let t = Instant::now();
@@ -321,7 +391,9 @@ pub fn local(args: LocalBenchArgs) -> Result<()> {
             .collect();
         let mut produced = 0;
         for h in handles {
-            let v = h.join().map_err(|_| Error::peer("bench", "request thread"))??;
+            let v = h
+                .join()
+                .map_err(|_| Error::peer("bench", "request thread"))??;
             produced += v["usage"]["completion_tokens"].as_u64().unwrap_or(0) as usize;
         }
         let wall_b8 = t.elapsed().as_secs_f64();
@@ -334,13 +406,28 @@ pub fn local(args: LocalBenchArgs) -> Result<()> {
         );
         println!("| batch | local tok/s | single-process tok/s | ratio |");
         println!("|---|---|---|---|");
-        println!("| 1 | {local_b1:.1} | {single_b1:.1} | {:.2}x |", local_b1 / single_b1);
-        println!("| {} | {local_b8:.1} | {single_b8:.1} | {:.2}x |", prompts.len(), local_b8 / single_b8);
-        breakdown("batch 1", &stats_b1, None, wall_b1, args.tokens);
-        breakdown(&format!("batch {}", prompts.len()), &stats_b8, Some(&gw0), wall_b8, produced);
+        println!(
+            "| 1 | {local_b1:.1} | {single_b1:.1} | {:.2}x |",
+            local_b1 / single_b1
+        );
+        println!(
+            "| {} | {local_b8:.1} | {single_b8:.1} | {:.2}x |",
+            prompts.len(),
+            local_b8 / single_b8
+        );
+        breakdown("batch 1", &stats_b1, Some(&gw_b1), wall_b1, args.tokens);
+        breakdown(
+            &format!("batch {}", prompts.len()),
+            &stats_b8,
+            Some(&gw0),
+            wall_b8,
+            produced,
+        );
         Ok(())
     })();
-    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
     let _ = child.wait();
     result
 }

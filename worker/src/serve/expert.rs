@@ -46,8 +46,14 @@ pub fn parse_range(s: &str) -> std::result::Result<std::ops::Range<usize>, Strin
     let (a, b) = s
         .split_once("..")
         .ok_or_else(|| format!("`{s}` is not START..END"))?;
-    let a: usize = a.trim().parse().map_err(|_| format!("`{a}` is not a layer index"))?;
-    let b: usize = b.trim().parse().map_err(|_| format!("`{b}` is not a layer index"))?;
+    let a: usize = a
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{a}` is not a layer index"))?;
+    let b: usize = b
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{b}` is not a layer index"))?;
     if a >= b {
         return Err(format!("`{s}` is an empty range"));
     }
@@ -140,7 +146,10 @@ impl Expert for ExpertService {
         request: Request<ExpertRequest>,
     ) -> Result<Response<ExpertResponse>, Status> {
         let span = tracing::info_span!("expert.compute", layer = request.get_ref().layer);
-        crate::telemetry::set_parent(&span, crate::telemetry::extract_metadata(request.metadata()));
+        crate::telemetry::set_parent(
+            &span,
+            crate::telemetry::extract_metadata(request.metadata()),
+        );
         let req = request.into_inner();
         let groups = self.check(&req)?;
         let total: usize = groups.iter().map(|g| g.1).sum();

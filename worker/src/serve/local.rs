@@ -89,7 +89,8 @@ fn model_args(m: &LocalArgs) -> Vec<String> {
 
 /// Starts one child and waits for the `listening on ADDR` line it prints once bound.
 async fn spawn(spec: &mut RoleSpec, listen: &str) -> Result<Child> {
-    let exe = std::env::current_exe().map_err(|e| Error::peer("local", format!("own executable: {e}")))?;
+    let exe = std::env::current_exe()
+        .map_err(|e| Error::peer("local", format!("own executable: {e}")))?;
     let mut cmd = Command::new(exe);
     cmd.args(&spec.args)
         .arg("--listen")
@@ -112,15 +113,25 @@ async fn spawn(spec: &mut RoleSpec, listen: &str) -> Result<Child> {
         Ok(Ok(Some(l))) => l
             .rsplit_once("listening on ")
             .map(|(_, a)| a.trim().trim_start_matches("http://").to_string())
-            .ok_or_else(|| Error::peer(spec.name.clone(), format!("unexpected first line `{l}`")))?,
+            .ok_or_else(|| {
+                Error::peer(spec.name.clone(), format!("unexpected first line `{l}`"))
+            })?,
         Ok(Ok(None)) | Ok(Err(_)) => {
             let status = child.wait().await.ok();
             return Err(Error::peer(
                 spec.name.clone(),
-                format!("exited during startup ({})", status.map(|s| s.to_string()).unwrap_or_default()),
+                format!(
+                    "exited during startup ({})",
+                    status.map(|s| s.to_string()).unwrap_or_default()
+                ),
             ));
         }
-        Err(_) => return Err(Error::peer(spec.name.clone(), "did not start listening within 60s")),
+        Err(_) => {
+            return Err(Error::peer(
+                spec.name.clone(),
+                "did not start listening within 60s",
+            ));
+        }
     };
     // Keep draining stdout so the child never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
@@ -147,7 +158,9 @@ async fn stop_all(children: &mut [Running]) {
 /// Asks the gateway's /readyz until it answers 200.
 async fn gateway_ready(addr: &str) -> bool {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(Ok(mut s)) = tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr)).await else {
+    let Ok(Ok(mut s)) =
+        tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr)).await
+    else {
         return false;
     };
     let req = format!("GET /readyz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
@@ -183,7 +196,11 @@ pub async fn run(args: LocalArgs) -> Result<()> {
     result
 }
 
-async fn start_and_serve(args: &LocalArgs, plan: &moe_plan::Plan, children: &mut Vec<Running>) -> Result<()> {
+async fn start_and_serve(
+    args: &LocalArgs,
+    plan: &moe_plan::Plan,
+    children: &mut Vec<Running>,
+) -> Result<()> {
     let model = model_args(args);
     let started = Instant::now();
     let mut expert_addrs = Vec::new();
@@ -233,7 +250,10 @@ async fn start_and_serve(args: &LocalArgs, plan: &moe_plan::Plan, children: &mut
             a.push(n.clone());
         }
         let mut spec = RoleSpec {
-            name: format!("stage {} (layers {}..{})", s.index, s.layer_start, s.layer_end),
+            name: format!(
+                "stage {} (layers {}..{})",
+                s.index, s.layer_start, s.layer_end
+            ),
             args: a,
             addr: None,
         };
@@ -276,7 +296,10 @@ async fn start_and_serve(args: &LocalArgs, plan: &moe_plan::Plan, children: &mut
     loop {
         for r in children.iter_mut() {
             if let Ok(Some(status)) = r.child.try_wait() {
-                return Err(Error::peer(r.spec.name.clone(), format!("exited during startup ({status})")));
+                return Err(Error::peer(
+                    r.spec.name.clone(),
+                    format!("exited during startup ({status})"),
+                ));
             }
         }
         if gateway_ready(&http).await {
@@ -315,12 +338,17 @@ async fn start_and_serve(args: &LocalArgs, plan: &moe_plan::Plan, children: &mut
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
         }
         for r in children.iter_mut() {
-            let Ok(Some(status)) = r.child.try_wait() else { continue };
+            let Ok(Some(status)) = r.child.try_wait() else {
+                continue;
+            };
             restarts += 1;
             if restarts > args.max_restarts {
                 return Err(Error::peer(
                     r.spec.name.clone(),
-                    format!("exited ({status}); {} restarts used, giving up", args.max_restarts),
+                    format!(
+                        "exited ({status}); {} restarts used, giving up",
+                        args.max_restarts
+                    ),
                 ));
             }
             eprintln!("moe-serve: {} exited ({status}); restarting", r.spec.name);

@@ -162,16 +162,19 @@ impl ExpertRouter {
                     continue;
                 };
                 for &e in &experts {
-                    if let Some(slot) = row.get_mut(e as usize) {
-                        if *slot == usize::MAX {
-                            *slot = gi;
-                        }
+                    if let Some(slot) = row.get_mut(e as usize)
+                        && *slot == usize::MAX
+                    {
+                        *slot = gi;
                     }
                 }
             }
             let list: Vec<String> = experts.iter().map(|e| e.to_string()).collect();
             groups.push(ShardGroup {
-                name: format!("expert shard (layers {ls}..{le}, experts {})", list.join(",")),
+                name: format!(
+                    "expert shard (layers {ls}..{le}, experts {})",
+                    list.join(",")
+                ),
                 replicas,
             });
         }
@@ -179,10 +182,7 @@ impl ExpertRouter {
             if let Some(e) = row.iter().position(|&g| g == usize::MAX) {
                 return Err(Error::invalid(
                     "expert addrs",
-                    format!(
-                        "no expert shard owns layer {} expert {e}",
-                        layers.start + i
-                    ),
+                    format!("no expert shard owns layer {} expert {e}", layers.start + i),
                 ));
             }
         }
@@ -211,7 +211,8 @@ impl ExpertRouter {
             r.outstanding.fetch_add(1, Ordering::Relaxed);
             let mut request = Request::new(req.clone());
             request.set_timeout(left);
-            let span = tracing::info_span!("stage.expert_call", shard = %g.name, replica = %r.addr, rows);
+            let span =
+                tracing::info_span!("stage.expert_call", shard = %g.name, replica = %r.addr, rows);
             crate::telemetry::inject_metadata(&span, request.metadata_mut());
             let mut client = r.client.clone();
             let result = tokio::time::timeout(left, client.compute(request)).await;
@@ -268,12 +269,22 @@ impl ExpertCompute for RemoteExperts<'_> {
         let owners = layer
             .checked_sub(r.layer_start)
             .and_then(|i| r.owner.get(i))
-            .ok_or_else(|| Error::invalid("layer", format!("{layer} is not owned by this stage")))?;
-        self.load.record_experts(layer, routing.counts().enumerate());
+            .ok_or_else(|| {
+                Error::invalid("layer", format!("{layer} is not owned by this stage"))
+            })?;
+        self.load
+            .record_experts(layer, routing.counts().enumerate());
         let mut calls = Vec::new();
         for gi in 0..r.groups.len() {
             let (mut gathered, mut groups) = (Vec::new(), Vec::new());
-            gather(routing, |e| owners[e] == gi, x, h, &mut gathered, &mut groups);
+            gather(
+                routing,
+                |e| owners[e] == gi,
+                x,
+                h,
+                &mut gathered,
+                &mut groups,
+            );
             if groups.is_empty() {
                 continue;
             }
@@ -291,8 +302,10 @@ impl ExpertCompute for RemoteExperts<'_> {
             };
             calls.push((gi, groups, r.call(gi, req, self.timeout)));
         }
-        let (meta, futs): (Vec<_>, Vec<_>) =
-            calls.into_iter().map(|(g, groups, f)| ((g, groups), f)).unzip();
+        let (meta, futs): (Vec<_>, Vec<_>) = calls
+            .into_iter()
+            .map(|(g, groups, f)| ((g, groups), f))
+            .unzip();
         let waited = Instant::now();
         let results = self.handle.block_on(join_all(futs));
         self.load.record_expert_wait(waited.elapsed());
@@ -328,8 +341,15 @@ struct CountingExperts<'a> {
 }
 
 impl ExpertCompute for CountingExperts<'_> {
-    fn compute(&mut self, layer: usize, routing: &Routing, x: &[f32], out: &mut [f32]) -> Result<()> {
-        self.load.record_experts(layer, routing.counts().enumerate());
+    fn compute(
+        &mut self,
+        layer: usize,
+        routing: &Routing,
+        x: &[f32],
+        out: &mut [f32],
+    ) -> Result<()> {
+        self.load
+            .record_experts(layer, routing.counts().enumerate());
         self.inner.compute(layer, routing, x, out)
     }
 }
@@ -377,7 +397,10 @@ impl Core {
         let mut seen = HashSet::new();
         for s in &req.seqs {
             if s.len == 0 {
-                return Err(Status::invalid_argument(format!("seqs: sequence {} has len 0", s.seq_id)));
+                return Err(Status::invalid_argument(format!(
+                    "seqs: sequence {} has len 0",
+                    s.seq_id
+                )));
             }
             if !seen.insert(s.seq_id) {
                 return Err(Status::invalid_argument(format!(
@@ -567,7 +590,10 @@ impl Downstream {
                 }
             };
             a.store(false, Ordering::SeqCst);
-            let lost: Vec<u64> = p.lock().map(|mut p| p.drain().collect()).unwrap_or_default();
+            let lost: Vec<u64> = p
+                .lock()
+                .map(|mut p| p.drain().collect())
+                .unwrap_or_default();
             for id in lost {
                 let status = Status::unavailable(format!("{name}: {why}"));
                 let _ = upstream.send(Ok(fwd_error(id, &status))).await;
@@ -600,8 +626,12 @@ impl Stage for StageService {
                     Ok(None) | Err(_) => break,
                 };
                 let id = msg.micro_batch_id;
-                let span = tracing::info_span!("stage.forward", stage = core.info.index, micro_batch = id);
-                crate::telemetry::set_parent(&span, crate::telemetry::extract_map(&msg.trace_context));
+                let span =
+                    tracing::info_span!("stage.forward", stage = core.info.index, micro_batch = id);
+                crate::telemetry::set_parent(
+                    &span,
+                    crate::telemetry::extract_map(&msg.trace_context),
+                );
                 let downstream_context = crate::telemetry::inject_map(&span);
                 if remaining(msg.deadline_unix_ms).is_some_and(|d| d.is_zero()) {
                     let s = Status::deadline_exceeded(format!(
@@ -646,7 +676,10 @@ impl Stage for StageService {
                     }
                     continue;
                 };
-                if down.as_ref().is_none_or(|d| !d.alive.load(Ordering::SeqCst)) {
+                if down
+                    .as_ref()
+                    .is_none_or(|d| !d.alive.load(Ordering::SeqCst))
+                {
                     match Downstream::open(next_name, client, tx.clone()).await {
                         Ok(d) => down = Some(d),
                         Err(s) => {

@@ -44,12 +44,25 @@ impl Deployment {
     ) -> Self {
         let marker = marker();
         let mut cmd = Command::new(BIN);
-        cmd.args(["--threads", "1", "local", "--model", model, "--http-port", "0"])
-            .args(["--stages", &stages.to_string(), "--expert-shards", &shards.to_string()])
-            .args(extra)
-            .env("MOE_TEST_MARKER", &marker)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+        cmd.args([
+            "--threads",
+            "1",
+            "local",
+            "--model",
+            model,
+            "--http-port",
+            "0",
+        ])
+        .args([
+            "--stages",
+            &stages.to_string(),
+            "--expert-shards",
+            &shards.to_string(),
+        ])
+        .args(extra)
+        .env("MOE_TEST_MARKER", &marker)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -114,7 +127,9 @@ impl Deployment {
     pub fn pid_of(&self, role: &str, index: usize) -> i32 {
         self.processes()
             .into_iter()
-            .find(|(_, c)| c.contains(&format!(" {role} ")) && c.contains(&format!("--index {index} ")))
+            .find(|(_, c)| {
+                c.contains(&format!(" {role} ")) && c.contains(&format!("--index {index} "))
+            })
             .map(|(p, _)| p)
             .unwrap_or_else(|| panic!("no {role} {index} in {:?}", self.processes()))
     }
@@ -126,7 +141,9 @@ impl Deployment {
 
     fn stop_inner(&mut self) {
         let pid = self.child.id() as i32;
-        let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -144,7 +161,9 @@ impl Deployment {
             if Instant::now() > deadline {
                 let left = self.processes();
                 for (p, _) in &left {
-                    let _ = Command::new("kill").args(["-KILL", &p.to_string()]).status();
+                    let _ = Command::new("kill")
+                        .args(["-KILL", &p.to_string()])
+                        .status();
                 }
                 panic!("processes left behind after the launcher stopped: {left:?}");
             }
@@ -171,11 +190,28 @@ impl Drop for Deployment {
 pub fn generate_ids(model: &str, prompt_ids: &[u32], max_new: usize) -> Vec<u32> {
     let ids: Vec<String> = prompt_ids.iter().map(|t| t.to_string()).collect();
     let out = Command::new(BIN)
-        .args(["--threads", "1", "generate", "--model", model, "--json", "--ignore-eos"])
-        .args(["--prompt-ids", &ids.join(","), "--max-new-tokens", &max_new.to_string()])
+        .args([
+            "--threads",
+            "1",
+            "generate",
+            "--model",
+            model,
+            "--json",
+            "--ignore-eos",
+        ])
+        .args([
+            "--prompt-ids",
+            &ids.join(","),
+            "--max-new-tokens",
+            &max_new.to_string(),
+        ])
         .output()
         .expect("run generate");
-    assert!(out.status.success(), "generate: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "generate: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("generate json");
     v["token_ids"]
         .as_array()

@@ -69,8 +69,18 @@ impl ApiError {
                 Some(field.clone()),
             ),
             Error::Deadline(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout", None, None),
-            Error::Peer { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", Some(1), None),
-            _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error", None, None),
+            Error::Peer { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                Some(1),
+                None,
+            ),
+            _ => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                None,
+                None,
+            ),
         };
         Self {
             status,
@@ -176,12 +186,17 @@ fn parse_body(body: &Bytes) -> Result<(Value, Common), ApiError> {
 }
 
 fn prepare(sh: &Shared, c: &Common, prompt: Vec<u32>, chat: bool) -> Result<Prepared, ApiError> {
-    if let Some(m) = &c.model {
-        if m != &sh.model_name {
+    if let Some(m) = &c.model
+        && m != &sh.model_name
+    {
+        {
             return Err(ApiError {
                 status: StatusCode::NOT_FOUND,
                 kind: "model_not_found",
-                message: format!("model: `{m}` is not served here (this gateway serves `{}`)", sh.model_name),
+                message: format!(
+                    "model: `{m}` is not served here (this gateway serves `{}`)",
+                    sh.model_name
+                ),
                 param: Some("model".into()),
                 retry_after: None,
             });
@@ -196,10 +211,16 @@ fn prepare(sh: &Shared, c: &Common, prompt: Vec<u32>, chat: bool) -> Result<Prep
     if c.echo {
         return Err(ApiError::bad("echo", "is not supported"));
     }
-    if c.logprobs.as_ref().is_some_and(|v| !v.is_null() && v != &Value::Bool(false)) {
+    if c.logprobs
+        .as_ref()
+        .is_some_and(|v| !v.is_null() && v != &Value::Bool(false))
+    {
         return Err(ApiError::bad("logprobs", "is not supported"));
     }
-    for (name, v) in [("presence_penalty", c.presence_penalty), ("frequency_penalty", c.frequency_penalty)] {
+    for (name, v) in [
+        ("presence_penalty", c.presence_penalty),
+        ("frequency_penalty", c.frequency_penalty),
+    ] {
         if v.is_some_and(|v| v != 0.0) {
             return Err(ApiError::bad(name, "is not supported (only 0)"));
         }
@@ -230,7 +251,12 @@ fn prepare(sh: &Shared, c: &Common, prompt: Vec<u32>, chat: bool) -> Result<Prep
     };
     let top_k = match c.top_k {
         None | Some(-1) => 0,
-        Some(k) if k < 0 => return Err(ApiError::bad("top_k", format!("{k} must be >= 0 (or -1 for all)"))),
+        Some(k) if k < 0 => {
+            return Err(ApiError::bad(
+                "top_k",
+                format!("{k} must be >= 0 (or -1 for all)"),
+            ));
+        }
         Some(k) => k as usize,
     };
     let seed = match c.seed {
@@ -266,7 +292,10 @@ fn prepare(sh: &Shared, c: &Common, prompt: Vec<u32>, chat: bool) -> Result<Prep
         return Err(ApiError::bad("stop", "at most 4 non-empty strings"));
     }
     if !stop.is_empty() && sh.tokenizer.is_none() {
-        return Err(ApiError::bad("stop", "needs a tokenizer, and this model has none"));
+        return Err(ApiError::bad(
+            "stop",
+            "needs a tokenizer, and this model has none",
+        ));
     }
     Ok(Prepared {
         prompt,
@@ -278,12 +307,18 @@ fn prepare(sh: &Shared, c: &Common, prompt: Vec<u32>, chat: bool) -> Result<Prep
 }
 
 fn field_name(f: &str) -> String {
-    if f == "max_new_tokens" { "max_tokens".into() } else { f.into() }
+    if f == "max_new_tokens" {
+        "max_tokens".into()
+    } else {
+        f.into()
+    }
 }
 
 /// `prompt`: a string, an array of token ids, or a one-element array of either.
 fn read_prompt(sh: &Shared, v: &Value) -> Result<Vec<u32>, ApiError> {
-    let p = v.get("prompt").ok_or_else(|| ApiError::bad("prompt", "is required"))?;
+    let p = v
+        .get("prompt")
+        .ok_or_else(|| ApiError::bad("prompt", "is required"))?;
     let ids = |a: &Vec<Value>, field: &str| -> Result<Vec<u32>, ApiError> {
         a.iter()
             .enumerate()
@@ -291,7 +326,9 @@ fn read_prompt(sh: &Shared, v: &Value) -> Result<Vec<u32>, ApiError> {
                 t.as_u64()
                     .filter(|&t| t <= u32::MAX as u64)
                     .map(|t| t as u32)
-                    .ok_or_else(|| ApiError::bad(&format!("{field}[{i}]"), format!("{t} is not a token id")))
+                    .ok_or_else(|| {
+                        ApiError::bad(&format!("{field}[{i}]"), format!("{t} is not a token id"))
+                    })
             })
             .collect()
     };
@@ -301,13 +338,19 @@ fn read_prompt(sh: &Shared, v: &Value) -> Result<Vec<u32>, ApiError> {
         Value::Array(a) if a.len() == 1 => match &a[0] {
             Value::String(s) => encode(sh, s, "prompt[0]"),
             Value::Array(inner) => ids(inner, "prompt[0]"),
-            _ => Err(ApiError::bad("prompt[0]", "must be a string or an array of token ids")),
+            _ => Err(ApiError::bad(
+                "prompt[0]",
+                "must be a string or an array of token ids",
+            )),
         },
         Value::Array(a) if a.len() > 1 && !a.iter().all(Value::is_number) => Err(ApiError::bad(
             "prompt",
             "one prompt per request (send several requests; they are batched together)",
         )),
-        _ => Err(ApiError::bad("prompt", "must be a string or an array of token ids")),
+        _ => Err(ApiError::bad(
+            "prompt",
+            "must be a string or an array of token ids",
+        )),
     }
 }
 
@@ -329,7 +372,10 @@ fn read_messages(sh: &Shared, v: &Value) -> Result<Vec<u32>, ApiError> {
         .as_array()
         .ok_or_else(|| ApiError::bad("messages", "must be an array"))?;
     if msgs.is_empty() {
-        return Err(ApiError::bad("messages", "must contain at least one message"));
+        return Err(ApiError::bad(
+            "messages",
+            "must contain at least one message",
+        ));
     }
     let mut text = String::new();
     for (i, m) in msgs.iter().enumerate() {
@@ -348,7 +394,10 @@ fn read_messages(sh: &Shared, v: &Value) -> Result<Vec<u32>, ApiError> {
             Some(Value::Array(parts)) => {
                 let mut s = String::new();
                 for (j, part) in parts.iter().enumerate() {
-                    match (part.get("type").and_then(Value::as_str), part.get("text").and_then(Value::as_str)) {
+                    match (
+                        part.get("type").and_then(Value::as_str),
+                        part.get("text").and_then(Value::as_str),
+                    ) {
                         (Some("text"), Some(t)) => s.push_str(t),
                         _ => {
                             return Err(ApiError::bad(
@@ -361,7 +410,12 @@ fn read_messages(sh: &Shared, v: &Value) -> Result<Vec<u32>, ApiError> {
                 s
             }
             Some(Value::Null) | None if role == "assistant" => String::new(),
-            _ => return Err(ApiError::bad(&format!("messages[{i}].content"), "must be a string or text parts")),
+            _ => {
+                return Err(ApiError::bad(
+                    &format!("messages[{i}].content"),
+                    "must be a string or text parts",
+                ));
+            }
         };
         text.push_str(&format!("<|{role}|>\n{content}\n"));
     }
@@ -382,7 +436,12 @@ impl StopMatcher {
     /// Returns the text safe to emit, and whether a stop string was reached.
     fn push(&mut self, delta: &str) -> (String, bool) {
         self.held.push_str(delta);
-        if let Some(at) = self.stops.iter().filter_map(|s| self.held.find(s.as_str())).min() {
+        if let Some(at) = self
+            .stops
+            .iter()
+            .filter_map(|s| self.held.find(s.as_str()))
+            .min()
+        {
             let out = self.held[..at].to_string();
             self.held.clear();
             return (out, true);
@@ -436,7 +495,10 @@ fn start(sh: &Shared, p: &Prepared, endpoint: &'static str) -> Result<Generation
         return Err(ApiError {
             status: StatusCode::TOO_MANY_REQUESTS,
             kind: "rate_limit_exceeded",
-            message: format!("the request queue is full ({} waiting); retry later", sh.queued()),
+            message: format!(
+                "the request queue is full ({} waiting); retry later",
+                sh.queued()
+            ),
             param: None,
             retry_after: Some(1),
         });
@@ -470,7 +532,11 @@ async fn collect(sh: &Shared, p: &Prepared, mut g: Generation) -> Result<Output,
                     let (out, stopped) = stops.push(&piece);
                     text.push_str(&out);
                     if stopped {
-                        return Ok(Output { ids, text, finish: "stop" });
+                        return Ok(Output {
+                            ids,
+                            text,
+                            finish: "stop",
+                        });
                     }
                 }
             }
@@ -479,14 +545,27 @@ async fn collect(sh: &Shared, p: &Prepared, mut g: Generation) -> Result<Output,
                     let (out, stopped) = stops.push(&rest);
                     text.push_str(&out);
                     if stopped {
-                        return Ok(Output { ids, text, finish: "stop" });
+                        return Ok(Output {
+                            ids,
+                            text,
+                            finish: "stop",
+                        });
                     }
                 }
                 text.push_str(&stops.finish());
-                return Ok(Output { ids, text, finish: finish_str(f) });
+                return Ok(Output {
+                    ids,
+                    text,
+                    finish: finish_str(f),
+                });
             }
             Some(GenEvent::Failed(e)) => return Err(ApiError::from_engine(e)),
-            None => return Err(ApiError::from_engine(Error::peer("gateway", "generation ended unexpectedly"))),
+            None => {
+                return Err(ApiError::from_engine(Error::peer(
+                    "gateway",
+                    "generation ended unexpectedly",
+                )));
+            }
         }
     }
 }
@@ -512,14 +591,28 @@ enum Kind {
 /// Streams a generation as server-sent events in the OpenAI chunk format.
 fn stream(sh: Arc<Shared>, p: Prepared, mut g: Generation, kind: Kind) -> Response {
     let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(64);
-    let id = format!("{}-{}", if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }, uuid_like());
+    let id = format!(
+        "{}-{}",
+        if kind == Kind::Chat {
+            "chatcmpl"
+        } else {
+            "cmpl"
+        },
+        uuid_like()
+    );
     let created = now_secs();
     let model = sh.model_name.clone();
     tokio::spawn(async move {
-        let object = if kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
+        let object = if kind == Kind::Chat {
+            "chat.completion.chunk"
+        } else {
+            "text_completion"
+        };
         let chunk = |text: &str, ids: &[u32], finish: Option<&str>, first: bool| -> Event {
             let choice = match kind {
-                Kind::Text => json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish, "token_ids": ids}),
+                Kind::Text => {
+                    json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish, "token_ids": ids})
+                }
                 Kind::Chat => {
                     let mut delta = json!({"content": text});
                     if first {
@@ -535,7 +628,10 @@ fn stream(sh: Arc<Shared>, p: Prepared, mut g: Generation, kind: Kind) -> Respon
             Event::default().data(body.to_string())
         };
         let mut decoder = sh.tokenizer.as_ref().map(|t| t.stream());
-        let mut stops = StopMatcher { stops: p.stop.clone(), held: String::new() };
+        let mut stops = StopMatcher {
+            stops: p.stop.clone(),
+            held: String::new(),
+        };
         let mut generated = 0usize;
         let mut first = true;
         let finish: &str = loop {
@@ -553,7 +649,10 @@ fn stream(sh: Arc<Shared>, p: Prepared, mut g: Generation, kind: Kind) -> Respon
                     }
                 }
                 Some(GenEvent::Done(f)) => {
-                    let rest = decoder.as_mut().and_then(|d| d.finish()).unwrap_or_default();
+                    let rest = decoder
+                        .as_mut()
+                        .and_then(|d| d.finish())
+                        .unwrap_or_default();
                     let (mut out, stopped) = stops.push(&rest);
                     if !stopped {
                         out.push_str(&stops.finish());
@@ -565,7 +664,9 @@ fn stream(sh: Arc<Shared>, p: Prepared, mut g: Generation, kind: Kind) -> Respon
                 }
                 Some(GenEvent::Failed(e)) => {
                     let err = ApiError::from_engine(e);
-                    let _ = tx.send(Ok(Event::default().data(err.body().to_string()))).await;
+                    let _ = tx
+                        .send(Ok(Event::default().data(err.body().to_string())))
+                        .await;
                     return;
                 }
                 None => return,
@@ -599,7 +700,11 @@ async fn generate(sh: Arc<Shared>, body: Bytes, kind: Kind) -> Result<Response, 
         Kind::Chat => read_messages(&sh, &v)?,
     };
     let p = prepare(&sh, &common, prompt, kind == Kind::Chat)?;
-    let endpoint = if kind == Kind::Chat { "chat" } else { "completions" };
+    let endpoint = if kind == Kind::Chat {
+        "chat"
+    } else {
+        "completions"
+    };
     let g = start(&sh, &p, endpoint)?;
     if p.stream {
         return Ok(stream(sh, p, g, kind));
@@ -694,13 +799,20 @@ async fn readyz(State(sh): State<Arc<Shared>>) -> Response {
     if sh.ready.load(Ordering::SeqCst) {
         (StatusCode::OK, "ready\n").into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready: waiting for every stage to serve\n").into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: waiting for every stage to serve\n",
+        )
+            .into_response()
     }
 }
 
 async fn metrics(State(sh): State<Arc<Shared>>) -> Response {
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         sh.metrics.render(),
     )
         .into_response()
@@ -712,11 +824,17 @@ mod tests {
 
     #[test]
     fn stop_strings_hold_back_partial_matches() {
-        let mut m = StopMatcher { stops: vec!["END".into()], held: String::new() };
+        let mut m = StopMatcher {
+            stops: vec!["END".into()],
+            held: String::new(),
+        };
         assert_eq!(m.push("abc E"), ("abc ".to_string(), false));
         assert_eq!(m.push("N"), (String::new(), false));
         assert_eq!(m.push("Dx"), (String::new(), true));
-        let mut m = StopMatcher { stops: vec!["END".into()], held: String::new() };
+        let mut m = StopMatcher {
+            stops: vec!["END".into()],
+            held: String::new(),
+        };
         assert_eq!(m.push("E"), (String::new(), false));
         assert_eq!(m.push("x"), ("Ex".to_string(), false));
         assert_eq!(m.finish(), "");

@@ -51,12 +51,36 @@ impl Metrics {
             step_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             registry: Registry::default(),
         };
-        registry.register("requests", "HTTP requests by endpoint and status", m.requests.clone());
-        registry.register("sequences_finished", "Sequences finished, by reason", m.finish.clone());
-        registry.register("prompt_tokens", "Prompt tokens admitted", m.prompt_tokens.clone());
-        registry.register("generated_tokens", "Tokens generated", m.generated_tokens.clone());
-        registry.register("queue_depth", "Requests waiting for a lane", m.queue_depth.clone());
-        registry.register("lane_sequences", "Sequences running per lane", m.lane_sequences.clone());
+        registry.register(
+            "requests",
+            "HTTP requests by endpoint and status",
+            m.requests.clone(),
+        );
+        registry.register(
+            "sequences_finished",
+            "Sequences finished, by reason",
+            m.finish.clone(),
+        );
+        registry.register(
+            "prompt_tokens",
+            "Prompt tokens admitted",
+            m.prompt_tokens.clone(),
+        );
+        registry.register(
+            "generated_tokens",
+            "Tokens generated",
+            m.generated_tokens.clone(),
+        );
+        registry.register(
+            "queue_depth",
+            "Requests waiting for a lane",
+            m.queue_depth.clone(),
+        );
+        registry.register(
+            "lane_sequences",
+            "Sequences running per lane",
+            m.lane_sequences.clone(),
+        );
         registry.register("ready", "1 when every stage is serving", m.ready.clone());
         registry.register(
             "time_to_first_token_seconds",

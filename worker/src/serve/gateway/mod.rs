@@ -226,7 +226,10 @@ async fn lane(shared: Arc<Shared>, index: usize) {
             .forward(&step, shared.step_timeout, trace_context)
             .instrument(span.clone())
             .await;
-        shared.metrics.step_seconds.observe(started.elapsed().as_secs_f64());
+        shared
+            .metrics
+            .step_seconds
+            .observe(started.elapsed().as_secs_f64());
         shared
             .pipeline_us
             .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
@@ -260,7 +263,9 @@ async fn lane(shared: Arc<Shared>, index: usize) {
         match result {
             Ok(mut logits) => {
                 for ev in batcher.commit(&step, &mut logits) {
-                    let Some(r) = running.get_mut(&ev.seq) else { continue };
+                    let Some(r) = running.get_mut(&ev.seq) else {
+                        continue;
+                    };
                     if !r.first_token {
                         r.first_token = true;
                         shared
@@ -283,7 +288,9 @@ async fn lane(shared: Arc<Shared>, index: usize) {
                     if let Some(r) = running.get(id) {
                         let copy = match &e {
                             Error::Deadline(m) => Error::Deadline(m.clone()),
-                            Error::InvalidInput { field, message } => Error::invalid(field, message.clone()),
+                            Error::InvalidInput { field, message } => {
+                                Error::invalid(field, message.clone())
+                            }
                             other => Error::peer("pipeline", other.to_string()),
                         };
                         let _ = r.events.send(GenEvent::Failed(copy));
@@ -301,7 +308,12 @@ async fn lane(shared: Arc<Shared>, index: usize) {
     }
 }
 
-fn admit(shared: &Shared, batcher: &mut Batcher, running: &mut HashMap<SeqId, Running>, r: GenRequest) {
+fn admit(
+    shared: &Shared,
+    batcher: &mut Batcher,
+    running: &mut HashMap<SeqId, Running>,
+    r: GenRequest,
+) {
     let id = SeqId(shared.next_seq.fetch_add(1, Ordering::Relaxed));
     shared.metrics.prompt_tokens.inc_by(r.prompt.len() as u64);
     match batcher.add(id, r.prompt, r.params) {

@@ -6,11 +6,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use moe_proto::decode_f32;
 use moe_proto::v1::forward_request::Input;
 use moe_proto::v1::forward_response::Result as FwdResult;
 use moe_proto::v1::stage_client::StageClient;
 use moe_proto::v1::{ForwardRequest, ReleaseRequest, SeqSlice, TokenIds};
-use moe_proto::decode_f32;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
@@ -39,7 +39,10 @@ pub struct Pipeline {
 
 impl Pipeline {
     pub fn new(addrs: &[String], hidden: usize, max_message_bytes: usize) -> Result<Self> {
-        let channels = addrs.iter().map(|a| channel(a)).collect::<Result<Vec<_>>>()?;
+        let channels = addrs
+            .iter()
+            .map(|a| channel(a))
+            .collect::<Result<Vec<_>>>()?;
         let stages = addrs
             .iter()
             .zip(&channels)
@@ -54,7 +57,10 @@ impl Pipeline {
             })
             .collect::<Result<Vec<_>>>()?;
         if stages.is_empty() {
-            return Err(Error::invalid("stage addrs", "at least one stage is required"));
+            return Err(Error::invalid(
+                "stage addrs",
+                "at least one stage is required",
+            ));
         }
         Ok(Self {
             stages,
@@ -75,10 +81,10 @@ impl Pipeline {
 
     async fn sender(&self) -> Result<mpsc::Sender<ForwardRequest>> {
         let mut open = self.open.lock().await;
-        if let Some(o) = open.as_ref() {
-            if o.alive.load(Ordering::SeqCst) {
-                return Ok(o.tx.clone());
-            }
+        if let Some(o) = open.as_ref()
+            && o.alive.load(Ordering::SeqCst)
+        {
+            return Ok(o.tx.clone());
         }
         let (name, client) = &self.stages[0];
         let (tx, rx) = mpsc::channel::<ForwardRequest>(64);
@@ -92,12 +98,20 @@ impl Pipeline {
         .map_err(|s| Error::peer(name.clone(), s.message().to_string()))?;
         let mut inbound = resp.into_inner();
         let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let (waiting, a, name, hidden) = (self.waiting.clone(), alive.clone(), name.clone(), self.hidden);
+        let (waiting, a, name, hidden) = (
+            self.waiting.clone(),
+            alive.clone(),
+            name.clone(),
+            self.hidden,
+        );
         tokio::spawn(async move {
             let why = loop {
                 match inbound.message().await {
                     Ok(Some(r)) => {
-                        let reply = waiting.lock().ok().and_then(|mut w| w.remove(&r.micro_batch_id));
+                        let reply = waiting
+                            .lock()
+                            .ok()
+                            .and_then(|mut w| w.remove(&r.micro_batch_id));
                         let Some(reply) = reply else { continue };
                         let out = match r.result {
                             Some(FwdResult::LastHidden(t)) => {
