@@ -257,7 +257,7 @@ fn prompt(n: usize, seed: u64, vocab: usize) -> Vec<u32> {
 }
 
 /// Minimal HTTP/1.1 request (the benchmark should not depend on an HTTP client crate).
-fn http(addr: &str, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {
+pub(crate) fn http(addr: &str, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {
     let err = |e: std::io::Error| Error::peer("http", e.to_string());
     let mut s = TcpStream::connect(addr).map_err(err)?;
     let body = body.map(|b| b.to_string()).unwrap_or_default();

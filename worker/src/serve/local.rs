@@ -59,6 +59,18 @@ pub struct LocalArgs {
     #[arg(long, default_value_t = 5)]
     pub max_restarts: usize,
 
+    /// Once ready, send this prompt through the gateway and print the completion.
+    #[arg(long)]
+    pub prompt: Option<String>,
+
+    /// Tokens to generate for --prompt.
+    #[arg(long, default_value_t = 24)]
+    pub max_tokens: usize,
+
+    /// Stop after answering --prompt instead of serving until Ctrl-C.
+    #[arg(long, requires = "prompt")]
+    pub exit: bool,
+
     /// Seconds to wait for every role to become ready.
     #[arg(long, default_value_t = 600)]
     pub startup_timeout_s: u64,
@@ -324,6 +336,28 @@ async fn start_and_serve(
     );
     use std::io::Write;
     let _ = std::io::stdout().flush();
+    if let Some(prompt) = &args.prompt {
+        let body = serde_json::json!({"prompt": prompt, "max_tokens": args.max_tokens, "temperature": 0});
+        let addr = http.clone();
+        let t = Instant::now();
+        let v = tokio::task::spawn_blocking(move || {
+            crate::serve::bench::http(&addr, "POST", "/v1/completions", Some(&body))
+        })
+        .await
+        .map_err(|e| Error::peer("local", e.to_string()))??;
+        println!(
+            "{prompt}{}\n[{} tokens through the gateway, {} stages and {} expert shards in {:.2}s]",
+            v["choices"][0]["text"].as_str().unwrap_or(""),
+            v["usage"]["completion_tokens"],
+            plan.stages.len(),
+            plan.expert_shards.len(),
+            t.elapsed().as_secs_f64()
+        );
+        let _ = std::io::stdout().flush();
+        if args.exit {
+            return Ok(());
+        }
+    }
 
     // Supervise: restart dead children on their address, until a signal.
     let mut restarts = 0;
