@@ -370,3 +370,29 @@ async fn killing_an_expert_or_a_stage_fails_in_flight_requests_cleanly_and_recov
     kill_mid_request(&d, "stage", 0).await;
     d.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_two_replicas_a_killed_expert_does_not_fail_the_request() {
+    let d = Deployment::start("synthetic:tiny", 2, 2, &["--expert-replicas", "2"]);
+    let prompt = [4u32, 5, 6, 7];
+    let n = 1000;
+    let want = generate_ids("synthetic:tiny", &prompt, n);
+    let base = d.base.clone();
+    let request = tokio::spawn(async move { complete_ids(&base, &prompt, n).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let pid = d.pid_of_replica(1, 0);
+    assert!(!request.is_finished(), "the kill must land mid-request");
+    std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .expect("kill");
+    let got = tokio::time::timeout(Duration::from_secs(60), request)
+        .await
+        .expect("the request must finish")
+        .expect("task");
+    assert_eq!(
+        got, want,
+        "the other replica took over with the same result"
+    );
+    d.stop();
+}

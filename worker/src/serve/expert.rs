@@ -39,6 +39,10 @@ pub struct ExpertArgs {
     /// This shard's index in the plan (reported by Describe).
     #[arg(long, env = "MOE_SHARD_INDEX", default_value_t = 0)]
     pub index: u32,
+
+    /// Which replica of the shard this process is (for logs and process listings).
+    #[arg(long, env = "MOE_REPLICA", default_value_t = 0)]
+    pub replica: u32,
 }
 
 /// Parses `START..END`.
@@ -219,7 +223,7 @@ pub async fn run(args: ExpertArgs) -> Result<()> {
     reporter
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
-    tracing::info!(layers = ?args.layers, experts = ?args.experts, "expert shard serving");
+    tracing::info!(layers = ?args.layers, experts = ?args.experts, replica = args.replica, "expert shard serving");
     super::server()
         .add_service(health)
         .add_service(service)

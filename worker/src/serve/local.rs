@@ -35,6 +35,10 @@ pub struct LocalArgs {
     #[arg(long, default_value_t = 4)]
     pub expert_shards: usize,
 
+    /// Processes per expert shard; a stage spreads calls over them and fails over when one dies.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    pub expert_replicas: u16,
+
     /// HTTP port of the gateway on 127.0.0.1 (0 picks a free port).
     #[arg(long, default_value_t = 8000)]
     pub http_port: u16,
@@ -216,10 +220,18 @@ async fn start_and_serve(
     let model = model_args(args);
     let started = Instant::now();
     let mut expert_addrs = Vec::new();
-    for s in &plan.expert_shards {
+    for (s, replica) in plan
+        .expert_shards
+        .iter()
+        .flat_map(|s| (0..args.expert_replicas).map(move |r| (s, r)))
+    {
         let experts: Vec<String> = s.experts.iter().map(|e| e.to_string()).collect();
         let mut spec = RoleSpec {
-            name: format!("expert shard {} ({})", s.index, s.describe()),
+            name: format!(
+                "expert shard {} replica {replica} ({})",
+                s.index,
+                s.describe()
+            ),
             args: [
                 vec!["expert".to_string()],
                 model.clone(),
@@ -230,6 +242,8 @@ async fn start_and_serve(
                     experts.join(","),
                     "--index".into(),
                     s.index.to_string(),
+                    "--replica".into(),
+                    replica.to_string(),
                 ],
             ]
             .concat(),
@@ -337,7 +351,8 @@ async fn start_and_serve(
     use std::io::Write;
     let _ = std::io::stdout().flush();
     if let Some(prompt) = &args.prompt {
-        let body = serde_json::json!({"prompt": prompt, "max_tokens": args.max_tokens, "temperature": 0});
+        let body =
+            serde_json::json!({"prompt": prompt, "max_tokens": args.max_tokens, "temperature": 0});
         let addr = http.clone();
         let t = Instant::now();
         let v = tokio::task::spawn_blocking(move || {

@@ -134,6 +134,24 @@ impl Deployment {
             .unwrap_or_else(|| panic!("no {role} {index} in {:?}", self.processes()))
     }
 
+    /// The pid of expert shard `index`'s replica `replica`.
+    pub fn pid_of_replica(&self, index: usize, replica: usize) -> i32 {
+        self.processes()
+            .into_iter()
+            .find(|(_, c)| {
+                c.contains(" expert ")
+                    && c.contains(&format!("--index {index} "))
+                    && c.contains(&format!("--replica {replica} "))
+            })
+            .map(|(p, _)| p)
+            .unwrap_or_else(|| {
+                panic!(
+                    "no expert {index} replica {replica} in {:?}",
+                    self.processes()
+                )
+            })
+    }
+
     /// SIGTERM to the launcher; returns once it and every child are gone.
     pub fn stop(mut self) {
         self.stop_inner();
