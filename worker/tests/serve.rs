@@ -396,3 +396,83 @@ async fn with_two_replicas_a_killed_expert_does_not_fail_the_request() {
     );
     d.stop();
 }
+
+/// Processes whose environment carries `MOE_TEST_MARKER=marker`.
+fn marked(marker: &str) -> Vec<i32> {
+    let needle = format!("MOE_TEST_MARKER={marker}");
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(env) = std::fs::read(e.path().join("environ")) else {
+            continue;
+        };
+        let alive = std::fs::read(e.path().join("cmdline")).is_ok_and(|c| !c.is_empty());
+        if alive && env.split(|&b| b == 0).any(|kv| kv == needle.as_bytes()) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+fn wait_gone(marker: &str, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !marked(marker).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: processes left behind: {:?}",
+            marked(marker)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_failed_startup_stops_every_child_and_names_the_culprit() {
+    // The gateway's port is taken: experts and stages start, the gateway cannot.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let marker = format!("startup-{}", std::process::id());
+    let out = std::process::Command::new(deploy::BIN)
+        .args([
+            "local",
+            "--model",
+            "synthetic:tiny",
+            "--stages",
+            "2",
+            "--expert-shards",
+            "2",
+        ])
+        .args(["--http-port", &port.to_string()])
+        .env("MOE_TEST_MARKER", &marker)
+        .output()
+        .expect("run local");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("gateway"), "{stderr}");
+    assert!(stderr.contains(&port.to_string()), "{stderr}");
+    wait_gone(&marker, "failed startup");
+}
+
+#[test]
+fn children_exit_when_the_launcher_is_killed() {
+    let d = Deployment::start("synthetic:tiny", 2, 2, &[]);
+    assert_eq!(d.processes().len(), 5, "{:?}", d.processes());
+    let marker = d
+        .processes()
+        .first()
+        .and_then(|(pid, _)| std::fs::read(format!("/proc/{pid}/environ")).ok())
+        .and_then(|env| {
+            env.split(|&b| b == 0).find_map(|kv| {
+                kv.strip_prefix(b"MOE_TEST_MARKER=")
+                    .map(|m| String::from_utf8_lossy(m).to_string())
+            })
+        })
+        .expect("marker");
+    // SIGKILL: the launcher cannot clean up; its children notice their stdin pipe closing.
+    let mut d = d;
+    d.child.kill().expect("kill launcher");
+    d.child.wait().expect("wait");
+    wait_gone(&marker, "launcher killed");
+}
