@@ -8,4 +8,4 @@ pub mod v1 {
 
 pub mod tensor;
 
-pub use tensor::{TensorError, decode_f32, encode_f32};
+pub use tensor::{TensorError, decode_f32, encode_f32, encode_f32_owned};

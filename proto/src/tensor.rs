@@ -44,6 +44,28 @@ pub fn encode_f32(data: &[f32], shape: &[usize]) -> Tensor {
     }
 }
 
+/// Encodes an owned buffer without copying it (little-endian hosts; others copy).
+pub fn encode_f32_owned(data: Vec<f32>, shape: &[usize]) -> Tensor {
+    debug_assert_eq!(data.len(), shape.iter().product::<usize>());
+    if cfg!(target_endian = "big") {
+        return encode_f32(&data, shape);
+    }
+    Tensor {
+        dtype: Dtype::F32 as i32,
+        shape: shape.iter().map(|&d| d as u64).collect(),
+        data: Bytes::from_owner(F32Bytes(data)),
+    }
+}
+
+/// An f32 buffer viewed as its bytes, so `Bytes` can own it.
+struct F32Bytes(Vec<f32>);
+
+impl AsRef<[u8]> for F32Bytes {
+    fn as_ref(&self) -> &[u8] {
+        bytemuck::cast_slice(&self.0)
+    }
+}
+
 /// Decodes a 2-D tensor of `cols` columns into f32 (f16 and bf16 are widened), returning its
 /// row count. `rows`, when given, must match too.
 pub fn decode_f32(
@@ -123,6 +145,7 @@ mod tests {
     fn round_trip() {
         let data: Vec<f32> = (0..12).map(|i| i as f32 * 0.5 - 1.0).collect();
         let t = encode_f32(&data, &[3, 4]);
+        assert_eq!(encode_f32_owned(data.clone(), &[3, 4]), t);
         let mut out = Vec::new();
         assert_eq!(decode_f32("x", Some(&t), Some(3), 4, &mut out), Ok(3));
         assert_eq!(out, data);

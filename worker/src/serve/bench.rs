@@ -15,7 +15,7 @@ use moe_proto::v1::{
     DescribeRequest, ExpertRequest, ExpertResponse, ExpertRows, LoadStatsRequest,
     LoadStatsResponse, ShardInfo,
 };
-use moe_proto::{decode_f32, encode_f32};
+use moe_proto::{decode_f32, encode_f32, encode_f32_owned};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::{Request, Response, Status};
@@ -45,6 +45,10 @@ pub struct TransportArgs {
     /// Repetitions (the best is kept).
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
+    /// Internal: serve both echo servers (raw TCP and gRPC) for a parent benchmark, print
+    /// `echo listening on TCP_ADDR GRPC_ADDR`, and exit when standard input closes.
+    #[arg(long, hide = true)]
+    pub serve_echo: bool,
 }
 
 /// An expert service that returns its input: the real codec and gRPC path, no compute.
@@ -65,7 +69,7 @@ impl Expert for Echo {
         decode_f32("input", req.input.as_ref(), Some(rows), cols, &mut x)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         Ok(Response::new(ExpertResponse {
-            output: Some(encode_f32(&x, &[rows, cols])),
+            output: Some(encode_f32_owned(x, &[rows, cols])),
         }))
     }
     async fn describe(&self, _: Request<DescribeRequest>) -> Result<Response<ShardInfo>, Status> {
@@ -107,32 +111,113 @@ fn best_of(repeats: usize, mut f: impl FnMut() -> Result<Duration>) -> Result<Du
     Ok(best)
 }
 
-pub fn transport(args: TransportArgs) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
+/// A 2-worker multi-threaded runtime, the layout every real role runs on (see `cli.rs`).
+fn role_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .map_err(|e| Error::peer("runtime", e.to_string()))?;
-    let limit = (args.large_rows * args.hidden * 4 + (1 << 20)).max(4 << 20);
-    let (tcp_addr, grpc_addr) = rt
-        .block_on(async {
-            let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-            let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-            let addrs = (tcp.local_addr()?, grpc.local_addr()?);
-            tokio::spawn(tcp_echo_server(tcp));
-            let svc = ExpertServer::new(Echo)
-                .max_decoding_message_size(limit)
-                .max_encoding_message_size(limit);
-            tokio::spawn(
-                super::server()
-                    .add_service(svc)
-                    .serve_with_incoming(super::incoming(grpc)),
-            );
-            Ok::<_, std::io::Error>(addrs)
-        })
-        .map_err(|e| Error::peer("bench", e.to_string()))?;
+        .map_err(|e| Error::peer("runtime", e.to_string()))
+}
+
+/// The largest message either side must accept for `args`' large tensor.
+fn message_limit(args: &TransportArgs) -> usize {
+    (args.large_rows * args.hidden * 4 + (1 << 20)).max(4 << 20)
+}
+
+/// The echo servers' process (`bench-transport --serve-echo`): both baselines' servers
+/// on their own runtime, as a real expert shard serves from its own process.
+fn serve_echo(args: &TransportArgs) -> Result<()> {
+    let rt = role_runtime()?;
+    let limit = message_limit(args);
+    rt.block_on(async {
+        let err = |e: std::io::Error| Error::peer("bench", e.to_string());
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(err)?;
+        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(err)?;
+        println!(
+            "echo listening on {} {}",
+            tcp.local_addr().map_err(err)?,
+            grpc.local_addr().map_err(err)?
+        );
+        std::io::stdout().flush().map_err(err)?;
+        tokio::spawn(tcp_echo_server(tcp));
+        let svc = ExpertServer::new(Echo)
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(limit);
+        let grpc = super::server()
+            .add_service(svc)
+            .serve_with_incoming_shutdown(super::incoming(grpc), super::shutdown_signal(true));
+        grpc.await.map_err(|e| Error::peer("bench", e.to_string()))
+    })
+}
+
+/// Starts the echo servers in a child process and returns it with their addresses. The
+/// child exits when its standard input (held by the returned `Child`) closes.
+fn spawn_echo(args: &TransportArgs) -> Result<(std::process::Child, String, String)> {
+    let err = |e: std::io::Error| Error::peer("bench", e.to_string());
+    let exe = std::env::current_exe().map_err(err)?;
+    let mut child = Command::new(exe)
+        .args(["bench-transport", "--serve-echo"])
+        .args(["--hidden", &args.hidden.to_string()])
+        .args(["--large-rows", &args.large_rows.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(err)?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| Error::peer("bench", "echo stdout"))?;
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).map_err(err)?;
+    let mut addrs = line
+        .trim()
+        .strip_prefix("echo listening on ")
+        .unwrap_or("")
+        .split(' ');
+    match (addrs.next(), addrs.next()) {
+        (Some(tcp), Some(grpc)) if !tcp.is_empty() => {
+            let (tcp, grpc) = (tcp.to_string(), grpc.to_string());
+            Ok((child, tcp, grpc))
+        }
+        _ => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(Error::peer(
+                "bench",
+                format!("echo server did not start: `{}`", line.trim()),
+            ))
+        }
+    }
+}
+
+pub fn transport(args: TransportArgs) -> Result<()> {
+    if args.serve_echo {
+        return serve_echo(&args);
+    }
+    // The servers run in their own process: sharing the client's runtime (as this benchmark
+    // once did) makes client and server tasks compete for the same two workers, which no
+    // deployment does, and it flatters or penalises the two baselines unevenly.
+    let (mut child, tcp_addr, grpc_addr) = spawn_echo(&args)?;
+    let result = measure_transport(&args, &tcp_addr, &grpc_addr);
+    // Closing its standard input stops the child; wait so it never outlives us.
+    drop(child.stdin.take());
+    let _ = child.wait();
+    result
+}
+
+/// The client side: like a pipeline stage, it drives each call with `block_on` from a thread
+/// outside the runtime's workers.
+fn measure_transport(args: &TransportArgs, tcp_addr: &str, grpc_addr: &str) -> Result<()> {
+    let rt = role_runtime()?;
+    let limit = message_limit(args);
     let mut client = rt.block_on(async {
-        let ch = super::channel(&grpc_addr.to_string())?;
+        let ch = super::channel(grpc_addr)?;
         Ok::<_, Error>(
             ExpertClient::new(ch)
                 .max_decoding_message_size(limit)
@@ -355,7 +440,7 @@ pub fn local(args: LocalBenchArgs) -> Result<()> {
             "/v1/completions",
             Some(&request(&prompts[0])),
         )?;
-        let gw_b1 = http(&addr, "GET", "/v1/stats?reset=true", None)?;
+        http(&addr, "GET", "/v1/stats?reset=true", None)?;
         let t = Instant::now();
         let v = http(
             &addr,
@@ -415,7 +500,7 @@ pub fn local(args: LocalBenchArgs) -> Result<()> {
             prompts.len(),
             local_b8 / single_b8
         );
-        breakdown("batch 1", &stats_b1, Some(&gw_b1), wall_b1, args.tokens);
+        breakdown("batch 1", &stats_b1, None, wall_b1, args.tokens);
         breakdown(
             &format!("batch {}", prompts.len()),
             &stats_b8,

@@ -11,7 +11,7 @@ use moe_proto::v1::{
     DescribeRequest, ExpertRequest, ExpertResponse, LoadStatsRequest, LoadStatsResponse, Role,
     ShardInfo,
 };
-use moe_proto::{decode_f32, encode_f32};
+use moe_proto::{decode_f32, encode_f32_owned};
 use tonic::{Request, Response, Status};
 
 use super::{LoadCounters, ServerArgs, bind, shutdown_signal, to_status};
@@ -179,7 +179,7 @@ impl Expert for ExpertService {
         self.load
             .record_experts(layer, groups.iter().map(|&(e, n)| (e, n)));
         Ok(Response::new(ExpertResponse {
-            output: Some(encode_f32(&out, &[total, h])),
+            output: Some(encode_f32_owned(out, &[total, h])),
         }))
     }
 

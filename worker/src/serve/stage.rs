@@ -18,7 +18,7 @@ use moe_proto::v1::{
     DescribeRequest, ExpertRequest, ExpertRows, ForwardError, ForwardRequest, ForwardResponse,
     LoadStatsRequest, LoadStatsResponse, ReleaseRequest, ReleaseResponse, Role, ShardInfo,
 };
-use moe_proto::{decode_f32, encode_f32};
+use moe_proto::{decode_f32, encode_f32_owned};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
@@ -298,7 +298,7 @@ impl ExpertCompute for RemoteExperts<'_> {
                         rows: n as u32,
                     })
                     .collect(),
-                input: Some(encode_f32(&gathered, &[rows, h])),
+                input: Some(encode_f32_owned(gathered, &[rows, h])),
             };
             calls.push((gi, groups, r.call(gi, req, self.timeout)));
         }
@@ -665,7 +665,7 @@ impl Stage for StageService {
                 };
                 let h = core.model.config().hidden_size;
                 let rows = hidden.len() / h.max(1);
-                let tensor = encode_f32(&hidden, &[rows, h]);
+                let tensor = encode_f32_owned(hidden, &[rows, h]);
                 let Some((next_name, client)) = &core.next else {
                     let resp = ForwardResponse {
                         micro_batch_id: id,
