@@ -440,7 +440,7 @@ pub fn local(args: LocalBenchArgs) -> Result<()> {
             "/v1/completions",
             Some(&request(&prompts[0])),
         )?;
-        http(&addr, "GET", "/v1/stats?reset=true", None)?;
+        let gw_b1 = http(&addr, "GET", "/v1/stats?reset=true", None)?;
         let t = Instant::now();
         let v = http(
             &addr,
@@ -500,7 +500,7 @@ pub fn local(args: LocalBenchArgs) -> Result<()> {
             prompts.len(),
             local_b8 / single_b8
         );
-        breakdown("batch 1", &stats_b1, None, wall_b1, args.tokens);
+        breakdown("batch 1", &stats_b1, Some(&gw_b1), wall_b1, args.tokens);
         breakdown(
             &format!("batch {}", prompts.len()),
             &stats_b8,

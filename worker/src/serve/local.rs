@@ -35,6 +35,11 @@ pub struct LocalArgs {
     #[arg(long, default_value_t = 4)]
     pub expert_shards: usize,
 
+    /// Compute threads per child process. On CPU the processes share the machine's cores, and
+    /// a pool's idle threads spin for a while after each call, so one each is usually best.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    pub child_threads: u16,
+
     /// Processes per expert shard; a stage spreads calls over them and fails over when one dies.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
     pub expert_replicas: u16,
@@ -87,6 +92,7 @@ struct RoleSpec {
     args: Vec<String>,
     /// The address it listens on once known (reused on restart).
     addr: Option<String>,
+    threads: u16,
 }
 
 struct Running {
@@ -108,7 +114,8 @@ async fn spawn(spec: &mut RoleSpec, listen: &str) -> Result<Child> {
     let exe = std::env::current_exe()
         .map_err(|e| Error::peer("local", format!("own executable: {e}")))?;
     let mut cmd = Command::new(exe);
-    cmd.args(&spec.args)
+    cmd.args(["--threads", &spec.threads.to_string()])
+        .args(&spec.args)
         .arg("--listen")
         .arg(listen)
         .arg("--exit-with-stdin")
@@ -248,6 +255,7 @@ async fn start_and_serve(
             ]
             .concat(),
             addr: None,
+            threads: args.child_threads,
         };
         let child = spawn(&mut spec, "127.0.0.1:0").await?;
         expert_addrs.push(spec.addr.clone().unwrap_or_default());
@@ -282,6 +290,7 @@ async fn start_and_serve(
             ),
             args: a,
             addr: None,
+            threads: args.child_threads,
         };
         let child = spawn(&mut spec, "127.0.0.1:0").await?;
         next = spec.addr.clone();
@@ -311,6 +320,7 @@ async fn start_and_serve(
         name: "gateway".into(),
         args: g,
         addr: None,
+        threads: args.child_threads,
     };
     let listen = SocketAddr::from(([127, 0, 0, 1], args.http_port)).to_string();
     let child = spawn(&mut spec, &listen).await?;
