@@ -14,8 +14,8 @@ use moe_proto::v1::{
 use moe_proto::{decode_f32, encode_f32_owned};
 use tonic::{Request, Response, Status};
 
-use super::{LoadCounters, ServerArgs, bind, shutdown_signal, to_status};
-use crate::cli::{ModelArgs, load_with_progress};
+use super::{LoadCounters, PartArgs, bind, shutdown_signal, to_status};
+use crate::cli::load_with_progress;
 use crate::error::{Error, Result};
 use crate::model::{Model, MoeScratch};
 use crate::weights::ShardSpec;
@@ -23,45 +23,15 @@ use crate::weights::ShardSpec;
 #[derive(Debug, clap::Args)]
 pub struct ExpertArgs {
     #[command(flatten)]
-    pub model: ModelArgs,
-
-    #[command(flatten)]
-    pub server: ServerArgs,
-
-    /// Owned layers, START..END (end exclusive).
-    #[arg(long, env = "MOE_LAYERS", value_parser = parse_range)]
-    pub layers: std::ops::Range<usize>,
+    pub part: PartArgs,
 
     /// Owned experts, comma-separated ids.
     #[arg(long, env = "MOE_EXPERTS", value_delimiter = ',', required = true)]
     pub experts: Vec<usize>,
 
-    /// This shard's index in the plan (reported by Describe).
-    #[arg(long, env = "MOE_SHARD_INDEX", default_value_t = 0)]
-    pub index: u32,
-
     /// Which replica of the shard this process is (for logs and process listings).
     #[arg(long, env = "MOE_REPLICA", default_value_t = 0)]
     pub replica: u32,
-}
-
-/// Parses `START..END`.
-pub fn parse_range(s: &str) -> std::result::Result<std::ops::Range<usize>, String> {
-    let (a, b) = s
-        .split_once("..")
-        .ok_or_else(|| format!("`{s}` is not START..END"))?;
-    let a: usize = a
-        .trim()
-        .parse()
-        .map_err(|_| format!("`{a}` is not a layer index"))?;
-    let b: usize = b
-        .trim()
-        .parse()
-        .map_err(|_| format!("`{b}` is not a layer index"))?;
-    if a >= b {
-        return Err(format!("`{s}` is an empty range"));
-    }
-    Ok(a..b)
 }
 
 /// Describes a loaded model part.
@@ -201,21 +171,21 @@ impl Expert for ExpertService {
 }
 
 pub async fn run(args: ExpertArgs) -> Result<()> {
-    let listener = bind(args.server.listen, "expert").await?;
+    let listener = bind(args.part.server.listen, "expert").await?;
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
         .set_service_status("", tonic_health::ServingStatus::NotServing)
         .await;
-    let src = args.model.model.open()?;
+    let src = args.part.model.model.open()?;
     let experts: BTreeSet<usize> = args.experts.iter().copied().collect();
-    let spec = ShardSpec::experts(args.layers.clone(), experts);
-    let name = args.model.model.to_string();
+    let spec = ShardSpec::experts(args.part.layers.clone(), experts);
+    let name = args.part.model.model.to_string();
     let model = tokio::task::spawn_blocking(move || load_with_progress(src.as_ref(), spec))
         .await
         .map_err(|e| Error::peer("expert", format!("load task: {e}")))??;
     let model = Arc::new(model);
-    let info = shard_info(&model, Role::Expert, args.index, &name);
-    let limit = args.server.max_message_bytes;
+    let info = shard_info(&model, Role::Expert, args.part.index, &name);
+    let limit = args.part.server.max_message_bytes;
     let service = ExpertServer::new(ExpertService::new(model, info, limit))
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
@@ -223,13 +193,13 @@ pub async fn run(args: ExpertArgs) -> Result<()> {
     reporter
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
-    tracing::info!(layers = ?args.layers, experts = ?args.experts, replica = args.replica, "expert shard serving");
+    tracing::info!(layers = ?args.part.layers, experts = ?args.experts, replica = args.replica, "expert shard serving");
     super::server()
         .add_service(health)
         .add_service(service)
         .serve_with_incoming_shutdown(
             super::incoming(listener),
-            shutdown_signal(args.server.exit_with_stdin),
+            shutdown_signal(args.part.server.exit_with_stdin),
         )
         .await
         .map_err(|e| Error::peer("expert", format!("server: {e}")))

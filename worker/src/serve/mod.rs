@@ -35,6 +35,44 @@ pub struct ServerArgs {
     pub exit_with_stdin: bool,
 }
 
+/// What a stage and an expert shard are both told: the model, where to listen, which layers
+/// they own, and their index in the plan.
+#[derive(Debug, clap::Args)]
+pub struct PartArgs {
+    #[command(flatten)]
+    pub model: crate::cli::ModelArgs,
+
+    #[command(flatten)]
+    pub server: ServerArgs,
+
+    /// Owned layers, START..END (end exclusive).
+    #[arg(long, env = "MOE_LAYERS", value_parser = parse_range)]
+    pub layers: std::ops::Range<usize>,
+
+    /// This stage's or shard's index in the plan (reported by Describe).
+    #[arg(long, env = "MOE_INDEX", default_value_t = 0)]
+    pub index: u32,
+}
+
+/// Parses `START..END`.
+pub fn parse_range(s: &str) -> std::result::Result<std::ops::Range<usize>, String> {
+    let (a, b) = s
+        .split_once("..")
+        .ok_or_else(|| format!("`{s}` is not START..END"))?;
+    let a: usize = a
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{a}` is not a layer index"))?;
+    let b: usize = b
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{b}` is not a layer index"))?;
+    if a >= b {
+        return Err(format!("`{s}` is an empty range"));
+    }
+    Ok(a..b)
+}
+
 /// Binds `addr` and prints `listening on ADDR` on stdout (the launcher reads it).
 pub async fn bind(addr: SocketAddr, role: &str) -> Result<TcpListener> {
     let l = TcpListener::bind(addr)

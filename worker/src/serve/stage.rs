@@ -24,11 +24,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status, Streaming};
 
-use super::expert::{parse_range, shard_info};
+use super::expert::shard_info;
 use super::{
-    LoadCounters, ServerArgs, bind, channel, parse_addrs, remaining, shutdown_signal, to_status,
+    LoadCounters, PartArgs, bind, channel, parse_addrs, remaining, shutdown_signal, to_status,
 };
-use crate::cli::{ModelArgs, load_with_progress};
+use crate::cli::load_with_progress;
 use crate::error::{Error, Result};
 use crate::model::{
     Chunk, ExpertCompute, KvCache, LocalExperts, Model, MoeScratch, Routing, Scratch, gather,
@@ -39,18 +39,7 @@ use crate::weights::ShardSpec;
 #[derive(Debug, clap::Args)]
 pub struct StageArgs {
     #[command(flatten)]
-    pub model: ModelArgs,
-
-    #[command(flatten)]
-    pub server: ServerArgs,
-
-    /// Owned layers, START..END (end exclusive).
-    #[arg(long, env = "MOE_LAYERS", value_parser = parse_range)]
-    pub layers: std::ops::Range<usize>,
-
-    /// This stage's index in the plan.
-    #[arg(long, env = "MOE_STAGE_INDEX", default_value_t = 0)]
-    pub index: u32,
+    pub part: PartArgs,
 
     /// Address of the next stage; none for the last stage.
     #[arg(long, env = "MOE_NEXT_STAGE")]
@@ -745,13 +734,13 @@ impl Stage for StageService {
 }
 
 pub async fn run(args: StageArgs) -> Result<()> {
-    let listener = bind(args.server.listen, "stage").await?;
-    let src = args.model.model.open()?;
+    let listener = bind(args.part.server.listen, "stage").await?;
+    let src = args.part.model.model.open()?;
     let cfg = src.config().clone();
     let expert_addrs = parse_addrs(&args.expert_addrs);
-    let spec = ShardSpec::stage(&cfg, args.layers.clone(), expert_addrs.is_empty());
+    let spec = ShardSpec::stage(&cfg, args.part.layers.clone(), expert_addrs.is_empty());
     spec.check(&cfg)?;
-    let is_last = args.layers.end == cfg.num_hidden_layers;
+    let is_last = args.part.layers.end == cfg.num_hidden_layers;
     if is_last && args.next.is_some() {
         return Err(Error::invalid("next", "the last stage has no next stage"));
     }
@@ -760,15 +749,15 @@ pub async fn run(args: StageArgs) -> Result<()> {
             "next",
             format!(
                 "stage ends at layer {} of {}: the next stage's address is required",
-                args.layers.end, cfg.num_hidden_layers
+                args.part.layers.end, cfg.num_hidden_layers
             ),
         ));
     }
-    let name = args.model.model.to_string();
+    let name = args.part.model.model.to_string();
     let model = tokio::task::spawn_blocking(move || load_with_progress(src.as_ref(), spec))
         .await
         .map_err(|e| Error::peer("stage", format!("load task: {e}")))??;
-    let limit = args.server.max_message_bytes;
+    let limit = args.part.server.max_message_bytes;
     let experts = if expert_addrs.is_empty() {
         None
     } else {
@@ -784,7 +773,7 @@ pub async fn run(args: StageArgs) -> Result<()> {
     };
     let next = match &args.next {
         Some(addr) => Some((
-            format!("stage {} at {addr}", args.index + 1),
+            format!("stage {} at {addr}", args.part.index + 1),
             StageClient::new(channel(addr)?)
                 .max_decoding_message_size(limit)
                 .max_encoding_message_size(limit),
@@ -792,7 +781,7 @@ pub async fn run(args: StageArgs) -> Result<()> {
         None => None,
     };
     let model = Arc::new(model);
-    let info = shard_info(&model, Role::Stage, args.index, &name);
+    let info = shard_info(&model, Role::Stage, args.part.index, &name);
     let core = Arc::new(Core {
         model,
         info,
@@ -810,13 +799,13 @@ pub async fn run(args: StageArgs) -> Result<()> {
     let service = StageServer::new(StageService { core })
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
-    tracing::info!(layers = ?args.layers, "stage serving");
+    tracing::info!(layers = ?args.part.layers, "stage serving");
     super::server()
         .add_service(health)
         .add_service(service)
         .serve_with_incoming_shutdown(
             super::incoming(listener),
-            shutdown_signal(args.server.exit_with_stdin),
+            shutdown_signal(args.part.server.exit_with_stdin),
         )
         .await
         .map_err(|e| Error::peer("stage", format!("server: {e}")))
