@@ -1,11 +1,18 @@
 //! The sharding plan: one pure function maps a model's shape and the requested parallelism to
 //! pipeline stages (contiguous layer ranges) and expert shards (a layer range × a group of
 //! experts). The local launcher uses it, and so does the operator, so what runs on one machine
-//! is what runs on a cluster.
+//! is what runs on a cluster. [`size`] adds memory: parameters, KV cache and GPUs per pod, and
+//! picks the expert-shard count when none is given.
 
 use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
+
+mod sizing;
+pub use sizing::{
+    ModelDims, PodSizing, SizedExpertShard, SizedPlan, SizedStage, SizingRequest,
+    USABLE_GPU_MEMORY_FRACTION, size,
+};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PlanError {

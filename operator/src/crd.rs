@@ -1,0 +1,453 @@
+//! The `MoEDeployment` resource (`serving.moe.dev/v1alpha1`). The CRD YAML under `crds/` is
+//! generated from these types (`moe-operator crd`); the API server enforces the OpenAPI schema
+//! and the CEL rules declared here, so an inconsistent spec never reaches the reconciler.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Desired state: the model, how it is split, where it runs, how it scales and serves.
+// Each `printcolumn(...)` repeats `type_`, which the lint reads as a duplicated attribute.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[kube(
+    group = "serving.moe.dev",
+    version = "v1alpha1",
+    kind = "MoEDeployment",
+    plural = "moedeployments",
+    shortname = "moe",
+    category = "moe",
+    namespaced,
+    status = "MoEDeploymentStatus",
+    doc = "A Mixture-of-Experts model served as pipeline stages, expert shards and a gateway",
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Stages",
+        type_ = "integer",
+        description = "ready pipeline stages",
+        json_path = ".status.readyStages"
+    ),
+    printcolumn(
+        name = "ExpertShards",
+        type_ = "integer",
+        description = "expert shards with at least one ready replica",
+        json_path = ".status.readyExpertShards"
+    ),
+    printcolumn(
+        name = "Replicas",
+        type_ = "integer",
+        description = "expert-shard replicas, all shards together",
+        json_path = ".status.expertReplicas"
+    ),
+    printcolumn(
+        name = "GPUs",
+        type_ = "integer",
+        description = "GPUs the plan requests",
+        json_path = ".status.gpus"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[x_kube(validation = Rule::new(
+    "!has(self.model.architecture) || self.parallelism.pipeline <= self.model.architecture.numLayers"
+).message("spec.parallelism.pipeline must not exceed spec.model.architecture.numLayers").field_path(".parallelism.pipeline"))]
+#[x_kube(validation = Rule::new(
+    "self.parallelism.tensor <= self.placement.gpusPerPod"
+).message("spec.parallelism.tensor must not exceed spec.placement.gpusPerPod").field_path(".parallelism.tensor"))]
+#[serde(rename_all = "camelCase")]
+pub struct MoEDeploymentSpec {
+    pub model: ModelSpec,
+    #[serde(default)]
+    pub parallelism: Parallelism,
+    #[serde(default)]
+    pub placement: Placement,
+    #[serde(default)]
+    pub experts: ExpertsSpec,
+    #[serde(default)]
+    pub serving: Serving,
+    /// Worker image; defaults to the operator's `--worker-image`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// CPU and memory of every worker container; GPUs come from the plan.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Gateway replicas.
+    #[serde(default = "one")]
+    #[schemars(range(min = 1))]
+    pub replicas: i32,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelSpec {
+    /// Required unless the source supplies it (a synthetic preset; `config.json` of a
+    /// checkpoint once the operator reads it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub architecture: Option<Architecture>,
+    pub source: ModelSource,
+    #[serde(default)]
+    pub dtype: DType,
+    /// `cl100k_base`, or a `tokenizer.json` path inside the source; defaults to the
+    /// checkpoint's own `tokenizer.json`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenizer: Option<String>,
+}
+
+/// Hugging Face `config.json` fields, camelCase.
+#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[x_kube(validation = Rule::new("self.topK <= self.numExperts")
+    .message("spec.model.architecture.topK must not exceed numExperts").field_path(".topK"))]
+#[x_kube(validation = Rule::new("self.numAttentionHeads % self.numKeyValueHeads == 0")
+    .message("spec.model.architecture.numKeyValueHeads must divide numAttentionHeads")
+    .field_path(".numKeyValueHeads"))]
+#[serde(rename_all = "camelCase")]
+pub struct Architecture {
+    #[schemars(range(min = 1))]
+    pub num_layers: i32,
+    #[schemars(range(min = 1))]
+    pub num_experts: i32,
+    #[schemars(range(min = 1))]
+    pub top_k: i32,
+    #[schemars(range(min = 1))]
+    pub hidden_size: i32,
+    #[schemars(range(min = 1))]
+    pub intermediate_size: i32,
+    #[schemars(range(min = 1))]
+    pub num_attention_heads: i32,
+    #[schemars(range(min = 1))]
+    pub num_key_value_heads: i32,
+    /// Defaults to hiddenSize / numAttentionHeads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 2))]
+    pub head_dim: Option<i32>,
+    #[schemars(range(min = 1))]
+    pub vocab_size: i32,
+    /// The context length the KV cache is sized for.
+    #[schemars(range(min = 1))]
+    pub max_position_embeddings: i32,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+}
+
+/// Where the weights come from: exactly one of the fields.
+#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+#[x_kube(validation = Rule::new("[has(self.pvc), has(self.hostPath), has(self.synthetic)].filter(x, x).size() == 1")
+    .message("spec.model.source must set exactly one of pvc, hostPath, synthetic"))]
+#[serde(rename_all = "camelCase")]
+pub struct ModelSource {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pvc: Option<PvcSource>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_path: Option<HostPathSource>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub synthetic: Option<SyntheticSource>,
+}
+
+/// A Hugging Face checkpoint folder on a PersistentVolumeClaim, mounted read-only.
+#[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PvcSource {
+    #[schemars(length(min = 1))]
+    pub claim_name: String,
+    /// Folder inside the volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+}
+
+/// A checkpoint folder on every node.
+#[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HostPathSource {
+    #[schemars(length(min = 1))]
+    pub path: String,
+}
+
+/// Deterministic weights: each tensor a pure function of the seed and its name.
+#[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SyntheticSource {
+    /// A preset of `moe-worker` (tiny, mini, base, gpt4-mini).
+    #[schemars(length(min = 1))]
+    pub preset: String,
+    #[serde(default)]
+    pub seed: i64,
+}
+
+/// Storage dtype of the weights and the KV cache.
+#[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DType {
+    F32,
+    F16,
+    #[default]
+    Bf16,
+}
+
+impl DType {
+    pub fn bytes(self) -> u64 {
+        match self {
+            Self::F32 => 4,
+            Self::F16 | Self::Bf16 => 2,
+        }
+    }
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Parallelism {
+    /// Pipeline stages; each owns a contiguous layer range.
+    #[serde(default = "one")]
+    #[schemars(range(min = 1))]
+    pub pipeline: i32,
+    /// Expert shards. Omit to let the planner pick the fewest that fit a pod; 0 makes the
+    /// stages compute their own experts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub expert: Option<i32>,
+    /// GPUs each pod splits its weights over at least.
+    #[serde(default = "one")]
+    #[schemars(range(min = 1))]
+    pub tensor: i32,
+}
+
+impl Default for Parallelism {
+    fn default() -> Self {
+        Self {
+            pipeline: 1,
+            expert: None,
+            tensor: 1,
+        }
+    }
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Placement {
+    /// `nvidia.com/gpu.product` label value GPU pods select.
+    #[serde(default = "default_gpu_product")]
+    pub gpu_product: String,
+    #[serde(default = "default_gpu_memory_gib", rename = "gpuMemoryGiB")]
+    #[schemars(range(min = 1))]
+    pub gpu_memory_gib: i32,
+    /// The most GPUs one pod may use (one node's worth).
+    #[serde(default = "default_gpus_per_pod")]
+    #[schemars(range(min = 1))]
+    pub gpus_per_pod: i32,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+}
+
+impl Default for Placement {
+    fn default() -> Self {
+        Self {
+            gpu_product: default_gpu_product(),
+            gpu_memory_gib: default_gpu_memory_gib(),
+            gpus_per_pod: default_gpus_per_pod(),
+            node_selector: BTreeMap::new(),
+            tolerations: Vec::new(),
+            affinity: None,
+        }
+    }
+}
+
+/// Replicas of each expert shard.
+#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[x_kube(validation = Rule::new("self.minReplicas <= self.maxReplicas")
+    .message("spec.experts.minReplicas must not exceed maxReplicas").field_path(".minReplicas"))]
+#[serde(rename_all = "camelCase")]
+pub struct ExpertsSpec {
+    #[serde(default = "one")]
+    #[schemars(range(min = 1))]
+    pub min_replicas: i32,
+    #[serde(default = "one")]
+    #[schemars(range(min = 1))]
+    pub max_replicas: i32,
+    #[serde(default)]
+    pub autoscaling: Autoscaling,
+}
+
+impl Default for ExpertsSpec {
+    fn default() -> Self {
+        Self {
+            min_replicas: 1,
+            max_replicas: 1,
+            autoscaling: Autoscaling::default(),
+        }
+    }
+}
+
+/// Replicas per expert shard from the routed-token load.
+#[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Autoscaling {
+    #[serde(default)]
+    pub enabled: bool,
+    /// Who moves the replica counts: the operator itself, an HPA or KEDA on each expert
+    /// shard's scale subresource, or nobody.
+    #[serde(default)]
+    pub driver: AutoscalingDriver,
+    /// Routed tokens per second one replica should serve.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub target_tokens_per_second_per_replica: Option<i32>,
+    /// The most expert-shard replicas, all shards together.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub total_replica_budget: Option<i32>,
+    #[serde(default = "default_scale_down_stabilization")]
+    #[schemars(range(min = 0))]
+    pub scale_down_stabilization_seconds: i32,
+    #[serde(default = "default_cooldown")]
+    #[schemars(range(min = 0))]
+    pub cooldown_seconds: i32,
+}
+
+impl Default for Autoscaling {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            driver: AutoscalingDriver::default(),
+            target_tokens_per_second_per_replica: None,
+            total_replica_budget: None,
+            scale_down_stabilization_seconds: default_scale_down_stabilization(),
+            cooldown_seconds: default_cooldown(),
+        }
+    }
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AutoscalingDriver {
+    #[default]
+    Operator,
+    Hpa,
+    Keda,
+    None,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Serving {
+    #[serde(default = "default_max_batch_size")]
+    #[schemars(range(min = 1))]
+    pub max_batch_size: i32,
+    /// Sequences in flight; each stage keeps their KV cache, so this sizes stage memory.
+    #[serde(default = "default_max_concurrent_sequences")]
+    #[schemars(range(min = 1))]
+    pub max_concurrent_sequences: i32,
+    /// Bearer key the gateway requires; open when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_secret: Option<SecretKeyRef>,
+}
+
+impl Default for Serving {
+    fn default() -> Self {
+        Self {
+            max_batch_size: default_max_batch_size(),
+            max_concurrent_sequences: default_max_concurrent_sequences(),
+            api_key_secret: None,
+        }
+    }
+}
+
+/// A key of a Secret in the deployment's namespace.
+#[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    #[schemars(length(min = 1))]
+    pub name: String,
+    #[schemars(length(min = 1))]
+    pub key: String,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct MoEDeploymentStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `Progressing`, `Degraded`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    #[serde(default)]
+    pub stages: i32,
+    #[serde(default)]
+    pub ready_stages: i32,
+    #[serde(default)]
+    pub expert_shards: i32,
+    #[serde(default)]
+    pub ready_expert_shards: i32,
+    /// Replicas of all expert shards together.
+    #[serde(default)]
+    pub expert_replicas: i32,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub expert_shard_status: Vec<ExpertShardStatus>,
+    #[serde(default)]
+    pub gateway_ready_replicas: i32,
+    /// `host:port` of the gateway Service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway_endpoint: Option<String>,
+    #[serde(default)]
+    pub gpus: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_parameters: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_parameters_per_token: Option<i64>,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ExpertShardStatus {
+    pub index: i32,
+    pub layer_start: i32,
+    pub layer_end: i32,
+    pub experts: Vec<i32>,
+    pub replicas: i32,
+    pub ready_replicas: i32,
+}
+
+fn one() -> i32 {
+    1
+}
+
+fn default_gpu_product() -> String {
+    "NVIDIA-A100-SXM4-80GB".to_string()
+}
+
+fn default_gpu_memory_gib() -> i32 {
+    80
+}
+
+fn default_gpus_per_pod() -> i32 {
+    8
+}
+
+fn default_scale_down_stabilization() -> i32 {
+    300
+}
+
+fn default_cooldown() -> i32 {
+    60
+}
+
+fn default_max_batch_size() -> i32 {
+    32
+}
+
+fn default_max_concurrent_sequences() -> i32 {
+    16
+}

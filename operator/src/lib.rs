@@ -1,0 +1,11 @@
+//! moe-serve's Kubernetes operator: the `MoEDeployment` resource, its plan (the same
+//! `moe-plan` code the data plane runs), and the CLI around them.
+
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod crd;
+pub mod error;
+pub mod planning;
+
+pub use error::{Error, Result};

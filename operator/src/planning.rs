@@ -1,0 +1,108 @@
+//! From a `MoEDeployment` spec to the sized plan: the same `moe-plan` code the data plane runs.
+
+use moe_plan::{ModelDims, SizedPlan, SizingRequest};
+
+use crate::crd::{Architecture, MoEDeploymentSpec};
+use crate::error::{Error, Result};
+
+const GIB: u64 = 1 << 30;
+
+/// Architectures of `moe-worker`'s synthetic presets, so that a synthetic source needs no
+/// `architecture` in the spec. Must match worker/src/synthetic.rs.
+fn preset(name: &str) -> Option<ModelDims> {
+    // (vocab, hidden, intermediate, layers, heads, kv heads, experts, top-k, context)
+    let (v, h, i, l, heads, kv, e, k, ctx) = match name {
+        "tiny" => (512, 64, 128, 4, 4, 2, 8, 2, 2048),
+        "mini" => (32000, 512, 1408, 8, 8, 2, 8, 2, 32768),
+        "base" => (32000, 1024, 2816, 8, 16, 4, 8, 2, 32768),
+        "gpt4-mini" => (100_352, 128, 256, 120, 8, 2, 16, 2, 8192),
+        _ => return None,
+    };
+    Some(ModelDims {
+        num_layers: l,
+        num_experts: e,
+        top_k: k,
+        hidden_size: h,
+        intermediate_size: i,
+        num_attention_heads: heads,
+        num_key_value_heads: kv,
+        head_dim: h / heads,
+        vocab_size: v,
+        max_position_embeddings: ctx,
+        tie_word_embeddings: false,
+    })
+}
+
+/// Negative numbers cannot pass the schema; reading one as 0 lets the planner name the field.
+fn count(n: i32) -> usize {
+    usize::try_from(n).unwrap_or(0)
+}
+
+fn dims(a: &Architecture) -> ModelDims {
+    let heads = count(a.num_attention_heads);
+    ModelDims {
+        num_layers: count(a.num_layers),
+        num_experts: count(a.num_experts),
+        top_k: count(a.top_k),
+        hidden_size: count(a.hidden_size),
+        intermediate_size: count(a.intermediate_size),
+        num_attention_heads: heads,
+        num_key_value_heads: count(a.num_key_value_heads),
+        head_dim: a
+            .head_dim
+            .map(count)
+            .unwrap_or_else(|| count(a.hidden_size) / heads.max(1)),
+        vocab_size: count(a.vocab_size),
+        max_position_embeddings: count(a.max_position_embeddings),
+        tie_word_embeddings: a.tie_word_embeddings,
+    }
+}
+
+/// The model's dimensions: from the spec, or from the synthetic preset.
+pub fn model_dims(spec: &MoEDeploymentSpec) -> Result<ModelDims> {
+    if let Some(a) = &spec.model.architecture {
+        return Ok(dims(a));
+    }
+    match &spec.model.source.synthetic {
+        Some(s) => preset(&s.preset).ok_or_else(|| {
+            Error::invalid(
+                "spec.model.source.synthetic.preset",
+                format!(
+                    "unknown preset `{}` (known: tiny, mini, base, gpt4-mini); \
+                     or give spec.model.architecture",
+                    s.preset
+                ),
+            )
+        }),
+        None => Err(Error::invalid(
+            "spec.model.architecture",
+            "required for a checkpoint source: the operator does not read config.json yet",
+        )),
+    }
+}
+
+pub fn sizing_request(spec: &MoEDeploymentSpec) -> Result<SizingRequest> {
+    let model = model_dims(spec)?;
+    let gib = u64::try_from(spec.placement.gpu_memory_gib).unwrap_or(0);
+    Ok(SizingRequest {
+        model,
+        dtype_bytes: spec.model.dtype.bytes(),
+        stages: count(spec.parallelism.pipeline),
+        expert_shards: spec.parallelism.expert.map(count),
+        tensor: count(spec.parallelism.tensor),
+        gpus_per_pod: count(spec.placement.gpus_per_pod),
+        gpu_memory_bytes: gib * GIB,
+        context_tokens: model.max_position_embeddings,
+        concurrent_sequences: count(spec.serving.max_concurrent_sequences),
+    })
+}
+
+/// The plan for `spec`; errors name the spec field.
+pub fn plan(spec: &MoEDeploymentSpec) -> Result<SizedPlan> {
+    let req = sizing_request(spec)?;
+    moe_plan::size(&req).map_err(|e| match e {
+        moe_plan::PlanError::Invalid { field, message } => {
+            Error::invalid(format!("spec.{field}"), message)
+        }
+    })
+}

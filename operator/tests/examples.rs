@@ -1,0 +1,93 @@
+//! The example manifests parse and plan; GPT-4's plan matches the public figures and fits.
+
+use std::path::PathBuf;
+
+use moe_operator::cli::{plan_table, read_manifest};
+use moe_operator::planning::plan;
+
+fn example(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples")
+        .join(name)
+}
+
+fn within(actual: u64, expected: f64, tolerance: f64) -> bool {
+    ((actual as f64 - expected) / expected).abs() <= tolerance
+}
+
+#[test]
+fn gpt4_totals_and_fit() {
+    let moe = read_manifest(&example("gpt4.yaml")).unwrap();
+    let p = plan(&moe.spec).unwrap();
+    assert!(
+        within(p.total_parameters, 1.8e12, 0.03),
+        "total {}",
+        p.total_parameters
+    );
+    assert!(
+        within(p.active_parameters_per_token, 280e9, 0.05),
+        "active {}",
+        p.active_parameters_per_token
+    );
+    let gpu = 80u64 << 30;
+    assert_eq!(p.gpu_memory_bytes, gpu);
+    for pod in p
+        .stages
+        .iter()
+        .map(|s| s.pod)
+        .chain(p.expert_shards.iter().map(|s| s.pod))
+        .chain([p.gateway])
+    {
+        assert!(pod.gpus <= 8, "{pod:?}");
+        assert!(pod.memory_bytes <= pod.gpus as u64 * gpu, "{pod:?}");
+    }
+    assert_eq!(p.stages.len(), 8);
+    assert_eq!(p.expert_shards.len(), 8);
+    // Every (layer, expert) has exactly one shard.
+    let layout = p.layout();
+    for l in 0..120 {
+        for e in 0..16 {
+            assert_eq!(layout.shards_for(l, e).count(), 1);
+        }
+    }
+    let json = serde_json::to_value(&p).unwrap();
+    assert!(json["totalParameters"].as_u64().is_some());
+    assert!(json["activeParametersPerToken"].as_u64().is_some());
+    let table = plan_table(&moe, &p);
+    assert!(table.contains("1.83T total"), "{table}");
+    assert!(table.contains("expert-shard"), "{table}");
+}
+
+#[test]
+fn tiny_plans_from_its_preset() {
+    let moe = read_manifest(&example("tiny.yaml")).unwrap();
+    let p = plan(&moe.spec).unwrap();
+    assert_eq!(p.model.num_layers, 4);
+    assert_eq!(p.stages.len(), 2);
+    assert_eq!(p.expert_shards.len(), 2);
+    assert!(p.stages.iter().all(|s| s.pod.gpus == 1));
+    assert_eq!(p.total_gpus, 5);
+}
+
+#[test]
+fn a_spec_that_cannot_fit_is_rejected_with_the_reason() {
+    let mut moe = read_manifest(&example("gpt4.yaml")).unwrap();
+    moe.spec.placement.gpus_per_pod = 1;
+    moe.spec.placement.gpu_memory_gib = 1;
+    let e = plan(&moe.spec).unwrap_err().to_string();
+    assert!(
+        e.starts_with("spec.placement.gpusPerPod: one expert of one layer needs"),
+        "{e}"
+    );
+    let mut moe = read_manifest(&example("gpt4.yaml")).unwrap();
+    moe.spec.parallelism.expert = Some(4);
+    let e = plan(&moe.spec).unwrap_err().to_string();
+    assert!(
+        e.starts_with("spec.parallelism.expert: expert shard 0"),
+        "{e}"
+    );
+    let mut moe = read_manifest(&example("gpt4.yaml")).unwrap();
+    moe.spec.model.architecture = None;
+    let e = plan(&moe.spec).unwrap_err().to_string();
+    assert!(e.starts_with("spec.model.architecture:"), "{e}");
+}

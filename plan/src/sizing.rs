@@ -1,0 +1,607 @@
+//! Memory sizing on top of the layout: how many parameters each stage and expert shard holds,
+//! the KV cache a stage keeps for its layers, and how many GPUs of a given size each pod needs.
+//! The automatic expert-shard count is the smallest one whose largest shard fits one pod.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{ExpertShardPlan, ModelShape, Plan, PlanError, StagePlan, invalid, plan};
+
+/// Share of a GPU's memory the plan fills with weights and KV cache. The rest is left to the
+/// CUDA context, activations and allocator fragmentation.
+pub const USABLE_GPU_MEMORY_FRACTION: f64 = 0.9;
+
+const GIB: u64 = 1 << 30;
+
+/// The widths of a Mixtral-family decoder: what parameter counts and memory follow from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelDims {
+    pub num_layers: usize,
+    pub num_experts: usize,
+    pub top_k: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+}
+
+impl ModelDims {
+    pub fn shape(&self) -> ModelShape {
+        ModelShape {
+            num_layers: self.num_layers,
+            num_experts: self.num_experts,
+            top_k: self.top_k,
+        }
+    }
+
+    /// One expert (w1, w3, w2) in one layer.
+    pub fn expert_params(&self) -> u64 {
+        3 * self.hidden_size as u64 * self.intermediate_size as u64
+    }
+
+    /// One layer's attention, two norms and router.
+    pub fn layer_shared_params(&self) -> u64 {
+        let h = self.hidden_size as u64;
+        let q = (self.num_attention_heads * self.head_dim) as u64;
+        let kv = (self.num_key_value_heads * self.head_dim) as u64;
+        let attention = h * (q + 2 * kv) + q * h;
+        attention + 2 * h + self.num_experts as u64 * h
+    }
+
+    pub fn embedding_params(&self) -> u64 {
+        self.vocab_size as u64 * self.hidden_size as u64
+    }
+
+    /// Final norm and LM head, as a process that holds them loads them (a tied head is a
+    /// second copy there).
+    pub fn head_params(&self) -> u64 {
+        self.embedding_params() + self.hidden_size as u64
+    }
+
+    pub fn total_params(&self) -> u64 {
+        let untied_head = if self.tie_word_embeddings {
+            0
+        } else {
+            self.embedding_params()
+        };
+        let per_layer = self.layer_shared_params() + self.num_experts as u64 * self.expert_params();
+        self.embedding_params()
+            + untied_head
+            + self.hidden_size as u64
+            + self.num_layers as u64 * per_layer
+    }
+
+    /// Parameters read to produce one token: shared weights, top-k experts per layer, the whole
+    /// LM head (the embedding row read is negligible).
+    pub fn active_params_per_token(&self) -> u64 {
+        let per_layer = self.layer_shared_params() + self.top_k as u64 * self.expert_params();
+        self.head_params() + self.num_layers as u64 * per_layer
+    }
+
+    /// Bytes of K and V one token keeps in one layer.
+    pub fn kv_bytes_per_token_layer(&self, dtype_bytes: u64) -> u64 {
+        2 * (self.num_key_value_heads * self.head_dim) as u64 * dtype_bytes
+    }
+
+    fn check(&self) -> Result<(), PlanError> {
+        let nonzero = [
+            ("model.hiddenSize", self.hidden_size),
+            ("model.intermediateSize", self.intermediate_size),
+            ("model.numAttentionHeads", self.num_attention_heads),
+            ("model.numKeyValueHeads", self.num_key_value_heads),
+            ("model.headDim", self.head_dim),
+            ("model.vocabSize", self.vocab_size),
+            ("model.maxPositionEmbeddings", self.max_position_embeddings),
+        ];
+        for (field, v) in nonzero {
+            if v == 0 {
+                return Err(invalid(field, "must be at least 1"));
+            }
+        }
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
+            return Err(invalid(
+                "model.numKeyValueHeads",
+                format!(
+                    "{} does not divide numAttentionHeads {}",
+                    self.num_key_value_heads, self.num_attention_heads
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Everything the sizing needs besides the model: parallelism, hardware, serving limits.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SizingRequest {
+    pub model: ModelDims,
+    /// Bytes per weight and per KV-cache element.
+    pub dtype_bytes: u64,
+    pub stages: usize,
+    /// `None`: the smallest count whose largest shard fits a pod. `Some(0)`: stages compute
+    /// their own experts.
+    pub expert_shards: Option<usize>,
+    /// GPUs each pod splits its weights over at least (tensor parallelism).
+    pub tensor: usize,
+    /// The most GPUs one pod may use (one node's worth).
+    pub gpus_per_pod: usize,
+    pub gpu_memory_bytes: u64,
+    /// Tokens of KV cache per sequence.
+    pub context_tokens: usize,
+    /// Sequences whose KV cache a stage holds at once.
+    pub concurrent_sequences: usize,
+}
+
+impl SizingRequest {
+    /// What one pod can fill: `gpus_per_pod` GPUs at the usable fraction of their memory.
+    pub fn pod_capacity_bytes(&self) -> u64 {
+        self.gpus_per_pod as u64 * self.usable_per_gpu()
+    }
+
+    fn usable_per_gpu(&self) -> u64 {
+        (self.gpu_memory_bytes as f64 * USABLE_GPU_MEMORY_FRACTION) as u64
+    }
+}
+
+/// Memory and GPUs of one pod (one replica of a stage, expert shard or the gateway).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodSizing {
+    pub parameters: u64,
+    pub weight_bytes: u64,
+    pub kv_cache_bytes: u64,
+    /// Weights plus KV cache.
+    pub memory_bytes: u64,
+    pub gpus: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SizedStage {
+    #[serde(flatten)]
+    pub layout: StagePlan,
+    #[serde(flatten)]
+    pub pod: PodSizing,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SizedExpertShard {
+    #[serde(flatten)]
+    pub layout: ExpertShardPlan,
+    #[serde(flatten)]
+    pub pod: PodSizing,
+}
+
+/// The layout with memory and GPUs per pod and totals (one replica of every part).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SizedPlan {
+    pub model: ModelDims,
+    pub dtype_bytes: u64,
+    pub gpu_memory_bytes: u64,
+    pub context_tokens: usize,
+    pub concurrent_sequences: usize,
+    pub stages: Vec<SizedStage>,
+    /// Empty when the stages compute their own experts.
+    pub expert_shards: Vec<SizedExpertShard>,
+    /// Final norm and LM head.
+    pub gateway: PodSizing,
+    pub total_parameters: u64,
+    pub active_parameters_per_token: u64,
+    pub total_gpus: usize,
+    pub total_memory_bytes: u64,
+}
+
+impl SizedPlan {
+    /// The layout alone, as the data plane consumes it.
+    pub fn layout(&self) -> Plan {
+        Plan {
+            model: self.model.shape(),
+            stages: self.stages.iter().map(|s| s.layout.clone()).collect(),
+            expert_shards: self
+                .expert_shards
+                .iter()
+                .map(|s| s.layout.clone())
+                .collect(),
+        }
+    }
+}
+
+/// Lays out and sizes a deployment; errors name the spec field to change.
+pub fn size(req: &SizingRequest) -> Result<SizedPlan, PlanError> {
+    req.model.check()?;
+    if req.dtype_bytes == 0 {
+        return Err(invalid("model.dtype", "must have a size"));
+    }
+    if req.tensor == 0 {
+        return Err(invalid("parallelism.tensor", "must be at least 1"));
+    }
+    if req.gpus_per_pod == 0 || req.tensor > req.gpus_per_pod {
+        return Err(invalid(
+            "placement.gpusPerPod",
+            format!(
+                "{} must be at least 1 and at least parallelism.tensor {}",
+                req.gpus_per_pod, req.tensor
+            ),
+        ));
+    }
+    if req.gpu_memory_bytes == 0 {
+        return Err(invalid("placement.gpuMemoryGiB", "must be at least 1"));
+    }
+    let shape = req.model.shape();
+    let shards = match req.expert_shards {
+        Some(n) => n,
+        None => automatic_expert_shards(req)?,
+    };
+    let layout = plan(shape, req.stages, shards).map_err(|e| match e {
+        PlanError::Invalid { field, message } => PlanError::Invalid {
+            field: match field {
+                "stages" => "parallelism.pipeline",
+                "expertShards" => "parallelism.expert",
+                f => f,
+            },
+            message,
+        },
+    })?;
+    let experts_in_stages = layout.expert_shards.is_empty();
+    let m = &req.model;
+
+    let mut stages = Vec::with_capacity(layout.stages.len());
+    for s in &layout.stages {
+        let layers = (s.layer_end - s.layer_start) as u64;
+        let mut params = layers * m.layer_shared_params();
+        if experts_in_stages {
+            params += layers * m.num_experts as u64 * m.expert_params();
+        }
+        // As the worker loads them: the first stage embeds, the last holds the head too.
+        if s.layer_start == 0 {
+            params += m.embedding_params();
+        }
+        if s.layer_end == m.num_layers {
+            params += m.head_params();
+        }
+        let kv = layers
+            * m.kv_bytes_per_token_layer(req.dtype_bytes)
+            * req.context_tokens as u64
+            * req.concurrent_sequences as u64;
+        let pod = pod(req, params, kv).map_err(|need| {
+            invalid(
+                "parallelism.pipeline",
+                format!(
+                    "stage {} (layers {}..{}) needs {} for weights and {} for the KV cache of \
+                     {} sequences × {} tokens, more than a pod's {}: add stages, or lower \
+                     serving.maxConcurrentSequences",
+                    s.index,
+                    s.layer_start,
+                    s.layer_end,
+                    gib(need - kv),
+                    gib(kv),
+                    req.concurrent_sequences,
+                    req.context_tokens,
+                    capacity(req)
+                ),
+            )
+        })?;
+        stages.push(SizedStage {
+            layout: s.clone(),
+            pod,
+        });
+    }
+
+    let mut expert_shards = Vec::with_capacity(layout.expert_shards.len());
+    for s in &layout.expert_shards {
+        let params = shard_params(m, s);
+        let pod = pod(req, params, 0).map_err(|need| {
+            invalid(
+                "parallelism.expert",
+                format!(
+                    "expert shard {} ({}) needs {}, more than a pod's {}: use more expert \
+                     shards, or omit parallelism.expert to choose automatically",
+                    s.index,
+                    s.describe(),
+                    gib(need),
+                    capacity(req)
+                ),
+            )
+        })?;
+        expert_shards.push(SizedExpertShard {
+            layout: s.clone(),
+            pod,
+        });
+    }
+
+    let gateway = pod(req, m.head_params(), 0).map_err(|need| {
+        invalid(
+            "placement.gpusPerPod",
+            format!(
+                "the gateway's LM head needs {}, more than a pod's {}",
+                gib(need),
+                capacity(req)
+            ),
+        )
+    })?;
+
+    let pods = stages
+        .iter()
+        .map(|s| s.pod)
+        .chain(expert_shards.iter().map(|s| s.pod))
+        .chain([gateway]);
+    let (total_gpus, total_memory_bytes) =
+        pods.fold((0, 0), |(g, b), p| (g + p.gpus, b + p.memory_bytes));
+    Ok(SizedPlan {
+        model: *m,
+        dtype_bytes: req.dtype_bytes,
+        gpu_memory_bytes: req.gpu_memory_bytes,
+        context_tokens: req.context_tokens,
+        concurrent_sequences: req.concurrent_sequences,
+        stages,
+        expert_shards,
+        gateway,
+        total_parameters: m.total_params(),
+        active_parameters_per_token: m.active_params_per_token(),
+        total_gpus,
+        total_memory_bytes,
+    })
+}
+
+fn shard_params(m: &ModelDims, s: &ExpertShardPlan) -> u64 {
+    (s.layer_end - s.layer_start) as u64 * s.experts.len() as u64 * m.expert_params()
+}
+
+/// The pod for `params` weights and `kv` cache bytes, or the bytes it would need when no pod
+/// is large enough.
+fn pod(req: &SizingRequest, params: u64, kv: u64) -> Result<PodSizing, u64> {
+    let weight_bytes = params * req.dtype_bytes;
+    let memory_bytes = weight_bytes + kv;
+    if memory_bytes > req.pod_capacity_bytes() {
+        return Err(memory_bytes);
+    }
+    let per_gpu = req.usable_per_gpu().max(1);
+    let needed = memory_bytes.div_ceil(per_gpu).max(1) as usize;
+    // Whole tensor-parallel groups.
+    let gpus = needed.div_ceil(req.tensor) * req.tensor;
+    Ok(PodSizing {
+        parameters: params,
+        weight_bytes,
+        kv_cache_bytes: kv,
+        memory_bytes,
+        gpus: gpus.min(req.gpus_per_pod),
+    })
+}
+
+/// The smallest expert-shard count whose largest shard fits one pod.
+fn automatic_expert_shards(req: &SizingRequest) -> Result<usize, PlanError> {
+    let m = &req.model;
+    let cell = m.expert_params() * req.dtype_bytes;
+    if cell > req.pod_capacity_bytes() {
+        return Err(invalid(
+            "placement.gpusPerPod",
+            format!(
+                "one expert of one layer needs {}, more than a pod's {}: no expert sharding fits",
+                gib(cell),
+                capacity(req)
+            ),
+        ));
+    }
+    let shape = m.shape();
+    for n in 1..=m.num_layers * m.num_experts {
+        let Ok(layout) = plan(shape, req.stages, n) else {
+            continue;
+        };
+        let largest = layout
+            .expert_shards
+            .iter()
+            .map(|s| shard_params(m, s) * req.dtype_bytes)
+            .max()
+            .unwrap_or(0);
+        if largest <= req.pod_capacity_bytes() {
+            return Ok(n);
+        }
+    }
+    // One (layer, expert) per shard always fits once the cell does.
+    Ok(m.num_layers * m.num_experts)
+}
+
+fn gib(bytes: u64) -> String {
+    format!("{:.1} GiB", bytes as f64 / GIB as f64)
+}
+
+fn capacity(req: &SizingRequest) -> String {
+    format!(
+        "{} ({} GPUs × {} × {USABLE_GPU_MEMORY_FRACTION})",
+        gib(req.pod_capacity_bytes()),
+        req.gpus_per_pod,
+        gib(req.gpu_memory_bytes)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// GPT-4 as publicly reported: 120 layers, 16 experts of ~111B each, ~55B shared.
+    const GPT4: ModelDims = ModelDims {
+        num_layers: 120,
+        num_experts: 16,
+        top_k: 2,
+        hidden_size: 10752,
+        intermediate_size: 28672,
+        num_attention_heads: 84,
+        num_key_value_heads: 84,
+        head_dim: 128,
+        vocab_size: 100_352,
+        max_position_embeddings: 8192,
+        tie_word_embeddings: false,
+    };
+
+    fn a100(model: ModelDims) -> SizingRequest {
+        SizingRequest {
+            model,
+            dtype_bytes: 2,
+            stages: 8,
+            expert_shards: None,
+            tensor: 1,
+            gpus_per_pod: 8,
+            gpu_memory_bytes: 80 * GIB,
+            context_tokens: model.max_position_embeddings,
+            concurrent_sequences: 16,
+        }
+    }
+
+    fn within(actual: u64, expected: f64, tolerance: f64) -> bool {
+        ((actual as f64 - expected) / expected).abs() <= tolerance
+    }
+
+    #[test]
+    fn gpt4_parameter_counts_match_the_reports() {
+        // ~111B per expert over all layers, ~55B shared attention.
+        let per_expert = GPT4.expert_params() * 120;
+        assert!(within(per_expert, 111e9, 0.01), "{per_expert}");
+        let shared = GPT4.layer_shared_params() * 120;
+        assert!(within(shared, 55e9, 0.02), "{shared}");
+        assert!(within(GPT4.total_params(), 1.8e12, 0.03));
+        assert!(within(GPT4.active_params_per_token(), 280e9, 0.05));
+    }
+
+    #[test]
+    fn gpt4_fits_a100_80gb_with_automatic_expert_shards() {
+        let req = a100(GPT4);
+        let p = size(&req).unwrap();
+        // 2 experts × 120 layers × 1.85 GB = 444 GB fits 8 × 72 GiB; 3 experts would not.
+        assert_eq!(p.expert_shards.len(), 8);
+        assert!(p.expert_shards.iter().all(|s| s.layout.experts.len() == 2));
+        for pod in p
+            .stages
+            .iter()
+            .map(|s| s.pod)
+            .chain(p.expert_shards.iter().map(|s| s.pod))
+        {
+            assert!(pod.gpus <= 8);
+            assert!(pod.memory_bytes <= pod.gpus as u64 * 80 * GIB);
+        }
+        assert_eq!(p.total_parameters, GPT4.total_params());
+        let layout = p.layout();
+        assert_eq!(layout, plan(GPT4.shape(), 8, 8).unwrap());
+        // The KV cache: 120 layers × 2 × 10752 × 2 bytes per token.
+        let kv: u64 = p.stages.iter().map(|s| s.pod.kv_cache_bytes).sum();
+        assert_eq!(kv, 120 * 2 * 10752 * 2 * 8192 * 16);
+    }
+
+    #[test]
+    fn automatic_shard_count_is_the_smallest_that_fits() {
+        let mut req = a100(GPT4);
+        req.gpus_per_pod = 4; // 288 GiB: one expert over all layers (207 GiB) fits, two don't.
+        let p = size(&req).unwrap();
+        assert_eq!(p.expert_shards.len(), 16);
+        req.expert_shards = Some(15);
+        let e = size(&req).unwrap_err().to_string();
+        assert!(e.starts_with("parallelism.expert: expert shard 0"), "{e}");
+    }
+
+    #[test]
+    fn gpus_per_pod_follow_memory_and_tensor_groups() {
+        let mut req = a100(GPT4);
+        let p = size(&req).unwrap();
+        // 444 GB of weights over 72 GiB GPUs: 6 GPUs.
+        assert_eq!(p.expert_shards[0].pod.gpus, 6);
+        req.tensor = 4;
+        let p = size(&req).unwrap();
+        assert_eq!(p.expert_shards[0].pod.gpus, 8);
+        assert!(p.stages.iter().all(|s| s.pod.gpus % 4 == 0));
+    }
+
+    #[test]
+    fn rejects_what_cannot_fit_with_the_reason() {
+        let mut req = a100(GPT4);
+        req.gpu_memory_bytes = GIB; // 0.9 GiB per pod of 8... below one expert-layer (1.7 GiB).
+        req.gpus_per_pod = 1;
+        req.tensor = 1;
+        let e = size(&req).unwrap_err().to_string();
+        assert!(
+            e.starts_with("placement.gpusPerPod: one expert of one layer needs 1.7 GiB"),
+            "{e}"
+        );
+
+        let mut req = a100(GPT4);
+        req.concurrent_sequences = 1000;
+        let e = size(&req).unwrap_err().to_string();
+        assert!(e.starts_with("parallelism.pipeline: stage 0"), "{e}");
+        assert!(e.contains("serving.maxConcurrentSequences"), "{e}");
+
+        let mut req = a100(GPT4);
+        req.tensor = 16;
+        assert!(
+            size(&req)
+                .unwrap_err()
+                .to_string()
+                .starts_with("placement.gpusPerPod")
+        );
+        let mut req = a100(GPT4);
+        req.stages = 121;
+        assert!(
+            size(&req)
+                .unwrap_err()
+                .to_string()
+                .starts_with("parallelism.pipeline")
+        );
+        let mut req = a100(GPT4);
+        req.model.num_key_value_heads = 5;
+        assert!(
+            size(&req)
+                .unwrap_err()
+                .to_string()
+                .starts_with("model.numKeyValueHeads")
+        );
+    }
+
+    #[test]
+    fn experts_in_stages_when_asked() {
+        let tiny = ModelDims {
+            num_layers: 4,
+            num_experts: 8,
+            top_k: 2,
+            hidden_size: 64,
+            intermediate_size: 128,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            head_dim: 16,
+            vocab_size: 512,
+            max_position_embeddings: 2048,
+            tie_word_embeddings: false,
+        };
+        let mut req = a100(tiny);
+        req.stages = 2;
+        req.expert_shards = Some(0);
+        let p = size(&req).unwrap();
+        assert!(p.expert_shards.is_empty());
+        let stage_params: u64 = p.stages.iter().map(|s| s.pod.parameters).sum();
+        // Every parameter lives in a stage; the gateway holds a second copy of the head.
+        assert_eq!(stage_params, tiny.total_params());
+        assert_eq!(p.total_gpus, 3);
+        // Automatic: everything fits one shard.
+        req.expert_shards = None;
+        assert_eq!(size(&req).unwrap().expert_shards.len(), 1);
+    }
+
+    #[test]
+    fn serialises_flat_camel_case() {
+        let p = size(&a100(GPT4)).unwrap();
+        let v = serde_json::to_value(&p).unwrap();
+        assert_eq!(v["stages"][1]["layerStart"], 15);
+        assert!(v["stages"][1]["kvCacheBytes"].as_u64().unwrap() > 0);
+        assert_eq!(v["expertShards"][0]["experts"][1], 1);
+        assert!(v["totalParameters"].as_u64().is_some());
+        assert!(v["activeParametersPerToken"].as_u64().is_some());
+        let back: SizedPlan = serde_json::from_value(v).unwrap();
+        assert_eq!(back, p);
+    }
+}
