@@ -255,6 +255,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
         }
         let cfg = &preset.config;
         let ceiling = bw / (cfg.active_params_per_token() as f64 * 4.0);
+        let batch = a.workload.batch;
+        let ceiling_batch = bw / (cfg.params_read_per_step(batch) * 4.0) * batch as f64;
         let common = |c: &mut Command| {
             let w = &a.workload;
             c.arg("--prefill-tokens").arg(w.prefill_tokens.to_string());
@@ -283,7 +285,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
             common(&mut t);
             Some(run_json(t, "pytorch benchmark")?)
         };
-        rows.push((name.clone(), checkpoint_size(&dir), ceiling, ours, torch));
+        rows.push((
+            name.clone(),
+            checkpoint_size(&dir),
+            (ceiling, ceiling_batch),
+            ours,
+            torch,
+        ));
     }
     let _ = std::fs::remove_file(&script);
 
@@ -293,7 +301,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "{:<6} {:<26} {:>12} {:>12} {:>12} {:>12}",
         "model", "metric", "moe-serve", "pytorch", "ratio", "target"
     );
-    for (name, size, ceiling, ours, torch) in &rows {
+    for (name, size, (ceiling, ceiling_batch), ours, torch) in &rows {
         let t = |k: &str| torch.as_ref().map_or(f64::NAN, |t| f(t, k));
         let line = |metric: &str, o: f64, p: f64, ratio: f64, target: &str| {
             println!("{name:<6} {metric:<26} {o:>12.1} {p:>12.1} {ratio:>11.2}x {target:>12}");
@@ -328,6 +336,20 @@ pub fn run(a: BenchArgs) -> Result<()> {
             *size as f64 / 1e6,
             rows_bytes(name) / 1e6,
             100.0 * t("decode_b1_tok_s") / ceiling
+        );
+        let db = f(ours, "decode_batch_tok_s");
+        println!(
+            "{name:<6} {:<26} {:>12.1} {:>12.1} {:>11.0}% {:>12}",
+            format!("b{} decode vs ceiling", a.workload.batch),
+            db,
+            ceiling_batch,
+            100.0 * db / ceiling_batch,
+            ""
+        );
+        println!(
+            "{name:<6} batch ceiling: experts touched per step expected under uniform routing; pytorch = {:.0}% of it, 1.5x pytorch = {:.0}%",
+            100.0 * t("decode_batch_tok_s") / ceiling_batch,
+            150.0 * t("decode_batch_tok_s") / ceiling_batch
         );
     }
     Ok(())
