@@ -311,3 +311,60 @@ async fn stage_answers_bad_micro_batches_with_errors_on_the_stream() {
         .into_inner();
     assert_eq!(r.released, 1);
 }
+
+#[tokio::test]
+async fn stage_frees_kv_caches_left_idle() {
+    let p = start(&[
+        "stage",
+        "--model",
+        "synthetic:tiny",
+        "--layers",
+        "0..4",
+        "--cache-idle-timeout-s",
+        "1",
+    ]);
+    let mut c = loop {
+        match StageClient::connect(p.1.clone()).await {
+            Ok(c) => break c,
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+        }
+    };
+    let req = ForwardRequest {
+        micro_batch_id: 1,
+        seqs: vec![SeqSlice {
+            seq_id: 5,
+            start: 0,
+            len: 2,
+            capacity: 8,
+        }],
+        input: Some(Input::Tokens(TokenIds { ids: vec![3, 4] })),
+        ..Default::default()
+    };
+    let mut stream = c
+        .forward(tokio_stream::iter(vec![req]))
+        .await
+        .expect("open")
+        .into_inner();
+    let r = stream.message().await.expect("stream").expect("response");
+    assert!(matches!(r.result, Some(FwdResult::LastHidden(_))));
+    let active = |c: &mut StageClient<tonic::transport::Channel>| {
+        let mut c = c.clone();
+        async move {
+            c.load_stats(LoadStatsRequest { reset: false })
+                .await
+                .expect("stats")
+                .into_inner()
+                .active_sequences
+        }
+    };
+    assert_eq!(active(&mut c).await, 1);
+    // Nobody releases the sequence (its gateway "died"): the stage frees it by itself.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while active(&mut c).await != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "idle cache was never freed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

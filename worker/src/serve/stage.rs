@@ -61,6 +61,11 @@ pub struct StageArgs {
     /// Most sequences holding a KV cache at once.
     #[arg(long, env = "MOE_MAX_SEQUENCES", default_value_t = 1024)]
     pub max_sequences: usize,
+
+    /// Seconds a sequence's KV cache may sit unused before it is freed (a gateway that died
+    /// never releases its sequences).
+    #[arg(long, env = "MOE_CACHE_IDLE_TIMEOUT_S", default_value_t = 600)]
+    pub cache_idle_timeout_s: u64,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -350,6 +355,8 @@ struct Core {
     model: Arc<Model>,
     info: ShardInfo,
     caches: Mutex<HashMap<u64, KvCache>>,
+    /// When each cached sequence last finished a micro-batch.
+    last_used: Mutex<HashMap<u64, Instant>>,
     experts: Option<ExpertRouter>,
     load: LoadCounters,
     handle: tokio::runtime::Handle,
@@ -519,9 +526,11 @@ impl Core {
             return Err(to_status(e));
         }
         self.load.record_batch(rows, started.elapsed());
-        if let Ok(mut map) = self.caches.lock() {
+        if let (Ok(mut map), Ok(mut used)) = (self.caches.lock(), self.last_used.lock()) {
+            let now = Instant::now();
             for (id, c) in caches {
                 map.insert(id, c);
+                used.insert(id, now);
             }
         }
         if !self.is_last {
@@ -707,8 +716,9 @@ impl Stage for StageService {
         request: Request<ReleaseRequest>,
     ) -> Result<Response<ReleaseResponse>, Status> {
         let mut released = 0;
-        if let Ok(mut map) = self.core.caches.lock() {
+        if let (Ok(mut map), Ok(mut used)) = (self.core.caches.lock(), self.core.last_used.lock()) {
             for id in &request.get_ref().seq_ids {
+                used.remove(id);
                 released += u32::from(map.remove(id).is_some());
             }
         }
@@ -730,6 +740,30 @@ impl Stage for StageService {
         Ok(Response::new(
             self.core.load.snapshot(request.get_ref().reset, active),
         ))
+    }
+}
+
+/// Frees KV caches that no micro-batch has used for `idle` (sequences in flight are not in
+/// the map, so they are never evicted mid-batch).
+async fn evict_idle(core: Arc<Core>, idle: Duration) {
+    let tick = (idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(30));
+    loop {
+        tokio::time::sleep(tick).await;
+        let (Ok(mut map), Ok(mut used)) = (core.caches.lock(), core.last_used.lock()) else {
+            continue;
+        };
+        let stale: Vec<u64> = used
+            .iter()
+            .filter(|(_, t)| t.elapsed() >= idle)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &stale {
+            used.remove(id);
+            map.remove(id);
+        }
+        if !stale.is_empty() {
+            tracing::info!(evicted = stale.len(), "freed idle KV caches");
+        }
     }
 }
 
@@ -786,6 +820,7 @@ pub async fn run(args: StageArgs) -> Result<()> {
         model,
         info,
         caches: Mutex::default(),
+        last_used: Mutex::default(),
         experts,
         load: LoadCounters::default(),
         handle: tokio::runtime::Handle::current(),
@@ -794,6 +829,10 @@ pub async fn run(args: StageArgs) -> Result<()> {
         is_last,
         next,
     });
+    tokio::spawn(evict_idle(
+        core.clone(),
+        Duration::from_secs(args.cache_idle_timeout_s),
+    ));
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<StageServer<StageService>>().await;
     let service = StageServer::new(StageService { core })
