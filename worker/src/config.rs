@@ -332,7 +332,10 @@ impl ModelConfig {
     /// experts the batch touches, expected under uniform routing (each of `batch` tokens picks
     /// `top_k` of `E`, so an expert is untouched with probability ((E - k) / E)^batch).
     pub fn params_read_per_step(&self, batch: usize) -> f64 {
-        let (e, k) = (self.num_local_experts as f64, self.num_experts_per_tok as f64);
+        let (e, k) = (
+            self.num_local_experts as f64,
+            self.num_experts_per_tok as f64,
+        );
         let touched = e * (1.0 - ((e - k) / e).powi(batch as i32));
         let h = self.hidden_size as f64;
         let per_layer = self.layer_shared_params() as f64 + touched * self.expert_params() as f64;
