@@ -42,6 +42,15 @@ async fn post(base: &str, path: &str, body: Value) -> (u16, Value) {
     (status, v)
 }
 
+async fn models(base: &str) -> Value {
+    reqwest::get(format!("{base}/v1/models"))
+        .await
+        .expect("models")
+        .json()
+        .await
+        .expect("json")
+}
+
 async fn complete_ids(base: &str, prompt: &[u32], max_tokens: usize) -> Vec<u32> {
     let (status, v) = post(
         base,
@@ -128,12 +137,7 @@ async fn gpt4_mini_over_4_stages_and_4_expert_shards_with_concurrent_requests() 
         );
     }
     // The model list, readiness, and metrics that count what just ran.
-    let models: Value = reqwest::get(format!("{}/v1/models", d.base))
-        .await
-        .expect("models")
-        .json()
-        .await
-        .expect("json");
+    let models = models(&d.base).await;
     assert_eq!(models["data"][0]["id"], "synthetic:gpt4-mini:0");
     let ready = reqwest::get(format!("{}/readyz", d.base))
         .await
@@ -240,7 +244,7 @@ async fn a_full_queue_answers_429_with_retry_after() {
         tasks.push(tokio::spawn(async move {
             let r = reqwest::Client::new()
                 .post(format!("{base}/v1/completions"))
-                .json(&json!({"prompt": [5, 6, 7], "max_tokens": 120, "ignore_eos": true}))
+                .json(&json!({"prompt": [5, 6, 7], "max_tokens": 1000, "ignore_eos": true}))
                 .send()
                 .await
                 .expect("http");
@@ -304,13 +308,7 @@ async fn stream_until_end(resp: reqwest::Response) -> (usize, Option<String>) {
 }
 
 async fn kill_mid_request(d: &Deployment, role: &str, index: usize) {
-    let models: Value = reqwest::get(format!("{}/v1/models", d.base))
-        .await
-        .expect("models")
-        .json()
-        .await
-        .expect("json");
-    let room = models["data"][0]["max_model_len"]
+    let room = models(&d.base).await["data"][0]["max_model_len"]
         .as_u64()
         .expect("max_model_len")
         - 3;

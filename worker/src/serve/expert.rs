@@ -14,7 +14,7 @@ use moe_proto::v1::{
 use moe_proto::{decode_f32, encode_f32_owned};
 use tonic::{Request, Response, Status};
 
-use super::{LoadCounters, PartArgs, bind, shutdown_signal, to_status};
+use super::{LoadCounters, PartArgs, bind, to_status};
 use crate::cli::load_with_progress;
 use crate::error::{Error, Result};
 use crate::model::{Model, MoeScratch};
@@ -194,13 +194,6 @@ pub async fn run(args: ExpertArgs) -> Result<()> {
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
     tracing::info!(layers = ?args.part.layers, experts = ?args.experts, replica = args.replica, "expert shard serving");
-    super::server()
-        .add_service(health)
-        .add_service(service)
-        .serve_with_incoming_shutdown(
-            super::incoming(listener),
-            shutdown_signal(args.part.server.exit_with_stdin),
-        )
-        .await
-        .map_err(|e| Error::peer("expert", format!("server: {e}")))
+    let routes = tonic::service::Routes::new(health).add_service(service);
+    super::serve_grpc("expert", routes, listener, args.part.server.exit_with_stdin).await
 }

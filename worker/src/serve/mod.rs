@@ -117,6 +117,20 @@ pub fn server() -> tonic::transport::Server {
         .tcp_nodelay(true)
 }
 
+/// Serves a role's gRPC services (health first) on `listener` until a shutdown signal.
+pub async fn serve_grpc(
+    role: &str,
+    routes: tonic::service::Routes,
+    listener: TcpListener,
+    exit_with_stdin: bool,
+) -> Result<()> {
+    server()
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(incoming(listener), shutdown_signal(exit_with_stdin))
+        .await
+        .map_err(|e| Error::peer(role, format!("server: {e}")))
+}
+
 /// A lazily connecting channel to a peer worker.
 pub fn channel(addr: &str) -> Result<Channel> {
     let uri = if addr.contains("://") {

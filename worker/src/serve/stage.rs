@@ -25,9 +25,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use super::expert::shard_info;
-use super::{
-    LoadCounters, PartArgs, bind, channel, parse_addrs, remaining, shutdown_signal, to_status,
-};
+use super::{LoadCounters, PartArgs, bind, channel, parse_addrs, remaining, to_status};
 use crate::cli::load_with_progress;
 use crate::error::{Error, Result};
 use crate::model::{
@@ -839,13 +837,6 @@ pub async fn run(args: StageArgs) -> Result<()> {
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
     tracing::info!(layers = ?args.part.layers, "stage serving");
-    super::server()
-        .add_service(health)
-        .add_service(service)
-        .serve_with_incoming_shutdown(
-            super::incoming(listener),
-            shutdown_signal(args.part.server.exit_with_stdin),
-        )
-        .await
-        .map_err(|e| Error::peer("stage", format!("server: {e}")))
+    let routes = tonic::service::Routes::new(health).add_service(service);
+    super::serve_grpc("stage", routes, listener, args.part.server.exit_with_stdin).await
 }
