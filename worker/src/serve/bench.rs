@@ -4,8 +4,7 @@
 //! - `bench-local`: end-to-end tokens/s of the `local` deployment vs single-process
 //!   generation on the same model, at batch 1 and batch 8, with where the time goes.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -341,29 +340,6 @@ fn prompt(n: usize, seed: u64, vocab: usize) -> Vec<u32> {
         .collect()
 }
 
-/// Minimal HTTP/1.1 request (the benchmark should not depend on an HTTP client crate).
-pub(crate) fn http(addr: &str, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {
-    let err = |e: std::io::Error| Error::peer("http", e.to_string());
-    let mut s = TcpStream::connect(addr).map_err(err)?;
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .map_err(err)?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).map_err(err)?;
-    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
-    if !head.starts_with("HTTP/1.1 200") {
-        return Err(Error::peer(
-            "http",
-            format!("{path}: {}", head.lines().next().unwrap_or("")),
-        ));
-    }
-    serde_json::from_str(body).map_err(|e| Error::peer("http", format!("{path}: {e}")))
-}
-
 pub fn local(args: LocalBenchArgs) -> Result<()> {
     let src = args.model.open()?;
     let vocab = src.config().vocab_size;
@@ -434,22 +410,22 @@ pub fn local(args: LocalBenchArgs) -> Result<()> {
         };
         std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
         let request = |p: &Vec<u32>| json!({"prompt": p, "max_tokens": args.tokens, "temperature": 0, "ignore_eos": true});
-        http(
+        super::http_json(
             &addr,
             "POST",
             "/v1/completions",
             Some(&request(&prompts[0])),
         )?;
-        let gw_b1 = http(&addr, "GET", "/v1/stats?reset=true", None)?;
+        let gw_b1 = super::http_json(&addr, "GET", "/v1/stats?reset=true", None)?;
         let t = Instant::now();
-        let v = http(
+        let v = super::http_json(
             &addr,
             "POST",
             "/v1/completions",
             Some(&request(&prompts[0])),
         )?;
         let wall_b1 = t.elapsed().as_secs_f64();
-        let stats_b1 = http(&addr, "GET", "/v1/stats?reset=true", None)?;
+        let stats_b1 = super::http_json(&addr, "GET", "/v1/stats?reset=true", None)?;
         let ids: Vec<u32> = v["choices"][0]["token_ids"]
             .as_array()
             .map(|a| {
@@ -465,13 +441,15 @@ pub fn local(args: LocalBenchArgs) -> Result<()> {
                 "the deployment's tokens differ from single-process generation",
             ));
         }
-        let gw0: Value = http(&addr, "GET", "/v1/stats", None)?;
+        let gw0: Value = super::http_json(&addr, "GET", "/v1/stats", None)?;
         let t = Instant::now();
         let handles: Vec<_> = prompts
             .iter()
             .map(|p| {
                 let (addr, body) = (addr.clone(), request(p));
-                std::thread::spawn(move || http(&addr, "POST", "/v1/completions", Some(&body)))
+                std::thread::spawn(move || {
+                    super::http_json(&addr, "POST", "/v1/completions", Some(&body))
+                })
             })
             .collect();
         let mut produced = 0;
@@ -482,7 +460,7 @@ pub fn local(args: LocalBenchArgs) -> Result<()> {
             produced += v["usage"]["completion_tokens"].as_u64().unwrap_or(0) as usize;
         }
         let wall_b8 = t.elapsed().as_secs_f64();
-        let stats_b8 = http(&addr, "GET", "/v1/stats", None)?;
+        let stats_b8 = super::http_json(&addr, "GET", "/v1/stats", None)?;
         let local_b1 = args.tokens as f64 / wall_b1;
         let local_b8 = produced as f64 / wall_b8;
         println!(

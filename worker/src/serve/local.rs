@@ -366,7 +366,7 @@ async fn start_and_serve(
         let addr = http.clone();
         let t = Instant::now();
         let v = tokio::task::spawn_blocking(move || {
-            crate::serve::bench::http(&addr, "POST", "/v1/completions", Some(&body))
+            crate::serve::http_json(&addr, "POST", "/v1/completions", Some(&body))
         })
         .await
         .map_err(|e| Error::peer("local", e.to_string()))??;

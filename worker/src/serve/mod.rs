@@ -206,6 +206,36 @@ pub fn to_status(e: Error) -> tonic::Status {
     }
 }
 
+/// A blocking HTTP/1.1 request to a gateway whose 200 answer is JSON (the launcher's demo
+/// prompt and the benchmarks; the worker does not need an HTTP client crate for this).
+pub fn http_json(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: Option<&serde_json::Value>,
+) -> Result<serde_json::Value> {
+    use std::io::{Read, Write};
+    let err = |e: std::io::Error| Error::peer("http", e.to_string());
+    let mut s = std::net::TcpStream::connect(addr).map_err(err)?;
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .map_err(err)?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).map_err(err)?;
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(Error::peer(
+            "http",
+            format!("{path}: {}", head.lines().next().unwrap_or("")),
+        ));
+    }
+    serde_json::from_str(body).map_err(|e| Error::peer("http", format!("{path}: {e}")))
+}
+
 /// Parses comma-separated peer addresses.
 pub fn parse_addrs(list: &str) -> Vec<String> {
     list.split(',')

@@ -19,7 +19,6 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::{GenEvent, GenRequest, Shared};
-use crate::engine::FinishReason;
 use crate::error::Error;
 use crate::sampling::SamplingParams;
 
@@ -556,7 +555,7 @@ async fn collect(sh: &Shared, p: &Prepared, mut g: Generation) -> Result<Output,
                 return Ok(Output {
                     ids,
                     text,
-                    finish: finish_str(f),
+                    finish: f.as_str(),
                 });
             }
             Some(GenEvent::Failed(e)) => return Err(ApiError::from_engine(e)),
@@ -568,10 +567,6 @@ async fn collect(sh: &Shared, p: &Prepared, mut g: Generation) -> Result<Output,
             }
         }
     }
-}
-
-fn finish_str(f: FinishReason) -> &'static str {
-    f.as_str()
 }
 
 fn usage(prompt: usize, completion: usize) -> Value {
@@ -660,7 +655,7 @@ fn stream(sh: Arc<Shared>, p: Prepared, mut g: Generation, kind: Kind) -> Respon
                     if !out.is_empty() {
                         let _ = tx.send(Ok(chunk(&out, &[], None, first))).await;
                     }
-                    break if stopped { "stop" } else { finish_str(f) };
+                    break if stopped { "stop" } else { f.as_str() };
                 }
                 Some(GenEvent::Failed(e)) => {
                     let err = ApiError::from_engine(e);
