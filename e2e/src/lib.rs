@@ -1,0 +1,1 @@
+//! Test infrastructure for moe-serve's end-to-end tests on a real Kubernetes control plane.
