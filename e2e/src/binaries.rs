@@ -52,3 +52,77 @@ pub fn workspace_bin_dir() -> PathBuf {
     }
     dir
 }
+
+/// The path of this workspace's binary `name` (`moe-worker`, `moe-operator`), so pods run the
+/// current code. `cargo test --workspace` has just built it; under `cargo test -p e2e` it may be
+/// missing or older than the sources, and then it is built here with `cargo build --bin NAME` in
+/// the running test's profile and target folder (cargo holds no lock while tests run). A fresh
+/// binary is not rebuilt: a plain `cargo build` resolves features differently from `cargo test`
+/// and would recompile dependencies for nothing. Checked once per process and name.
+pub fn workspace_binary(name: &str) -> Result<PathBuf> {
+    static CHECKED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let dir = workspace_bin_dir();
+    let path = dir.join(name);
+    let mut checked = CHECKED
+        .lock()
+        .map_err(|_| anyhow::anyhow!("binary build lock poisoned"))?;
+    if checked.iter().any(|b| b == name) {
+        return Ok(path);
+    }
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let built = path.metadata().and_then(|m| m.modified()).ok();
+    let fresh = built.is_some_and(|b| newest_source(&workspace).is_none_or(|s| s <= b));
+    if !fresh {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(&workspace).args(["build", "--bin", name]);
+        if dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        if let Some(target) = dir.parent() {
+            cmd.arg("--target-dir").arg(target);
+        }
+        eprintln!("[e2e] {name} is missing or older than the sources: cargo build --bin {name}");
+        let status = cmd
+            .stderr(std::process::Stdio::inherit())
+            .status()
+            .with_context(|| format!("running cargo build --bin {name}"))?;
+        if !status.success() || !path.exists() {
+            bail!("cargo build --bin {name} failed ({status})");
+        }
+    }
+    checked.push(name.to_string());
+    Ok(path)
+}
+
+/// The newest modification time of the workspace's Rust sources, manifests and protos (not
+/// `e2e/`, whose changes do not touch the product's binaries).
+fn newest_source(workspace: &Path) -> Option<std::time::SystemTime> {
+    fn walk(dir: &Path, newest: &mut Option<std::time::SystemTime>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with('.') || name == "target" || name == "e2e" || name == "node_modules"
+            {
+                continue;
+            }
+            if p.is_dir() {
+                walk(&p, newest);
+            } else if ["rs", "toml", "proto"]
+                .iter()
+                .any(|ext| p.extension().is_some_and(|x| x == *ext))
+                && let Ok(t) = e.metadata().and_then(|m| m.modified())
+                && newest.is_none_or(|n| t > n)
+            {
+                *newest = Some(t);
+            }
+        }
+    }
+    let mut newest = None;
+    walk(workspace, &mut newest);
+    newest
+}

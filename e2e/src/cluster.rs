@@ -206,6 +206,11 @@ impl Cluster {
         self.info.network.cidr()
     }
 
+    /// The pod network's bridge (`moe-e2eN`).
+    pub fn bridge(&self) -> String {
+        self.info.network.bridge()
+    }
+
     pub fn nodes(&self) -> &[String] {
         &self.info.nodes
     }

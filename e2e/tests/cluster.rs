@@ -433,3 +433,137 @@ async fn gpu_requests_beyond_a_node_stay_pending() -> Result<()> {
     cluster.delete_namespace(&ns).await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_cluster_of_its_own_stops_everything_on_drop() -> Result<()> {
+    let cluster = Cluster::start_with(e2e::ClusterConfig {
+        nodes: 1,
+        ..Default::default()
+    })
+    .await?;
+    let client = cluster.client().await?;
+    let ns = cluster.namespace("own").await?;
+    let objects = serde_json::json!([
+        { "apiVersion": "v1", "kind": "ConfigMap", "metadata": { "name": "cfg" },
+          "data": { "greeting": "hello from a configmap" } },
+        { "apiVersion": "v1", "kind": "Secret", "metadata": { "name": "sec" },
+          "stringData": { "password": "s3cret" } },
+    ]);
+    for o in objects.as_array().into_iter().flatten() {
+        let path = cluster.dir().join("object.json");
+        std::fs::write(&path, o.to_string())?;
+        cluster.kubectl(&["-n", &ns, "apply", "-f", &path.to_string_lossy()])?;
+    }
+    let pod: Pod = from_json(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": { "name": "reader", "namespace": ns },
+        "spec": {
+            "containers": [{
+                "name": "main", "image": "busybox",
+                "command": ["sh", "-c", "cat /tmp/moe-e2e-cfg/greeting; echo; echo password=$PASSWORD; exec sleep 600"],
+                "env": [{ "name": "PASSWORD", "valueFrom": { "secretKeyRef": { "name": "sec", "key": "password" } } }],
+                "volumeMounts": [{ "name": "cfg", "mountPath": "/tmp/moe-e2e-cfg" }]
+            }],
+            "volumes": [{ "name": "cfg", "configMap": { "name": "cfg" } }]
+        }
+    }))?;
+    let pods: Api<Pod> = Api::namespaced(client, &ns);
+    pods.create(&PostParams::default(), &pod).await?;
+    let log_path = cluster.pod_log(&ns, "reader", "main");
+    until(
+        "the reader pod to print its config",
+        Duration::from_secs(60),
+        || {
+            let log_path = log_path.clone();
+            async move {
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                Ok(
+                    (log.contains("hello from a configmap") && log.contains("password=s3cret"))
+                        .then_some(()),
+                )
+            }
+        },
+    )
+    .await?;
+    let p = pods.get("reader").await?;
+    let cs = p
+        .status
+        .and_then(|s| s.container_statuses)
+        .unwrap_or_default();
+    let pid = cs.first().and_then(container_pid).context("reader pid")?;
+    assert!(pid_alive(pid));
+
+    let bridge = cluster.bridge();
+    assert!(Path::new("/sys/class/net").join(&bridge).exists());
+    drop(cluster);
+    assert!(!pid_alive(pid), "pod process {pid} outlived its cluster");
+    assert!(
+        !Path::new("/sys/class/net").join(&bridge).exists(),
+        "{bridge} outlived its cluster"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn images_run_the_workspace_binaries_with_grpc_probes() -> Result<()> {
+    let worker = e2e::workspace_binary("moe-worker")?;
+    let cluster = Cluster::shared().await;
+    let client = cluster.client().await?;
+    let ns = cluster.namespace("images").await?;
+    let pod: Pod = from_json(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": { "name": "expert", "namespace": ns },
+        "spec": {
+            "containers": [{
+                "name": "expert",
+                "image": "ghcr.io/moe-serve/moe-worker:0.1.0",
+                "args": ["expert", "--model", "synthetic:tiny", "--layers", "0..4", "--experts", "0,1",
+                         "--listen", "0.0.0.0:50051"],
+                "readinessProbe": { "grpc": { "port": 50051 }, "periodSeconds": 1 },
+                "livenessProbe": { "grpc": { "port": 50051 }, "periodSeconds": 5 }
+            }, {
+                "name": "missing",
+                "image": "ghcr.io/moe-serve/no-such-binary:0.1.0"
+            }]
+        }
+    }))?;
+    let pods: Api<Pod> = Api::namespaced(client, &ns);
+    pods.create(&PostParams::default(), &pod).await?;
+    let statuses = until(
+        "the expert to be ready through its gRPC probe",
+        Duration::from_secs(60),
+        || {
+            let pods = pods.clone();
+            async move {
+                let p = pods.get("expert").await?;
+                let cs = p
+                    .status
+                    .and_then(|s| s.container_statuses)
+                    .unwrap_or_default();
+                let ready = cs.iter().any(|c| c.name == "expert" && c.ready);
+                Ok(ready.then_some(cs))
+            }
+        },
+    )
+    .await?;
+    let missing = statuses
+        .iter()
+        .find(|c| c.name == "missing")
+        .context("missing's status")?;
+    let waiting = missing
+        .state
+        .as_ref()
+        .and_then(|s| s.waiting.clone())
+        .context("waiting")?;
+    assert_eq!(
+        waiting.reason.as_deref(),
+        Some("ErrImagePull"),
+        "{waiting:?}"
+    );
+    let log = std::fs::read_to_string(cluster.pod_log(&ns, "expert", "expert"))?;
+    assert!(log.contains(&worker.display().to_string()), "{log}");
+    cluster.delete_namespace(&ns).await?;
+    Ok(())
+}
