@@ -44,6 +44,8 @@ if have_all; then
     exit 0
 fi
 
+command -v go >/dev/null || { log "Go is needed to build the Kubernetes binaries (go1.26+)"; exit 1; }
+
 exec 9>"$CACHE/.lock"
 if ! flock -n 9; then
     log "another process is building into $CACHE; waiting for its lock"

@@ -113,6 +113,7 @@ impl Cluster {
 
     pub async fn start_with(config: ClusterConfig) -> Result<Cluster> {
         let t0 = Instant::now();
+        preflight()?;
         let k8s_bin = tokio::task::spawn_blocking(k8s_bin_dir).await??;
         let slot = Slot::acquire()?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -314,6 +315,28 @@ impl Drop for Cluster {
             slot.release_watchdog();
         }
     }
+}
+
+/// What the harness needs from the machine, with a message that says so.
+fn preflight() -> Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    // /proc/self belongs to the effective user.
+    if std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(u32::MAX)
+        != 0
+    {
+        bail!("e2e clusters need root (network namespaces, veth pairs, bind mounts)");
+    }
+    for tool in ["ip", "nsenter", "unshare", "mount", "flock"] {
+        let found = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+            .unwrap_or(false);
+        if !found {
+            bail!("e2e clusters need `{tool}` on PATH (iproute2, util-linux)");
+        }
+    }
+    Ok(())
 }
 
 fn run_tool(cmd: &mut Command, tool: &str, args: &[&str]) -> Result<String> {

@@ -49,6 +49,36 @@ async fn control_plane_is_real() -> Result<()> {
     let sa = cluster.kubectl(&["-n", &ns, "get", "serviceaccount", "default", "-o", "name"])?;
     assert_eq!(sa.trim(), "serviceaccount/default");
 
+    // helm installs a chart into it.
+    let chart = cluster.dir().join("charts").join(&ns);
+    std::fs::create_dir_all(chart.join("templates"))?;
+    std::fs::write(
+        chart.join("Chart.yaml"),
+        "apiVersion: v2\nname: probe\nversion: 0.1.0\n",
+    )?;
+    std::fs::write(
+        chart.join("templates/cm.yaml"),
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {{ .Release.Name }}\ndata:\n  kube: {{ .Capabilities.KubeVersion.Version | quote }}\n",
+    )?;
+    cluster.helm(&[
+        "install",
+        "probe",
+        &chart.to_string_lossy(),
+        "-n",
+        &ns,
+        "--wait",
+    ])?;
+    let kube = cluster.kubectl(&[
+        "-n",
+        &ns,
+        "get",
+        "configmap",
+        "probe",
+        "-o",
+        "jsonpath={.data.kube}",
+    ])?;
+    assert_eq!(kube, e2e::K8S_VERSION);
+
     let nodes: Api<Node> = Api::all(client);
     let list = nodes
         .list(&ListParams::default().labels("nvidia.com/gpu.product=NVIDIA-A100-SXM4-80GB"))
@@ -459,13 +489,22 @@ async fn a_cluster_of_its_own_stops_everything_on_drop() -> Result<()> {
         "kind": "Pod",
         "metadata": { "name": "reader", "namespace": ns },
         "spec": {
+            "initContainers": [{
+                "name": "init", "image": "busybox",
+                "command": ["sh", "-c", "echo from-init > /tmp/moe-e2e-work/x"],
+                "volumeMounts": [{ "name": "work", "mountPath": "/tmp/moe-e2e-work" }]
+            }],
             "containers": [{
                 "name": "main", "image": "busybox",
-                "command": ["sh", "-c", "cat /tmp/moe-e2e-cfg/greeting; echo; echo password=$PASSWORD; exec sleep 600"],
+                "command": ["sh", "-c", "cat /tmp/moe-e2e-cfg/greeting; echo; echo password=$PASSWORD; \
+                                         cat /tmp/moe-e2e-work/x; exec sleep 600"],
                 "env": [{ "name": "PASSWORD", "valueFrom": { "secretKeyRef": { "name": "sec", "key": "password" } } }],
-                "volumeMounts": [{ "name": "cfg", "mountPath": "/tmp/moe-e2e-cfg" }]
+                "volumeMounts": [
+                    { "name": "cfg", "mountPath": "/tmp/moe-e2e-cfg" },
+                    { "name": "work", "mountPath": "/tmp/moe-e2e-work" }
+                ]
             }],
-            "volumes": [{ "name": "cfg", "configMap": { "name": "cfg" } }]
+            "volumes": [{ "name": "cfg", "configMap": { "name": "cfg" } }, { "name": "work", "emptyDir": {} }]
         }
     }))?;
     let pods: Api<Pod> = Api::namespaced(client, &ns);

@@ -273,6 +273,7 @@ async fn delete_for_good(
     uid: &str,
 ) {
     let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    shared.log(&format!("{namespace}/{name} deleted"));
     let dp = DeleteParams {
         grace_period_seconds: Some(0),
         preconditions: Some(Preconditions {
@@ -629,6 +630,10 @@ async fn run_container(
         let started = match start_process(run, c, mounts, runs).await {
             Ok(s) => s,
             Err((reason, msg)) => {
+                run.shared.log(&format!(
+                    "{}/{} container {}: {reason}: {msg}",
+                    run.namespace, run.name, c.name
+                ));
                 run.update_container(init, index, |r| r.state = waiting(reason, Some(msg)));
                 if wait_or_stop(run, Duration::from_secs(2)).await {
                     return None;
@@ -639,6 +644,10 @@ async fn run_container(
         let (mut child, env) = started;
         let pid = child.id().unwrap_or_default();
         let start = Timestamp::now();
+        run.shared.log(&format!(
+            "{}/{} container {} started, pid {pid}",
+            run.namespace, run.name, c.name
+        ));
         let has_startup = c.startup_probe.is_some();
         let has_readiness = c.readiness_probe.is_some();
         run.update_container(init, index, |r| {
@@ -687,6 +696,16 @@ async fn run_container(
             Ended::Stopped(None) => (137, Some(9), "Error".into(), None),
             Ended::ProbeFailed(why) => (137, Some(9), "Error".into(), Some(why.clone())),
         };
+        run.shared.log(&format!(
+            "{}/{} container {} (pid {pid}) ended: exit code {code}{}",
+            run.namespace,
+            run.name,
+            c.name,
+            message
+                .as_deref()
+                .map(|m| format!(", {m}"))
+                .unwrap_or_default()
+        ));
         let terminated = ContainerState {
             terminated: Some(ContainerStateTerminated {
                 exit_code: code,
