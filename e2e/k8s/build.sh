@@ -39,7 +39,7 @@ have_all() {
     local b
     for b in helm etcd "${KUBE_BINS[@]}"; do built "$b" || return 1; done
 }
-if have_all; then
+if [[ "${1:-}" != "--update-modules" ]] && have_all; then
     echo "$BIN"
     exit 0
 fi
@@ -51,6 +51,8 @@ if ! flock -n 9; then
     log "another process is building into $CACHE; waiting for its lock"
     flock 9
 fi
+# Temporary folders of a build that was killed.
+rm -rf "$CACHE"/tmp.*
 
 export CGO_ENABLED=0
 export GOFLAGS="-buildvcs=false"
@@ -92,43 +94,33 @@ if ! built helm; then
     log "helm built in $((SECONDS - start))s"
 fi
 
-# --- etcd: server/v3 is a main package whose go.mod has replace directives, so it is built from
-# a wrapper module that requires it (the replaced modules resolve to their released versions).
-if ! built etcd; then
-    start=$SECONDS
-    log "building etcd $ETCD_VERSION"
-    mod="$WORK/etcd-$ETCD_VERSION"
-    rm -rf "$mod" && mkdir -p "$mod"
-    cat >"$mod/go.mod" <<EOF
-module moe-serve.dev/e2e/etcd
+# --- The wrapper modules. etcd's server/v3 is a main package whose go.mod has replace
+# directives, and k8s.io/kubernetes requires its ~30 staging modules at v0.0.0 and replaces them
+# with ./staging; replace directives of a dependency are ignored, so each is built from a module
+# of ours that requires it and (for kubernetes) names every staging module at its released
+# v0.<minor>.<patch>, derived from kubernetes' own go.mod. They are committed under e2e/k8s/
+# (go.mod + go.sum: the whole dependency graph pinned and checksummed); `build.sh
+# --update-modules` regenerates them after a version change. An overridden version that the
+# committed module does not name is generated into the cache instead.
 
-go 1.26
+# Writes the etcd wrapper module into $1.
+gen_etcd_module() (
+    mkdir -p "$1" && cd "$1"
+    rm -f go.mod go.sum
+    printf 'module moe-serve.dev/e2e/etcd\n\ngo 1.26\n\ntool go.etcd.io/etcd/server/v3\n' >go.mod
+    go get "go.etcd.io/etcd/server/v3@$ETCD_VERSION" >&2
+    go mod tidy >&2
+)
 
-tool go.etcd.io/etcd/server/v3
-EOF
-    (
-        cd "$mod"
-        go get "go.etcd.io/etcd/server/v3@$ETCD_VERSION" >&2
-        go mod tidy >&2
-        tmp="$(mktemp -d "$CACHE/tmp.XXXXXX")"
-        go build -trimpath -ldflags "-s -w" -o "$tmp/etcd" go.etcd.io/etcd/server/v3
-        install_from "$tmp"
-    )
-    log "etcd built in $((SECONDS - start))s"
-fi
-
-# --- kubernetes: k8s.io/kubernetes requires its ~30 staging modules at v0.0.0 and replaces them
-# with ./staging; replace directives of a dependency are ignored, so the wrapper module names
-# each one at its released v0.<minor>.<patch>, derived from kubernetes' own go.mod.
-missing=()
-for b in "${KUBE_BINS[@]}"; do built "$b" || missing+=("$b"); done
-if ((${#missing[@]})); then
-    start=$SECONDS
-    log "building ${missing[*]} $K8S_VERSION"
+# Writes the kubernetes wrapper module into $1.
+gen_kube_module() (
     k8s_dir="$(module_dir "k8s.io/kubernetes@$K8S_VERSION")"
+    if grep -q '^go 1\.2[7-9]' "$k8s_dir/go.mod"; then
+        log "warning: $K8S_VERSION's go.mod needs $(grep '^go ' "$k8s_dir/go.mod"); set GOTOOLCHAIN or MOE_K8S_VERSION"
+    fi
     staging_version="v0.${K8S_VERSION#v1.}"
-    mod="$WORK/kubernetes-$K8S_VERSION"
-    rm -rf "$mod" && mkdir -p "$mod"
+    mkdir -p "$1" && cd "$1"
+    rm -f go.mod go.sum
     {
         echo "module moe-serve.dev/e2e/kubernetes"
         echo
@@ -145,10 +137,48 @@ if ((${#missing[@]})); then
         echo "tool ("
         for b in "${KUBE_BINS[@]}"; do printf '\tk8s.io/kubernetes/cmd/%s\n' "$b"; done
         echo ")"
-    } >"$mod/go.mod"
-    if grep -q '^go 1\.2[7-9]' "$k8s_dir/go.mod"; then
-        log "warning: $K8S_VERSION's go.mod needs $(grep '^go ' "$k8s_dir/go.mod"); set GOTOOLCHAIN or MOE_K8S_VERSION"
+    } >go.mod
+    go get "k8s.io/kubernetes@$K8S_VERSION" >&2
+    go mod tidy >&2
+)
+
+# The folder to build $1 (etcd|kubernetes) in: a copy of the committed module when it names
+# the wanted version ($2 is the require line to look for), else a freshly generated one.
+module_for() {
+    local name="$1" want="$2" dir="$WORK/$1"
+    rm -rf "$dir" && mkdir -p "$dir"
+    if grep -qF "$want" "$HERE/$name/go.mod" 2>/dev/null; then
+        cp "$HERE/$name/go.mod" "$HERE/$name/go.sum" "$dir/"
+    else
+        log "e2e/k8s/$name/go.mod does not name $want: generating the module"
+        "gen_${name/kubernetes/kube}_module" "$dir"
     fi
+    echo "$dir"
+}
+
+if [[ "${1:-}" == "--update-modules" ]]; then
+    gen_etcd_module "$HERE/etcd"
+    gen_kube_module "$HERE/kubernetes"
+    log "updated $HERE/etcd and $HERE/kubernetes"
+    exit 0
+fi
+
+if ! built etcd; then
+    start=$SECONDS
+    log "building etcd $ETCD_VERSION"
+    mod="$(module_for etcd "go.etcd.io/etcd/server/v3 $ETCD_VERSION")"
+    tmp="$(mktemp -d "$CACHE/tmp.XXXXXX")"
+    (cd "$mod" && go build -trimpath -ldflags "-s -w" -o "$tmp/etcd" go.etcd.io/etcd/server/v3)
+    install_from "$tmp"
+    log "etcd built in $((SECONDS - start))s"
+fi
+
+missing=()
+for b in "${KUBE_BINS[@]}"; do built "$b" || missing+=("$b"); done
+if ((${#missing[@]})); then
+    start=$SECONDS
+    log "building ${missing[*]} $K8S_VERSION (the longest step: about 20 minutes on 2 cores)"
+    mod="$(module_for kubernetes "k8s.io/kubernetes $K8S_VERSION")"
     major="${K8S_VERSION#v}" && major="${major%%.*}"
     minor="${K8S_VERSION#v*.}" && minor="${minor%%.*}"
     ldflags="-s -w"
@@ -156,16 +186,11 @@ if ((${#missing[@]})); then
         ldflags+=" -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=$major -X $pkg.gitMinor=$minor"
         ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=$BUILD_DATE"
     done
-    (
-        cd "$mod"
-        go get "k8s.io/kubernetes@$K8S_VERSION" >&2
-        go mod tidy >&2
-        tmp="$(mktemp -d "$CACHE/tmp.XXXXXX")"
-        pkgs=()
-        for b in "${missing[@]}"; do pkgs+=("k8s.io/kubernetes/cmd/$b"); done
-        go build -trimpath -ldflags "$ldflags" -o "$tmp/" "${pkgs[@]}"
-        install_from "$tmp"
-    )
+    pkgs=()
+    for b in "${missing[@]}"; do pkgs+=("k8s.io/kubernetes/cmd/$b"); done
+    tmp="$(mktemp -d "$CACHE/tmp.XXXXXX")"
+    (cd "$mod" && go build -trimpath -ldflags "$ldflags" -o "$tmp/" "${pkgs[@]}")
+    install_from "$tmp"
     log "${missing[*]} built in $((SECONDS - start))s"
 fi
 
