@@ -381,20 +381,44 @@ async fn start_all(
     k8s_bin: PathBuf,
     network: Arc<PodNetwork>,
 ) -> Result<(Info, Running)> {
-    let mut running = Running {
-        components: Vec::new(),
-        agent: None,
-    };
-    match start_components(&config, &dir, &k8s_bin, &network, &mut running).await {
-        Ok(info) => Ok((info, running)),
-        Err(e) => {
-            eprintln!("[e2e] cluster start failed: {e:#}");
-            print_log_tails(&dir.join("logs"));
-            let m = tokio::sync::Mutex::new(Some(running));
-            stop_running(&m).await;
-            Err(e)
+    // Free ports are picked before the components bind them, so another cluster starting at the
+    // same moment may take one first: then start again with new ports.
+    let mut attempt = 1;
+    loop {
+        let mut running = Running {
+            components: Vec::new(),
+            agent: None,
+        };
+        let result = start_components(&config, &dir, &k8s_bin, &network, &mut running).await;
+        let e = match result {
+            Ok(info) => return Ok((info, running)),
+            Err(e) => e,
+        };
+        let m = tokio::sync::Mutex::new(Some(running));
+        stop_running(&m).await;
+        let logs = dir.join("logs");
+        if attempt < 3 && logs_mention(&logs, "address already in use") {
+            eprintln!("[e2e] a port was taken during startup; starting again");
+            attempt += 1;
+            let _ = std::fs::remove_dir_all(dir.join("etcd"));
+            let _ = std::fs::remove_dir_all(&logs);
+            std::fs::create_dir_all(&logs)?;
+            continue;
         }
+        eprintln!("[e2e] cluster start failed: {e:#}");
+        print_log_tails(&logs);
+        return Err(e);
     }
+}
+
+fn logs_mention(logs: &Path, text: &str) -> bool {
+    std::fs::read_dir(logs)
+        .map(|entries| {
+            entries
+                .flatten()
+                .any(|e| std::fs::read_to_string(e.path()).is_ok_and(|t| t.contains(text)))
+        })
+        .unwrap_or(false)
 }
 
 fn print_log_tails(logs: &Path) {

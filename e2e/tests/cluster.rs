@@ -606,3 +606,36 @@ async fn images_run_the_workspace_binaries_with_grpc_probes() -> Result<()> {
     cluster.delete_namespace(&ns).await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn host_network_pods_get_the_host_address() -> Result<()> {
+    let cluster = Cluster::shared().await;
+    let client = cluster.client().await?;
+    let ns = cluster.namespace("hostnet").await?;
+    let pod: Pod = from_json(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": { "name": "hostnet", "namespace": ns },
+        "spec": {
+            "hostNetwork": true,
+            "containers": [{ "name": "main", "image": "busybox", "command": ["sleep", "600"] }]
+        }
+    }))?;
+    let pods: Api<Pod> = Api::namespaced(client, &ns);
+    pods.create(&PostParams::default(), &pod).await?;
+    let ip = until(
+        "the hostNetwork pod to run",
+        Duration::from_secs(60),
+        || {
+            let pods = pods.clone();
+            async move {
+                let s = pods.get("hostnet").await?.status.unwrap_or_default();
+                Ok((s.phase.as_deref() == Some("Running")).then_some(s.pod_ip.unwrap_or_default()))
+            }
+        },
+    )
+    .await?;
+    assert_eq!(ip, cluster.host_ip().to_string());
+    cluster.delete_namespace(&ns).await?;
+    Ok(())
+}
