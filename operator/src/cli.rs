@@ -24,6 +24,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the operator: reconcile MoEDeployments into stages, expert shards and a gateway.
+    Run(crate::run::RunArgs),
     /// Print the MoEDeployment CustomResourceDefinition as YAML.
     Crd,
     /// Print the plan for a MoEDeployment manifest: stages, expert shards, memory, GPUs.
@@ -44,6 +46,17 @@ pub enum Output {
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Run(args) => {
+            let format = match args.log_format {
+                crate::run::LogFormat::Json => moe_telemetry::LogFormat::Json,
+                crate::run::LogFormat::Text => moe_telemetry::LogFormat::Text,
+            };
+            let telemetry = moe_telemetry::init_with_format("moe-operator", format);
+            let runtime = tokio::runtime::Runtime::new().map_err(|e| Error::Run(e.to_string()))?;
+            let result = runtime.block_on(crate::run::run(args));
+            telemetry.shutdown();
+            result.map_err(Error::Run)?;
+        }
         Command::Crd => print!("{}", crd_yaml()?),
         Command::Plan { file, output } => {
             let moe = read_manifest(&file)?;

@@ -15,6 +15,8 @@ pub enum Error {
         path: PathBuf,
         source: serde_yaml::Error,
     },
+    #[error("{0}")]
+    Run(String),
     #[error("encoding {what}: {message}")]
     Encode { what: &'static str, message: String },
 }

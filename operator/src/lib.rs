@@ -4,8 +4,14 @@
 #![forbid(unsafe_code)]
 
 pub mod cli;
+pub mod controller;
 pub mod crd;
 pub mod error;
+pub mod leader;
+pub mod metrics;
 pub mod planning;
+pub mod resources;
+pub mod run;
+pub mod status;
 
 pub use error::{Error, Result};

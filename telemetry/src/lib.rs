@@ -1,9 +1,9 @@
-//! Tracing + OpenTelemetry setup for the worker roles.
+//! Tracing + OpenTelemetry setup for the worker roles and the operator.
 //!
 //! [`init`] installs the global `tracing` subscriber:
 //!
 //! * a `fmt` layer writing to stderr, filtered by the `MOE_LOG` env var
-//!   (EnvFilter syntax, default `warn`);
+//!   (EnvFilter syntax, default `warn`; `RUST_LOG` when `MOE_LOG` is unset);
 //! * a `tracing-opentelemetry` layer, filtered independently at INFO and above
 //!   (so `MOE_LOG` only controls stderr). Spans are exported over OTLP/gRPC
 //!   (tonic) only when `OTEL_EXPORTER_OTLP_ENDPOINT` or
@@ -103,24 +103,53 @@ fn env_set(name: &str) -> bool {
     std::env::var_os(name).is_some_and(|v| !v.is_empty())
 }
 
-/// Install the global subscriber and propagator. Returns a no-op guard if
+/// How log lines are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line (for log collectors).
+    Json,
+}
+
+/// Install the global subscriber and propagator, logging text. Returns a no-op guard if
 /// called more than once (or if another global subscriber is already set).
 pub fn init(service_name: &str) -> Telemetry {
+    init_with_format(service_name, LogFormat::Text)
+}
+
+/// [`init`] with a choice of log format.
+pub fn init_with_format(service_name: &str, format: LogFormat) -> Telemetry {
     if INITIALIZED.swap(true, Ordering::SeqCst) {
         return Telemetry::default();
     }
 
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
 
-    let fmt_filter = EnvFilter::try_from_env(LOG_ENV).unwrap_or_else(|e| {
-        if std::env::var_os(LOG_ENV).is_some() {
-            eprintln!("telemetry: invalid {LOG_ENV} ({e}); using \"{DEFAULT_LOG}\"");
+    // `MOE_LOG` wins; `RUST_LOG` is honoured too, as Rust users expect.
+    let log_env = if env_set(LOG_ENV) {
+        LOG_ENV
+    } else {
+        "RUST_LOG"
+    };
+    let fmt_filter = EnvFilter::try_from_env(log_env).unwrap_or_else(|e| {
+        if std::env::var_os(log_env).is_some() {
+            eprintln!("telemetry: invalid {log_env} ({e}); using \"{DEFAULT_LOG}\"");
         }
         EnvFilter::new(DEFAULT_LOG)
     });
-    let fmt_layer = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_filter(fmt_filter);
+    let fmt_layer = match format {
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_current_span(true)
+            .with_writer(std::io::stderr)
+            .boxed(),
+    }
+    .with_filter(fmt_filter);
 
     let exporting =
         env_set("OTEL_EXPORTER_OTLP_ENDPOINT") || env_set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT");
@@ -145,7 +174,7 @@ pub fn init(service_name: &str) -> Telemetry {
         .with_target("opentelemetry_sdk", LevelFilter::OFF)
         .with_target("opentelemetry_otlp", LevelFilter::OFF);
     let otel_layer = tracing_opentelemetry::layer()
-        .with_tracer(provider.tracer("moe-worker"))
+        .with_tracer(provider.tracer(service_name.to_owned()))
         .with_filter(otel_filter);
 
     let installed = tracing_subscriber::registry()

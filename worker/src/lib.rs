@@ -12,7 +12,7 @@ pub mod sampling;
 pub mod serve;
 pub mod source;
 pub mod synthetic;
-pub mod telemetry;
+pub use moe_telemetry as telemetry;
 pub mod tokenizer;
 pub mod weights;
 

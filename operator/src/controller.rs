@@ -1,0 +1,352 @@
+//! Reconciliation of one `MoEDeployment`, as a pipeline: read → validate → build → apply →
+//! prune → status. Every write is a server-side apply with one field manager, so re-running a
+//! reconcile (a restart, a second operator replica taking over) changes nothing that is already
+//! right and creates no duplicates.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tracing::{info, warn};
+
+use crate::crd::{AutoscalingDriver, MoEDeployment, MoEDeploymentStatus};
+use crate::metrics::Metrics;
+use crate::resources::{self, Children, LABEL_DEPLOYMENT};
+use crate::status::{self, Observed, Part};
+use crate::{Error, planning};
+
+/// The one field manager of every write.
+pub const MANAGER: &str = "moe-operator";
+
+/// How often a settled deployment is looked at again even without a change.
+const RESYNC: Duration = Duration::from_secs(300);
+
+/// What every reconcile shares.
+pub struct Context {
+    pub client: Client,
+    pub config: resources::Config,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Why a reconcile failed (the spec being invalid is not a failure: it is reported in status).
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error("{action} {kind} {name}: {source}")]
+    Kube {
+        action: &'static str,
+        kind: &'static str,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error(transparent)]
+    Build(#[from] Error),
+}
+
+impl ReconcileError {
+    /// A short label for metrics: which step failed.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Kube { action, .. } => action,
+            Self::Build(_) => "build",
+        }
+    }
+}
+
+fn kube_err(
+    action: &'static str,
+    kind: &'static str,
+    name: &str,
+) -> impl FnOnce(kube::Error) -> ReconcileError {
+    let name = name.to_string();
+    move |source| ReconcileError::Kube {
+        action,
+        kind,
+        name,
+        source,
+    }
+}
+
+/// Server-side apply of one object in `ns`; the answer carries the object's current status.
+async fn apply<K>(client: &Client, ns: &str, obj: &K) -> Result<K, ReconcileError>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + Serialize
+        + DeserializeOwned
+        + std::fmt::Debug,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    let name = obj.name_any();
+    api.patch(
+        &name,
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(obj),
+    )
+    .await
+    .map_err(kube_err("apply", short_kind::<K>(), &name))
+}
+
+fn short_kind<K: Resource<DynamicType = ()>>() -> &'static str {
+    // `K::kind` is a Cow of a static str for every k8s-openapi type.
+    match K::kind(&()).as_ref() {
+        "StatefulSet" => "StatefulSet",
+        "Deployment" => "Deployment",
+        "Service" => "Service",
+        "PodDisruptionBudget" => "PodDisruptionBudget",
+        "ConfigMap" => "ConfigMap",
+        "ServiceAccount" => "ServiceAccount",
+        "Role" => "Role",
+        "RoleBinding" => "RoleBinding",
+        "NetworkPolicy" => "NetworkPolicy",
+        _ => "object",
+    }
+}
+
+/// What apply returned for the workloads: their live status.
+struct Applied {
+    stages: Vec<StatefulSet>,
+    expert_shards: Vec<Deployment>,
+    gateway: Deployment,
+}
+
+async fn apply_all(client: &Client, ns: &str, c: &Children) -> Result<Applied, ReconcileError> {
+    apply(client, ns, &c.config_map).await?;
+    apply(client, ns, &c.service_account).await?;
+    apply(client, ns, &c.role).await?;
+    apply(client, ns, &c.role_binding).await?;
+    for s in &c.services {
+        apply(client, ns, s).await?;
+    }
+    let mut stages = Vec::with_capacity(c.stages.len());
+    for s in &c.stages {
+        stages.push(apply(client, ns, s).await?);
+    }
+    let mut expert_shards = Vec::with_capacity(c.expert_shards.len());
+    for d in &c.expert_shards {
+        expert_shards.push(apply(client, ns, d).await?);
+    }
+    let gateway = apply(client, ns, &c.gateway).await?;
+    for p in &c.pdbs {
+        apply(client, ns, p).await?;
+    }
+    apply(client, ns, &c.network_policy).await?;
+    Ok(Applied {
+        stages,
+        expert_shards,
+        gateway,
+    })
+}
+
+/// Deletes objects of kind `K` this deployment owns that the plan no longer has (a removed
+/// stage or expert shard).
+async fn prune<K>(
+    client: &Client,
+    ns: &str,
+    md: &MoEDeployment,
+    keep: &[String],
+) -> Result<(), ReconcileError>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    let name = md.name_any();
+    let lp = ListParams::default().labels(&format!("{LABEL_DEPLOYMENT}={name}"));
+    let list = api
+        .list_metadata(&lp)
+        .await
+        .map_err(kube_err("list", short_kind::<K>(), &name))?;
+    let uid = md.uid();
+    for obj in list.items {
+        let owned = obj
+            .owner_references()
+            .iter()
+            .any(|o| Some(&o.uid) == uid.as_ref());
+        let child = obj.name_any();
+        if owned && !keep.contains(&child) {
+            info!(kind = short_kind::<K>(), name = %child, "pruning");
+            match api.delete(&child, &DeleteParams::background()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => return Err(kube_err("delete", short_kind::<K>(), &child)(e)),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn names<K: Resource>(objs: &[K]) -> Vec<String> {
+    objs.iter()
+        .map(|o| o.meta().name.clone().unwrap_or_default())
+        .collect()
+}
+
+async fn prune_all(
+    client: &Client,
+    ns: &str,
+    md: &MoEDeployment,
+    c: &Children,
+) -> Result<(), ReconcileError> {
+    prune::<StatefulSet>(client, ns, md, &names(&c.stages)).await?;
+    let mut deployments = names(&c.expert_shards);
+    deployments.push(c.gateway.name_any());
+    prune::<Deployment>(client, ns, md, &deployments).await?;
+    prune::<Service>(client, ns, md, &names(&c.services)).await?;
+    prune::<PodDisruptionBudget>(client, ns, md, &names(&c.pdbs)).await?;
+    Ok(())
+}
+
+/// Replicas per expert shard the operator writes; `None` leaves the field to whoever scales
+/// the shard (an HPA or KEDA on its scale subresource).
+pub fn shard_replicas(md: &MoEDeployment, shards: usize) -> Vec<Option<i32>> {
+    let e = &md.spec.experts;
+    let external = e.autoscaling.enabled
+        && matches!(
+            e.autoscaling.driver,
+            AutoscalingDriver::Hpa | AutoscalingDriver::Keda
+        );
+    vec![(!external).then_some(e.min_replicas); shards]
+}
+
+async fn write_status(
+    client: &Client,
+    md: &MoEDeployment,
+    status: &MoEDeploymentStatus,
+) -> Result<(), ReconcileError> {
+    let ns = md.namespace().unwrap_or_default();
+    let api: Api<MoEDeployment> = Api::namespaced(client.clone(), &ns);
+    let body = serde_json::json!({
+        "apiVersion": MoEDeployment::api_version(&()),
+        "kind": MoEDeployment::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        &md.name_any(),
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&body),
+    )
+    .await
+    .map_err(kube_err("status", "MoEDeployment", &md.name_any()))?;
+    Ok(())
+}
+
+async fn publish(ctx: &Context, md: &MoEDeployment, t: status::Transition) {
+    let event = Event {
+        type_: if t.warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
+        reason: t.reason,
+        note: Some(t.message),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    // An Event that cannot be written is not worth failing the reconcile for.
+    if let Err(e) = ctx.recorder.publish(&event, &md.object_ref(&())).await {
+        warn!(error = %e, "writing an Event failed");
+    }
+}
+
+/// One reconcile of `md`.
+pub async fn reconcile(
+    md: Arc<MoEDeployment>,
+    ctx: Arc<Context>,
+) -> Result<Action, ReconcileError> {
+    let started = Instant::now();
+    let result = reconcile_inner(&md, &ctx).await;
+    ctx.metrics
+        .observe_reconcile(started.elapsed(), result.as_ref().err().map(|e| e.kind()));
+    result
+}
+
+#[tracing::instrument(skip_all, fields(name = %md.name_any(), namespace = md.namespace().unwrap_or_default(), generation = md.metadata.generation.unwrap_or(0)))]
+async fn reconcile_inner(md: &MoEDeployment, ctx: &Context) -> Result<Action, ReconcileError> {
+    // Being deleted: owner references let the garbage collector remove every child.
+    if md.metadata.deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    let ns = md.namespace().unwrap_or_default();
+    let generation = md.metadata.generation.unwrap_or(0);
+    let prev = md.status.clone().unwrap_or_default();
+
+    // Validate: the API server's schema and CEL rules catch most mistakes; what needs the
+    // planner (memory, GPU fit, presets) is caught here and reported, without retrying until
+    // the spec changes.
+    let plan = match resources::checked_name(md).and_then(|_| planning::plan(&md.spec)) {
+        Ok(plan) => plan,
+        Err(e @ Error::Invalid { .. }) => {
+            let next = status::invalid(&prev, generation, e.to_string(), Timestamp::now());
+            for t in status::transitions(&prev, &next) {
+                publish(ctx, md, t).await;
+            }
+            if next != prev {
+                write_status(&ctx.client, md, &next).await?;
+            }
+            warn!(error = %e, "invalid spec");
+            return Ok(Action::await_change());
+        }
+        Err(e) => return Err(e.into()),
+    };
+
+    // Build.
+    let mut children = resources::build(md, &plan, &ctx.config)?;
+    for (d, r) in children
+        .expert_shards
+        .iter_mut()
+        .zip(shard_replicas(md, plan.expert_shards.len()))
+    {
+        d.spec.replicas = r;
+    }
+
+    // Apply, then prune what the plan no longer has.
+    let applied = apply_all(&ctx.client, &ns, &children).await?;
+    prune_all(&ctx.client, &ns, md, &children).await?;
+
+    // Status from what the workloads report.
+    let observed = Observed {
+        stages: applied.stages.iter().map(Part::from_stateful_set).collect(),
+        expert_shards: applied
+            .expert_shards
+            .iter()
+            .map(Part::from_deployment)
+            .collect(),
+        gateway: Part::from_deployment(&applied.gateway),
+    };
+    let endpoint = format!("{}.{ns}.svc:80", md.name_any());
+    let next = status::compute(
+        &prev,
+        generation,
+        &plan,
+        &observed,
+        endpoint,
+        Timestamp::now(),
+    );
+    for t in status::transitions(&prev, &next) {
+        publish(ctx, md, t).await;
+    }
+    if next != prev {
+        write_status(&ctx.client, md, &next).await?;
+    }
+    Ok(Action::requeue(RESYNC))
+}
+
+/// After a failed reconcile: retry soon, without hot-looping.
+pub fn error_policy(md: Arc<MoEDeployment>, e: &ReconcileError, _ctx: Arc<Context>) -> Action {
+    warn!(name = %md.name_any(), error = %e, "reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(15))
+}

@@ -1,0 +1,209 @@
+//! Leader election on a `coordination.k8s.io/v1` Lease, as client-go's leaderelection does it:
+//! acquire when the Lease is free or expired, renew well inside its duration, and stop leading
+//! (the process exits) when a renewal cannot land in time. Updates carry the Lease's
+//! resourceVersion, so two candidates can never both win.
+
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::Client;
+use kube::api::{Api, PostParams};
+use tracing::{debug, info, warn};
+
+#[derive(Debug, Clone)]
+pub struct LeaseConfig {
+    pub name: String,
+    pub namespace: String,
+    pub identity: String,
+    /// How long a Lease stays valid without renewal.
+    pub duration: Duration,
+    /// How often the holder renews (and a candidate retries).
+    pub retry: Duration,
+}
+
+/// Whether `me` may take `spec` at `now`: it is free, already mine, or expired.
+pub fn may_take(spec: &LeaseSpec, me: &str, now: Timestamp) -> bool {
+    let holder = spec.holder_identity.as_deref().unwrap_or("");
+    if holder.is_empty() || holder == me {
+        return true;
+    }
+    let Some(MicroTime(renewed)) = spec.renew_time.as_ref() else {
+        return true;
+    };
+    let secs = i64::from(spec.lease_duration_seconds.unwrap_or(15));
+    *renewed + SignedDuration::from_secs(secs) < now
+}
+
+fn spec_for(cfg: &LeaseConfig, prev: Option<&LeaseSpec>, now: Timestamp) -> LeaseSpec {
+    let was_mine = prev.is_some_and(|p| p.holder_identity.as_deref() == Some(&cfg.identity));
+    let transitions = prev.and_then(|p| p.lease_transitions).unwrap_or(0);
+    LeaseSpec {
+        holder_identity: Some(cfg.identity.clone()),
+        lease_duration_seconds: Some(cfg.duration.as_secs().max(1) as i32),
+        acquire_time: if was_mine {
+            prev.and_then(|p| p.acquire_time.clone())
+        } else {
+            Some(MicroTime(now))
+        },
+        renew_time: Some(MicroTime(now)),
+        lease_transitions: Some(if was_mine || prev.is_none() {
+            transitions
+        } else {
+            transitions + 1
+        }),
+        ..LeaseSpec::default()
+    }
+}
+
+/// One attempt to acquire or renew. `Ok(true)`: this process leads until `now + duration`.
+pub async fn try_acquire(api: &Api<Lease>, cfg: &LeaseConfig) -> Result<bool, kube::Error> {
+    let now = Timestamp::now();
+    match api.get_opt(&cfg.name).await? {
+        None => {
+            let lease = Lease {
+                metadata: ObjectMeta {
+                    name: Some(cfg.name.clone()),
+                    namespace: Some(cfg.namespace.clone()),
+                    ..ObjectMeta::default()
+                },
+                spec: Some(spec_for(cfg, None, now)),
+            };
+            match api.create(&PostParams::default(), &lease).await {
+                Ok(_) => Ok(true),
+                // Another candidate created it first.
+                Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+                Err(e) => Err(e),
+            }
+        }
+        Some(mut lease) => {
+            let spec = lease.spec.clone().unwrap_or_default();
+            if !may_take(&spec, &cfg.identity, now) {
+                debug!(holder = ?spec.holder_identity, "lease held by another replica");
+                return Ok(false);
+            }
+            lease.spec = Some(spec_for(cfg, Some(&spec), now));
+            // resourceVersion from the read: a concurrent writer makes this a 409.
+            match api.replace(&cfg.name, &PostParams::default(), &lease).await {
+                Ok(_) => Ok(true),
+                Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+                Err(e) => Err(e),
+            }
+        }
+    }
+}
+
+/// Gives the Lease up on shutdown so the next replica need not wait for it to expire.
+pub async fn release(api: &Api<Lease>, cfg: &LeaseConfig) {
+    let Ok(Some(mut lease)) = api.get_opt(&cfg.name).await else {
+        return;
+    };
+    let mut spec = lease.spec.clone().unwrap_or_default();
+    if spec.holder_identity.as_deref() != Some(&cfg.identity) {
+        return;
+    }
+    spec.holder_identity = None;
+    spec.lease_duration_seconds = Some(1);
+    lease.spec = Some(spec);
+    match api.replace(&cfg.name, &PostParams::default(), &lease).await {
+        Ok(_) => info!(lease = %cfg.name, "released the leader lease"),
+        Err(e) => warn!(error = %e, "releasing the leader lease failed"),
+    }
+}
+
+/// Blocks until this process leads.
+pub async fn acquire(client: Client, cfg: &LeaseConfig) {
+    let api: Api<Lease> = Api::namespaced(client, &cfg.namespace);
+    let mut logged = false;
+    loop {
+        match try_acquire(&api, cfg).await {
+            Ok(true) => {
+                info!(lease = %cfg.name, identity = %cfg.identity, "became leader");
+                return;
+            }
+            Ok(false) if !logged => {
+                info!(lease = %cfg.name, "waiting for the leader lease");
+                logged = true;
+            }
+            Ok(false) => {}
+            Err(e) => warn!(error = %e, "reading the leader lease failed"),
+        }
+        tokio::time::sleep(cfg.retry).await;
+    }
+}
+
+/// Renews the Lease until a renewal has failed for longer than its duration; returns then
+/// (the caller must stop acting as leader).
+pub async fn keep(client: Client, cfg: LeaseConfig) {
+    let api: Api<Lease> = Api::namespaced(client, &cfg.namespace);
+    let mut last_ok = std::time::Instant::now();
+    loop {
+        tokio::time::sleep(cfg.retry).await;
+        match try_acquire(&api, &cfg).await {
+            Ok(true) => last_ok = std::time::Instant::now(),
+            Ok(false) => {
+                warn!(lease = %cfg.name, "another replica took the leader lease");
+                return;
+            }
+            Err(e) => {
+                warn!(error = %e, "renewing the leader lease failed");
+                // Stop before the Lease can expire under us, like client-go's renew deadline.
+                if last_ok.elapsed() + cfg.retry >= cfg.duration {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: i64) -> Timestamp {
+        Timestamp::from_second(s).unwrap()
+    }
+
+    fn held(by: &str, renewed: i64) -> LeaseSpec {
+        LeaseSpec {
+            holder_identity: Some(by.into()),
+            lease_duration_seconds: Some(15),
+            renew_time: Some(MicroTime(at(renewed))),
+            ..LeaseSpec::default()
+        }
+    }
+
+    #[test]
+    fn free_own_or_expired_leases_can_be_taken() {
+        assert!(may_take(&LeaseSpec::default(), "a", at(100)));
+        assert!(may_take(&held("a", 99), "a", at(100)));
+        assert!(!may_take(&held("b", 90), "a", at(100)));
+        assert!(may_take(&held("b", 80), "a", at(100)));
+        let released = LeaseSpec {
+            holder_identity: None,
+            ..held("b", 99)
+        };
+        assert!(may_take(&released, "a", at(100)));
+    }
+
+    #[test]
+    fn taking_over_counts_a_transition_and_renewing_does_not() {
+        let cfg = LeaseConfig {
+            name: "l".into(),
+            namespace: "ns".into(),
+            identity: "a".into(),
+            duration: Duration::from_secs(15),
+            retry: Duration::from_secs(2),
+        };
+        let mut prev = held("b", 10);
+        prev.lease_transitions = Some(4);
+        let taken = spec_for(&cfg, Some(&prev), at(50));
+        assert_eq!(taken.lease_transitions, Some(5));
+        assert_eq!(taken.acquire_time, Some(MicroTime(at(50))));
+        let renewed = spec_for(&cfg, Some(&taken), at(52));
+        assert_eq!(renewed.lease_transitions, Some(5));
+        assert_eq!(renewed.acquire_time, Some(MicroTime(at(50))));
+        assert_eq!(renewed.renew_time, Some(MicroTime(at(52))));
+    }
+}

@@ -1,0 +1,282 @@
+//! The objects the operator builds for the example manifests: names, ownership, hardening,
+//! GPU placement, discovery, and pod arguments the worker's own CLI accepts.
+#![allow(clippy::unwrap_used)] // helpers outside #[test] fns unwrap fixtures too
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use k8s_openapi::api::core::v1::PodTemplateSpec;
+use moe_operator::cli::read_manifest;
+use moe_operator::crd::MoEDeployment;
+use moe_operator::planning;
+use moe_operator::resources::{self, Children, Config, GRPC_PORT};
+
+fn example(name: &str) -> MoEDeployment {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples")
+        .join(name);
+    let mut md = read_manifest(&path).unwrap();
+    md.metadata.namespace = Some("serving".into());
+    md.metadata.uid = Some("0b7d7b0e-6f2a-4d8e-9a55-2f3f4c1c2a10".into());
+    md
+}
+
+fn build(md: &MoEDeployment) -> Children {
+    let plan = planning::plan(&md.spec).unwrap();
+    resources::build(
+        md,
+        &plan,
+        &Config {
+            worker_image: "ghcr.io/moe-serve/moe-worker:test".into(),
+        },
+    )
+    .unwrap()
+}
+
+fn template_args(t: &PodTemplateSpec) -> Vec<String> {
+    let c = &t.spec.as_ref().unwrap().containers[0];
+    let mut argv = c.command.clone().unwrap();
+    argv.extend(c.args.clone().unwrap());
+    argv
+}
+
+#[test]
+fn tiny_children_are_named_owned_and_labelled() {
+    let md = example("tiny.yaml");
+    let c = build(&md);
+    assert_eq!(c.stages.len(), 2);
+    assert_eq!(c.expert_shards.len(), 2);
+    let stage_names: Vec<_> = c
+        .stages
+        .iter()
+        .map(|s| s.metadata.name.clone().unwrap())
+        .collect();
+    assert_eq!(stage_names, ["tiny-stage-0", "tiny-stage-1"]);
+    let services: Vec<_> = c
+        .services
+        .iter()
+        .map(|s| s.metadata.name.clone().unwrap())
+        .collect();
+    assert_eq!(
+        services,
+        ["tiny-stage-0", "tiny-stage-1", "tiny-experts", "tiny"]
+    );
+    // Discovery Services are headless; the gateway's is not.
+    for s in &c.services[..3] {
+        assert_eq!(s.spec.as_ref().unwrap().cluster_ip.as_deref(), Some("None"));
+    }
+    let owners = [
+        &c.config_map.metadata,
+        &c.stages[0].metadata,
+        &c.expert_shards[1].metadata,
+        &c.gateway.metadata,
+        &c.network_policy.metadata,
+    ];
+    for m in owners {
+        let o = &m.owner_references.as_ref().unwrap()[0];
+        assert_eq!(o.kind, "MoEDeployment");
+        assert_eq!(o.name, "tiny");
+        assert_eq!(o.controller, Some(true));
+        assert_eq!(m.namespace.as_deref(), Some("serving"));
+        assert_eq!(
+            m.labels.as_ref().unwrap()["serving.moe.dev/deployment"],
+            "tiny"
+        );
+    }
+    let pdbs: Vec<_> = c
+        .pdbs
+        .iter()
+        .map(|p| p.metadata.name.clone().unwrap())
+        .collect();
+    assert_eq!(
+        pdbs,
+        [
+            "tiny-stages",
+            "tiny-expert-0",
+            "tiny-expert-1",
+            "tiny-gateway"
+        ]
+    );
+    // The plan is published.
+    let plan_json = &c.config_map.data.as_ref().unwrap()["plan.json"];
+    let plan: serde_json::Value = serde_json::from_str(plan_json).unwrap();
+    assert_eq!(plan["stages"].as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn pods_are_hardened_and_placed_on_a100s() {
+    let md = example("tiny.yaml");
+    let c = build(&md);
+    let templates = c
+        .stages
+        .iter()
+        .map(|s| &s.spec.template)
+        .chain(c.expert_shards.iter().map(|d| &d.spec.template))
+        .chain([&c.gateway.spec.template]);
+    for t in templates {
+        let pod = t.spec.as_ref().unwrap();
+        let psc = pod.security_context.as_ref().unwrap();
+        assert_eq!(psc.run_as_non_root, Some(true));
+        let c = &pod.containers[0];
+        let sc = c.security_context.as_ref().unwrap();
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(
+            sc.capabilities.as_ref().unwrap().drop.as_deref(),
+            Some(&["ALL".to_string()][..])
+        );
+        let res = c.resources.as_ref().unwrap();
+        assert_eq!(res.limits.as_ref().unwrap()["nvidia.com/gpu"].0, "1");
+        assert_eq!(res.requests.as_ref().unwrap()["cpu"].0, "250m");
+        assert_eq!(res.limits.as_ref().unwrap()["memory"].0, "1Gi");
+        assert_eq!(
+            pod.node_selector.as_ref().unwrap()["nvidia.com/gpu.product"],
+            "NVIDIA-A100-SXM4-80GB"
+        );
+        assert!(c.readiness_probe.is_some() && c.liveness_probe.is_some());
+        assert!(c.startup_probe.is_some());
+        assert_eq!(
+            c.image.as_deref(),
+            Some("ghcr.io/moe-serve/moe-worker:test")
+        );
+        // A writable /tmp under a read-only root.
+        assert!(
+            c.volume_mounts
+                .as_ref()
+                .unwrap()
+                .iter()
+                .any(|m| m.mount_path == "/tmp")
+        );
+    }
+    let stage = c.stages[0].spec.template.spec.as_ref().unwrap();
+    let probe = stage.containers[0].readiness_probe.as_ref().unwrap();
+    assert_eq!(probe.grpc.as_ref().unwrap().port, GRPC_PORT);
+    assert_eq!(stage.service_account_name.as_deref(), Some("tiny-worker"));
+}
+
+#[test]
+fn pod_arguments_parse_with_the_worker_cli() {
+    let md = example("tiny.yaml");
+    let c = build(&md);
+    let stage0 = template_args(&c.stages[0].spec.template);
+    let parsed = moe_worker::cli::Cli::try_parse_from(&stage0).unwrap_or_else(|e| panic!("{e}"));
+    let moe_worker::cli::Command::Stage(s) = parsed.command else {
+        panic!("not a stage: {stage0:?}");
+    };
+    assert_eq!(s.part.layers, 0..2);
+    assert_eq!(s.next.as_deref(), Some("kube:tiny-stage-1:50051"));
+    assert_eq!(s.expert_addrs, "kube:tiny-experts:50051");
+    assert_eq!(s.part.model.model.to_string(), "synthetic:tiny:7");
+
+    let stage1 = template_args(&c.stages[1].spec.template);
+    let moe_worker::cli::Command::Stage(s) = moe_worker::cli::Cli::try_parse_from(&stage1)
+        .unwrap()
+        .command
+    else {
+        panic!("not a stage");
+    };
+    assert_eq!(s.part.layers, 2..4);
+    assert_eq!(s.next, None, "the last stage has no next");
+
+    let expert1 = template_args(&c.expert_shards[1].spec.template);
+    let moe_worker::cli::Command::Expert(e) = moe_worker::cli::Cli::try_parse_from(&expert1)
+        .unwrap()
+        .command
+    else {
+        panic!("not an expert shard");
+    };
+    let plan = planning::plan(&md.spec).unwrap();
+    assert_eq!(e.experts, plan.expert_shards[1].layout.experts);
+    assert_eq!(e.part.layers, plan.expert_shards[1].layout.layers());
+
+    let gw = template_args(&c.gateway.spec.template);
+    let moe_worker::cli::Command::Gateway(g) =
+        moe_worker::cli::Cli::try_parse_from(&gw).unwrap().command
+    else {
+        panic!("not a gateway");
+    };
+    assert_eq!(
+        g.stage_addrs,
+        "kube:tiny-stage-0:50051,kube:tiny-stage-1:50051"
+    );
+    assert_eq!(g.max_sequences, 4);
+}
+
+#[test]
+fn expert_replicas_and_spec_changes_flow_into_children() {
+    let mut md = example("tiny.yaml");
+    md.spec.experts.min_replicas = 2;
+    md.spec.parallelism.expert = Some(4);
+    let c = build(&md);
+    assert_eq!(c.expert_shards.len(), 4);
+    assert!(c.expert_shards.iter().all(|d| d.spec.replicas == Some(2)));
+    assert_eq!(c.pdbs.len(), 2 + 4);
+}
+
+#[test]
+fn gpt4_pods_ask_for_whole_a100_nodes() {
+    let md = example("gpt4.yaml");
+    let c = build(&md);
+    let plan = planning::plan(&md.spec).unwrap();
+    assert_eq!(c.stages.len(), plan.stages.len());
+    for (d, sh) in c.expert_shards.iter().zip(&plan.expert_shards) {
+        let res = d.spec.template.spec.as_ref().unwrap().containers[0]
+            .resources
+            .clone()
+            .unwrap();
+        assert_eq!(
+            res.limits.unwrap()["nvidia.com/gpu"].0,
+            sh.pod.gpus.to_string()
+        );
+    }
+}
+
+#[test]
+fn a_long_name_is_rejected_with_the_field() {
+    let mut md = example("tiny.yaml");
+    md.metadata.name = Some("x".repeat(41));
+    let plan = planning::plan(&md.spec).unwrap();
+    let err = resources::build(
+        &md,
+        &plan,
+        &Config {
+            worker_image: "w".into(),
+        },
+    )
+    .unwrap_err();
+    assert!(err.to_string().starts_with("metadata.name:"), "{err}");
+}
+
+/// The operator knows the worker's synthetic presets without linking the engine; this keeps
+/// the two in step.
+#[test]
+fn synthetic_presets_match_the_worker() {
+    for p in moe_worker::synthetic::presets() {
+        let mut md = example("tiny.yaml");
+        md.spec.model.source.synthetic.as_mut().unwrap().preset = p.name.into();
+        let dims = planning::model_dims(&md.spec).unwrap();
+        let c = &p.config;
+        assert_eq!(dims.num_layers, c.num_hidden_layers, "{}", p.name);
+        assert_eq!(dims.num_experts, c.num_local_experts, "{}", p.name);
+        assert_eq!(dims.top_k, c.num_experts_per_tok, "{}", p.name);
+        assert_eq!(dims.hidden_size, c.hidden_size, "{}", p.name);
+        assert_eq!(dims.intermediate_size, c.intermediate_size, "{}", p.name);
+        assert_eq!(
+            dims.num_attention_heads, c.num_attention_heads,
+            "{}",
+            p.name
+        );
+        assert_eq!(
+            dims.num_key_value_heads, c.num_key_value_heads,
+            "{}",
+            p.name
+        );
+        assert_eq!(dims.head_dim, c.head_dim, "{}", p.name);
+        assert_eq!(dims.vocab_size, c.vocab_size, "{}", p.name);
+        assert_eq!(
+            dims.max_position_embeddings, c.max_position_embeddings,
+            "{}",
+            p.name
+        );
+    }
+}
