@@ -691,8 +691,15 @@ pub fn expert_args(plan: &SizedPlan, j: usize) -> Vec<String> {
         experts.join(","),
         "--index".into(),
         j.to_string(),
+        // Stages stop sending a terminating replica work once its endpoint turns unready;
+        // keep serving until then.
+        "--drain-ms".into(),
+        EXPERT_DRAIN_MS.to_string(),
     ]
 }
+
+/// How long a terminating expert replica keeps serving (see `moe-worker --drain-ms`).
+pub const EXPERT_DRAIN_MS: u32 = 3000;
 
 /// Arguments of the gateway.
 pub fn gateway_args(md: &str, plan: &SizedPlan, max_sequences: i32) -> Vec<String> {

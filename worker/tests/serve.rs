@@ -474,3 +474,52 @@ fn children_exit_when_the_launcher_is_killed() {
     d.child.wait().expect("wait");
     wait_gone(&marker, "launcher killed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_key_guards_the_openai_routes_but_not_health_or_metrics() {
+    let d = Deployment::start_with_env("synthetic:tiny", 1, 1, &[], &[("MOE_API_KEY", "sk-e2e")]);
+    let http = reqwest::Client::new();
+    let body = json!({"prompt": [5, 6, 7], "max_tokens": 2});
+    let url = format!("{}/v1/completions", d.base);
+    let r = http.post(&url).json(&body).send().await.expect("http");
+    assert_eq!(r.status().as_u16(), 401);
+    let err: Value = r.json().await.expect("json");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("Missing API key"),
+        "{err}"
+    );
+    let r = http
+        .post(&url)
+        .bearer_auth("sk-wrong")
+        .json(&body)
+        .send()
+        .await
+        .expect("http");
+    assert_eq!(r.status().as_u16(), 401);
+    let r = http
+        .post(&url)
+        .bearer_auth("sk-e2e")
+        .json(&body)
+        .send()
+        .await
+        .expect("http");
+    assert_eq!(r.status().as_u16(), 200);
+    let r = http
+        .get(format!("{}/v1/models", d.base))
+        .send()
+        .await
+        .expect("http");
+    assert_eq!(r.status().as_u16(), 401);
+    for open in ["/healthz", "/readyz", "/metrics", "/v1/stats"] {
+        let r = http
+            .get(format!("{}{open}", d.base))
+            .send()
+            .await
+            .expect("http");
+        assert_eq!(r.status().as_u16(), 200, "{open}");
+    }
+    d.stop();
+}

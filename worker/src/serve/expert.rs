@@ -195,5 +195,5 @@ pub async fn run(args: ExpertArgs) -> Result<()> {
         .await;
     tracing::info!(layers = ?args.part.layers, experts = ?args.experts, replica = args.replica, "expert shard serving");
     let routes = tonic::service::Routes::new(health).add_service(service);
-    super::serve_grpc("expert", routes, listener, args.part.server.exit_with_stdin).await
+    super::serve_grpc("expert", routes, listener, &args.part.server, reporter).await
 }

@@ -2,6 +2,7 @@
 //! one-machine launcher that starts them as separate processes.
 
 pub mod bench;
+pub mod discovery;
 pub mod expert;
 pub mod gateway;
 pub mod local;
@@ -33,6 +34,11 @@ pub struct ServerArgs {
     /// outlives it).
     #[arg(long, hide = true)]
     pub exit_with_stdin: bool,
+
+    /// After a stop signal, report NOT_SERVING and keep serving this long (milliseconds) before
+    /// closing, so peers that discover this process stop sending it work first.
+    #[arg(long, env = "MOE_DRAIN_MS", default_value_t = 0)]
+    pub drain_ms: u64,
 }
 
 /// What a stage and an expert shard are both told: the model, where to listen, which layers
@@ -117,22 +123,61 @@ pub fn server() -> tonic::transport::Server {
         .tcp_nodelay(true)
 }
 
-/// Serves a role's gRPC services (health first) on `listener` until a shutdown signal.
+/// Serves a role's gRPC services (health first) on `listener` until a shutdown signal. On the
+/// signal the health service turns NOT_SERVING, the server keeps serving for `--drain-ms`, then
+/// stops accepting and gives in-flight calls up to [`CLOSE_GRACE`] to finish.
 pub async fn serve_grpc(
     role: &str,
     routes: tonic::service::Routes,
     listener: TcpListener,
-    exit_with_stdin: bool,
+    server_args: &ServerArgs,
+    health: tonic_health::server::HealthReporter,
 ) -> Result<()> {
-    server()
+    let (exit_with_stdin, drain) = (
+        server_args.exit_with_stdin,
+        Duration::from_millis(server_args.drain_ms),
+    );
+    let (closing_tx, closing_rx) = tokio::sync::watch::channel(false);
+    let stop = async move {
+        shutdown_signal(exit_with_stdin).await;
+        health
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+        if !drain.is_zero() {
+            tracing::info!(?drain, "stop requested: draining");
+            tokio::time::sleep(drain).await;
+        }
+        let _ = closing_tx.send(true);
+    };
+    let serve = server()
         .add_routes(routes)
-        .serve_with_incoming_shutdown(incoming(listener), shutdown_signal(exit_with_stdin))
-        .await
-        .map_err(|e| Error::peer(role, format!("server: {e}")))
+        .serve_with_incoming_shutdown(incoming(listener), stop);
+    // A long-lived stream (the pipeline's) would hold a graceful shutdown open forever.
+    let mut closing = closing_rx;
+    let cap = async move {
+        let _ = closing.wait_for(|c| *c).await;
+        tokio::time::sleep(CLOSE_GRACE).await;
+    };
+    tokio::select! {
+        r = serve => r.map_err(|e| Error::peer(role, format!("server: {e}"))),
+        _ = cap => {
+            tracing::info!("in-flight calls did not finish within {CLOSE_GRACE:?}; closing");
+            Ok(())
+        }
+    }
 }
 
-/// A lazily connecting channel to a peer worker.
+/// How long in-flight calls may run after a server stops accepting new ones.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// A lazily connecting channel to a peer worker at a fixed address (`discovery::channel`
+/// also takes `kube:SERVICE:PORT`).
 pub fn channel(addr: &str) -> Result<Channel> {
+    Ok(endpoint(addr)?.connect_lazy())
+}
+
+/// The data plane's transport settings for a peer at a fixed address.
+pub fn endpoint(addr: &str) -> Result<Endpoint> {
     let uri = if addr.contains("://") {
         addr.to_string()
     } else {
@@ -146,8 +191,7 @@ pub fn channel(addr: &str) -> Result<Channel> {
         .initial_connection_window_size(Some(CONNECTION_WINDOW))
         .max_frame_size(Some(FRAME))
         .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .connect_lazy())
+        .keep_alive_timeout(Duration::from_secs(5)))
 }
 
 /// Resolves when the process should stop: SIGINT, SIGTERM, or (when asked) standard input

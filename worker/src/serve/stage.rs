@@ -25,7 +25,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use super::expert::shard_info;
-use super::{LoadCounters, PartArgs, bind, channel, parse_addrs, remaining, to_status};
+use super::{LoadCounters, PartArgs, bind, channel, discovery, remaining, to_status};
 use crate::cli::load_with_progress;
 use crate::error::{Error, Result};
 use crate::model::{
@@ -75,91 +75,215 @@ struct Replica {
     outstanding: AtomicUsize,
 }
 
-/// One expert shard (a layer range × a set of experts) and its replicas.
+/// What an expert shard owns: (layer start, layer end, experts).
+type Ownership = (u32, u32, Vec<u32>);
+
+/// One expert shard (a layer range × a set of experts) and its live replicas.
 struct ShardGroup {
     name: String,
-    replicas: Vec<Replica>,
+    replicas: Vec<Arc<Replica>>,
 }
 
-/// Which shard computes each (layer, expert) of this stage's layers.
-pub struct ExpertRouter {
+/// Who computes what, at one moment: replaced whole when the set of expert processes changes.
+struct Table {
     groups: Vec<ShardGroup>,
-    layer_start: usize,
-    /// `[layer - layer_start][expert]` → index into `groups`.
+    /// `[layer - layer_start][expert]` → index into `groups`; `usize::MAX`: no live shard.
     owner: Vec<Vec<usize>>,
+}
+
+/// Which shard computes each (layer, expert) of this stage's layers, following the expert
+/// processes as they come and go (`kube:` peers): a new replica joins the table once it has
+/// answered `Describe`; a replica that leaves gets no new calls (calls already sent finish).
+pub struct ExpertRouter {
+    table: std::sync::RwLock<Arc<Table>>,
+    layers: std::ops::Range<usize>,
+    num_experts: usize,
+    num_layers: usize,
     hidden: usize,
+    max_message_bytes: usize,
+    /// Every replica that has described itself, by address.
+    known: Mutex<BTreeMap<String, (Ownership, Arc<Replica>)>>,
 }
 
 impl ExpertRouter {
-    /// Asks every address what it owns (retrying until `timeout`), groups replicas, and
-    /// checks that every expert of `layers` is covered.
+    /// Waits (up to `timeout`) until the peers in `peers` cover every expert of this stage's
+    /// layers, then keeps following `peers` in the background.
     pub async fn connect(
-        addrs: &[String],
+        mut peers: tokio::sync::watch::Receiver<Vec<String>>,
         model: &Model,
         max_message_bytes: usize,
         timeout: Duration,
-    ) -> Result<Self> {
+    ) -> Result<Arc<Self>> {
         let cfg = model.config();
-        let layers = model.spec().layers.clone();
+        let router = Arc::new(Self {
+            table: std::sync::RwLock::new(Arc::new(Table {
+                groups: Vec::new(),
+                owner: Vec::new(),
+            })),
+            layers: model.spec().layers.clone(),
+            num_experts: cfg.num_local_experts,
+            num_layers: cfg.num_hidden_layers,
+            hidden: cfg.hidden_size,
+            max_message_bytes,
+            known: Mutex::default(),
+        });
         let start = Instant::now();
-        let mut by_owner: BTreeMap<(u32, u32, Vec<u32>), Vec<Replica>> = BTreeMap::new();
-        for addr in addrs {
-            let mut client = ExpertClient::new(channel(addr)?)
-                .max_decoding_message_size(max_message_bytes)
-                .max_encoding_message_size(max_message_bytes);
-            let info: ShardInfo = loop {
-                let mut req = Request::new(DescribeRequest {});
-                req.set_timeout(Duration::from_secs(5));
-                match client.describe(req).await {
-                    Ok(r) => break r.into_inner(),
-                    Err(e) if start.elapsed() < timeout => {
-                        tracing::debug!(%addr, error = %e, "expert shard not ready yet");
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                    }
-                    Err(e) => {
-                        return Err(Error::peer(
-                            format!("expert shard {addr}"),
-                            format!("not reachable within {timeout:?}: {}", e.message()),
-                        ));
-                    }
-                }
+        loop {
+            let addrs = peers.borrow_and_update().clone();
+            let unreachable = router.refresh(&addrs, true).await?;
+            let missing = router.table().missing(&router.layers);
+            let Some((layer, expert)) = missing else {
+                break;
             };
-            if info.hidden_size as usize != cfg.hidden_size
-                || info.num_experts as usize != cfg.num_local_experts
-                || info.num_layers as usize != cfg.num_hidden_layers
-            {
+            if start.elapsed() >= timeout {
+                let why = if addrs.is_empty() {
+                    "no expert shard address resolved".to_string()
+                } else if unreachable.is_empty() {
+                    format!("no expert shard among {} owns it", addrs.join(", "))
+                } else {
+                    format!("not answering: {}", unreachable.join(", "))
+                };
                 return Err(Error::peer(
-                    format!("expert shard {addr}"),
-                    format!(
-                        "serves a different model ({} layers, {} experts, hidden {})",
-                        info.num_layers, info.num_experts, info.hidden_size
-                    ),
+                    "expert shards",
+                    format!("layer {layer} expert {expert} not covered within {timeout:?}: {why}"),
                 ));
             }
-            by_owner
-                .entry((info.layer_start, info.layer_end, info.experts.clone()))
-                .or_default()
-                .push(Replica {
-                    addr: addr.clone(),
-                    client,
-                    outstanding: AtomicUsize::new(0),
-                });
+            tracing::debug!(layer, expert, "waiting for an expert shard to cover");
+            let _ = tokio::time::timeout(Duration::from_millis(300), peers.changed()).await;
         }
+        tokio::spawn(Self::follow(Arc::downgrade(&router), peers));
+        Ok(router)
+    }
+
+    /// Re-reads the peer set on every change, and every few seconds (a replica that did not
+    /// answer `Describe` yet is asked again).
+    async fn follow(
+        router: std::sync::Weak<Self>,
+        mut peers: tokio::sync::watch::Receiver<Vec<String>>,
+    ) {
+        loop {
+            let changed = tokio::time::timeout(Duration::from_secs(3), peers.changed()).await;
+            if matches!(changed, Ok(Err(_))) {
+                // A fixed list never changes: nothing to follow.
+                return;
+            }
+            let Some(router) = router.upgrade() else {
+                return;
+            };
+            let addrs = peers.borrow_and_update().clone();
+            if let Err(e) = router.refresh(&addrs, false).await {
+                tracing::warn!(error = %e, "expert shard refresh failed");
+            }
+        }
+    }
+
+    fn table(&self) -> Arc<Table> {
+        match self.table.read() {
+            Ok(t) => t.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Brings the table in line with `addrs`: forgets replicas that left, asks new ones what
+    /// they own. Returns the addresses that did not answer. At startup (`strict`) a shard of a
+    /// different model is an error; later it is logged and ignored.
+    async fn refresh(&self, addrs: &[String], strict: bool) -> Result<Vec<String>> {
+        let new: Vec<String> = {
+            let mut known = self.known.lock().map_err(|_| poisoned())?;
+            known.retain(|a, _| addrs.contains(a));
+            addrs
+                .iter()
+                .filter(|a| !known.contains_key(*a))
+                .cloned()
+                .collect()
+        };
+        let answers = join_all(new.iter().map(|a| self.describe(a))).await;
+        let mut unreachable = Vec::new();
+        {
+            let mut known = self.known.lock().map_err(|_| poisoned())?;
+            for (addr, answer) in new.into_iter().zip(answers) {
+                match answer {
+                    Ok(Some(entry)) => {
+                        tracing::info!(%addr, layers = ?(entry.0.0..entry.0.1), experts = ?entry.0.2, "expert replica joined");
+                        known.insert(addr, entry);
+                    }
+                    Ok(None) => unreachable.push(addr),
+                    Err(e) if strict => return Err(e),
+                    Err(e) => tracing::warn!(%addr, error = %e, "ignoring expert shard"),
+                }
+            }
+            let table = self.build(&known);
+            let mut slot = self.table.write().map_err(|_| poisoned())?;
+            *slot = Arc::new(table);
+        }
+        Ok(unreachable)
+    }
+
+    /// Asks one address what it owns: `Ok(None)` when it does not answer (yet).
+    async fn describe(&self, addr: &str) -> Result<Option<(Ownership, Arc<Replica>)>> {
+        let limit = self.max_message_bytes;
+        let mut client = ExpertClient::new(channel(addr)?)
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(limit);
+        let mut req = Request::new(DescribeRequest {});
+        req.set_timeout(Duration::from_secs(2));
+        let info: ShardInfo =
+            match tokio::time::timeout(Duration::from_secs(3), client.describe(req)).await {
+                Ok(Ok(r)) => r.into_inner(),
+                Ok(Err(e)) => {
+                    tracing::debug!(%addr, error = %e, "expert shard not ready yet");
+                    return Ok(None);
+                }
+                Err(_) => return Ok(None),
+            };
+        if info.hidden_size as usize != self.hidden
+            || info.num_experts as usize != self.num_experts
+            || info.num_layers as usize != self.num_layers
+        {
+            return Err(Error::peer(
+                format!("expert shard {addr}"),
+                format!(
+                    "serves a different model ({} layers, {} experts, hidden {})",
+                    info.num_layers, info.num_experts, info.hidden_size
+                ),
+            ));
+        }
+        Ok(Some((
+            (info.layer_start, info.layer_end, info.experts),
+            Arc::new(Replica {
+                addr: addr.to_string(),
+                client,
+                outstanding: AtomicUsize::new(0),
+            }),
+        )))
+    }
+
+    fn build(&self, known: &BTreeMap<String, (Ownership, Arc<Replica>)>) -> Table {
+        let mut by_owner: BTreeMap<&Ownership, Vec<Arc<Replica>>> = BTreeMap::new();
+        for (own, r) in known.values() {
+            by_owner.entry(own).or_default().push(r.clone());
+        }
+        let layers = &self.layers;
         let mut groups = Vec::new();
-        let mut owner = vec![vec![usize::MAX; cfg.num_local_experts]; layers.len()];
+        let mut owner = vec![vec![usize::MAX; self.num_experts]; layers.len()];
         for ((ls, le, experts), replicas) in by_owner {
             let gi = groups.len();
-            for l in (ls as usize)..(le as usize) {
+            let mut used = false;
+            for l in (*ls as usize)..(*le as usize) {
                 let Some(row) = l.checked_sub(layers.start).and_then(|i| owner.get_mut(i)) else {
                     continue;
                 };
-                for &e in &experts {
+                for &e in experts {
                     if let Some(slot) = row.get_mut(e as usize)
                         && *slot == usize::MAX
                     {
                         *slot = gi;
+                        used = true;
                     }
                 }
+            }
+            if !used {
+                continue;
             }
             let list: Vec<String> = experts.iter().map(|e| e.to_string()).collect();
             groups.push(ShardGroup {
@@ -170,32 +294,22 @@ impl ExpertRouter {
                 replicas,
             });
         }
-        for (i, row) in owner.iter().enumerate() {
-            if let Some(e) = row.iter().position(|&g| g == usize::MAX) {
-                return Err(Error::invalid(
-                    "expert addrs",
-                    format!("no expert shard owns layer {} expert {e}", layers.start + i),
-                ));
-            }
-        }
-        Ok(Self {
-            groups,
-            layer_start: layers.start,
-            owner,
-            hidden: cfg.hidden_size,
-        })
+        Table { groups, owner }
     }
 
     /// Calls one shard, trying its replicas by least outstanding work.
-    async fn call(&self, group: usize, req: ExpertRequest, timeout: Duration) -> Result<Vec<f32>> {
-        let g = &self.groups[group];
+    async fn call(
+        &self,
+        g: &ShardGroup,
+        req: ExpertRequest,
+        timeout: Duration,
+    ) -> Result<Vec<f32>> {
         let rows: usize = req.experts.iter().map(|e| e.rows as usize).sum();
-        let mut order: Vec<usize> = (0..g.replicas.len()).collect();
-        order.sort_by_key(|&i| g.replicas[i].outstanding.load(Ordering::Relaxed));
+        let mut order: Vec<&Arc<Replica>> = g.replicas.iter().collect();
+        order.sort_by_key(|r| r.outstanding.load(Ordering::Relaxed));
         let deadline = Instant::now() + timeout;
         let mut last = String::new();
-        for i in order {
-            let r = &g.replicas[i];
+        for r in order {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 break;
@@ -233,11 +347,32 @@ impl ExpertRouter {
                 Err(_) => last = format!("{} at {}: no answer within {left:?}", g.name, r.addr),
             }
         }
+        if g.replicas.is_empty() {
+            return Err(Error::peer(&g.name, "no live replica"));
+        }
         if last.is_empty() {
             return Err(Error::Deadline(format!("{}: no time left", g.name)));
         }
         Err(Error::peer("expert call", last))
     }
+}
+
+impl Table {
+    /// The first (layer, expert) of `layers` that no live shard computes.
+    fn missing(&self, layers: &std::ops::Range<usize>) -> Option<(usize, usize)> {
+        if self.owner.is_empty() && !layers.is_empty() {
+            return Some((layers.start, 0));
+        }
+        self.owner.iter().enumerate().find_map(|(i, row)| {
+            row.iter()
+                .position(|&g| g == usize::MAX)
+                .map(|e| (layers.start + i, e))
+        })
+    }
+}
+
+fn poisoned() -> Error {
+    Error::peer("expert router", "lock poisoned")
 }
 
 /// Computes a layer's experts on the remote shards, from a blocking thread.
@@ -258,16 +393,25 @@ impl ExpertCompute for RemoteExperts<'_> {
     ) -> Result<()> {
         let r = self.router;
         let h = r.hidden;
+        let table = r.table();
         let owners = layer
-            .checked_sub(r.layer_start)
-            .and_then(|i| r.owner.get(i))
+            .checked_sub(r.layers.start)
+            .and_then(|i| table.owner.get(i))
             .ok_or_else(|| {
                 Error::invalid("layer", format!("{layer} is not owned by this stage"))
             })?;
         self.load
             .record_experts(layer, routing.counts().enumerate());
+        if let Some(e) = (0..routing.num_experts())
+            .find(|&e| !routing.for_expert(e).is_empty() && owners[e] == usize::MAX)
+        {
+            return Err(Error::peer(
+                format!("layer {layer}"),
+                format!("no live expert shard computes expert {e}"),
+            ));
+        }
         let mut calls = Vec::new();
-        for gi in 0..r.groups.len() {
+        for (gi, group) in table.groups.iter().enumerate() {
             let (mut gathered, mut groups) = (Vec::new(), Vec::new());
             gather(
                 routing,
@@ -292,7 +436,7 @@ impl ExpertCompute for RemoteExperts<'_> {
                     .collect(),
                 input: Some(encode_f32_owned(gathered, &[rows, h])),
             };
-            calls.push((gi, groups, r.call(gi, req, self.timeout)));
+            calls.push((gi, groups, r.call(group, req, self.timeout)));
         }
         let (meta, futs): (Vec<_>, Vec<_>) = calls
             .into_iter()
@@ -355,7 +499,7 @@ struct Core {
     caches: Mutex<HashMap<u64, KvCache>>,
     /// When each cached sequence last finished a micro-batch.
     last_used: Mutex<HashMap<u64, Instant>>,
-    experts: Option<ExpertRouter>,
+    experts: Option<Arc<ExpertRouter>>,
     load: LoadCounters,
     handle: tokio::runtime::Handle,
     expert_timeout: Duration,
@@ -769,7 +913,7 @@ pub async fn run(args: StageArgs) -> Result<()> {
     let listener = bind(args.part.server.listen, "stage").await?;
     let src = args.part.model.model.open()?;
     let cfg = src.config().clone();
-    let expert_addrs = parse_addrs(&args.expert_addrs);
+    let expert_addrs = discovery::parse_list(&args.expert_addrs)?;
     let spec = ShardSpec::stage(&cfg, args.part.layers.clone(), expert_addrs.is_empty());
     spec.check(&cfg)?;
     let is_last = args.part.layers.end == cfg.num_hidden_layers;
@@ -795,7 +939,7 @@ pub async fn run(args: StageArgs) -> Result<()> {
     } else {
         Some(
             ExpertRouter::connect(
-                &expert_addrs,
+                discovery::resolve(&args.expert_addrs)?,
                 &model,
                 limit,
                 Duration::from_secs(args.startup_timeout_s),
@@ -806,7 +950,7 @@ pub async fn run(args: StageArgs) -> Result<()> {
     let next = match &args.next {
         Some(addr) => Some((
             format!("stage {} at {addr}", args.part.index + 1),
-            StageClient::new(channel(addr)?)
+            StageClient::new(discovery::channel(addr)?)
                 .max_decoding_message_size(limit)
                 .max_encoding_message_size(limit),
         )),
@@ -838,5 +982,5 @@ pub async fn run(args: StageArgs) -> Result<()> {
         .max_encoding_message_size(limit);
     tracing::info!(layers = ?args.part.layers, "stage serving");
     let routes = tonic::service::Routes::new(health).add_service(service);
-    super::serve_grpc("stage", routes, listener, args.part.server.exit_with_stdin).await
+    super::serve_grpc("stage", routes, listener, &args.part.server, reporter).await
 }

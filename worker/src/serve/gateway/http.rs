@@ -23,10 +23,18 @@ use crate::error::Error;
 use crate::sampling::SamplingParams;
 
 pub fn router(shared: Arc<Shared>) -> Router {
-    Router::new()
+    // The OpenAI routes take the API key when one is set; health, metrics and the load
+    // statistics the operator reads do not.
+    let openai = Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
+        .route_layer(axum::middleware::from_fn_with_state(
+            shared.clone(),
+            require_api_key,
+        ));
+    Router::new()
+        .merge(openai)
         .route("/v1/stats", get(stats))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -34,6 +42,45 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(8 << 20))
         .with_state(shared)
+}
+
+/// Rejects a request without `Authorization: Bearer <key>` when the gateway has an API key.
+async fn require_api_key(
+    State(sh): State<Arc<Shared>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(key) = &sh.api_key else {
+        return next.run(req).await;
+    };
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match given {
+        Some(g) if constant_time_eq(g.as_bytes(), key.as_bytes()) => next.run(req).await,
+        Some(_) => unauthorized("Incorrect API key provided"),
+        None => unauthorized("Missing API key: send `Authorization: Bearer <key>`"),
+    }
+}
+
+fn unauthorized(message: &str) -> Response {
+    ApiError {
+        status: StatusCode::UNAUTHORIZED,
+        kind: "invalid_request_error",
+        message: message.to_string(),
+        param: None,
+        retry_after: None,
+    }
+    .into_response()
+}
+
+/// Compares without stopping at the first difference (the time taken does not tell how much
+/// of a guessed key was right).
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -47,6 +47,10 @@ pub struct GatewayArgs {
     #[arg(long, env = "MOE_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
 
+    /// API key the OpenAI routes require as `Authorization: Bearer <key>` (none: open).
+    #[arg(long, env = "MOE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
     /// Micro-batch lanes in flight at once (default: the number of stages, at least 2).
     #[arg(long, env = "MOE_MICRO_BATCHES")]
     pub micro_batches: Option<usize>,
@@ -94,6 +98,7 @@ pub struct GenRequest {
 
 pub struct Shared {
     pub model_name: String,
+    pub api_key: Option<String>,
     pub cfg: crate::config::ModelConfig,
     pub tokenizer: Option<Tokenizer>,
     pub metrics: Metrics,
@@ -403,6 +408,7 @@ pub async fn run(args: GatewayArgs) -> Result<()> {
             .served_model_name
             .clone()
             .unwrap_or_else(|| args.model.model.to_string()),
+        api_key: args.api_key.clone().filter(|k| !k.is_empty()),
         checker: Batcher::new(BatchLimits::of(&cfg), opts.clone())?,
         pipeline: Pipeline::new(&addrs, cfg.hidden_size, args.max_message_bytes)?,
         cfg,

@@ -18,7 +18,7 @@ use tonic::{Code, Request};
 
 use crate::engine::Step;
 use crate::error::{Error, Result};
-use crate::serve::{channel, now_unix_ms};
+use crate::serve::{discovery, now_unix_ms};
 
 type Reply = oneshot::Sender<Result<Vec<f32>>>;
 
@@ -41,7 +41,7 @@ impl Pipeline {
     pub fn new(addrs: &[String], hidden: usize, max_message_bytes: usize) -> Result<Self> {
         let channels = addrs
             .iter()
-            .map(|a| channel(a))
+            .map(|a| discovery::channel(a))
             .collect::<Result<Vec<_>>>()?;
         let stages = addrs
             .iter()
