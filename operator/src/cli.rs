@@ -36,6 +36,24 @@ pub enum Command {
         #[arg(short, long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
+    /// Benchmark the expert-autoscaling policy: load per replica under Zipf routing skew,
+    /// fixed uniform replicas vs the policy at the same total replica count.
+    BenchAutoscale {
+        /// The manifest whose plan gives the expert shards.
+        #[arg(short = 'f', long = "filename", default_value = "examples/gpt4.yaml")]
+        file: PathBuf,
+        /// Zipf exponent of the routing skew.
+        #[arg(long, default_value_t = 1.2)]
+        zipf: f64,
+        /// Tokens routed through each layer.
+        #[arg(long, default_value_t = 20_000)]
+        tokens: usize,
+        /// Expert replicas in all (default: the spec's totalReplicaBudget, else 3 per shard).
+        #[arg(long)]
+        replicas: Option<i32>,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -58,6 +76,26 @@ pub fn run(cli: Cli) -> Result<()> {
             result.map_err(Error::Run)?;
         }
         Command::Crd => print!("{}", crd_yaml()?),
+        Command::BenchAutoscale {
+            file,
+            zipf,
+            tokens,
+            replicas,
+            seed,
+        } => {
+            let moe = read_manifest(&file)?;
+            let plan = planning::plan(&moe.spec)?;
+            let shards = i32::try_from(plan.expert_shards.len()).unwrap_or(i32::MAX);
+            let e = &moe.spec.experts;
+            let total = replicas
+                .or(e.autoscaling.total_replica_budget)
+                .unwrap_or(3 * shards)
+                .max(shards);
+            print!(
+                "{}",
+                crate::bench::run(&plan, zipf, tokens, total, e.max_replicas, seed)
+            );
+        }
         Command::Plan { file, output } => {
             let moe = read_manifest(&file)?;
             let plan = planning::plan(&moe.spec)?;

@@ -23,7 +23,7 @@ use crate::crd::{AutoscalingDriver, MoEDeployment, MoEDeploymentStatus};
 use crate::metrics::Metrics;
 use crate::resources::{self, Children, LABEL_DEPLOYMENT};
 use crate::status::{self, Observed, Part};
-use crate::{Error, planning};
+use crate::{Error, autoscale, planning};
 
 /// The one field manager of every write.
 pub const MANAGER: &str = "moe-operator";
@@ -37,6 +37,8 @@ pub struct Context {
     pub config: resources::Config,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
+    /// Expert-autoscaling decisions by `MoEDeployment` uid (driver `operator`).
+    pub autoscale: Arc<autoscale::Store>,
 }
 
 /// Why a reconcile failed (the spec being invalid is not a failure: it is reported in status).
@@ -211,15 +213,38 @@ async fn prune_all(
 }
 
 /// Replicas per expert shard the operator writes; `None` leaves the field to whoever scales
-/// the shard (an HPA or KEDA on its scale subresource).
-pub fn shard_replicas(md: &MoEDeployment, shards: usize) -> Vec<Option<i32>> {
+/// the shard (an HPA or KEDA on its scale subresource). With the operator driving, the
+/// autoscaler's `decision`; before its first decision, what status last reported (an operator
+/// restart must not drop replicas the load needed), within min/max; otherwise `minReplicas`.
+pub fn shard_replicas(
+    md: &MoEDeployment,
+    shards: usize,
+    decision: Option<&[i32]>,
+) -> Vec<Option<i32>> {
     let e = &md.spec.experts;
     let external = e.autoscaling.enabled
         && matches!(
             e.autoscaling.driver,
             AutoscalingDriver::Hpa | AutoscalingDriver::Keda
         );
-    vec![(!external).then_some(e.min_replicas); shards]
+    if external {
+        return vec![None; shards];
+    }
+    if autoscale::operator_driven(md) {
+        let (lo, hi) = autoscale::bounds(e.min_replicas, e.max_replicas);
+        if let Some(d) = decision.filter(|d| d.len() == shards) {
+            return d.iter().map(|&r| Some(r.clamp(lo, hi))).collect();
+        }
+        let prev: Vec<i32> = md
+            .status
+            .as_ref()
+            .map(|s| s.expert_shard_status.iter().map(|x| x.replicas).collect())
+            .unwrap_or_default();
+        if prev.len() == shards && prev.iter().all(|&r| r > 0) {
+            return prev.iter().map(|&r| Some(r.clamp(lo, hi))).collect();
+        }
+    }
+    vec![Some(e.min_replicas); shards]
 }
 
 async fn write_status(
@@ -259,6 +284,47 @@ async fn publish(ctx: &Context, md: &MoEDeployment, t: status::Transition) {
     // An Event that cannot be written is not worth failing the reconcile for.
     if let Err(e) = ctx.recorder.publish(&event, &md.object_ref(&())).await {
         warn!(error = %e, "writing an Event failed");
+    }
+}
+
+/// A Normal `ExpertsScaled` Event per expert shard whose replicas were just changed by the
+/// autoscaler (against what status last reported).
+async fn scaled_events(
+    ctx: &Context,
+    md: &MoEDeployment,
+    plan: &moe_plan::SizedPlan,
+    prev: &MoEDeploymentStatus,
+    applied: &[Option<i32>],
+    d: &autoscale::Published,
+) {
+    if prev.expert_shard_status.len() != applied.len() {
+        return;
+    }
+    for (j, (was, now)) in prev.expert_shard_status.iter().zip(applied).enumerate() {
+        let Some(now) = *now else { continue };
+        if was.replicas == now || was.replicas == 0 {
+            continue;
+        }
+        let l = &plan.expert_shards[j].layout;
+        let load = d.tokens_per_second.get(j).copied().unwrap_or(0.0);
+        let why = d.last_change.as_deref().unwrap_or(&d.reason);
+        let note = format!(
+            "expert shard {j} (layers {}..{}, experts {:?}): {} → {} replicas at {load:.0} tok/s: {why}",
+            l.layer_start, l.layer_end, l.experts, was.replicas, now
+        );
+        info!(shard = j, from = was.replicas, to = now, "{note}");
+        // An Event's note holds at most 1 kB.
+        let note: String = note.chars().take(1000).collect();
+        let event = Event {
+            type_: EventType::Normal,
+            reason: "ExpertsScaled".into(),
+            note: Some(note),
+            action: "Scale".into(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&event, &md.object_ref(&())).await {
+            warn!(error = %e, "writing an Event failed");
+        }
     }
 }
 
@@ -305,10 +371,19 @@ async fn reconcile_inner(md: &MoEDeployment, ctx: &Context) -> Result<Action, Re
 
     // Build.
     let mut children = resources::build(md, &plan, &ctx.config)?;
+    let decision = autoscale::operator_driven(md)
+        .then(|| md.uid().and_then(|uid| ctx.autoscale.decision(&uid)))
+        .flatten()
+        .filter(|d| d.desired.len() == plan.expert_shards.len());
+    let replicas = shard_replicas(
+        md,
+        plan.expert_shards.len(),
+        decision.as_ref().map(|d| d.desired.as_slice()),
+    );
     for (d, r) in children
         .expert_shards
         .iter_mut()
-        .zip(shard_replicas(md, plan.expert_shards.len()))
+        .zip(replicas.iter().copied())
     {
         d.spec.replicas = r;
     }
@@ -327,8 +402,11 @@ async fn reconcile_inner(md: &MoEDeployment, ctx: &Context) -> Result<Action, Re
             .collect(),
         gateway: Part::from_deployment(&applied.gateway),
     };
+    if let Some(d) = &decision {
+        scaled_events(ctx, md, &plan, &prev, &replicas, d).await;
+    }
     let endpoint = format!("{}.{ns}.svc:80", md.name_any());
-    let next = status::compute(
+    let mut next = status::compute(
         &prev,
         generation,
         &plan,
@@ -336,6 +414,14 @@ async fn reconcile_inner(md: &MoEDeployment, ctx: &Context) -> Result<Action, Re
         endpoint,
         Timestamp::now(),
     );
+    match &decision {
+        Some(d) => status::with_autoscaling(&mut next, d),
+        // Until the autoscaler has sampled (an operator restart), keep what status showed.
+        None if autoscale::operator_driven(md) => {
+            next.autoscaling = prev.autoscaling.clone();
+        }
+        None => {}
+    }
     for t in status::transitions(&prev, &next) {
         publish(ctx, md, t).await;
     }

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -407,6 +407,31 @@ pub struct MoEDeploymentStatus {
     pub total_parameters: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub active_parameters_per_token: Option<i64>,
+    /// What the operator's expert autoscaler last saw and decided (driver `operator`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingStatus>,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoscalingStatus {
+    /// Smoothed routed tokens per second, all expert shards together.
+    #[serde(default)]
+    pub tokens_per_second: i64,
+    /// The busiest replica's load over the mean load per replica, at the current replicas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_imbalance: Option<f64>,
+    /// The latest decision and its inputs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_decision: Option<String>,
+    /// When replicas last changed, and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale_time: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale_reason: Option<String>,
+    /// The gateway pod whose statistics were read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
 
 #[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
@@ -418,6 +443,12 @@ pub struct ExpertShardStatus {
     pub experts: Vec<i32>,
     pub replicas: i32,
     pub ready_replicas: i32,
+    /// Smoothed routed tokens per second over this shard's (layer, expert) pairs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_second: Option<i64>,
+    /// Replicas the autoscaler wants (equal to `replicas` once applied).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_replicas: Option<i32>,
 }
 
 fn one() -> i32 {

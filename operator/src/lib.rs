@@ -3,6 +3,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod autoscale;
+pub mod bench;
 pub mod cli;
 pub mod controller;
 pub mod crd;

@@ -20,6 +20,7 @@ use kube::runtime::{Controller, watcher};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
+use crate::autoscale;
 use crate::controller::{self, Context};
 use crate::crd::MoEDeployment;
 use crate::leader::{self, LeaseConfig};
@@ -69,6 +70,14 @@ pub struct RunArgs {
 
     #[arg(long, value_enum, default_value_t = LogFormat::Json)]
     pub log_format: LogFormat,
+
+    /// Seconds between two reads of each autoscaled deployment's gateway statistics.
+    #[arg(long, env = "MOE_AUTOSCALE_INTERVAL_S", default_value_t = 5)]
+    pub autoscale_interval_s: u64,
+
+    /// Time constant, in seconds, of the moving average of each expert shard's load.
+    #[arg(long, env = "MOE_AUTOSCALE_SMOOTHING_S", default_value_t = 20)]
+    pub autoscale_smoothing_s: u64,
 }
 
 #[derive(Clone)]
@@ -183,6 +192,7 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
         metrics.leader.set(1);
     }
 
+    let autoscale_store = Arc::new(autoscale::Store::default());
     let ctx = Arc::new(Context {
         client: client.clone(),
         config: resources::Config {
@@ -196,6 +206,7 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
             },
         ),
         metrics: metrics.clone(),
+        autoscale: autoscale_store.clone(),
     });
     let (mds, sts, deps): (Api<MoEDeployment>, Api<StatefulSet>, Api<Deployment>) =
         match &args.namespace {
@@ -214,9 +225,24 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
         watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
 
     let (ctl_stop_tx, mut ctl_stop_rx) = watch::channel(false);
-    let controller = Controller::new(mds, watcher::Config::default().any_semantic())
+    // Expert autoscaling samples outside reconcile and asks for a reconcile when it decides.
+    let (scale_tx, scale_rx) = futures::channel::mpsc::unbounded();
+    let controller = Controller::new(mds, watcher::Config::default().any_semantic());
+    let autoscaler = tokio::spawn(autoscale::run(
+        client.clone(),
+        controller.store(),
+        autoscale_store,
+        scale_tx,
+        autoscale::LoopConfig {
+            interval: Duration::from_secs(args.autoscale_interval_s.max(1)),
+            smoothing: Duration::from_secs(args.autoscale_smoothing_s),
+            ..autoscale::LoopConfig::default()
+        },
+    ));
+    let controller = controller
         .owns(sts, owned.clone())
         .owns(deps, owned)
+        .reconcile_all_on(scale_rx)
         .graceful_shutdown_on(async move {
             let _ = ctl_stop_rx.wait_for(|s| *s).await;
         })
@@ -246,6 +272,7 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
             lost_leadership = true;
         }
     }
+    autoscaler.abort();
     // Let in-flight reconciles finish, then stop serving and hand the Lease over.
     let _ = ctl_stop_tx.send(true);
     if tokio::time::timeout(Duration::from_secs(20), &mut controller)

@@ -7,7 +7,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use moe_plan::SizedPlan;
 
-use crate::crd::{ExpertShardStatus, MoEDeploymentStatus};
+use crate::crd::{AutoscalingStatus, ExpertShardStatus, MoEDeploymentStatus};
 
 pub const READY: &str = "Ready";
 pub const PROGRESSING: &str = "Progressing";
@@ -217,6 +217,7 @@ pub fn compute(
             experts: sh.layout.experts.iter().map(|&e| e as i32).collect(),
             replicas: p.desired,
             ready_replicas: p.ready,
+            ..ExpertShardStatus::default()
         })
         .collect();
     let gpus = plan.stages.iter().map(|s| s.pod.gpus).sum::<usize>() as i64
@@ -246,7 +247,34 @@ pub fn compute(
         gpus: i32::try_from(gpus).unwrap_or(i32::MAX),
         total_parameters: i64::try_from(plan.total_parameters).ok(),
         active_parameters_per_token: i64::try_from(plan.active_parameters_per_token).ok(),
+        autoscaling: None,
     }
+}
+
+/// Adds the expert autoscaler's inputs and decision to `status` (driver `operator`).
+pub fn with_autoscaling(status: &mut MoEDeploymentStatus, d: &crate::autoscale::Published) {
+    let replicas: Vec<i32> = status
+        .expert_shard_status
+        .iter()
+        .map(|s| s.replicas)
+        .collect();
+    for (s, (&load, &want)) in status
+        .expert_shard_status
+        .iter_mut()
+        .zip(d.tokens_per_second.iter().zip(&d.desired))
+    {
+        s.tokens_per_second = Some(load.round() as i64);
+        s.desired_replicas = Some(want);
+    }
+    let imbalance = crate::autoscale::imbalance(&d.tokens_per_second, &replicas);
+    status.autoscaling = Some(AutoscalingStatus {
+        tokens_per_second: d.tokens_per_second.iter().sum::<f64>().round() as i64,
+        load_imbalance: Some((imbalance * 100.0).round() / 100.0),
+        last_decision: Some(d.reason.clone()),
+        last_scale_time: d.last_scale_time.map(Time),
+        last_scale_reason: d.last_change.clone(),
+        source: Some(d.source.clone()),
+    });
 }
 
 /// The status of a spec the operator cannot deploy: the error names the field. The workloads

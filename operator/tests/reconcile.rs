@@ -181,6 +181,7 @@ async fn reconcile(
             },
         ),
         metrics: Arc::new(Metrics::new()),
+        autoscale: Default::default(),
     });
     let result = controller::reconcile(Arc::new(md), ctx).await;
     // Dropping the last client ends the fake server.
