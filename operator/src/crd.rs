@@ -177,7 +177,7 @@ pub struct HostPathSource {
 #[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct SyntheticSource {
-    /// A preset of `moe-worker` (tiny, mini, base, gpt4-mini).
+    /// A preset of `moe-worker` (tiny, tiny-hot, mini, base, gpt4-mini).
     #[schemars(length(min = 1))]
     pub preset: String,
     #[serde(default)]

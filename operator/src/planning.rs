@@ -12,7 +12,8 @@ const GIB: u64 = 1 << 30;
 fn preset(name: &str) -> Option<ModelDims> {
     // (vocab, hidden, intermediate, layers, heads, kv heads, experts, top-k, context)
     let (v, h, i, l, heads, kv, e, k, ctx) = match name {
-        "tiny" => (512, 64, 128, 4, 4, 2, 8, 2, 2048),
+        // tiny-hot: tiny's shape, routers skewed towards experts 0-3 (weights differ, not shape).
+        "tiny" | "tiny-hot" => (512, 64, 128, 4, 4, 2, 8, 2, 2048),
         "mini" => (32000, 512, 1408, 8, 8, 2, 8, 2, 32768),
         "base" => (32000, 1024, 2816, 8, 16, 4, 8, 2, 32768),
         "gpt4-mini" => (100_352, 128, 256, 120, 8, 2, 16, 2, 8192),
@@ -68,7 +69,7 @@ pub fn model_dims(spec: &MoEDeploymentSpec) -> Result<ModelDims> {
             Error::invalid(
                 "spec.model.source.synthetic.preset",
                 format!(
-                    "unknown preset `{}` (known: tiny, mini, base, gpt4-mini); \
+                    "unknown preset `{}` (known: tiny, tiny-hot, mini, base, gpt4-mini); \
                      or give spec.model.architecture",
                     s.preset
                 ),
@@ -105,4 +106,15 @@ pub fn plan(spec: &MoEDeploymentSpec) -> Result<SizedPlan> {
             Error::invalid(format!("spec.{field}"), message)
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiny_hot_plans_like_tiny() {
+        assert_eq!(preset("tiny-hot"), preset("tiny"));
+        assert!(preset("tiny-cold").is_none());
+    }
 }

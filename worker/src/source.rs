@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::synthetic::{self, Synthetic};
+use crate::synthetic;
 use crate::tokenizer::Tokenizer;
 use crate::weights::{Checkpoint, WeightSource};
 
@@ -59,7 +59,7 @@ impl ModelArg {
         Ok(match self {
             Self::Dir(d) => Arc::new(Checkpoint::open(d)?),
             Self::Synthetic { preset, seed } => {
-                Arc::new(Synthetic::new(synthetic::preset(preset)?.config, *seed))
+                Arc::new(synthetic::preset(preset)?.synthetic(*seed))
             }
         })
     }

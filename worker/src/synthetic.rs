@@ -18,6 +18,19 @@ pub struct Preset {
     pub about: &'static str,
     pub config: ModelConfig,
     pub tokenizer: TokenizerKind,
+    /// Routers favour experts `0..hot_experts` in every layer (0: no skew). See [`Synthetic`].
+    pub hot_experts: usize,
+}
+
+impl Preset {
+    /// The preset's weights with `seed`.
+    pub fn synthetic(&self, seed: u64) -> Synthetic {
+        Synthetic {
+            config: self.config.clone(),
+            seed,
+            hot_experts: self.hot_experts,
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -69,24 +82,35 @@ pub fn presets() -> Vec<Preset> {
             about: "4 layers, 8 experts, top-2, hidden 64: quick checks",
             config: shape(512, 64, 128, 4, 4, 2, 8, 2, 2048),
             tokenizer: TokenizerKind::ByteLevel,
+            hot_experts: 0,
+        },
+        Preset {
+            name: "tiny-hot",
+            about: "tiny whose routers send most tokens to experts 0-3 (expert shard 0 of 2): autoscaling tests",
+            config: shape(512, 64, 128, 4, 4, 2, 8, 2, 2048),
+            tokenizer: TokenizerKind::ByteLevel,
+            hot_experts: 4,
         },
         Preset {
             name: "mini",
             about: "8 layers, 8 experts, top-2, hidden 512, vocab 32000: the engine benchmark's small model",
             config: shape(32000, 512, 1408, 8, 8, 2, 8, 2, 32768),
             tokenizer: TokenizerKind::ByteLevel,
+            hot_experts: 0,
         },
         Preset {
             name: "base",
             about: "8 layers, 8 experts, top-2, hidden 1024, vocab 32000: the engine benchmark's larger model",
             config: shape(32000, 1024, 2816, 8, 16, 4, 8, 2, 32768),
             tokenizer: TokenizerKind::ByteLevel,
+            hot_experts: 0,
         },
         Preset {
             name: "gpt4-mini",
             about: "GPT-4's reported topology (120 layers, 16 experts, top-2, 8k context, cl100k_base) at hidden 128",
             config: gpt4_mini,
             tokenizer: TokenizerKind::Cl100kBase,
+            hot_experts: 0,
         },
     ]
 }
@@ -108,15 +132,52 @@ pub fn preset(name: &str) -> Result<Preset> {
 }
 
 /// A synthetic model: config + seed. Tensors are generated on demand.
+///
+/// With `hot_experts > 0`, routing is skewed towards experts `0..hot_experts`: every token's
+/// embedding carries a constant `HOT_OFFSET` in hidden dimension 0, which the residual stream
+/// keeps, and every router row has `+HOT_ROUTER` in column 0 for a hot expert and `-HOT_ROUTER`
+/// for the others, so that the normalised hidden state's large positive dimension 0 lifts the
+/// hot experts' logits well above the cold ones. Which hot experts a token picks still varies.
 #[derive(Debug, Clone)]
 pub struct Synthetic {
     pub config: ModelConfig,
     pub seed: u64,
+    pub hot_experts: usize,
 }
+
+/// See [`Synthetic`]: the embedding's constant in hidden dimension 0, and the router's weight
+/// on it.
+pub const HOT_OFFSET: f32 = 8.0;
+pub const HOT_ROUTER: f32 = 0.5;
 
 impl Synthetic {
     pub fn new(config: ModelConfig, seed: u64) -> Self {
-        Self { config, seed }
+        Self {
+            config,
+            seed,
+            hot_experts: 0,
+        }
+    }
+
+    /// The routing skew's changes to a freshly drawn tensor.
+    fn skew(&self, name: &str, shape: &[usize], out: &mut [f32]) {
+        let cols = *shape.last().unwrap_or(&1);
+        if self.hot_experts == 0 || shape.len() != 2 || cols == 0 {
+            return;
+        }
+        if name == names::EMBED {
+            for row in out.chunks_mut(cols) {
+                row[0] = HOT_OFFSET;
+            }
+        } else if name.ends_with("block_sparse_moe.gate.weight") {
+            for (e, row) in out.chunks_mut(cols).enumerate() {
+                row[0] = if e < self.hot_experts {
+                    HOT_ROUTER
+                } else {
+                    -HOT_ROUTER
+                };
+            }
+        }
     }
 
     /// The tensor `name` with `shape`, as a pure function of (seed, name).
@@ -149,6 +210,7 @@ impl Synthetic {
                     *v = center + spread * u;
                 }
             });
+        self.skew(name, shape, &mut out);
         out
     }
 }
@@ -203,7 +265,7 @@ pub fn export(
 ) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let cfg = &preset.config;
-    let synth = Synthetic::new(cfg.clone(), seed);
+    let synth = preset.synthetic(seed);
     let tensors = all_tensors(cfg);
 
     // Group tensors into shards of at most `shard_bytes` each.
@@ -321,5 +383,92 @@ mod tests {
         );
         assert_eq!(g.max_position_embeddings, 8192);
         assert!(preset("gpt5").is_err());
+    }
+
+    /// Share of routed picks that go to experts `0..4`, over every layer, for 64 prompt tokens.
+    fn hot_share(preset_name: &str) -> (f64, [usize; 8]) {
+        use crate::model::{
+            Chunk, ExpertCompute, LocalExperts, Model, MoeScratch, Routing, Scratch,
+        };
+        use crate::weights::ShardSpec;
+
+        struct Counting<'a> {
+            inner: LocalExperts<'a>,
+            picks: [usize; 8],
+        }
+        impl ExpertCompute for Counting<'_> {
+            fn compute(
+                &mut self,
+                layer: usize,
+                routing: &Routing,
+                x: &[f32],
+                out: &mut [f32],
+            ) -> Result<()> {
+                for &e in &routing.experts {
+                    self.picks[e as usize] += 1;
+                }
+                self.inner.compute(layer, routing, x, out)
+            }
+        }
+
+        let synth = preset(preset_name).expect("preset").synthetic(7);
+        let cfg = synth.config.clone();
+        let model = Model::load(&synth, ShardSpec::full(&cfg), &mut |_| {}).expect("load");
+        let prompt: Vec<u32> = (0..64)
+            .map(|i| (i * 37 + 5) % cfg.vocab_size as u32)
+            .collect();
+        let (mut hidden, mut s, mut moe) = (Vec::new(), Scratch::default(), MoeScratch::default());
+        let mut cache = model.new_cache(prompt.len());
+        model.embed(&prompt, &mut hidden).expect("embed");
+        let mut counting = Counting {
+            inner: LocalExperts {
+                model: &model,
+                scratch: &mut moe,
+            },
+            picks: [0; 8],
+        };
+        let chunk = Chunk {
+            start: 0,
+            len: prompt.len(),
+        };
+        model
+            .forward_layers(
+                &mut hidden,
+                &[chunk],
+                &mut [&mut cache],
+                &mut counting,
+                &mut s,
+            )
+            .expect("forward");
+        let p = counting.picks;
+        let hot: usize = p[..4].iter().sum();
+        (hot as f64 / p.iter().sum::<usize>() as f64, p)
+    }
+
+    #[test]
+    fn tiny_hot_routes_most_tokens_to_the_first_expert_shard() {
+        let (share, picks) = hot_share("tiny-hot");
+        assert!(
+            share > 0.9,
+            "experts 0-3 got {share:.2} of picks: {picks:?}"
+        );
+        // Spread over all four hot experts, not one.
+        assert!(picks[..4].iter().all(|&n| n > 0), "{picks:?}");
+        let (share, picks) = hot_share("tiny");
+        assert!((0.25..0.75).contains(&share), "tiny: {share:.2}: {picks:?}");
+        let hot = preset("tiny-hot").expect("preset").config;
+        let tiny = preset("tiny").expect("preset").config;
+        assert_eq!(
+            (
+                hot.num_hidden_layers,
+                hot.num_local_experts,
+                hot.hidden_size
+            ),
+            (
+                tiny.num_hidden_layers,
+                tiny.num_local_experts,
+                tiny.hidden_size
+            )
+        );
     }
 }

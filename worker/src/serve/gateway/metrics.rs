@@ -1,4 +1,12 @@
-//! The gateway's Prometheus metrics.
+//! The gateway's Prometheus metrics: `moe_gateway_*` for requests and steps, and the expert
+//! load the stages report (`moe_expert_tokens_total{layer,expert}`,
+//! `moe_expert_load_imbalance`), refreshed by polling the stages' `LoadStats` (never reset).
+//!
+//! Every gateway replica polls the same stages, so each exports the deployment's whole count:
+//! aggregate replicas with `max by (layer, expert)`, not `sum`.
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -19,12 +27,22 @@ pub struct FinishLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ExpertLabel {
+    pub layer: u32,
+    pub expert: u32,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LaneLabel {
     pub lane: u32,
 }
 
 pub struct Metrics {
     registry: Registry,
+    /// Unprefixed: `moe_expert_*`.
+    experts: Registry,
+    pub expert_tokens: Family<ExpertLabel, Counter>,
+    pub expert_load_imbalance: Gauge<f64, AtomicU64>,
     pub requests: Family<RequestLabel, Counter>,
     pub finish: Family<FinishLabel, Counter>,
     pub prompt_tokens: Counter,
@@ -50,7 +68,22 @@ impl Metrics {
             time_to_first_token: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
             step_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             registry: Registry::default(),
+            experts: Registry::default(),
+            expert_tokens: Family::default(),
+            expert_load_imbalance: Gauge::default(),
         };
+        let mut experts = Registry::default();
+        experts.register(
+            "moe_expert_tokens",
+            "Tokens routed to each (layer, expert), all stages together (cumulative)",
+            m.expert_tokens.clone(),
+        );
+        experts.register(
+            "moe_expert_load_imbalance",
+            "Busiest (layer, expert) over the mean of all the model's (layer, expert) pairs, \
+             in routed tokens over the last poll window (1 = balanced, 0 = no traffic)",
+            m.expert_load_imbalance.clone(),
+        );
         registry.register(
             "requests",
             "HTTP requests by endpoint and status",
@@ -92,7 +125,22 @@ impl Metrics {
             "Round trip of one micro-batch through the pipeline",
             m.step_seconds.clone(),
         );
-        Self { registry, ..m }
+        Self {
+            registry,
+            experts,
+            ..m
+        }
+    }
+
+    /// Adds one window's routed tokens per (layer, expert) and sets the imbalance gauge over
+    /// the model's `pairs` (layers × experts).
+    pub fn record_expert_window(&self, deltas: &[((u32, u32), u64)], pairs: usize) {
+        for &((layer, expert), d) in deltas {
+            self.expert_tokens
+                .get_or_create(&ExpertLabel { layer, expert })
+                .inc_by(d);
+        }
+        self.expert_load_imbalance.set(imbalance(deltas, pairs));
     }
 
     pub fn finished(&self, reason: &str) {
@@ -114,7 +162,10 @@ impl Metrics {
 
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        use prometheus_client::encoding::text::{encode_eof, encode_registry};
+        let _ = encode_registry(&mut out, &self.registry);
+        let _ = encode_registry(&mut out, &self.experts);
+        let _ = encode_eof(&mut out);
         out
     }
 }
@@ -122,5 +173,75 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// The last cumulative reading of every (layer, expert) counter, to turn readings into
+/// increments.
+#[derive(Debug, Default)]
+pub struct ExpertTotals {
+    last: HashMap<(u32, u32), u64>,
+}
+
+impl ExpertTotals {
+    /// Tokens routed to each (layer, expert) since the previous reading. A counter that went
+    /// down was reset (a stage restarted, or `/v1/stats?reset=true`): it counts from zero.
+    pub fn fold(
+        &mut self,
+        reading: impl IntoIterator<Item = ((u32, u32), u64)>,
+    ) -> Vec<((u32, u32), u64)> {
+        let mut out: Vec<((u32, u32), u64)> = reading
+            .into_iter()
+            .map(|(k, now)| {
+                let before = self.last.insert(k, now).unwrap_or(0);
+                (k, if now >= before { now - before } else { now })
+            })
+            .collect();
+        out.sort_unstable();
+        out
+    }
+}
+
+/// max / mean routed tokens per (layer, expert) over `pairs` pairs (the unseen ones count as
+/// zero); 0 when nothing was routed.
+pub fn imbalance(deltas: &[((u32, u32), u64)], pairs: usize) -> f64 {
+    let total: u64 = deltas.iter().map(|(_, d)| d).sum();
+    let max = deltas.iter().map(|&(_, d)| d).max().unwrap_or(0);
+    let pairs = pairs.max(deltas.len()).max(1);
+    if total == 0 {
+        return 0.0;
+    }
+    max as f64 / (total as f64 / pairs as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readings_become_increments_and_the_imbalance() {
+        let mut t = ExpertTotals::default();
+        assert_eq!(
+            t.fold([((0, 1), 10), ((0, 0), 30)]),
+            vec![((0, 0), 30), ((0, 1), 10)]
+        );
+        // Counters keep growing; one was reset to 4.
+        let d = t.fold([((0, 0), 50), ((0, 1), 4)]);
+        assert_eq!(d, vec![((0, 0), 20), ((0, 1), 4)]);
+        // Four pairs, two idle: mean 6, max 20.
+        assert!((imbalance(&d, 4) - 20.0 / 6.0).abs() < 1e-12);
+        assert_eq!(imbalance(&[((0, 0), 0)], 4), 0.0);
+
+        let m = Metrics::new();
+        m.record_expert_window(&d, 4);
+        m.record_expert_window(&[((0, 0), 5)], 4);
+        let text = m.render();
+        assert!(
+            text.contains("moe_expert_tokens_total{layer=\"0\",expert=\"0\"} 25"),
+            "{text}"
+        );
+        assert!(text.contains("moe_expert_load_imbalance 4.0"), "{text}");
+        assert!(text.contains("moe_gateway_ready"), "{text}");
+        assert_eq!(text.matches("# EOF").count(), 1);
     }
 }

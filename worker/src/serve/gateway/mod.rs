@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-pub use metrics::Metrics;
+pub use metrics::{ExpertTotals, Metrics};
 pub use pipeline::Pipeline;
 
 use crate::cli::{ModelArgs, load_with_progress};
@@ -74,6 +74,11 @@ pub struct GatewayArgs {
     /// Largest gRPC message accepted or sent, in bytes.
     #[arg(long, env = "MOE_MAX_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
     pub max_message_bytes: usize,
+
+    /// How often, in milliseconds, the stages' routed-token counters are read into
+    /// `moe_expert_tokens_total` and `moe_expert_load_imbalance` (0: never).
+    #[arg(long, env = "MOE_STATS_INTERVAL_MS", default_value_t = 2000)]
+    pub stats_interval_ms: u64,
 
     #[arg(long, hide = true)]
     pub exit_with_stdin: bool,
@@ -350,6 +355,36 @@ fn release(shared: &Arc<Shared>, ids: Vec<SeqId>) {
     });
 }
 
+/// Reads every stage's routed-token counters (without resetting them) into the Prometheus
+/// metrics, every `every`. The imbalance gauge is updated only when every stage answered.
+async fn poll_expert_stats(shared: Arc<Shared>, every: Duration) {
+    let pairs = shared.cfg.num_hidden_layers * shared.cfg.num_local_experts;
+    let mut totals = ExpertTotals::default();
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let replies = shared.stage_stats(false).await;
+        let complete = replies.iter().all(|r| r.is_ok());
+        let mut reading: std::collections::BTreeMap<(u32, u32), u64> = Default::default();
+        for e in replies.iter().flatten().flat_map(|s| &s.experts) {
+            *reading.entry((e.layer, e.expert)).or_default() += e.tokens;
+        }
+        let deltas = totals.fold(reading);
+        if complete {
+            shared.metrics.record_expert_window(&deltas, pairs);
+        } else {
+            for &((layer, expert), d) in &deltas {
+                shared
+                    .metrics
+                    .expert_tokens
+                    .get_or_create(&metrics::ExpertLabel { layer, expert })
+                    .inc_by(d);
+            }
+        }
+    }
+}
+
 /// Polls every stage's gRPC health; the gateway is ready when all serve.
 async fn watch_readiness(shared: Arc<Shared>) {
     use tonic_health::pb::HealthCheckRequest;
@@ -430,6 +465,12 @@ pub async fn run(args: GatewayArgs) -> Result<()> {
         tokio::spawn(lane(shared.clone(), i));
     }
     tokio::spawn(watch_readiness(shared.clone()));
+    if args.stats_interval_ms > 0 {
+        tokio::spawn(poll_expert_stats(
+            shared.clone(),
+            Duration::from_millis(args.stats_interval_ms),
+        ));
+    }
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| Error::peer("gateway", format!("cannot listen on {}: {e}", args.listen)))?;
