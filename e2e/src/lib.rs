@@ -16,6 +16,7 @@
 
 pub mod binaries;
 mod cluster;
+pub mod moe;
 pub mod net;
 pub mod node;
 mod pki;

@@ -6,10 +6,10 @@
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, OwnerReference};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::Client;
-use kube::api::{Api, PostParams};
+use kube::api::{Api, DeleteParams, PostParams, Preconditions};
 use tracing::{debug, info, warn};
 
 #[derive(Debug, Clone)]
@@ -21,6 +21,26 @@ pub struct LeaseConfig {
     pub duration: Duration,
     /// How often the holder renews (and a candidate retries).
     pub retry: Duration,
+    /// The holder's own Pod, set as the Lease's owner while it holds it: when that Pod is
+    /// deleted (say by `helm uninstall`, which may remove the RBAC that `release` needs
+    /// first), the garbage collector removes the Lease with it.
+    pub owner: Option<OwnerReference>,
+}
+
+/// The owner reference of the Pod this process runs in, from `POD_NAME` and `POD_UID`.
+pub fn pod_owner(name: Option<&str>, uid: Option<&str>) -> Option<OwnerReference> {
+    let (name, uid) = (
+        name.filter(|n| !n.is_empty())?,
+        uid.filter(|u| !u.is_empty())?,
+    );
+    Some(OwnerReference {
+        api_version: "v1".into(),
+        kind: "Pod".into(),
+        name: name.into(),
+        uid: uid.into(),
+        controller: Some(false),
+        block_owner_deletion: Some(false),
+    })
 }
 
 /// Whether `me` may take `spec` at `now`: it is free, already mine, or expired.
@@ -66,6 +86,7 @@ pub async fn try_acquire(api: &Api<Lease>, cfg: &LeaseConfig) -> Result<bool, ku
                 metadata: ObjectMeta {
                     name: Some(cfg.name.clone()),
                     namespace: Some(cfg.namespace.clone()),
+                    owner_references: cfg.owner.clone().map(|o| vec![o]),
                     ..ObjectMeta::default()
                 },
                 spec: Some(spec_for(cfg, None, now)),
@@ -84,6 +105,8 @@ pub async fn try_acquire(api: &Api<Lease>, cfg: &LeaseConfig) -> Result<bool, ku
                 return Ok(false);
             }
             lease.spec = Some(spec_for(cfg, Some(&spec), now));
+            // The holder's Pod owns the Lease (a new holder replaces the previous one's).
+            lease.metadata.owner_references = cfg.owner.clone().map(|o| vec![o]);
             // resourceVersion from the read: a concurrent writer makes this a 409.
             match api.replace(&cfg.name, &PostParams::default(), &lease).await {
                 Ok(_) => Ok(true),
@@ -94,19 +117,28 @@ pub async fn try_acquire(api: &Api<Lease>, cfg: &LeaseConfig) -> Result<bool, ku
     }
 }
 
-/// Gives the Lease up on shutdown so the next replica need not wait for it to expire.
+/// Gives the Lease up on shutdown: deletes it (only if this process still holds it, by
+/// resource version), so the next replica need not wait for it to expire and an uninstalled
+/// operator leaves no Lease behind. A standby creates it afresh.
 pub async fn release(api: &Api<Lease>, cfg: &LeaseConfig) {
-    let Ok(Some(mut lease)) = api.get_opt(&cfg.name).await else {
+    let Ok(Some(lease)) = api.get_opt(&cfg.name).await else {
         return;
     };
-    let mut spec = lease.spec.clone().unwrap_or_default();
-    if spec.holder_identity.as_deref() != Some(&cfg.identity) {
+    let holder = lease
+        .spec
+        .as_ref()
+        .and_then(|s| s.holder_identity.as_deref());
+    if holder != Some(cfg.identity.as_str()) {
         return;
     }
-    spec.holder_identity = None;
-    spec.lease_duration_seconds = Some(1);
-    lease.spec = Some(spec);
-    match api.replace(&cfg.name, &PostParams::default(), &lease).await {
+    let dp = DeleteParams {
+        preconditions: Some(Preconditions {
+            resource_version: lease.metadata.resource_version.clone(),
+            uid: None,
+        }),
+        ..DeleteParams::default()
+    };
+    match api.delete(&cfg.name, &dp).await {
         Ok(_) => info!(lease = %cfg.name, "released the leader lease"),
         Err(e) => warn!(error = %e, "releasing the leader lease failed"),
     }
@@ -195,6 +227,7 @@ mod tests {
             identity: "a".into(),
             duration: Duration::from_secs(15),
             retry: Duration::from_secs(2),
+            owner: None,
         };
         let mut prev = held("b", 10);
         prev.lease_transitions = Some(4);
@@ -205,5 +238,18 @@ mod tests {
         assert_eq!(renewed.lease_transitions, Some(5));
         assert_eq!(renewed.acquire_time, Some(MicroTime(at(50))));
         assert_eq!(renewed.renew_time, Some(MicroTime(at(52))));
+    }
+
+    #[test]
+    fn the_pod_owns_the_lease_only_when_name_and_uid_are_known() {
+        let o = pod_owner(Some("op-0"), Some("u-1")).expect("owner");
+        assert_eq!(
+            (o.kind.as_str(), o.name.as_str(), o.uid.as_str()),
+            ("Pod", "op-0", "u-1")
+        );
+        assert_eq!(o.controller, Some(false));
+        assert!(pod_owner(Some("op-0"), None).is_none());
+        assert!(pod_owner(Some(""), Some("u")).is_none());
+        assert!(pod_owner(None, Some("u")).is_none());
     }
 }

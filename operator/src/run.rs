@@ -64,6 +64,10 @@ pub struct RunArgs {
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
 
+    /// UID of this replica's Pod (downward API): the Pod owns the Lease while it leads.
+    #[arg(long, env = "POD_UID")]
+    pub pod_uid: Option<String>,
+
     /// Seconds a Lease stays valid without renewal.
     #[arg(long, default_value_t = 15)]
     pub lease_duration_s: u64,
@@ -175,6 +179,7 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
         identity: identity.clone(),
         duration: Duration::from_secs(args.lease_duration_s.max(2)),
         retry: Duration::from_secs((args.lease_duration_s / 5).clamp(1, 5)),
+        owner: leader::pod_owner(args.identity.as_deref(), args.pod_uid.as_deref()),
     };
 
     let signal = shutdown_signal();

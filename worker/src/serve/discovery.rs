@@ -227,31 +227,19 @@ async fn watch_service(service: &str, port: u16, mut update: impl FnMut(Vec<Stri
     let api: Api<EndpointSlice> = Api::namespaced(client, &ns);
     let cfg = watcher::Config::default().labels(&format!("kubernetes.io/service-name={service}"));
     let (reader, writer) = reflector::store();
-    let mut events = std::pin::pin!(
-        reflector(writer, watcher(api, cfg))
-            .default_backoff()
-            .touched_objects()
-    );
-    // `touched_objects` skips deletions, so re-read the store on every event and also on a
-    // slow tick (a deleted slice then drops out).
-    let mut tick = tokio::time::interval(Duration::from_secs(5));
-    loop {
-        tokio::select! {
-            ev = events.next() => match ev {
-                Some(Ok(_)) => {}
-                Some(Err(e)) => {
-                    tracing::warn!(%service, namespace = %ns, error = %e, "EndpointSlice watch error");
-                    continue;
-                }
-                None => return,
-            },
-            _ = tick.tick() => {}
+    let mut events = std::pin::pin!(reflector(writer, watcher(api, cfg)).default_backoff());
+    while let Some(ev) = events.next().await {
+        match ev {
+            // The store is complete after InitDone; partial during a (re)list.
+            Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
+            Ok(watcher::Event::InitDone | watcher::Event::Apply(_) | watcher::Event::Delete(_)) => {
+                let state = reader.state();
+                update(ready_addresses(state.iter().map(|s| s.as_ref()), port));
+            }
+            Err(e) => {
+                tracing::warn!(%service, namespace = %ns, error = %e, "EndpointSlice watch error");
+            }
         }
-        if reader.wait_until_ready().await.is_err() {
-            return;
-        }
-        let state = reader.state();
-        update(ready_addresses(state.iter().map(|s| s.as_ref()), port));
     }
 }
 

@@ -82,6 +82,9 @@ type Ownership = (u32, u32, Vec<u32>);
 struct ShardGroup {
     name: String,
     replicas: Vec<Arc<Replica>>,
+    /// Rotates the first choice among equally loaded replicas, so every replica takes
+    /// traffic even when calls never overlap.
+    turn: AtomicUsize,
 }
 
 /// Who computes what, at one moment: replaced whole when the set of expert processes changes.
@@ -292,6 +295,7 @@ impl ExpertRouter {
                     list.join(",")
                 ),
                 replicas,
+                turn: AtomicUsize::new(0),
             });
         }
         Table { groups, owner }
@@ -305,8 +309,16 @@ impl ExpertRouter {
         timeout: Duration,
     ) -> Result<Vec<f32>> {
         let rows: usize = req.experts.iter().map(|e| e.rows as usize).sum();
-        let mut order: Vec<&Arc<Replica>> = g.replicas.iter().collect();
-        order.sort_by_key(|r| r.outstanding.load(Ordering::Relaxed));
+        let n = g.replicas.len();
+        let first = g.turn.fetch_add(1, Ordering::Relaxed);
+        let mut order: Vec<(usize, &Arc<Replica>)> = g.replicas.iter().enumerate().collect();
+        order.sort_by_key(|(i, r)| {
+            (
+                r.outstanding.load(Ordering::Relaxed),
+                (i + n - first % n.max(1)) % n.max(1),
+            )
+        });
+        let order = order.into_iter().map(|(_, r)| r);
         let deadline = Instant::now() + timeout;
         let mut last = String::new();
         for r in order {

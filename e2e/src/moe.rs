@@ -1,0 +1,352 @@
+//! moe-serve on the cluster: installing the operator with its Helm chart, applying
+//! MoEDeployments, waiting on their status, finding the gateway and talking to it, and
+//! listing what the operator created. Shared by the scenario tests and the benchmark.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service, ServiceAccount};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use kube::api::{Api, ListParams};
+use kube::{Client, ResourceExt};
+use moe_operator::crd::MoEDeployment;
+use serde_json::{Value, json};
+use tokio::sync::OnceCell;
+
+use crate::Cluster;
+use crate::wait::until;
+
+/// The label every object the operator creates for a MoEDeployment carries.
+pub const LABEL_DEPLOYMENT: &str = moe_operator::resources::LABEL_DEPLOYMENT;
+/// The operator's name in every test namespace (`fullnameOverride`).
+pub const OPERATOR: &str = "moe-operator";
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_default()
+}
+
+pub fn chart_dir() -> PathBuf {
+    repo_root().join("charts/moe-operator")
+}
+
+pub fn example(name: &str) -> PathBuf {
+    repo_root().join("examples").join(name)
+}
+
+static CRDS: OnceCell<()> = OnceCell::const_new();
+
+/// Applies the chart's CRD once per cluster (server-side, so parallel tests do not race on
+/// creating it) and waits until it is established. `helm install` then finds it present.
+pub async fn crds(cluster: &Cluster) -> Result<()> {
+    CRDS.get_or_try_init(|| async {
+        let crds = chart_dir().join("crds");
+        cluster.kubectl(&[
+            "apply",
+            "--server-side",
+            "--field-manager=e2e",
+            "-f",
+            &crds.to_string_lossy(),
+        ])?;
+        cluster.kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/moedeployments.serving.moe.dev",
+        ])?;
+        Ok::<(), anyhow::Error>(())
+    })
+    .await?;
+    Ok(())
+}
+
+/// Builds the binaries the chart's images map to (no-op when current).
+pub fn binaries() -> Result<()> {
+    crate::workspace_binary("moe-operator")?;
+    crate::workspace_binary("moe-worker")?;
+    Ok(())
+}
+
+/// `helm install` of the operator chart into `ns`, watching `ns` only, and waits until the
+/// operator Deployment is available.
+pub async fn install_operator(cluster: &Cluster, ns: &str, extra: &[&str]) -> Result<()> {
+    binaries()?;
+    crds(cluster).await?;
+    let chart = chart_dir();
+    let watch = format!("watchNamespace={ns}");
+    let mut args = vec![
+        "install",
+        "moe",
+        chart.to_str().context("chart path")?,
+        "-n",
+        ns,
+        "--set",
+        "fullnameOverride=moe-operator",
+        "--set",
+        &watch,
+        "--set",
+        "logFormat=text",
+        "--set",
+        "logLevel=info\\,moe_operator=debug",
+    ];
+    args.extend_from_slice(extra);
+    cluster.helm(&args)?;
+    wait_operator(cluster, ns).await
+}
+
+/// Waits until the operator Deployment has an available, ready replica.
+pub async fn wait_operator(cluster: &Cluster, ns: &str) -> Result<()> {
+    let deps: Api<Deployment> = Api::namespaced(cluster.client().await?, ns);
+    until(
+        "the operator to be available",
+        Duration::from_secs(90),
+        || {
+            let deps = deps.clone();
+            async move {
+                let d = deps.get(OPERATOR).await?;
+                let s = d.status.unwrap_or_default();
+                let want = d.spec.replicas.unwrap_or(1);
+                Ok((s.available_replicas.unwrap_or(0) >= want
+                    && s.updated_replicas.unwrap_or(0) >= want
+                    && s.replicas.unwrap_or(0) == want)
+                    .then_some(()))
+            }
+        },
+    )
+    .await
+}
+
+/// The operator's pod (the one running).
+pub async fn operator_pod(client: &Client, ns: &str) -> Result<Pod> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let list = pods
+        .list(&ListParams::default().labels("app.kubernetes.io/name=moe-operator"))
+        .await?;
+    list.items
+        .into_iter()
+        .find(|p| p.metadata.deletion_timestamp.is_none() && is_ready(p))
+        .context("no ready operator pod")
+}
+
+pub fn is_ready(p: &Pod) -> bool {
+    p.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// A condition of a MoEDeployment: (status, reason, message).
+pub fn condition(md: &MoEDeployment, type_: &str) -> Option<(String, String, String)> {
+    md.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+/// Waits until `name` is Ready for its current generation.
+pub async fn wait_ready(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    timeout: Duration,
+) -> Result<MoEDeployment> {
+    let api: Api<MoEDeployment> = Api::namespaced(client.clone(), ns);
+    until(
+        &format!("MoEDeployment {name} to be Ready"),
+        timeout,
+        || {
+            let api = api.clone();
+            async move {
+                let md = api.get(name).await?;
+                let current = md.status.as_ref().and_then(|s| s.observed_generation)
+                    == md.metadata.generation;
+                match condition(&md, "Ready") {
+                    Some((s, ..)) if s == "True" && current => Ok(Some(md)),
+                    c => bail!("Ready: {c:?}, observed generation current: {current}"),
+                }
+            }
+        },
+    )
+    .await
+}
+
+/// Ready addresses (`IP:PORT`) of a Service, from its EndpointSlices: how clients reach
+/// pods here (no kube-proxy, no cluster DNS).
+pub async fn service_endpoints(client: &Client, ns: &str, service: &str) -> Result<Vec<String>> {
+    let api: Api<EndpointSlice> = Api::namespaced(client.clone(), ns);
+    let slices = api
+        .list(&ListParams::default().labels(&format!("kubernetes.io/service-name={service}")))
+        .await?;
+    let mut out = Vec::new();
+    for s in &slices.items {
+        let port = s
+            .ports
+            .iter()
+            .flatten()
+            .find_map(|p| p.port)
+            .context("EndpointSlice without a port")?;
+        for ep in s.endpoints.iter().flatten() {
+            if ep.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+                continue;
+            }
+            for a in &ep.addresses {
+                out.push(format!("{a}:{port}"));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// The gateway's base URL (`http://IP:PORT`) through its Service's endpoints.
+pub async fn gateway_url(client: &Client, ns: &str, name: &str) -> Result<String> {
+    until(
+        "the gateway Service to have a ready endpoint",
+        Duration::from_secs(60),
+        || async move {
+            Ok(service_endpoints(client, ns, name)
+                .await?
+                .first()
+                .map(|a| format!("http://{a}")))
+        },
+    )
+    .await
+}
+
+/// Greedy completion token ids through the gateway. Errors carry the HTTP status and body.
+pub async fn complete_ids(base: &str, prompt: &[u32], max_tokens: usize) -> Result<Vec<u32>> {
+    let r = reqwest::Client::new()
+        .post(format!("{base}/v1/completions"))
+        .json(&json!({
+            "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true,
+        }))
+        .timeout(Duration::from_secs(60))
+        .send()
+        .await?;
+    let status = r.status().as_u16();
+    let v: Value = r.json().await.unwrap_or(Value::Null);
+    ensure!(status == 200, "HTTP {status}: {v}");
+    v["choices"][0]["token_ids"]
+        .as_array()
+        .context("no token_ids")?
+        .iter()
+        .map(|t| {
+            t.as_u64()
+                .and_then(|t| u32::try_from(t).ok())
+                .context("bad id")
+        })
+        .collect()
+}
+
+/// Greedy tokens from single-process `moe-worker generate`: the reference.
+pub fn generate_ids(model: &str, prompt: &[u32], max_new: usize) -> Result<Vec<u32>> {
+    let bin = crate::workspace_binary("moe-worker")?;
+    let ids: Vec<String> = prompt.iter().map(|t| t.to_string()).collect();
+    let out = std::process::Command::new(bin)
+        .args(["--threads", "1", "generate", "--model", model, "--json"])
+        .args(["--ignore-eos", "--prompt-ids", &ids.join(",")])
+        .args(["--max-new-tokens", &max_new.to_string()])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "generate: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout)?;
+    v["token_ids"]
+        .as_array()
+        .context("token_ids")?
+        .iter()
+        .map(|t| {
+            t.as_u64()
+                .and_then(|t| u32::try_from(t).ok())
+                .context("bad id")
+        })
+        .collect()
+}
+
+/// Names (kind/name → uid) of every object the operator made for `name`.
+pub async fn children(client: &Client, ns: &str, name: &str) -> Result<BTreeMap<String, String>> {
+    let lp = ListParams::default().labels(&format!("{LABEL_DEPLOYMENT}={name}"));
+    let mut out = BTreeMap::new();
+    macro_rules! collect {
+        ($($kind:ty => $label:literal),*) => {$(
+            for o in Api::<$kind>::namespaced(client.clone(), ns).list(&lp).await?.items {
+                if o.metadata.deletion_timestamp.is_none() {
+                    out.insert(format!("{}/{}", $label, o.name_any()), o.uid().unwrap_or_default());
+                }
+            }
+        )*};
+    }
+    collect!(
+        StatefulSet => "statefulset", Deployment => "deployment", Service => "service",
+        ConfigMap => "configmap", PodDisruptionBudget => "poddisruptionbudget",
+        NetworkPolicy => "networkpolicy", ServiceAccount => "serviceaccount",
+        Role => "role", RoleBinding => "rolebinding"
+    );
+    Ok(out)
+}
+
+/// The pods of a MoEDeployment (not terminating), by name.
+pub async fn pods(client: &Client, ns: &str, selector: &str) -> Result<Vec<Pod>> {
+    let api: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let mut pods: Vec<Pod> = api
+        .list(&ListParams::default().labels(selector))
+        .await?
+        .items
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .collect();
+    pods.sort_by_key(|p| p.name_any());
+    Ok(pods)
+}
+
+/// The host pid of a pod's first container, when it runs.
+pub fn pid(p: &Pod) -> Option<u32> {
+    p.status
+        .as_ref()?
+        .container_statuses
+        .as_ref()?
+        .first()
+        .and_then(crate::node::container_pid)
+}
+
+/// Whether a process is alive (not a zombie).
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.split(") ").nth(1).unwrap_or("").starts_with('Z'))
+        .unwrap_or(false)
+}
+
+/// What a failed wait should show: pods, EndpointSlices and the MoEDeployment's status.
+pub fn diagnostics(cluster: &Cluster, ns: &str) -> String {
+    let mut out = String::new();
+    for args in [
+        &["get", "pods,endpointslices", "-o", "wide"][..],
+        &["get", "moe", "-o", "jsonpath={.items[*].status}"][..],
+    ] {
+        let mut a = vec!["-n", ns];
+        a.extend_from_slice(args);
+        match cluster.kubectl(&a) {
+            Ok(s) => out.push_str(&s),
+            Err(e) => out.push_str(&format!("{e:#}")),
+        }
+        out.push('\n');
+    }
+    out.push_str(&format!(
+        "pod logs: {}",
+        cluster.dir().join("pods").join(ns).display()
+    ));
+    out
+}

@@ -1,0 +1,581 @@
+//! The mission as a user meets it, on a real control plane: `helm install` the operator,
+//! `kubectl apply` a MoEDeployment, send OpenAI requests to the gateway, scale an expert shard,
+//! kill processes, restart the operator, delete, `helm uninstall`. Each test has its own
+//! namespace and its own operator release watching only that namespace.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use e2e::Cluster;
+use e2e::moe::{self, LABEL_DEPLOYMENT};
+use e2e::wait::until;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Pod, Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use kube::ResourceExt;
+use kube::api::{Api, ListParams};
+use moe_operator::crd::MoEDeployment;
+use moe_proto::v1::LoadStatsRequest;
+use moe_proto::v1::expert_client::ExpertClient;
+
+const TINY: &str = "synthetic:tiny:7";
+const READY: Duration = Duration::from_secs(240);
+
+fn prompt() -> Vec<u32> {
+    vec![17, 3, 250, 41, 9, 77, 5, 120]
+}
+
+/// helm install → operator Ready → kubectl apply tiny → Ready with every part a process →
+/// printer columns → OpenAI request equals single-process generate → delete removes every
+/// child and process → helm uninstall leaves no operator object.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn install_apply_serve_delete_uninstall() -> Result<()> {
+    let cluster = Cluster::shared().await;
+    let ns = cluster.namespace("moe-life").await?;
+    let client = cluster.client().await?;
+    moe::install_operator(cluster, &ns, &[]).await?;
+    let op = moe::operator_pod(&client, &ns).await?;
+    let op_pid = moe::pid(&op).context("operator pid")?;
+    assert!(moe::alive(op_pid));
+
+    let applied = Instant::now();
+    cluster.kubectl(&[
+        "-n",
+        &ns,
+        "apply",
+        "-f",
+        &moe::example("tiny.yaml").to_string_lossy(),
+    ])?;
+    let md = moe::wait_ready(&client, &ns, "tiny", READY)
+        .await
+        .map_err(|e| e.context(moe::diagnostics(cluster, &ns)))?;
+    eprintln!("[moe] tiny Ready {:?} after apply", applied.elapsed());
+    let st = md.status.clone().context("status")?;
+    assert_eq!((st.stages, st.ready_stages), (2, 2));
+    assert_eq!((st.expert_shards, st.ready_expert_shards), (2, 2));
+    assert_eq!(st.gateway_ready_replicas, 1);
+    assert_eq!(
+        moe::condition(&md, "Degraded").map(|c| c.0).as_deref(),
+        Some("False")
+    );
+
+    // Every stage, expert shard and the gateway runs as its own process.
+    for (role, want) in [("stage", 2), ("expert", 2), ("gateway", 1)] {
+        let pods = moe::pods(
+            &client,
+            &ns,
+            &format!("{LABEL_DEPLOYMENT}=tiny,serving.moe.dev/role={role}"),
+        )
+        .await?;
+        assert_eq!(pods.len(), want, "{role} pods");
+        for p in &pods {
+            let pid = moe::pid(p).with_context(|| format!("{} has no process", p.name_any()))?;
+            assert!(moe::alive(pid), "{} process {pid}", p.name_any());
+            assert!(moe::is_ready(p), "{} not Ready", p.name_any());
+        }
+    }
+
+    // `kubectl get moe` fills every printer column.
+    let table = cluster.kubectl(&["-n", &ns, "get", "moe"])?;
+    let mut lines = table.lines();
+    let header: Vec<&str> = lines.next().unwrap_or("").split_whitespace().collect();
+    assert_eq!(
+        header,
+        [
+            "NAME",
+            "READY",
+            "STAGES",
+            "EXPERTSHARDS",
+            "REPLICAS",
+            "GPUS",
+            "AGE"
+        ]
+    );
+    let row: Vec<&str> = lines.next().unwrap_or("").split_whitespace().collect();
+    assert_eq!(&row[..6], ["tiny", "True", "2", "2", "2", "5"], "{table}");
+
+    // An OpenAI request through the gateway Service's endpoint gives the single-process tokens.
+    let base = moe::gateway_url(&client, &ns, "tiny").await?;
+    let got = moe::complete_ids(&base, &prompt(), 8).await?;
+    let want = moe::generate_ids(TINY, &prompt(), 8)?;
+    assert_eq!(got, want);
+
+    // Deleting the MoEDeployment removes every child and stops every process.
+    let pids: Vec<u32> = moe::pods(&client, &ns, &format!("{LABEL_DEPLOYMENT}=tiny"))
+        .await?
+        .iter()
+        .filter_map(moe::pid)
+        .collect();
+    assert_eq!(pids.len(), 5);
+    assert!(!moe::children(&client, &ns, "tiny").await?.is_empty());
+    cluster.kubectl(&["-n", &ns, "delete", "moe", "tiny", "--wait=true"])?;
+    until(
+        "every child and pod of tiny to be gone",
+        Duration::from_secs(90),
+        || {
+            let (client, ns, pids) = (client.clone(), ns.clone(), pids.clone());
+            async move {
+                let left = moe::children(&client, &ns, "tiny").await?;
+                let pods = moe::pods(&client, &ns, &format!("{LABEL_DEPLOYMENT}=tiny")).await?;
+                let running: Vec<_> = pids.iter().filter(|p| moe::alive(**p)).collect();
+                if left.is_empty() && pods.is_empty() && running.is_empty() {
+                    Ok(Some(()))
+                } else {
+                    bail!(
+                        "left: {:?}, pods {}, processes {running:?}",
+                        left.keys(),
+                        pods.len()
+                    )
+                }
+            }
+        },
+    )
+    .await?;
+
+    // helm uninstall leaves no operator object (the CRD stays, as Helm does for crds/).
+    cluster.helm(&["uninstall", "moe", "-n", &ns, "--wait"])?;
+    until(
+        "no operator objects after helm uninstall",
+        Duration::from_secs(60),
+        || {
+            let (client, ns) = (client.clone(), ns.clone());
+            async move {
+                let left = operator_objects(&client, &ns).await?;
+                if left.is_empty() && !moe::alive(op_pid) {
+                    Ok(Some(()))
+                } else {
+                    bail!("left: {left:?}, operator alive: {}", moe::alive(op_pid))
+                }
+            }
+        },
+    )
+    .await?;
+    cluster.kubectl(&["get", "crd", "moedeployments.serving.moe.dev"])?;
+    cluster.delete_namespace(&ns).await?;
+    Ok(())
+}
+
+/// Objects of the operator release in `ns`: its Deployment, Service, ServiceAccount, Roles,
+/// RoleBindings, pods and the leader Lease.
+async fn operator_objects(client: &kube::Client, ns: &str) -> Result<Vec<String>> {
+    let lp = ListParams::default().labels("app.kubernetes.io/instance=moe");
+    let mut left = Vec::new();
+    macro_rules! collect {
+        ($($kind:ty),*) => {$(
+            for o in Api::<$kind>::namespaced(client.clone(), ns).list(&lp).await?.items {
+                left.push(format!("{}/{}", stringify!($kind), o.name_any()));
+            }
+        )*};
+    }
+    collect!(Deployment, Service, ServiceAccount, Role, RoleBinding, Pod);
+    for l in Api::<Lease>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await?
+        .items
+    {
+        left.push(format!("Lease/{}", l.name_any()));
+    }
+    Ok(left)
+}
+
+/// Outcome of one request sent while something breaks: done (any status) or hung.
+#[derive(Debug, Default)]
+struct Outcomes {
+    ok: usize,
+    failed: BTreeMap<String, usize>,
+    hung: usize,
+}
+
+/// Sends requests one after another until `stop`; each must end (successfully or with an
+/// HTTP error) within its deadline.
+async fn traffic(base: String, stop: Arc<AtomicBool>) -> Outcomes {
+    let mut out = Outcomes::default();
+    let http = reqwest::Client::new();
+    while !stop.load(Ordering::Relaxed) {
+        let r = http
+            .post(format!("{base}/v1/completions"))
+            .json(&serde_json::json!({"prompt": prompt(), "max_tokens": 4, "ignore_eos": true}))
+            .timeout(Duration::from_secs(90))
+            .send()
+            .await;
+        match r {
+            Ok(r) if r.status().is_success() => out.ok += 1,
+            Ok(r) => *out.failed.entry(r.status().to_string()).or_default() += 1,
+            Err(e) if e.is_timeout() => out.hung += 1,
+            Err(e) => *out.failed.entry(format!("connection: {e}")).or_default() += 1,
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    out
+}
+
+/// Expert compute calls served by the expert pod at `ip`.
+async fn expert_batches(ip: &str) -> Result<u64> {
+    let mut c = ExpertClient::connect(format!("http://{ip}:50051")).await?;
+    Ok(c.load_stats(LoadStatsRequest { reset: false })
+        .await?
+        .into_inner()
+        .batches)
+}
+
+fn pod_ip(p: &Pod) -> Option<String> {
+    p.status.as_ref()?.pod_ip.clone()
+}
+
+/// The same deployment through failures and changes: an expert process killed (Degraded,
+/// then Ready; requests end cleanly), expert replicas patched (the Deployment scales and the
+/// new replica takes traffic), the operator restarted (no duplicate or flapping children).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_scale_and_restart_the_operator() -> Result<()> {
+    let cluster = Cluster::shared().await;
+    let ns = cluster.namespace("moe-ops").await?;
+    let client = cluster.client().await?;
+    // The aggregated ClusterRoles are cluster-wide: only one release (the other test's) has them.
+    moe::install_operator(
+        cluster,
+        &ns,
+        &["--set", "rbac.aggregateToDefaultRoles=false"],
+    )
+    .await?;
+    cluster.kubectl(&[
+        "-n",
+        &ns,
+        "apply",
+        "-f",
+        &moe::example("tiny.yaml").to_string_lossy(),
+    ])?;
+    moe::wait_ready(&client, &ns, "tiny", READY)
+        .await
+        .map_err(|e| e.context(moe::diagnostics(cluster, &ns)))?;
+    let base = moe::gateway_url(&client, &ns, "tiny").await?;
+    let want = moe::generate_ids(TINY, &prompt(), 4)?;
+    assert_eq!(moe::complete_ids(&base, &prompt(), 4).await?, want);
+    let mds: Api<MoEDeployment> = Api::namespaced(client.clone(), &ns);
+
+    // 1. Kill expert shard 1's only process while requests flow.
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = tokio::spawn(traffic(base.clone(), stop.clone()));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let shard1 = format!("{LABEL_DEPLOYMENT}=tiny,serving.moe.dev/expert-shard=1");
+    let victim = moe::pods(&client, &ns, &shard1).await?;
+    let victim_pid = victim.first().and_then(moe::pid).context("expert pid")?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(victim_pid)?),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+    let degraded = until("tiny to turn Degraded", Duration::from_secs(60), || {
+        let mds = mds.clone();
+        async move {
+            let md = mds.get("tiny").await?;
+            Ok(match moe::condition(&md, "Degraded") {
+                Some((s, reason, message)) if s == "True" => Some((reason, message)),
+                _ => None,
+            })
+        }
+    })
+    .await?;
+    eprintln!("[moe] Degraded: {degraded:?}");
+    assert!(degraded.1.contains("expert shard 1"), "{degraded:?}");
+    let md = moe::wait_ready(&client, &ns, "tiny", READY)
+        .await
+        .map_err(|e| e.context(moe::diagnostics(cluster, &ns)))?;
+    assert_eq!(
+        moe::condition(&md, "Degraded").map(|c| c.0).as_deref(),
+        Some("False")
+    );
+    stop.store(true, Ordering::Relaxed);
+    let outcomes = load.await?;
+    eprintln!("[moe] requests while an expert was down: {outcomes:?}");
+    assert_eq!(outcomes.hung, 0, "{outcomes:?}");
+    for status in outcomes.failed.keys() {
+        assert!(
+            status.starts_with("503") || status.starts_with("504"),
+            "unclean failure: {outcomes:?}"
+        );
+    }
+    // The replaced process serves again.
+    let base = moe::gateway_url(&client, &ns, "tiny").await?;
+    let got = until("requests to succeed again", Duration::from_secs(60), || {
+        let base = base.clone();
+        async move { moe::complete_ids(&base, &prompt(), 4).await.map(Some) }
+    })
+    .await?;
+    assert_eq!(got, want);
+
+    // 2. Patch the expert replicas: each shard's Deployment scales to 2; both take traffic.
+    cluster.kubectl(&[
+        "-n",
+        &ns,
+        "patch",
+        "moe",
+        "tiny",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"experts":{"minReplicas":2}}}"#,
+    ])?;
+    let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    until("tiny-expert-0 to have 2 ready replicas", READY, || {
+        let deps = deps.clone();
+        async move {
+            let d = deps.get("tiny-expert-0").await?;
+            let spec = d.spec.replicas;
+            let ready = d.status.and_then(|s| s.ready_replicas);
+            Ok((spec == Some(2) && ready == Some(2)).then_some(()))
+        }
+    })
+    .await?;
+    let md = moe::wait_ready(&client, &ns, "tiny", READY)
+        .await
+        .map_err(|e| e.context(moe::diagnostics(cluster, &ns)))?;
+    assert_eq!(md.status.as_ref().map(|s| s.expert_replicas), Some(4));
+    let shard0 = format!("{LABEL_DEPLOYMENT}=tiny,serving.moe.dev/expert-shard=0");
+    let replicas = moe::pods(&client, &ns, &shard0).await?;
+    assert_eq!(replicas.len(), 2);
+    let ips: Vec<String> = replicas.iter().filter_map(pod_ip).collect();
+    let mut before = Vec::new();
+    for ip in &ips {
+        before.push(expert_batches(ip).await?);
+    }
+    // The stages learn of the new replica from the EndpointSlice watch; send requests until
+    // both replicas have served calls.
+    let served = until(
+        "both shard-0 replicas to serve calls",
+        Duration::from_secs(60),
+        || {
+            let (base, ips, before, want) =
+                (base.clone(), ips.clone(), before.clone(), want.clone());
+            async move {
+                assert_eq!(moe::complete_ids(&base, &prompt(), 4).await?, want);
+                let mut grew = Vec::new();
+                for (ip, b) in ips.iter().zip(&before) {
+                    grew.push(expert_batches(ip).await? - b);
+                }
+                Ok(grew.iter().all(|g| *g > 0).then_some(grew))
+            }
+        },
+    )
+    .await?;
+    eprintln!("[moe] calls per shard-0 replica after scaling: {served:?}");
+
+    // 3. Restart the operator: no child is recreated or changed, Ready never flaps.
+    let before = moe::children(&client, &ns, "tiny").await?;
+    let generations = workload_generations(&client, &ns).await?;
+    let ready_since = ready_transition(&mds.get("tiny").await?);
+    let old = moe::operator_pod(&client, &ns).await?;
+    cluster.kubectl(&["-n", &ns, "delete", "pod", &old.name_any(), "--wait=true"])?;
+    let flapped = Arc::new(AtomicBool::new(false));
+    let watch_stop = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (mds, flapped, watch_stop) = (mds.clone(), flapped.clone(), watch_stop.clone());
+        tokio::spawn(async move {
+            while !watch_stop.load(Ordering::Relaxed) {
+                if let Ok(md) = mds.get("tiny").await
+                    && moe::condition(&md, "Ready").map(|c| c.0).as_deref() != Some("True")
+                {
+                    flapped.store(true, Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
+    moe::wait_operator(cluster, &ns).await?;
+    let new = moe::operator_pod(&client, &ns).await?;
+    assert_ne!(new.uid(), old.uid());
+    // Wait until the new leader has reconciled tiny at least once.
+    let ip = pod_ip(&new).context("operator ip")?;
+    until(
+        "the new operator to reconcile",
+        Duration::from_secs(90),
+        || {
+            let ip = ip.clone();
+            async move {
+                let text = reqwest::get(format!("http://{ip}:8080/metrics"))
+                    .await?
+                    .text()
+                    .await?;
+                Ok(reconciles(&text).filter(|n| *n >= 1.0))
+            }
+        },
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    watch_stop.store(true, Ordering::Relaxed);
+    watcher.await?;
+    let after = moe::children(&client, &ns, "tiny").await?;
+    assert_eq!(before, after, "children recreated or duplicated");
+    assert_eq!(
+        generations,
+        workload_generations(&client, &ns).await?,
+        "workloads rewritten"
+    );
+    assert!(!flapped.load(Ordering::Relaxed), "Ready flapped");
+    assert_eq!(ready_since, ready_transition(&mds.get("tiny").await?));
+
+    cluster.kubectl(&["-n", &ns, "delete", "moe", "tiny", "--wait=true"])?;
+    cluster.helm(&["uninstall", "moe", "-n", &ns, "--wait"])?;
+    cluster.delete_namespace(&ns).await?;
+    Ok(())
+}
+
+/// `moe_operator_reconciles_total` summed over results.
+fn reconciles(metrics: &str) -> Option<f64> {
+    let lines: Vec<f64> = metrics
+        .lines()
+        .filter(|l| l.starts_with("moe_operator_reconciles_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    (!lines.is_empty()).then(|| lines.iter().sum())
+}
+
+fn ready_transition(md: &MoEDeployment) -> Option<String> {
+    md.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .map(|c| format!("{:?}", c.last_transition_time))
+}
+
+/// metadata.generation of every StatefulSet and Deployment of tiny.
+async fn workload_generations(
+    client: &kube::Client,
+    ns: &str,
+) -> Result<BTreeMap<String, Option<i64>>> {
+    let lp = ListParams::default().labels(&format!("{LABEL_DEPLOYMENT}=tiny"));
+    let mut out = BTreeMap::new();
+    for s in Api::<StatefulSet>::namespaced(client.clone(), ns)
+        .list(&lp)
+        .await?
+        .items
+    {
+        out.insert(s.name_any(), s.metadata.generation);
+    }
+    for d in Api::<Deployment>::namespaced(client.clone(), ns)
+        .list(&lp)
+        .await?
+        .items
+    {
+        out.insert(d.name_any(), d.metadata.generation);
+    }
+    Ok(out)
+}
+
+/// `kubectl apply` rejects inconsistent specs, naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_manifests_are_rejected_naming_the_field() -> Result<()> {
+    let cluster = Cluster::shared().await;
+    moe::crds(cluster).await?;
+    let ns = cluster.namespace("moe-invalid").await?;
+    let dir = cluster.dir().join("manifests").join(&ns);
+    std::fs::create_dir_all(&dir)?;
+    let base = std::fs::read_to_string(moe::example("tiny.yaml"))?;
+    let architecture = "  model:\n    architecture:\n      numLayers: 4\n      numExperts: 8\n      topK: 9\n      hiddenSize: 64\n      intermediateSize: 128\n      numAttentionHeads: 4\n      numKeyValueHeads: 4\n      vocabSize: 512\n      maxPositionEmbeddings: 256\n";
+    let cases = [
+        (
+            "top-k above the expert count",
+            base.replace("  model:\n", architecture),
+            "topK",
+        ),
+        (
+            "min above max replicas",
+            base.replace("minReplicas: 1", "minReplicas: 5"),
+            "spec.experts.minReplicas",
+        ),
+        (
+            "more stages than layers",
+            base.replace("  model:\n", &architecture.replace("topK: 9", "topK: 2"))
+                .replace("pipeline: 2", "pipeline: 9"),
+            "spec.parallelism.pipeline",
+        ),
+        (
+            "an unknown dtype",
+            base.replace("dtype: f32", "dtype: f7"),
+            "spec.model.dtype",
+        ),
+    ];
+    for (i, (what, manifest, field)) in cases.iter().enumerate() {
+        let path = dir.join(format!("case-{i}.yaml"));
+        std::fs::write(&path, manifest)?;
+        let err = cluster
+            .kubectl(&["-n", &ns, "apply", "-f", &path.to_string_lossy()])
+            .err()
+            .with_context(|| format!("{what}: accepted"))?;
+        let msg = format!("{err:#}");
+        assert!(msg.contains(field), "{what}: {msg}");
+    }
+    let mds: Api<MoEDeployment> = Api::namespaced(cluster.client().await?, &ns);
+    assert!(mds.list(&ListParams::default()).await?.items.is_empty());
+    cluster.delete_namespace(&ns).await?;
+    Ok(())
+}
+
+/// `helm lint` passes and `helm template` output passes a server-side dry run, for the
+/// default values and every `ci/*-values.yaml`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chart_lints_and_passes_a_server_side_dry_run() -> Result<()> {
+    let cluster = Cluster::shared().await;
+    moe::crds(cluster).await?;
+    let ns = cluster.namespace("moe-chart").await?;
+    // ci/watch-namespace-values.yaml puts a Role into namespace `ml`.
+    let _ = cluster.kubectl(&["create", "namespace", "ml"]);
+    let chart = moe::chart_dir();
+    let chart_s = chart.to_string_lossy().to_string();
+    let lint = cluster.helm(&["lint", "--strict", &chart_s])?;
+    assert!(lint.contains("0 chart(s) failed"), "{lint}");
+    let mut values: Vec<Option<String>> = vec![None];
+    for e in std::fs::read_dir(chart.join("ci"))? {
+        values.push(Some(e?.path().to_string_lossy().to_string()));
+    }
+    for v in values {
+        let mut args = vec!["template", "moe", &chart_s, "-n", &ns];
+        if let Some(v) = &v {
+            args.extend(["-f", v.as_str()]);
+        }
+        let rendered = cluster.helm(&args)?;
+        ensure!(rendered.contains("kind: Deployment"), "{v:?}: {rendered}");
+        // Objects of optional CRDs (ServiceMonitor) need those CRDs; skip them in the dry run.
+        let docs: Vec<&str> = rendered
+            .split("\n---")
+            .filter(|d| !d.contains("kind: ServiceMonitor"))
+            .collect();
+        let mut cmd = cluster.kubectl_command();
+        cmd.args(["apply", "--server-side", "--dry-run=server", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn()?;
+        child
+            .stdin
+            .take()
+            .context("stdin")?
+            .write_all(docs.join("\n---").as_bytes())?;
+        let out = child.wait_with_output()?;
+        ensure!(
+            out.status.success(),
+            "{v:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.contains("serverside-applied (server dry run)"),
+            "{stdout}"
+        );
+    }
+    // Nothing was created by the dry runs.
+    let services: Api<Service> = Api::namespaced(cluster.client().await?, &ns);
+    assert!(
+        services
+            .list(&ListParams::default())
+            .await?
+            .items
+            .is_empty()
+    );
+    cluster.delete_namespace(&ns).await?;
+    Ok(())
+}
