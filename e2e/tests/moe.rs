@@ -16,7 +16,7 @@ use e2e::moe::{self, LABEL_DEPLOYMENT};
 use e2e::wait::until;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Pod, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{Event, Pod, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::ResourceExt;
 use kube::api::{Api, ListParams};
@@ -195,12 +195,22 @@ struct Outcomes {
 /// Sends requests one after another until `stop`; each must end (successfully or with an
 /// HTTP error) within its deadline.
 async fn traffic(base: String, stop: Arc<AtomicBool>) -> Outcomes {
+    requests(base, stop, 4, Duration::from_millis(100)).await
+}
+
+/// Sends requests for `max_tokens` tokens one after another, `pause` apart, until `stop`.
+async fn requests(
+    base: String,
+    stop: Arc<AtomicBool>,
+    max_tokens: usize,
+    pause: Duration,
+) -> Outcomes {
     let mut out = Outcomes::default();
     let http = reqwest::Client::new();
     while !stop.load(Ordering::Relaxed) {
         let r = http
             .post(format!("{base}/v1/completions"))
-            .json(&serde_json::json!({"prompt": prompt(), "max_tokens": 4, "ignore_eos": true}))
+            .json(&serde_json::json!({"prompt": prompt(), "max_tokens": max_tokens, "ignore_eos": true}))
             .timeout(Duration::from_secs(90))
             .send()
             .await;
@@ -210,7 +220,7 @@ async fn traffic(base: String, stop: Arc<AtomicBool>) -> Outcomes {
             Err(e) if e.is_timeout() => out.hung += 1,
             Err(e) => *out.failed.entry(format!("connection: {e}")).or_default() += 1,
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(pause).await;
     }
     out
 }
@@ -418,6 +428,193 @@ async fn kill_scale_and_restart_the_operator() -> Result<()> {
     assert_eq!(ready_since, ready_transition(&mds.get("tiny").await?));
 
     cluster.kubectl(&["-n", &ns, "delete", "moe", "tiny", "--wait=true"])?;
+    cluster.helm(&["uninstall", "moe", "-n", &ns, "--wait"])?;
+    cluster.delete_namespace(&ns).await?;
+    Ok(())
+}
+
+/// Replicas (spec, ready) of a Deployment.
+async fn replicas(deps: &Api<Deployment>, name: &str) -> Result<(i32, i32)> {
+    let d = deps.get(name).await?;
+    Ok((
+        d.spec.replicas.unwrap_or(1),
+        d.status.and_then(|s| s.ready_replicas).unwrap_or(0),
+    ))
+}
+
+/// Expert autoscaling on the real cluster: skewed traffic (the `tiny-hot` routers send most
+/// tokens to expert shard 0) scales shard 0 up while shard 1 stays at one replica; every new
+/// replica takes traffic; once the load stops, shard 0 drains back to one replica; no
+/// request fails or hangs at any point.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skewed_load_scales_the_hot_expert_shard_up_and_back_down() -> Result<()> {
+    let cluster = Cluster::shared().await;
+    let ns = cluster.namespace("moe-scale").await?;
+    let client = cluster.client().await?;
+    // Sample every second and smooth over 4 s, so the test need not wait minutes.
+    moe::install_operator(
+        cluster,
+        &ns,
+        &[
+            "--set",
+            "rbac.aggregateToDefaultRoles=false",
+            "--set",
+            "extraArgs={--autoscale-interval-s=1,--autoscale-smoothing-s=4}",
+        ],
+    )
+    .await?;
+    cluster.kubectl(&[
+        "-n",
+        &ns,
+        "apply",
+        "-f",
+        &moe::example("tiny-hot.yaml").to_string_lossy(),
+    ])?;
+    moe::wait_ready(&client, &ns, "tiny-hot", READY)
+        .await
+        .map_err(|e| e.context(moe::diagnostics(cluster, &ns)))?;
+    let base = moe::gateway_url(&client, &ns, "tiny-hot").await?;
+    let want = moe::generate_ids("synthetic:tiny-hot:7", &prompt(), 4)?;
+    assert_eq!(moe::complete_ids(&base, &prompt(), 4).await?, want);
+    let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let mds: Api<MoEDeployment> = Api::namespaced(client.clone(), &ns);
+    assert_eq!(replicas(&deps, "tiny-hot-expert-0").await?, (1, 1));
+
+    // 1. Heavy load: three clients generating back to back.
+    let stop = Arc::new(AtomicBool::new(false));
+    let heavy: Vec<_> = (0..3)
+        .map(|_| {
+            tokio::spawn(requests(
+                base.clone(),
+                stop.clone(),
+                24,
+                Duration::from_millis(10),
+            ))
+        })
+        .collect();
+    let up = until(
+        "expert shard 0 to scale up with every replica ready",
+        Duration::from_secs(180),
+        || {
+            let deps = deps.clone();
+            async move {
+                let (spec, ready) = replicas(&deps, "tiny-hot-expert-0").await?;
+                Ok((spec >= 2 && ready == spec).then_some(spec))
+            }
+        },
+    )
+    .await
+    .map_err(|e| e.context(moe::diagnostics(cluster, &ns)))?;
+    let md = mds.get("tiny-hot").await?;
+    let st = md.status.clone().context("status")?;
+    let auto = st.autoscaling.clone().context("status.autoscaling")?;
+    eprintln!(
+        "[moe] shard 0 scaled to {up}: {} ({:?} tok/s, imbalance {:?})",
+        auto.last_scale_reason.clone().unwrap_or_default(),
+        auto.tokens_per_second,
+        auto.load_imbalance
+    );
+    assert!(auto.tokens_per_second > 0, "{auto:?}");
+    assert!(
+        auto.last_scale_time.is_some() && auto.last_decision.is_some(),
+        "{auto:?}"
+    );
+    let shards = &st.expert_shard_status;
+    assert!(
+        shards[0].tokens_per_second > shards[1].tokens_per_second,
+        "{shards:?}"
+    );
+    // The cold shard keeps one replica.
+    assert_eq!(replicas(&deps, "tiny-hot-expert-1").await?.0, 1);
+    let events: Api<Event> = Api::namespaced(client.clone(), &ns);
+    let scaled: Vec<String> = events
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("ExpertsScaled"))
+        .filter_map(|e| e.message)
+        .collect();
+    eprintln!("[moe] ExpertsScaled events: {scaled:?}");
+    assert!(!scaled.is_empty(), "no ExpertsScaled Event");
+    // Every replica of the hot shard serves expert calls.
+    let shard0 = format!("{LABEL_DEPLOYMENT}=tiny-hot,serving.moe.dev/expert-shard=0");
+    let ips: Vec<String> = moe::pods(&client, &ns, &shard0)
+        .await?
+        .iter()
+        .filter(|p| moe::is_ready(p))
+        .filter_map(pod_ip)
+        .collect();
+    assert!(ips.len() >= 2, "{ips:?}");
+    let mut before = Vec::new();
+    for ip in &ips {
+        before.push(expert_batches(ip).await?);
+    }
+    let served = until(
+        "every shard-0 replica to serve calls",
+        Duration::from_secs(60),
+        || {
+            let (ips, before) = (ips.clone(), before.clone());
+            async move {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let mut grew = Vec::new();
+                for (ip, b) in ips.iter().zip(&before) {
+                    grew.push(expert_batches(ip).await? - b);
+                }
+                Ok(grew.iter().all(|g| *g > 0).then_some(grew))
+            }
+        },
+    )
+    .await?;
+    eprintln!("[moe] calls per shard-0 replica under load: {served:?}");
+
+    // 2. The load stops; a trickle goes on (well under one replica's target) while shard 0
+    // drains back to one replica.
+    stop.store(true, Ordering::Relaxed);
+    let mut outcomes = Vec::new();
+    for h in heavy {
+        outcomes.push(h.await?);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let trickle = tokio::spawn(requests(
+        base.clone(),
+        stop.clone(),
+        2,
+        Duration::from_secs(3),
+    ));
+    let down = Instant::now();
+    until(
+        "expert shard 0 to scale back to one replica",
+        Duration::from_secs(180),
+        || {
+            let (deps, client, ns, shard0) =
+                (deps.clone(), client.clone(), ns.clone(), shard0.clone());
+            async move {
+                let r = replicas(&deps, "tiny-hot-expert-0").await?;
+                let pods = moe::pods(&client, &ns, &shard0).await?.len();
+                Ok((r == (1, 1) && pods == 1).then_some(()))
+            }
+        },
+    )
+    .await
+    .map_err(|e| e.context(moe::diagnostics(cluster, &ns)))?;
+    eprintln!(
+        "[moe] shard 0 back to one replica {:?} after the load stopped",
+        down.elapsed()
+    );
+    // A few more requests through the remaining replica.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stop.store(true, Ordering::Relaxed);
+    outcomes.push(trickle.await?);
+    eprintln!("[moe] requests during scale-up and scale-down: {outcomes:?}");
+    let ok: usize = outcomes.iter().map(|o| o.ok).sum();
+    assert!(ok > 10, "{outcomes:?}");
+    for o in &outcomes {
+        assert!(o.failed.is_empty() && o.hung == 0, "{outcomes:?}");
+    }
+    assert_eq!(moe::complete_ids(&base, &prompt(), 4).await?, want);
+
+    cluster.kubectl(&["-n", &ns, "delete", "moe", "tiny-hot", "--wait=true"])?;
     cluster.helm(&["uninstall", "moe", "-n", &ns, "--wait"])?;
     cluster.delete_namespace(&ns).await?;
     Ok(())
