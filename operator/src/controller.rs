@@ -3,7 +3,9 @@
 //! reconcile (a restart, a second operator replica taking over) changes nothing that is already
 //! right and creates no duplicates.
 
-use std::sync::Arc;
+use std::collections::{BTreeSet, HashMap};
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::NamespaceResourceScope;
@@ -39,6 +41,48 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Expert-autoscaling decisions by `MoEDeployment` uid (driver `operator`).
     pub autoscale: Arc<autoscale::Store>,
+    /// What recent reconciles applied, so that the next ones skip what has not changed.
+    pub applied: AppliedCache,
+}
+
+/// What the operator last applied for each `MoEDeployment` (by uid): a hash of every child's
+/// desired state and the set of child names. A reconcile (most are triggered by the
+/// workloads' status moving) then server-side applies only the workloads, whose live status
+/// it needs anyway, and children whose desired state changed, and lists for pruning only when
+/// the set of children changed. Every `RESYNC`, and after an error or an operator restart,
+/// everything is applied and pruned again, which also undoes hand edits of unwatched children.
+#[derive(Debug, Default, Clone)]
+pub struct AppliedCache(Arc<Mutex<HashMap<String, AppliedRecord>>>);
+
+#[derive(Debug, Clone)]
+struct AppliedRecord {
+    hashes: HashMap<String, u64>,
+    since: Instant,
+}
+
+impl AppliedCache {
+    /// The record of `uid` while it is younger than `RESYNC`.
+    fn fresh(&self, uid: &str) -> Option<AppliedRecord> {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.retain(|_, r| r.since.elapsed() < RESYNC * 2);
+        map.get(uid).filter(|r| r.since.elapsed() < RESYNC).cloned()
+    }
+
+    fn store(&self, uid: &str, record: AppliedRecord) {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.insert(uid.to_string(), record);
+    }
+
+    fn forget(&self, uid: &str) {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.remove(uid);
+    }
+}
+
+fn desired_hash<K: Serialize>(obj: &K) -> u64 {
+    let mut h = DefaultHasher::new();
+    serde_json::to_string(obj).unwrap_or_default().hash(&mut h);
+    h.finish()
 }
 
 /// Why a reconcile failed (the spec being invalid is not a failure: it is reported in status).
@@ -123,27 +167,77 @@ struct Applied {
     gateway: Deployment,
 }
 
-async fn apply_all(client: &Client, ns: &str, c: &Children) -> Result<Applied, ReconcileError> {
-    apply(client, ns, &c.config_map).await?;
-    apply(client, ns, &c.service_account).await?;
-    apply(client, ns, &c.role).await?;
-    apply(client, ns, &c.role_binding).await?;
+async fn apply_all(
+    client: &Client,
+    ns: &str,
+    c: &Children,
+    prev: Option<&AppliedRecord>,
+    next: &mut HashMap<String, u64>,
+) -> Result<Applied, ReconcileError> {
+    /// Applies a child unless `prev` shows this very desired state applied recently.
+    async fn put<K>(
+        client: &Client,
+        ns: &str,
+        obj: &K,
+        prev: Option<&AppliedRecord>,
+        next: &mut HashMap<String, u64>,
+    ) -> Result<(), ReconcileError>
+    where
+        K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + Serialize
+            + DeserializeOwned
+            + std::fmt::Debug,
+    {
+        let key = format!("{}/{}", short_kind::<K>(), obj.name_any());
+        let hash = desired_hash(obj);
+        if prev.and_then(|p| p.hashes.get(&key)) != Some(&hash) {
+            apply(client, ns, obj).await?;
+        }
+        next.insert(key, hash);
+        Ok(())
+    }
+    /// Workloads are always applied: the answer is their live status.
+    async fn workload<K>(
+        client: &Client,
+        ns: &str,
+        obj: &K,
+        next: &mut HashMap<String, u64>,
+    ) -> Result<K, ReconcileError>
+    where
+        K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + Serialize
+            + DeserializeOwned
+            + std::fmt::Debug,
+    {
+        let live = apply(client, ns, obj).await?;
+        next.insert(
+            format!("{}/{}", short_kind::<K>(), obj.name_any()),
+            desired_hash(obj),
+        );
+        Ok(live)
+    }
+    put(client, ns, &c.config_map, prev, next).await?;
+    put(client, ns, &c.service_account, prev, next).await?;
+    put(client, ns, &c.role, prev, next).await?;
+    put(client, ns, &c.role_binding, prev, next).await?;
     for s in &c.services {
-        apply(client, ns, s).await?;
+        put(client, ns, s, prev, next).await?;
     }
     let mut stages = Vec::with_capacity(c.stages.len());
     for s in &c.stages {
-        stages.push(apply(client, ns, s).await?);
+        stages.push(workload(client, ns, s, next).await?);
     }
     let mut expert_shards = Vec::with_capacity(c.expert_shards.len());
     for d in &c.expert_shards {
-        expert_shards.push(apply(client, ns, d).await?);
+        expert_shards.push(workload(client, ns, d, next).await?);
     }
-    let gateway = apply(client, ns, &c.gateway).await?;
+    let gateway = workload(client, ns, &c.gateway, next).await?;
     for p in &c.pdbs {
-        apply(client, ns, p).await?;
+        put(client, ns, p, prev, next).await?;
     }
-    apply(client, ns, &c.network_policy).await?;
+    put(client, ns, &c.network_policy, prev, next).await?;
     Ok(Applied {
         stages,
         expert_shards,
@@ -344,6 +438,9 @@ pub async fn reconcile(
 async fn reconcile_inner(md: &MoEDeployment, ctx: &Context) -> Result<Action, ReconcileError> {
     // Being deleted: owner references let the garbage collector remove every child.
     if md.metadata.deletion_timestamp.is_some() {
+        if let Some(uid) = md.uid() {
+            ctx.applied.forget(&uid);
+        }
         return Ok(Action::await_change());
     }
     let ns = md.namespace().unwrap_or_default();
@@ -388,9 +485,33 @@ async fn reconcile_inner(md: &MoEDeployment, ctx: &Context) -> Result<Action, Re
         d.spec.replicas = r;
     }
 
-    // Apply, then prune what the plan no longer has.
-    let applied = apply_all(&ctx.client, &ns, &children).await?;
-    prune_all(&ctx.client, &ns, md, &children).await?;
+    // Apply, then prune what the plan no longer has (only needed when the set of children
+    // changed, or for the periodic full pass).
+    let uid = md.uid().unwrap_or_default();
+    let prev_applied = ctx.applied.fresh(&uid);
+    ctx.applied.forget(&uid);
+    let mut hashes = HashMap::new();
+    let applied = apply_all(
+        &ctx.client,
+        &ns,
+        &children,
+        prev_applied.as_ref(),
+        &mut hashes,
+    )
+    .await?;
+    let same_children = prev_applied.as_ref().is_some_and(|p| {
+        p.hashes.keys().collect::<BTreeSet<_>>() == hashes.keys().collect::<BTreeSet<_>>()
+    });
+    if !same_children {
+        prune_all(&ctx.client, &ns, md, &children).await?;
+    }
+    ctx.applied.store(
+        &uid,
+        AppliedRecord {
+            hashes,
+            since: prev_applied.map_or_else(Instant::now, |p| p.since),
+        },
+    );
 
     // Status from what the workloads report.
     let observed = Observed {

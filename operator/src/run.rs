@@ -75,6 +75,15 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value_t = LogFormat::Json)]
     pub log_format: LogFormat,
 
+    /// MoEDeployments reconciled at the same time (0: no limit).
+    #[arg(long, env = "MOE_RECONCILE_CONCURRENCY", default_value_t = 8)]
+    pub reconcile_concurrency: u16,
+
+    /// Milliseconds a reconcile waits for further changes of the same deployment (its
+    /// workloads' status moves in bursts), so one reconcile covers them all.
+    #[arg(long, env = "MOE_RECONCILE_DEBOUNCE_MS", default_value_t = 250)]
+    pub reconcile_debounce_ms: u64,
+
     /// Seconds between two reads of each autoscaled deployment's gateway statistics.
     #[arg(long, env = "MOE_AUTOSCALE_INTERVAL_S", default_value_t = 5)]
     pub autoscale_interval_s: u64,
@@ -212,6 +221,7 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
         ),
         metrics: metrics.clone(),
         autoscale: autoscale_store.clone(),
+        applied: Default::default(),
     });
     let (mds, sts, deps): (Api<MoEDeployment>, Api<StatefulSet>, Api<Deployment>) =
         match &args.namespace {
@@ -248,6 +258,11 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
         .owns(sts, owned.clone())
         .owns(deps, owned)
         .reconcile_all_on(scale_rx)
+        .with_config(
+            kube::runtime::controller::Config::default()
+                .concurrency(args.reconcile_concurrency)
+                .debounce(Duration::from_millis(args.reconcile_debounce_ms)),
+        )
         .graceful_shutdown_on(async move {
             let _ = ctl_stop_rx.wait_for(|s| *s).await;
         })

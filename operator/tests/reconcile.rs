@@ -9,7 +9,7 @@ use kube::Client;
 use kube::client::Body;
 use kube::runtime::events::{Recorder, Reporter};
 use moe_operator::cli::read_manifest;
-use moe_operator::controller::{self, Context};
+use moe_operator::controller::{self, AppliedCache, Context};
 use moe_operator::crd::MoEDeployment;
 use moe_operator::metrics::Metrics;
 use moe_operator::resources::Config;
@@ -143,6 +143,18 @@ async fn reconcile(
     Result<kube::runtime::controller::Action, controller::ReconcileError>,
     Vec<Seen>,
 ) {
+    reconcile_with(md, world, AppliedCache::default()).await
+}
+
+/// As [`reconcile`], with the operator's memory of what it applied before.
+async fn reconcile_with(
+    md: MoEDeployment,
+    world: World,
+    applied: AppliedCache,
+) -> (
+    Result<kube::runtime::controller::Action, controller::ReconcileError>,
+    Vec<Seen>,
+) {
     let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let seen = Arc::new(Mutex::new(Vec::new()));
     let log = seen.clone();
@@ -182,6 +194,7 @@ async fn reconcile(
         ),
         metrics: Arc::new(Metrics::new()),
         autoscale: Default::default(),
+        applied,
     });
     let result = controller::reconcile(Arc::new(md), ctx).await;
     // Dropping the last client ends the fake server.
@@ -399,4 +412,39 @@ async fn a_settled_deployment_writes_nothing_new() {
     let mut want = expected_applies();
     want.extend(expected_lists());
     assert_eq!(lines(&seen), want);
+}
+
+#[tokio::test]
+async fn a_later_reconcile_applies_only_the_workloads_and_lists_nothing() {
+    let world = World {
+        ready: true,
+        stale_shard: false,
+    };
+    let cache = AppliedCache::default();
+    let (result, _) = reconcile_with(tiny(), world, cache.clone()).await;
+    result.unwrap();
+    // Same spec: the workloads are applied (their answer is the live status); the rest, and
+    // the prune lists, are skipped.
+    let (result, seen) = reconcile_with(tiny(), world, cache.clone()).await;
+    result.unwrap();
+    let workloads: Vec<String> = expected_applies()
+        .into_iter()
+        .filter(|l| l.contains("/statefulsets/") || l.contains("/deployments/"))
+        .collect();
+    let got: Vec<String> = lines(&seen)
+        .into_iter()
+        .filter(|l| !l.ends_with("/status") && !l.contains("/events"))
+        .collect();
+    assert_eq!(got, workloads);
+    // A spec change that alters one child re-applies that child.
+    let mut md = tiny();
+    md.spec.model.dtype = moe_operator::crd::DType::Bf16;
+    let (result, seen) = reconcile_with(md, world, cache).await;
+    result.unwrap();
+    let got = lines(&seen);
+    assert!(
+        got.iter().any(|l| l.ends_with("/configmaps/tiny-plan")),
+        "{got:?}"
+    );
+    assert!(!got.iter().any(|l| l.contains("/roles/")), "{got:?}");
 }
