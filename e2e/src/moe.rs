@@ -209,6 +209,22 @@ pub async fn service_endpoints(client: &Client, ns: &str, service: &str) -> Resu
     Ok(out)
 }
 
+/// `kubectl apply -f examples/FILE` in `ns`, then waits until the MoEDeployment `name` is
+/// Ready (failing with the namespace's pods, EndpointSlices and status).
+pub async fn apply_example(
+    cluster: &Cluster,
+    client: &Client,
+    ns: &str,
+    file: &str,
+    name: &str,
+    timeout: Duration,
+) -> Result<MoEDeployment> {
+    cluster.kubectl(&["-n", ns, "apply", "-f", &example(file).to_string_lossy()])?;
+    wait_ready(client, ns, name, timeout)
+        .await
+        .map_err(|e| e.context(diagnostics(cluster, ns)))
+}
+
 /// The gateway's base URL (`http://IP:PORT`) through its Service's endpoints.
 pub async fn gateway_url(client: &Client, ns: &str, name: &str) -> Result<String> {
     until(
@@ -237,8 +253,11 @@ pub async fn complete_ids(base: &str, prompt: &[u32], max_tokens: usize) -> Resu
     let status = r.status().as_u16();
     let v: Value = r.json().await.unwrap_or(Value::Null);
     ensure!(status == 200, "HTTP {status}: {v}");
-    v["choices"][0]["token_ids"]
-        .as_array()
+    token_ids(&v["choices"][0]["token_ids"])
+}
+
+fn token_ids(v: &Value) -> Result<Vec<u32>> {
+    v.as_array()
         .context("no token_ids")?
         .iter()
         .map(|t| {
@@ -264,16 +283,7 @@ pub fn generate_ids(model: &str, prompt: &[u32], max_new: usize) -> Result<Vec<u
         String::from_utf8_lossy(&out.stderr)
     );
     let v: Value = serde_json::from_slice(&out.stdout)?;
-    v["token_ids"]
-        .as_array()
-        .context("token_ids")?
-        .iter()
-        .map(|t| {
-            t.as_u64()
-                .and_then(|t| u32::try_from(t).ok())
-                .context("bad id")
-        })
-        .collect()
+    token_ids(&v["token_ids"])
 }
 
 /// Names (kind/name → uid) of every object the operator made for `name`.

@@ -45,16 +45,7 @@ async fn install_apply_serve_delete_uninstall() -> Result<()> {
     assert!(moe::alive(op_pid));
 
     let applied = Instant::now();
-    cluster.kubectl(&[
-        "-n",
-        &ns,
-        "apply",
-        "-f",
-        &moe::example("tiny.yaml").to_string_lossy(),
-    ])?;
-    let md = moe::wait_ready(&client, &ns, "tiny", READY)
-        .await
-        .map_err(|e| e.context(moe::diagnostics(cluster, &ns)))?;
+    let md = moe::apply_example(cluster, &client, &ns, "tiny.yaml", "tiny", READY).await?;
     eprintln!("[moe] tiny Ready {:?} after apply", applied.elapsed());
     let st = md.status.clone().context("status")?;
     assert_eq!((st.stages, st.ready_stages), (2, 2));
@@ -247,22 +238,19 @@ async fn kill_scale_and_restart_the_operator() -> Result<()> {
     let ns = cluster.namespace("moe-ops").await?;
     let client = cluster.client().await?;
     // The aggregated ClusterRoles are cluster-wide: only one release (the other test's) has them.
+    // The autoscaler samples once an hour here: the replica counts are this test's to set.
     moe::install_operator(
         cluster,
         &ns,
-        &["--set", "rbac.aggregateToDefaultRoles=false"],
+        &[
+            "--set",
+            "rbac.aggregateToDefaultRoles=false",
+            "--set",
+            "extraArgs={--autoscale-interval-s=3600}",
+        ],
     )
     .await?;
-    cluster.kubectl(&[
-        "-n",
-        &ns,
-        "apply",
-        "-f",
-        &moe::example("tiny.yaml").to_string_lossy(),
-    ])?;
-    moe::wait_ready(&client, &ns, "tiny", READY)
-        .await
-        .map_err(|e| e.context(moe::diagnostics(cluster, &ns)))?;
+    moe::apply_example(cluster, &client, &ns, "tiny.yaml", "tiny", READY).await?;
     let base = moe::gateway_url(&client, &ns, "tiny").await?;
     let want = moe::generate_ids(TINY, &prompt(), 4)?;
     assert_eq!(moe::complete_ids(&base, &prompt(), 4).await?, want);
@@ -463,16 +451,7 @@ async fn skewed_load_scales_the_hot_expert_shard_up_and_back_down() -> Result<()
         ],
     )
     .await?;
-    cluster.kubectl(&[
-        "-n",
-        &ns,
-        "apply",
-        "-f",
-        &moe::example("tiny-hot.yaml").to_string_lossy(),
-    ])?;
-    moe::wait_ready(&client, &ns, "tiny-hot", READY)
-        .await
-        .map_err(|e| e.context(moe::diagnostics(cluster, &ns)))?;
+    moe::apply_example(cluster, &client, &ns, "tiny-hot.yaml", "tiny-hot", READY).await?;
     let base = moe::gateway_url(&client, &ns, "tiny-hot").await?;
     let want = moe::generate_ids("synthetic:tiny-hot:7", &prompt(), 4)?;
     assert_eq!(moe::complete_ids(&base, &prompt(), 4).await?, want);

@@ -124,14 +124,29 @@ fn kube_err(
     }
 }
 
-/// Server-side apply of one object in `ns`; the answer carries the object's current status.
-async fn apply<K>(client: &Client, ns: &str, obj: &K) -> Result<K, ReconcileError>
-where
+/// What the operator applies: a namespaced object it can send and read back.
+pub trait Child:
+    Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+    + Clone
+    + Serialize
+    + DeserializeOwned
+    + std::fmt::Debug
+{
+}
+
+impl<K> Child for K where
     K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
         + Clone
         + Serialize
         + DeserializeOwned
-        + std::fmt::Debug,
+        + std::fmt::Debug
+{
+}
+
+/// Server-side apply of one object in `ns`; the answer carries the object's current status.
+async fn apply<K>(client: &Client, ns: &str, obj: &K) -> Result<K, ReconcileError>
+where
+    K: Child,
 {
     let api: Api<K> = Api::namespaced(client.clone(), ns);
     let name = obj.name_any();
@@ -183,11 +198,7 @@ async fn apply_all(
         next: &mut HashMap<String, u64>,
     ) -> Result<(), ReconcileError>
     where
-        K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
-            + Clone
-            + Serialize
-            + DeserializeOwned
-            + std::fmt::Debug,
+        K: Child,
     {
         let key = format!("{}/{}", short_kind::<K>(), obj.name_any());
         let hash = desired_hash(obj);
@@ -205,11 +216,7 @@ async fn apply_all(
         next: &mut HashMap<String, u64>,
     ) -> Result<K, ReconcileError>
     where
-        K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
-            + Clone
-            + Serialize
-            + DeserializeOwned
-            + std::fmt::Debug,
+        K: Child,
     {
         let live = apply(client, ns, obj).await?;
         next.insert(

@@ -22,18 +22,15 @@ use e2e::Cluster;
 use e2e::moe::{self, LABEL_DEPLOYMENT};
 use e2e::wait::until;
 use futures::future::try_join_all;
-use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
-use kube::{Client, Resource, ResourceExt};
+use kube::{Client, ResourceExt};
 use moe_operator::crd::MoEDeployment;
 use moe_operator::resources::{self, Children};
-use serde::Serialize;
-use serde::de::DeserializeOwned;
 
 const TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -282,11 +279,7 @@ fn count(c: &Children) -> usize {
 
 async fn apply<K>(client: &Client, ns: &str, obj: &K) -> Result<()>
 where
-    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
-        + Clone
-        + DeserializeOwned
-        + Serialize
-        + std::fmt::Debug,
+    K: moe_operator::controller::Child,
 {
     let api: Api<K> = Api::namespaced(client.clone(), ns);
     let pp = PatchParams::apply("moe-bench").force();
