@@ -229,16 +229,29 @@ fn pod_ip(p: &Pod) -> Option<String> {
     p.status.as_ref()?.pod_ip.clone()
 }
 
-/// The same deployment through failures and changes: an expert process killed (Degraded,
-/// then Ready; requests end cleanly), expert replicas patched (the Deployment scales and the
-/// new replica takes traffic), the operator restarted (no duplicate or flapping children).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_scale_and_restart_the_operator() -> Result<()> {
-    let cluster = Cluster::shared().await;
-    let ns = cluster.namespace("moe-ops").await?;
+/// A deployment serving in a namespace of its own, checked against the reference.
+struct Serving {
+    ns: String,
+    client: kube::Client,
+    /// The gateway's base URL.
+    base: String,
+    /// `generate`'s tokens for [`prompt`], 4 of them.
+    want: Vec<u32>,
+}
+
+/// Installs an operator release with `operator_args` in a fresh namespace (without the
+/// cluster-wide aggregated ClusterRoles, which only one release may own), applies
+/// `examples/NAME.yaml` (the synthetic preset NAME, seed 7), waits until it is Ready and checks
+/// that one completion equals single-process `generate`.
+async fn serving(
+    cluster: &Cluster,
+    prefix: &str,
+    operator_args: &str,
+    name: &str,
+) -> Result<Serving> {
+    let ns = cluster.namespace(prefix).await?;
     let client = cluster.client().await?;
-    // The aggregated ClusterRoles are cluster-wide: only one release (the other test's) has them.
-    // The autoscaler samples once an hour here: the replica counts are this test's to set.
+    let extra = format!("extraArgs={{{operator_args}}}");
     moe::install_operator(
         cluster,
         &ns,
@@ -246,14 +259,35 @@ async fn kill_scale_and_restart_the_operator() -> Result<()> {
             "--set",
             "rbac.aggregateToDefaultRoles=false",
             "--set",
-            "extraArgs={--autoscale-interval-s=3600}",
+            &extra,
         ],
     )
     .await?;
-    moe::apply_example(cluster, &client, &ns, "tiny.yaml", "tiny", READY).await?;
-    let base = moe::gateway_url(&client, &ns, "tiny").await?;
-    let want = moe::generate_ids(TINY, &prompt(), 4)?;
+    moe::apply_example(cluster, &client, &ns, &format!("{name}.yaml"), name, READY).await?;
+    let base = moe::gateway_url(&client, &ns, name).await?;
+    let want = moe::generate_ids(&format!("synthetic:{name}:7"), &prompt(), 4)?;
     assert_eq!(moe::complete_ids(&base, &prompt(), 4).await?, want);
+    Ok(Serving {
+        ns,
+        client,
+        base,
+        want,
+    })
+}
+
+/// The same deployment through failures and changes: an expert process killed (Degraded,
+/// then Ready; requests end cleanly), expert replicas patched (the Deployment scales and the
+/// new replica takes traffic), the operator restarted (no duplicate or flapping children).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_scale_and_restart_the_operator() -> Result<()> {
+    let cluster = Cluster::shared().await;
+    // The autoscaler samples once an hour here: the replica counts are this test's to set.
+    let Serving {
+        ns,
+        client,
+        base,
+        want,
+    } = serving(cluster, "moe-ops", "--autoscale-interval-s=3600", "tiny").await?;
     let mds: Api<MoEDeployment> = Api::namespaced(client.clone(), &ns);
 
     // 1. Kill expert shard 1's only process while requests flow.
@@ -437,24 +471,19 @@ async fn replicas(deps: &Api<Deployment>, name: &str) -> Result<(i32, i32)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn skewed_load_scales_the_hot_expert_shard_up_and_back_down() -> Result<()> {
     let cluster = Cluster::shared().await;
-    let ns = cluster.namespace("moe-scale").await?;
-    let client = cluster.client().await?;
     // Sample every second and smooth over 4 s, so the test need not wait minutes.
-    moe::install_operator(
+    let Serving {
+        ns,
+        client,
+        base,
+        want,
+    } = serving(
         cluster,
-        &ns,
-        &[
-            "--set",
-            "rbac.aggregateToDefaultRoles=false",
-            "--set",
-            "extraArgs={--autoscale-interval-s=1,--autoscale-smoothing-s=4}",
-        ],
+        "moe-scale",
+        "--autoscale-interval-s=1,--autoscale-smoothing-s=4",
+        "tiny-hot",
     )
     .await?;
-    moe::apply_example(cluster, &client, &ns, "tiny-hot.yaml", "tiny-hot", READY).await?;
-    let base = moe::gateway_url(&client, &ns, "tiny-hot").await?;
-    let want = moe::generate_ids("synthetic:tiny-hot:7", &prompt(), 4)?;
-    assert_eq!(moe::complete_ids(&base, &prompt(), 4).await?, want);
     let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns);
     let mds: Api<MoEDeployment> = Api::namespaced(client.clone(), &ns);
     assert_eq!(replicas(&deps, "tiny-hot-expert-0").await?, (1, 1));

@@ -139,6 +139,16 @@ async fn bench(cluster: &Cluster, args: &Args) -> Result<()> {
     let operator_many = t0.elapsed().as_secs_f64();
     let after = reconcile_stats(&op_ip).await?;
     let loaded = memory(op_pid)?;
+    // The baseline starts from the same quiet cluster: the operator's 50 are deleted and their
+    // Pending pods gone first.
+    cluster.kubectl(&["-n", &ns, "delete", "moe", "--all", "--wait=true"])?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    until("the operator phase's pods to be gone", TIMEOUT, || {
+        let pods = pods.clone();
+        let lp = ListParams::default().labels(LABEL_DEPLOYMENT);
+        async move { Ok(pods.list(&lp).await?.items.is_empty().then_some(())) }
+    })
+    .await?;
 
     let t0 = Instant::now();
     try_join_all((0..n).map(|i| {
@@ -187,8 +197,7 @@ async fn bench(cluster: &Cluster, args: &Args) -> Result<()> {
         loaded.0 / idle.0
     );
 
-    // Clean up: the MoEDeployments garbage-collect their children; the rest by hand.
-    cluster.kubectl(&["-n", &ns, "delete", "moe", "--all", "--wait=true"])?;
+    // Clean up: the namespace takes the directly applied children with it.
     cluster.helm(&["uninstall", "moe", "-n", &ns, "--wait"])?;
     cluster.delete_namespace(&ns).await?;
     Ok(())
