@@ -286,15 +286,24 @@ pub fn generate_ids(model: &str, prompt: &[u32], max_new: usize) -> Result<Vec<u
     token_ids(&v["token_ids"])
 }
 
-/// Names (kind/name → uid) of every object the operator made for `name`.
-pub async fn children(client: &Client, ns: &str, name: &str) -> Result<BTreeMap<String, String>> {
-    let lp = ListParams::default().labels(&format!("{LABEL_DEPLOYMENT}={name}"));
-    let mut out = BTreeMap::new();
+/// Every object the operator makes (of the kinds it makes) in `ns` matching `selector`, not
+/// being deleted: (`kind/name`, uid, the MoEDeployment it belongs to).
+pub async fn child_objects(
+    client: &Client,
+    ns: &str,
+    selector: &str,
+) -> Result<Vec<(String, String, String)>> {
+    let lp = ListParams::default().labels(selector);
+    let mut out = Vec::new();
     macro_rules! collect {
         ($($kind:ty => $label:literal),*) => {$(
-            for o in Api::<$kind>::namespaced(client.clone(), ns).list(&lp).await?.items {
+            for o in Api::<$kind>::namespaced(client.clone(), ns).list_metadata(&lp).await?.items {
                 if o.metadata.deletion_timestamp.is_none() {
-                    out.insert(format!("{}/{}", $label, o.name_any()), o.uid().unwrap_or_default());
+                    out.push((
+                        format!("{}/{}", $label, o.name_any()),
+                        o.uid().unwrap_or_default(),
+                        o.labels().get(LABEL_DEPLOYMENT).cloned().unwrap_or_default(),
+                    ));
                 }
             }
         )*};
@@ -306,6 +315,16 @@ pub async fn children(client: &Client, ns: &str, name: &str) -> Result<BTreeMap<
         Role => "role", RoleBinding => "rolebinding"
     );
     Ok(out)
+}
+
+/// Names (kind/name → uid) of every object the operator made for `name`.
+pub async fn children(client: &Client, ns: &str, name: &str) -> Result<BTreeMap<String, String>> {
+    let selector = format!("{LABEL_DEPLOYMENT}={name}");
+    Ok(child_objects(client, ns, &selector)
+        .await?
+        .into_iter()
+        .map(|(kind_name, uid, _)| (kind_name, uid))
+        .collect())
 }
 
 /// The pods of a MoEDeployment (not terminating), by name.

@@ -225,6 +225,35 @@ async fn expert_batches(ip: &str) -> Result<u64> {
         .batches)
 }
 
+/// Runs `step` until every expert pod at `ips` has served calls since the start; returns the
+/// calls each served.
+async fn every_replica_serves<F, Fut>(ips: &[String], mut step: F) -> Result<Vec<u64>>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    let mut before = Vec::new();
+    for ip in ips {
+        before.push(expert_batches(ip).await?);
+    }
+    until(
+        "every replica to serve calls",
+        Duration::from_secs(60),
+        || {
+            let (ips, before, stepped) = (ips.to_vec(), before.clone(), step());
+            async move {
+                stepped.await?;
+                let mut grew = Vec::new();
+                for (ip, b) in ips.iter().zip(&before) {
+                    grew.push(expert_batches(ip).await? - b);
+                }
+                Ok(grew.iter().all(|g| *g > 0).then_some(grew))
+            }
+        },
+    )
+    .await
+}
+
 fn pod_ip(p: &Pod) -> Option<String> {
     p.status.as_ref()?.pod_ip.clone()
 }
@@ -370,28 +399,15 @@ async fn kill_scale_and_restart_the_operator() -> Result<()> {
     let replicas = moe::pods(&client, &ns, &shard0).await?;
     assert_eq!(replicas.len(), 2);
     let ips: Vec<String> = replicas.iter().filter_map(pod_ip).collect();
-    let mut before = Vec::new();
-    for ip in &ips {
-        before.push(expert_batches(ip).await?);
-    }
     // The stages learn of the new replica from the EndpointSlice watch; send requests until
     // both replicas have served calls.
-    let served = until(
-        "both shard-0 replicas to serve calls",
-        Duration::from_secs(60),
-        || {
-            let (base, ips, before, want) =
-                (base.clone(), ips.clone(), before.clone(), want.clone());
-            async move {
-                assert_eq!(moe::complete_ids(&base, &prompt(), 4).await?, want);
-                let mut grew = Vec::new();
-                for (ip, b) in ips.iter().zip(&before) {
-                    grew.push(expert_batches(ip).await? - b);
-                }
-                Ok(grew.iter().all(|g| *g > 0).then_some(grew))
-            }
-        },
-    )
+    let served = every_replica_serves(&ips, || {
+        let (base, want) = (base.clone(), want.clone());
+        async move {
+            assert_eq!(moe::complete_ids(&base, &prompt(), 4).await?, want);
+            Ok(())
+        }
+    })
     .await?;
     eprintln!("[moe] calls per shard-0 replica after scaling: {served:?}");
 
@@ -554,25 +570,11 @@ async fn skewed_load_scales_the_hot_expert_shard_up_and_back_down() -> Result<()
         .filter_map(pod_ip)
         .collect();
     assert!(ips.len() >= 2, "{ips:?}");
-    let mut before = Vec::new();
-    for ip in &ips {
-        before.push(expert_batches(ip).await?);
-    }
-    let served = until(
-        "every shard-0 replica to serve calls",
-        Duration::from_secs(60),
-        || {
-            let (ips, before) = (ips.clone(), before.clone());
-            async move {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                let mut grew = Vec::new();
-                for (ip, b) in ips.iter().zip(&before) {
-                    grew.push(expert_batches(ip).await? - b);
-                }
-                Ok(grew.iter().all(|g| *g > 0).then_some(grew))
-            }
-        },
-    )
+    // The clients keep the load on.
+    let served = every_replica_serves(&ips, || async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        Ok(())
+    })
     .await?;
     eprintln!("[moe] calls per shard-0 replica under load: {served:?}");
 

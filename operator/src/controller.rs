@@ -46,7 +46,7 @@ pub struct Context {
 }
 
 /// What the operator last applied for each `MoEDeployment` (by uid): a hash of every child's
-/// desired state and the set of child names. A reconcile (most are triggered by the
+/// desired state, by `Kind/name`. A reconcile (most are triggered by the
 /// workloads' status moving) then server-side applies only the workloads, whose live status
 /// it needs anyway, and children whose desired state changed, and lists for pruning only when
 /// the set of children changed. Every `RESYNC`, and after an error or an operator restart,
@@ -77,6 +77,11 @@ impl AppliedCache {
         let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
         map.remove(uid);
     }
+}
+
+/// `Kind/name`: a child's key in an [`AppliedRecord`].
+fn child_key<K: Child>(obj: &K) -> String {
+    format!("{}/{}", short_kind::<K>(), obj.name_any())
 }
 
 fn desired_hash<K: Serialize>(obj: &K) -> u64 {
@@ -200,7 +205,7 @@ async fn apply_all(
     where
         K: Child,
     {
-        let key = format!("{}/{}", short_kind::<K>(), obj.name_any());
+        let key = child_key(obj);
         let hash = desired_hash(obj);
         if prev.and_then(|p| p.hashes.get(&key)) != Some(&hash) {
             apply(client, ns, obj).await?;
@@ -219,10 +224,7 @@ async fn apply_all(
         K: Child,
     {
         let live = apply(client, ns, obj).await?;
-        next.insert(
-            format!("{}/{}", short_kind::<K>(), obj.name_any()),
-            desired_hash(obj),
-        );
+        next.insert(child_key(obj), desired_hash(obj));
         Ok(live)
     }
     put(client, ns, &c.config_map, prev, next).await?;
@@ -496,6 +498,7 @@ async fn reconcile_inner(md: &MoEDeployment, ctx: &Context) -> Result<Action, Re
     // changed, or for the periodic full pass).
     let uid = md.uid().unwrap_or_default();
     let prev_applied = ctx.applied.fresh(&uid);
+    // Until this pass has applied everything, nothing may be skipped (an error midway).
     ctx.applied.forget(&uid);
     let mut hashes = HashMap::new();
     let applied = apply_all(

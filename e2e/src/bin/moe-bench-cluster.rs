@@ -23,10 +23,7 @@ use e2e::moe::{self, LABEL_DEPLOYMENT};
 use e2e::wait::until;
 use futures::future::try_join_all;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service, ServiceAccount};
-use k8s_openapi::api::networking::v1::NetworkPolicy;
-use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use moe_operator::crd::MoEDeployment;
@@ -142,13 +139,7 @@ async fn bench(cluster: &Cluster, args: &Args) -> Result<()> {
     // The baseline starts from the same quiet cluster: the operator's 50 are deleted and their
     // Pending pods gone first.
     cluster.kubectl(&["-n", &ns, "delete", "moe", "--all", "--wait=true"])?;
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    until("the operator phase's pods to be gone", TIMEOUT, || {
-        let pods = pods.clone();
-        let lp = ListParams::default().labels(LABEL_DEPLOYMENT);
-        async move { Ok(pods.list(&lp).await?.items.is_empty().then_some(())) }
-    })
-    .await?;
+    pods_gone(&client, &ns, LABEL_DEPLOYMENT).await?;
 
     let t0 = Instant::now();
     try_join_all((0..n).map(|i| {
@@ -336,7 +327,7 @@ async fn apply_to_ready(
     moe::wait_ready(client, ns, name, TIMEOUT).await?;
     let took = t0.elapsed().as_secs_f64();
     cluster.kubectl(&["-n", ns, "delete", "moe", name, "--wait=true"])?;
-    pods_gone(client, ns, name).await?;
+    pods_gone(client, ns, &format!("{LABEL_DEPLOYMENT}={name}")).await?;
     Ok(took)
 }
 
@@ -393,13 +384,14 @@ async fn children_to_ready(
     for d in &deps {
         ds.delete(d, &dp).await?;
     }
-    pods_gone(client, ns, name).await?;
+    pods_gone(client, ns, &format!("{LABEL_DEPLOYMENT}={name}")).await?;
     Ok(took)
 }
 
-async fn pods_gone(client: &Client, ns: &str, name: &str) -> Result<()> {
+/// Waits until no pod in `ns` matches `selector`.
+async fn pods_gone(client: &Client, ns: &str, selector: &str) -> Result<()> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    let lp = ListParams::default().labels(&format!("{LABEL_DEPLOYMENT}={name}"));
+    let lp = ListParams::default().labels(selector);
     until("the pods to be gone", TIMEOUT, || {
         let (pods, lp) = (pods.clone(), lp.clone());
         async move { Ok(pods.list(&lp).await?.items.is_empty().then_some(())) }
@@ -426,27 +418,9 @@ async fn all_reconciled(
         return Ok(None);
     }
     let mut per: BTreeMap<String, usize> = BTreeMap::new();
-    let lp = ListParams::default().labels(LABEL_DEPLOYMENT);
-    macro_rules! tally {
-        ($($kind:ty),*) => {$(
-            for o in Api::<$kind>::namespaced(client.clone(), ns).list_metadata(&lp).await?.items {
-                if let Some(d) = o.labels().get(LABEL_DEPLOYMENT) {
-                    *per.entry(d.clone()).or_default() += 1;
-                }
-            }
-        )*};
+    for (_, _, deployment) in moe::child_objects(client, ns, LABEL_DEPLOYMENT).await? {
+        *per.entry(deployment).or_default() += 1;
     }
-    tally!(
-        StatefulSet,
-        Deployment,
-        Service,
-        ConfigMap,
-        PodDisruptionBudget,
-        NetworkPolicy,
-        ServiceAccount,
-        Role,
-        RoleBinding
-    );
     let done = (0..n)
         .filter(|i| per.get(&format!("small-{i}")).copied().unwrap_or(0) >= per_set)
         .count();

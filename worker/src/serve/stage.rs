@@ -309,15 +309,11 @@ impl ExpertRouter {
         timeout: Duration,
     ) -> Result<Vec<f32>> {
         let rows: usize = req.experts.iter().map(|e| e.rows as usize).sum();
-        let n = g.replicas.len();
-        let first = g.turn.fetch_add(1, Ordering::Relaxed);
+        // Least outstanding first; among equals, starting from this call's turn.
+        let n = g.replicas.len().max(1);
+        let first = g.turn.fetch_add(1, Ordering::Relaxed) % n;
         let mut order: Vec<(usize, &Arc<Replica>)> = g.replicas.iter().enumerate().collect();
-        order.sort_by_key(|(i, r)| {
-            (
-                r.outstanding.load(Ordering::Relaxed),
-                (i + n - first % n.max(1)) % n.max(1),
-            )
-        });
+        order.sort_by_key(|(i, r)| (r.outstanding.load(Ordering::Relaxed), (i + n - first) % n));
         let order = order.into_iter().map(|(_, r)| r);
         let deadline = Instant::now() + timeout;
         let mut last = String::new();
