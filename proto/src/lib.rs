@@ -6,6 +6,8 @@ pub mod v1 {
     tonic::include_proto!("moe.v1");
 }
 
+pub mod compute;
 pub mod tensor;
+pub mod wire;
 
 pub use tensor::{TensorError, decode_f32, encode_f32, encode_f32_owned};

@@ -76,65 +76,80 @@ pub fn decode_f32(
     out: &mut Vec<f32>,
 ) -> Result<usize, TensorError> {
     let t = t.ok_or(TensorError::Missing { what })?;
+    let (dtype, n) = check(what, t.dtype, &t.shape, t.data.len(), rows, cols)?;
+    out.clear();
+    out.reserve(n);
+    widen(dtype, std::iter::once(&t.data[..]), out);
+    Ok(t.shape[0] as usize)
+}
+
+/// Checks a tensor's header against the 2-D shape a reader expects (`rows` when known, `cols`
+/// columns) and its byte count against its shape; returns the dtype and element count.
+pub(crate) fn check(
+    what: &'static str,
+    dtype: i32,
+    shape: &[u64],
+    data_len: usize,
+    rows: Option<usize>,
+    cols: usize,
+) -> Result<(Dtype, usize), TensorError> {
     let want = || match rows {
         Some(r) => format!("[{r}, {cols}]"),
         None => format!("[rows, {cols}]"),
     };
-    let shape_ok = t.shape.len() == 2
-        && t.shape[1] == cols as u64
-        && rows.is_none_or(|r| t.shape[0] == r as u64);
+    let shape_ok =
+        shape.len() == 2 && shape[1] == cols as u64 && rows.is_none_or(|r| shape[0] == r as u64);
     if !shape_ok {
         return Err(TensorError::Shape {
             what,
-            got: t.shape.clone(),
+            got: shape.to_vec(),
             want: want(),
         });
     }
-    let width = match Dtype::try_from(t.dtype) {
-        Ok(Dtype::F32) => 4,
-        Ok(Dtype::F16 | Dtype::Bf16) => 2,
-        _ => {
-            return Err(TensorError::Dtype {
-                what,
-                dtype: t.dtype,
-            });
-        }
+    let (dt, width) = match Dtype::try_from(dtype) {
+        Ok(d @ Dtype::F32) => (d, 4),
+        Ok(d @ (Dtype::F16 | Dtype::Bf16)) => (d, 2),
+        _ => return Err(TensorError::Dtype { what, dtype }),
     };
-    let elems = t.shape[0] as u128 * t.shape[1] as u128;
-    if t.data.len() as u128 != elems * width as u128 {
+    let elems = shape[0] as u128 * shape[1] as u128;
+    if data_len as u128 != elems * width {
         return Err(TensorError::Bytes {
             what,
-            shape: t.shape.clone(),
-            got: t.data.len(),
-            want: elems * width as u128,
+            shape: shape.to_vec(),
+            got: data_len,
+            want: elems * width,
         });
     }
-    let n = elems as usize;
-    out.clear();
-    out.reserve(n);
-    match Dtype::try_from(t.dtype) {
-        Ok(Dtype::F32) if cfg!(target_endian = "little") => {
-            // A straight copy: the bytes need not be 4-aligned, the Vec is.
-            out.resize(n, 0.0);
-            bytemuck::cast_slice_mut::<f32, u8>(out).copy_from_slice(&t.data);
+    Ok((dt, elems as usize))
+}
+
+/// Appends checked tensor data, given as consecutive byte runs (split anywhere, even inside
+/// an element), to `out` as f32. One pass: no zero-fill first.
+pub(crate) fn widen<'a>(dtype: Dtype, runs: impl Iterator<Item = &'a [u8]>, out: &mut Vec<f32>) {
+    let width = if dtype == Dtype::F32 { 4 } else { 2 };
+    let convert = |b: &[u8]| match dtype {
+        Dtype::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+        Dtype::F16 => half::f16::from_le_bytes([b[0], b[1]]).to_f32(),
+        _ => half::bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+    };
+    // An element split between two runs waits here for its other bytes.
+    let (mut carry, mut held) = ([0u8; 4], 0);
+    for mut run in runs {
+        if held > 0 {
+            let k = (width - held).min(run.len());
+            carry[held..held + k].copy_from_slice(&run[..k]);
+            held += k;
+            run = &run[k..];
+            if held < width {
+                continue;
+            }
+            out.push(convert(&carry));
         }
-        Ok(Dtype::F32) => out.extend(
-            t.data
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-        ),
-        Ok(Dtype::F16) => out.extend(
-            t.data
-                .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()),
-        ),
-        _ => out.extend(
-            t.data
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()),
-        ),
+        let whole = run.len() / width * width;
+        out.extend(run[..whole].chunks_exact(width).map(convert));
+        held = run.len() - whole;
+        carry[..held].copy_from_slice(&run[whole..]);
     }
-    Ok(t.shape[0] as usize)
 }
 
 #[cfg(test)]
@@ -180,6 +195,23 @@ mod tests {
         let mut huge = t;
         huge.shape = vec![u64::MAX, 3];
         assert!(decode_f32("hidden", Some(&huge), None, 3, &mut out).is_err());
+    }
+
+    #[test]
+    fn widens_runs_split_inside_elements() {
+        let vals = [1.5f32, -2.0, 0.25, 8.0, 3.0];
+        let f32s: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let bf16s: Vec<u8> = vals
+            .iter()
+            .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+            .collect();
+        for (dtype, bytes) in [(Dtype::F32, &f32s), (Dtype::Bf16, &bf16s)] {
+            for step in 1..=5 {
+                let mut out = Vec::new();
+                widen(dtype, bytes.chunks(step), &mut out);
+                assert_eq!(out, vals, "{dtype:?} in runs of {step}");
+            }
+        }
     }
 
     #[test]

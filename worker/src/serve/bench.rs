@@ -8,15 +8,18 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use moe_proto::compute::{ComputeClient, ComputeHandler, ComputeServer};
 use moe_proto::v1::expert_client::ExpertClient;
 use moe_proto::v1::expert_server::{Expert, ExpertServer};
 use moe_proto::v1::{
     DescribeRequest, ExpertRequest, ExpertResponse, ExpertRows, LoadStatsRequest,
-    LoadStatsResponse, ShardInfo,
+    LoadStatsResponse, ShardInfo, Tensor,
 };
+use moe_proto::wire::ComputeRequest;
 use moe_proto::{decode_f32, encode_f32, encode_f32_owned};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
 use crate::engine::{Engine, EngineOptions};
@@ -41,8 +44,8 @@ pub struct TransportArgs {
     /// Round trips of the small batch per measurement.
     #[arg(long, default_value_t = 2000)]
     pub small_iters: usize,
-    /// Repetitions (the best is kept).
-    #[arg(long, default_value_t = 3)]
+    /// Interleaved repetitions of every path (the median is reported).
+    #[arg(long, default_value_t = 5)]
     pub repeats: usize,
     /// Internal: serve both echo servers (raw TCP and gRPC) for a parent benchmark, print
     /// `echo listening on TCP_ADDR GRPC_ADDR`, and exit when standard input closes.
@@ -82,6 +85,24 @@ impl Expert for Echo {
     }
 }
 
+/// The same echo on the path deployments use (`moe_proto::compute`).
+#[tonic::async_trait]
+impl ComputeHandler for Echo {
+    async fn compute(&self, req: ComputeRequest, _: MetadataMap) -> Result<Tensor, Status> {
+        let rows: usize = req.experts.iter().map(|e| e.rows as usize).sum();
+        let cols = req
+            .input
+            .as_ref()
+            .and_then(|t| t.shape.get(1))
+            .copied()
+            .unwrap_or(0) as usize;
+        let x = req
+            .input_f32(rows, cols)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(encode_f32_owned(x, &[rows, cols]))
+    }
+}
+
 /// Raw TCP echo: 8-byte length, then the payload, sent back whole.
 async fn tcp_echo_server(listener: tokio::net::TcpListener) {
     while let Ok((mut s, _)) = listener.accept().await {
@@ -102,15 +123,8 @@ async fn tcp_echo_server(listener: tokio::net::TcpListener) {
     }
 }
 
-fn best_of(repeats: usize, mut f: impl FnMut() -> Result<Duration>) -> Result<Duration> {
-    let mut best = Duration::MAX;
-    for _ in 0..repeats.max(1) {
-        best = best.min(f()?);
-    }
-    Ok(best)
-}
-
-/// A 2-worker multi-threaded runtime, the layout every real role runs on (see `cli.rs`).
+/// A 2-worker multi-threaded runtime, the layout every real role's server runs on (see
+/// `cli.rs`).
 fn role_runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -124,39 +138,47 @@ fn message_limit(args: &TransportArgs) -> usize {
     (args.large_rows * args.hidden * 4 + (1 << 20)).max(4 << 20)
 }
 
-/// The echo servers' process (`bench-transport --serve-echo`): both baselines' servers
-/// on their own runtime, as a real expert shard serves from its own process.
+/// The echo servers' process (`bench-transport --serve-echo`): the baselines' servers on
+/// their own runtime, as a real expert shard serves from its own process.
 fn serve_echo(args: &TransportArgs) -> Result<()> {
     let rt = role_runtime()?;
     let limit = message_limit(args);
     rt.block_on(async {
         let err = |e: std::io::Error| Error::peer("bench", e.to_string());
-        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .map_err(err)?;
-        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .map_err(err)?;
+        let listen = || tokio::net::TcpListener::bind("127.0.0.1:0");
+        let (tcp, grpc, tonic) = (
+            listen().await.map_err(err)?,
+            listen().await.map_err(err)?,
+            listen().await.map_err(err)?,
+        );
         println!(
-            "echo listening on {} {}",
+            "echo listening on {} {} {}",
             tcp.local_addr().map_err(err)?,
-            grpc.local_addr().map_err(err)?
+            grpc.local_addr().map_err(err)?,
+            tonic.local_addr().map_err(err)?,
         );
         std::io::stdout().flush().map_err(err)?;
         tokio::spawn(tcp_echo_server(tcp));
-        let svc = ExpertServer::new(Echo)
-            .max_decoding_message_size(limit)
-            .max_encoding_message_size(limit);
-        let grpc = super::server()
-            .add_service(svc)
+        let generated = || {
+            ExpertServer::new(Echo)
+                .max_decoding_message_size(limit)
+                .max_encoding_message_size(limit)
+        };
+        let direct = ComputeServer::new(std::sync::Arc::new(Echo), generated(), limit);
+        let direct = super::server()
+            .add_service(direct)
             .serve_with_incoming_shutdown(super::incoming(grpc), super::shutdown_signal(true));
-        grpc.await.map_err(|e| Error::peer("bench", e.to_string()))
+        let codec = super::server()
+            .add_service(generated())
+            .serve_with_incoming_shutdown(super::incoming(tonic), super::shutdown_signal(true));
+        let (a, b) = tokio::join!(direct, codec);
+        a.and(b).map_err(|e| Error::peer("bench", e.to_string()))
     })
 }
 
 /// Starts the echo servers in a child process and returns it with their addresses. The
 /// child exits when its standard input (held by the returned `Child`) closes.
-fn spawn_echo(args: &TransportArgs) -> Result<(std::process::Child, String, String)> {
+fn spawn_echo(args: &TransportArgs) -> Result<(std::process::Child, Vec<String>)> {
     let err = |e: std::io::Error| Error::peer("bench", e.to_string());
     let exe = std::env::current_exe().map_err(err)?;
     let mut child = Command::new(exe)
@@ -174,25 +196,23 @@ fn spawn_echo(args: &TransportArgs) -> Result<(std::process::Child, String, Stri
         .ok_or_else(|| Error::peer("bench", "echo stdout"))?;
     let mut line = String::new();
     std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).map_err(err)?;
-    let mut addrs = line
+    let addrs: Vec<String> = line
         .trim()
         .strip_prefix("echo listening on ")
         .unwrap_or("")
-        .split(' ');
-    match (addrs.next(), addrs.next()) {
-        (Some(tcp), Some(grpc)) if !tcp.is_empty() => {
-            let (tcp, grpc) = (tcp.to_string(), grpc.to_string());
-            Ok((child, tcp, grpc))
-        }
-        _ => {
-            let _ = child.kill();
-            let _ = child.wait();
-            Err(Error::peer(
-                "bench",
-                format!("echo server did not start: `{}`", line.trim()),
-            ))
-        }
+        .split(' ')
+        .filter(|a| !a.is_empty())
+        .map(str::to_string)
+        .collect();
+    if addrs.len() == 3 {
+        return Ok((child, addrs));
     }
+    let _ = child.kill();
+    let _ = child.wait();
+    Err(Error::peer(
+        "bench",
+        format!("echo server did not start: `{}`", line.trim()),
+    ))
 }
 
 pub fn transport(args: TransportArgs) -> Result<()> {
@@ -202,44 +222,97 @@ pub fn transport(args: TransportArgs) -> Result<()> {
     // The servers run in their own process: sharing the client's runtime (as this benchmark
     // once did) makes client and server tasks compete for the same two workers, which no
     // deployment does, and it flatters or penalises the two baselines unevenly.
-    let (mut child, tcp_addr, grpc_addr) = spawn_echo(&args)?;
-    let result = measure_transport(&args, &tcp_addr, &grpc_addr);
+    let (mut child, addrs) = spawn_echo(&args)?;
+    let result = measure_transport(&args, &addrs[0], &addrs[1], &addrs[2]);
     // Closing its standard input stops the child; wait so it never outlives us.
     drop(child.stdin.take());
     let _ = child.wait();
     result
 }
 
-/// The client side: like a pipeline stage, it drives each call with `block_on` from a thread
-/// outside the runtime's workers.
-fn measure_transport(args: &TransportArgs, tcp_addr: &str, grpc_addr: &str) -> Result<()> {
-    let rt = role_runtime()?;
+/// The client side: like a pipeline stage's compute thread, it drives its calls on a
+/// current-thread runtime of its own (`stage::Caller`). Three ways to move the same tensor there and back: our
+/// path (`moe_proto::compute` on both ends, as stages and expert shards talk), the same RPC
+/// through tonic's generated client and server, and raw TCP.
+fn measure_transport(args: &TransportArgs, tcp: &str, grpc: &str, tonic: &str) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::peer("runtime", e.to_string()))?;
     let limit = message_limit(args);
-    let mut client = rt.block_on(async {
-        let ch = super::channel(grpc_addr)?;
-        Ok::<_, Error>(
-            ExpertClient::new(ch)
-                .max_decoding_message_size(limit)
-                .max_encoding_message_size(limit),
-        )
+    let (mut direct, mut generated) = rt.block_on(async {
+        let direct = ComputeClient::new(super::channel(grpc)?, limit);
+        let generated = ExpertClient::new(super::channel(tonic)?)
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(limit);
+        Ok::<_, Error>((direct, generated))
     })?;
     let mut tcp = rt
-        .block_on(tokio::net::TcpStream::connect(tcp_addr))
+        .block_on(tokio::net::TcpStream::connect(tcp))
         .map_err(|e| Error::peer("bench", e.to_string()))?;
     tcp.set_nodelay(true)
         .map_err(|e| Error::peer("bench", e.to_string()))?;
 
     let h = args.hidden;
-    let mut measure = |rows: usize, iters: usize| -> Result<(Duration, Duration)> {
+    let grpc_err = |s: Status| Error::peer("grpc", s.message().to_string());
+    // Best-of-repeats time of each path for `iters` round trips of a [rows, h] tensor.
+    let mut measure = |rows: usize, iters: usize| -> Result<Vec<[Duration; 3]>> {
         let x: Vec<f32> = (0..rows * h).map(|i| (i % 977) as f32 * 0.001).collect();
-        let bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+        // The tensor to send exists already, as a stage's gathered rows do.
+        let input = encode_f32(&x, &[rows, h]);
+        let experts = [ExpertRows {
+            expert: 0,
+            rows: rows as u32,
+        }];
+        let check = |out: &[f32]| {
+            if out == x.as_slice() {
+                Ok(())
+            } else {
+                Err(Error::peer("bench", "the echo differs from what was sent"))
+            }
+        };
+        let mut ours = || {
+            rt.block_on(async {
+                let (t, mut out) = (Instant::now(), Vec::new());
+                for _ in 0..iters {
+                    out = direct
+                        .compute(MetadataMap::new(), None, 0, &experts, input.clone())
+                        .await
+                        .map_err(grpc_err)?
+                        .to_f32("out", Some(rows), h)
+                        .map_err(|e| Error::peer("grpc", e.to_string()))?;
+                }
+                let took = t.elapsed();
+                check(&out).map(|()| took)
+            })
+        };
+        let mut codec = || {
+            rt.block_on(async {
+                let (t, mut out) = (Instant::now(), Vec::new());
+                for _ in 0..iters {
+                    let req = ExpertRequest {
+                        layer: 0,
+                        experts: experts.to_vec(),
+                        input: Some(input.clone()),
+                    };
+                    let r = generated.compute(req).await.map_err(grpc_err)?;
+                    // A fresh buffer per answer, as the stage takes each one.
+                    out = Vec::new();
+                    decode_f32("out", r.get_ref().output.as_ref(), Some(rows), h, &mut out)
+                        .map_err(|e| Error::peer("grpc", e.to_string()))?;
+                }
+                let took = t.elapsed();
+                check(&out).map(|()| took)
+            })
+        };
+        let bytes = &input.data;
         let mut back = vec![0u8; bytes.len()];
-        let raw = best_of(args.repeats, || {
+        let mut raw = || {
             rt.block_on(async {
                 let t = Instant::now();
                 for _ in 0..iters {
                     tcp.write_u64_le(bytes.len() as u64).await?;
-                    tcp.write_all(&bytes).await?;
+                    tcp.write_all(bytes).await?;
                     let n = tcp.read_u64_le().await? as usize;
                     back.resize(n, 0);
                     tcp.read_exact(&mut back).await?;
@@ -247,66 +320,66 @@ fn measure_transport(args: &TransportArgs, tcp_addr: &str, grpc_addr: &str) -> R
                 Ok::<_, std::io::Error>(t.elapsed())
             })
             .map_err(|e| Error::peer("raw tcp", e.to_string()))
-        })?;
-        let mut out = Vec::new();
-        let grpc = best_of(args.repeats, || {
-            rt.block_on(async {
-                let t = Instant::now();
-                for _ in 0..iters {
-                    let req = ExpertRequest {
-                        layer: 0,
-                        experts: vec![ExpertRows {
-                            expert: 0,
-                            rows: rows as u32,
-                        }],
-                        input: Some(encode_f32(&x, &[rows, h])),
-                    };
-                    let r = client
-                        .compute(req)
-                        .await
-                        .map_err(|s| Error::peer("grpc", s.message().to_string()))?;
-                    decode_f32("out", r.get_ref().output.as_ref(), Some(rows), h, &mut out)
-                        .map_err(|e| Error::peer("grpc", e.to_string()))?;
-                }
-                Ok::<_, Error>(t.elapsed())
-            })
-        })?;
-        Ok((raw, grpc))
+        };
+        // Interleaved, so a noisy moment hits one repetition of every path alike.
+        let mut times = Vec::new();
+        for _ in 0..args.repeats.max(1) {
+            times.push([ours()?, codec()?, raw()?]);
+        }
+        if back[..] != bytes[..] {
+            return Err(Error::peer("bench", "the raw TCP echo differs"));
+        }
+        Ok(times)
     };
     let large_bytes = (args.large_rows * h * 4) as f64;
-    let (raw_l, grpc_l) = measure(args.large_rows, args.large_iters)?;
-    let (raw_s, grpc_s) = measure(args.small_rows, args.small_iters)?;
-    let gbps = |d: Duration, iters: usize| 2.0 * large_bytes * iters as f64 / d.as_secs_f64() / 1e9;
-    let us = |d: Duration, iters: usize| d.as_secs_f64() * 1e6 / iters as f64;
+    let large = measure(args.large_rows, args.large_iters)?;
+    let small = measure(args.small_rows, args.small_iters)?;
+    let gbps = |d: Duration| 2.0 * large_bytes * args.large_iters as f64 / d.as_secs_f64() / 1e9;
+    let us = |d: Duration| d.as_secs_f64() * 1e6 / args.small_iters as f64;
     println!(
-        "activation transport on loopback, best of {} (echo: each tensor goes there and back)",
-        args.repeats
-    );
-    println!("| measure | moe.v1 gRPC | raw TCP | ratio | target |");
-    println!("|---|---|---|---|---|");
-    let (g, r) = (
-        gbps(grpc_l, args.large_iters),
-        gbps(raw_l, args.large_iters),
+        "activation transport on loopback, median of {} interleaved repetitions (echo: each tensor goes there and back)",
+        args.repeats.max(1)
     );
     println!(
-        "| throughput, [{}x{}] f32 ({:.1} MiB) | {:.2} GB/s | {:.2} GB/s | {:.2}x | >= 0.7x |",
+        "| measure | moe.v1 gRPC (ours) | same RPC via tonic codec | raw TCP | ours vs raw TCP | target |"
+    );
+    println!("|---|---|---|---|---|---|");
+    let [o, c, r] = [0, 1, 2].map(|i| gbps(median(large.iter().map(|t| t[i]))));
+    let ratio = median_f64(
+        large
+            .iter()
+            .map(|t| t[2].as_secs_f64() / t[0].as_secs_f64()),
+    );
+    println!(
+        "| throughput, [{}x{h}] f32 ({:.1} MiB) | {o:.2} GB/s | {c:.2} GB/s | {r:.2} GB/s | {ratio:.2}x | >= 0.7x |",
         args.large_rows,
-        h,
         large_bytes / (1 << 20) as f64,
-        g,
-        r,
-        g / r
     );
-    let (g, r) = (us(grpc_s, args.small_iters), us(raw_s, args.small_iters));
+    let [o, c, r] = [0, 1, 2].map(|i| us(median(small.iter().map(|t| t[i]))));
+    let ratio = median_f64(
+        small
+            .iter()
+            .map(|t| t[0].as_secs_f64() / t[2].as_secs_f64()),
+    );
     println!(
-        "| round trip, [{}x{}] f32 | {:.1} us | {:.1} us | {:.2}x | <= 2x |",
+        "| round trip, [{}x{h}] f32 | {o:.1} us | {c:.1} us | {r:.1} us | {ratio:.2}x | <= 2x |",
         args.small_rows,
-        h,
-        g,
-        r,
-        g / r
     );
     Ok(())
+}
+
+fn median(xs: impl Iterator<Item = Duration>) -> Duration {
+    Duration::from_secs_f64(median_f64(xs.map(|d| d.as_secs_f64())))
+}
+
+fn median_f64(xs: impl Iterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = xs.collect();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

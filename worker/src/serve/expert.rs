@@ -6,12 +6,15 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Instant;
 
+use moe_proto::compute::{ComputeHandler, ComputeServer};
 use moe_proto::v1::expert_server::{Expert, ExpertServer};
 use moe_proto::v1::{
-    DescribeRequest, ExpertRequest, ExpertResponse, LoadStatsRequest, LoadStatsResponse, Role,
-    ShardInfo,
+    DescribeRequest, ExpertRequest, ExpertResponse, ExpertRows, LoadStatsRequest,
+    LoadStatsResponse, Role, ShardInfo, Tensor,
 };
-use moe_proto::{decode_f32, encode_f32_owned};
+use moe_proto::wire::ComputeRequest;
+use moe_proto::{TensorError, decode_f32, encode_f32_owned};
+use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
 use super::{LoadCounters, PartArgs, bind, to_status};
@@ -75,18 +78,18 @@ impl ExpertService {
         }
     }
 
-    fn check(&self, req: &ExpertRequest) -> Result<Vec<(usize, usize)>, Status> {
+    fn check(&self, layer: u32, experts: &[ExpertRows]) -> Result<Vec<(usize, usize)>, Status> {
         let spec = self.model.spec();
-        let layer = req.layer as usize;
+        let layer = layer as usize;
         if !spec.layers.contains(&layer) {
             return Err(Status::invalid_argument(format!(
                 "layer {layer} is not owned by this shard (layers {}..{})",
                 spec.layers.start, spec.layers.end
             )));
         }
-        let mut groups = Vec::with_capacity(req.experts.len());
+        let mut groups = Vec::with_capacity(experts.len());
         let mut total = 0usize;
-        for g in &req.experts {
+        for g in experts {
             let e = g.expert as usize;
             if !spec.owns_expert(layer, e) {
                 return Err(Status::invalid_argument(format!(
@@ -107,32 +110,24 @@ impl ExpertService {
         }
         Ok(groups)
     }
-}
 
-thread_local! {
-    static SCRATCH: std::cell::RefCell<MoeScratch> = std::cell::RefCell::new(MoeScratch::default());
-}
-
-#[tonic::async_trait]
-impl Expert for ExpertService {
-    async fn compute(
+    /// One call, whichever path it came by: checks it, decodes its input with `input` (given
+    /// the row count), computes on a blocking thread, and returns the output tensor.
+    async fn run(
         &self,
-        request: Request<ExpertRequest>,
-    ) -> Result<Response<ExpertResponse>, Status> {
-        let span = tracing::info_span!("expert.compute", layer = request.get_ref().layer);
-        crate::telemetry::set_parent(
-            &span,
-            crate::telemetry::extract_metadata(request.metadata()),
-        );
-        let req = request.into_inner();
-        let groups = self.check(&req)?;
+        metadata: &MetadataMap,
+        layer: u32,
+        experts: &[ExpertRows],
+        input: impl FnOnce(usize, usize) -> Result<Vec<f32>, TensorError>,
+    ) -> Result<Tensor, Status> {
+        let span = tracing::info_span!("expert.compute", layer);
+        crate::telemetry::set_parent(&span, crate::telemetry::extract_metadata(metadata));
+        let groups = self.check(layer, experts)?;
         let total: usize = groups.iter().map(|g| g.1).sum();
         let h = self.model.config().hidden_size;
-        let mut x = Vec::new();
-        decode_f32("input", req.input.as_ref(), Some(total), h, &mut x)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let x = input(total, h).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let model = self.model.clone();
-        let layer = req.layer as usize;
+        let layer = layer as usize;
         let started = Instant::now();
         let out = tokio::task::spawn_blocking(move || {
             let _g = span.enter();
@@ -148,8 +143,31 @@ impl Expert for ExpertService {
         self.load.record_batch(total, started.elapsed());
         self.load
             .record_experts(layer, groups.iter().map(|&(e, n)| (e, n)));
+        Ok(encode_f32_owned(out, &[total, h]))
+    }
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<MoeScratch> = std::cell::RefCell::new(MoeScratch::default());
+}
+
+/// `Compute` as the generated server decodes it: the same checks and computation as the
+/// direct path ([`ComputeHandler`]), which serves it in deployments.
+#[tonic::async_trait]
+impl Expert for ExpertService {
+    async fn compute(
+        &self,
+        request: Request<ExpertRequest>,
+    ) -> Result<Response<ExpertResponse>, Status> {
+        let req = request.get_ref();
+        let output = self
+            .run(request.metadata(), req.layer, &req.experts, |rows, h| {
+                let mut x = Vec::new();
+                decode_f32("input", req.input.as_ref(), Some(rows), h, &mut x).map(|_| x)
+            })
+            .await?;
         Ok(Response::new(ExpertResponse {
-            output: Some(encode_f32_owned(out, &[total, h])),
+            output: Some(output),
         }))
     }
 
@@ -170,6 +188,16 @@ impl Expert for ExpertService {
     }
 }
 
+#[tonic::async_trait]
+impl ComputeHandler for ExpertService {
+    async fn compute(&self, req: ComputeRequest, metadata: MetadataMap) -> Result<Tensor, Status> {
+        self.run(&metadata, req.layer, &req.experts, |rows, h| {
+            req.input_f32(rows, h)
+        })
+        .await
+    }
+}
+
 pub async fn run(args: ExpertArgs) -> Result<()> {
     let listener = bind(args.part.server.listen, "expert").await?;
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -186,9 +214,11 @@ pub async fn run(args: ExpertArgs) -> Result<()> {
     let model = Arc::new(model);
     let info = shard_info(&model, Role::Expert, args.part.index, &name);
     let limit = args.part.server.max_message_bytes;
-    let service = ExpertServer::new(ExpertService::new(model, info, limit))
+    let handler = Arc::new(ExpertService::new(model, info, limit));
+    let generated = ExpertServer::from_arc(handler.clone())
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
+    let service = ComputeServer::new(handler, generated, limit);
     reporter.set_serving::<ExpertServer<ExpertService>>().await;
     reporter
         .set_service_status("", tonic_health::ServingStatus::Serving)

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
+use moe_proto::compute::ComputeClient;
 use moe_proto::v1::expert_client::ExpertClient;
 use moe_proto::v1::forward_request::Input;
 use moe_proto::v1::forward_response::Result as FwdResult;
@@ -21,6 +22,7 @@ use moe_proto::v1::{
 use moe_proto::{decode_f32, encode_f32_owned};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::MetadataMap;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status, Streaming};
 
@@ -71,7 +73,6 @@ pub struct StageArgs {
 
 struct Replica {
     addr: String,
-    client: ExpertClient<Channel>,
     outstanding: AtomicUsize,
 }
 
@@ -255,7 +256,6 @@ impl ExpertRouter {
             (info.layer_start, info.layer_end, info.experts),
             Arc::new(Replica {
                 addr: addr.to_string(),
-                client,
                 outstanding: AtomicUsize::new(0),
             }),
         )))
@@ -301,12 +301,14 @@ impl ExpertRouter {
         Table { groups, owner }
     }
 
-    /// Calls one shard, trying its replicas by least outstanding work.
+    /// Calls one shard, trying its replicas by least outstanding work, with the calling
+    /// thread's `clients`.
     async fn call(
         &self,
         g: &ShardGroup,
         req: ExpertRequest,
         timeout: Duration,
+        clients: &HashMap<String, ComputeClient<Channel>>,
     ) -> Result<Vec<f32>> {
         let rows: usize = req.experts.iter().map(|e| e.rows as usize).sum();
         // Least outstanding first; among equals, starting from this call's turn.
@@ -323,26 +325,26 @@ impl ExpertRouter {
                 break;
             }
             r.outstanding.fetch_add(1, Ordering::Relaxed);
-            let mut request = Request::new(req.clone());
-            request.set_timeout(left);
             let span =
                 tracing::info_span!("stage.expert_call", shard = %g.name, replica = %r.addr, rows);
-            crate::telemetry::inject_metadata(&span, request.metadata_mut());
-            let mut client = r.client.clone();
-            let result = tokio::time::timeout(left, client.compute(request)).await;
+            let mut metadata = MetadataMap::new();
+            crate::telemetry::inject_metadata(&span, &mut metadata);
+            let Some(mut client) = clients.get(&r.addr).cloned() else {
+                r.outstanding.fetch_sub(1, Ordering::Relaxed);
+                last = format!("{} at {}: no connection", g.name, r.addr);
+                continue;
+            };
+            let input = req.input.clone().unwrap_or_default();
+            let call = client.compute(metadata, Some(left), req.layer, &req.experts, input);
+            let result = tokio::time::timeout(left, call).await;
             r.outstanding.fetch_sub(1, Ordering::Relaxed);
             match result {
-                Ok(Ok(resp)) => {
-                    let mut out = Vec::new();
-                    decode_f32(
-                        "expert output",
-                        resp.get_ref().output.as_ref(),
-                        Some(rows),
-                        self.hidden,
-                        &mut out,
-                    )
-                    .map_err(|e| Error::peer(format!("{} at {}", g.name, r.addr), e.to_string()))?;
-                    return Ok(out);
+                Ok(Ok(output)) => {
+                    return output
+                        .to_f32("expert output", Some(rows), self.hidden)
+                        .map_err(|e| {
+                            Error::peer(format!("{} at {}", g.name, r.addr), e.to_string())
+                        });
                 }
                 // The shard rejected the input: another replica would too.
                 Ok(Err(s)) if s.code() == Code::InvalidArgument => {
@@ -383,10 +385,50 @@ fn poisoned() -> Error {
     Error::peer("expert router", "lock poisoned")
 }
 
-/// Computes a layer's experts on the remote shards, from a blocking thread.
+/// Drives a compute thread's expert calls on that thread: a current-thread runtime and the
+/// connections made on it. Through the server's multi-threaded runtime, every call would
+/// cross threads twice more (to the connection's task and back), which costs more than the
+/// bytes of a small batch take to travel.
+pub struct Caller {
+    rt: tokio::runtime::Runtime,
+    clients: HashMap<String, ComputeClient<Channel>>,
+}
+
+impl Caller {
+    fn new() -> Result<Self> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| Error::peer("expert caller", e.to_string()))?;
+        Ok(Self {
+            rt,
+            clients: HashMap::new(),
+        })
+    }
+
+    /// Connects (lazily) to every replica of `table` not yet known, and forgets those gone.
+    fn follow(&mut self, table: &Table, limit: usize) -> Result<()> {
+        let live: HashSet<&str> = table
+            .groups
+            .iter()
+            .flat_map(|g| g.replicas.iter().map(|r| r.addr.as_str()))
+            .collect();
+        self.clients.retain(|a, _| live.contains(a.as_str()));
+        let _on = self.rt.enter();
+        for addr in live {
+            if !self.clients.contains_key(addr) {
+                let client = ComputeClient::new(channel(addr)?, limit);
+                self.clients.insert(addr.to_string(), client);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Computes a layer's experts on the remote shards, from a compute thread.
 struct RemoteExperts<'a> {
     router: &'a ExpertRouter,
-    handle: &'a tokio::runtime::Handle,
+    caller: &'a mut Option<Caller>,
     timeout: Duration,
     load: &'a LoadCounters,
 }
@@ -444,14 +486,24 @@ impl ExpertCompute for RemoteExperts<'_> {
                     .collect(),
                 input: Some(encode_f32_owned(gathered, &[rows, h])),
             };
-            calls.push((gi, groups, r.call(group, req, self.timeout)));
+            calls.push((gi, groups, group, req));
         }
+        if self.caller.is_none() {
+            *self.caller = Some(Caller::new()?);
+        }
+        let Some(caller) = self.caller.as_mut() else {
+            return Err(Error::peer("expert caller", "not started"));
+        };
+        caller.follow(&table, r.max_message_bytes)?;
+        let clients = &caller.clients;
         let (meta, futs): (Vec<_>, Vec<_>) = calls
             .into_iter()
-            .map(|(g, groups, f)| ((g, groups), f))
+            .map(|(gi, groups, group, req)| {
+                ((gi, groups), r.call(group, req, self.timeout, clients))
+            })
             .unzip();
         let waited = Instant::now();
-        let results = self.handle.block_on(join_all(futs));
+        let results = caller.rt.block_on(join_all(futs));
         self.load.record_expert_wait(waited.elapsed());
         // Where each expert's rows are: (result, first row).
         let mut at = vec![None; routing.num_experts()];
@@ -509,7 +561,6 @@ struct Core {
     last_used: Mutex<HashMap<u64, Instant>>,
     experts: Option<Arc<ExpertRouter>>,
     load: LoadCounters,
-    handle: tokio::runtime::Handle,
     expert_timeout: Duration,
     max_sequences: usize,
     is_last: bool,
@@ -530,10 +581,39 @@ fn fwd_error(id: u64, status: &Status) -> ForwardResponse {
     }
 }
 
+/// A micro-batch for a compute thread, and where its answer goes.
+type Job = (
+    ForwardRequest,
+    tracing::Span,
+    tokio::sync::oneshot::Sender<(ForwardRequest, Result<Vec<f32>, Status>)>,
+);
+
+/// Starts a forward stream's compute thread: it runs the stream's micro-batches one after
+/// another, driving their expert calls itself ([`Caller`]), and ends with the stream (when
+/// the returned sender is dropped).
+fn compute_thread(core: Arc<Core>) -> std::io::Result<std::sync::mpsc::Sender<Job>> {
+    let (tx, rx) = std::sync::mpsc::channel::<Job>();
+    std::thread::Builder::new()
+        .name("stage-compute".into())
+        .spawn(move || {
+            let mut caller = None;
+            while let Ok((msg, span, done)) = rx.recv() {
+                let run =
+                    std::panic::AssertUnwindSafe(|| span.in_scope(|| core.run(&msg, &mut caller)));
+                let result = std::panic::catch_unwind(run).unwrap_or_else(|_| {
+                    caller = None;
+                    Err(Status::internal("the stage's computation panicked"))
+                });
+                let _ = done.send((msg, result));
+            }
+        })?;
+    Ok(tx)
+}
+
 impl Core {
     /// Runs a micro-batch through this stage's layers; returns the hidden states of every
     /// row, or (last stage) of each sequence's last row.
-    fn run(&self, req: &ForwardRequest) -> Result<Vec<f32>, Status> {
+    fn run(&self, req: &ForwardRequest, caller: &mut Option<Caller>) -> Result<Vec<f32>, Status> {
         let cfg = self.model.config();
         let h = cfg.hidden_size;
         if req.seqs.is_empty() {
@@ -651,7 +731,7 @@ impl Core {
                 Some(router) => {
                     let mut ex = RemoteExperts {
                         router,
-                        handle: &self.handle,
+                        caller,
                         timeout,
                         load: &self.load,
                     };
@@ -768,6 +848,7 @@ impl Stage for StageService {
         let core = self.core.clone();
         tokio::spawn(async move {
             let mut down: Option<Downstream> = None;
+            let mut jobs: Option<std::sync::mpsc::Sender<Job>> = None;
             loop {
                 let msg = match inbound.message().await {
                     Ok(Some(m)) => m,
@@ -789,20 +870,24 @@ impl Stage for StageService {
                     let _ = tx.send(Ok(fwd_error(id, &s))).await;
                     continue;
                 }
-                let c = core.clone();
-                let (msg, result) = match tokio::task::spawn_blocking(move || {
-                    let _g = span.enter();
-                    let r = c.run(&msg);
-                    (msg, r)
-                })
-                .await
-                {
-                    Ok(v) => v,
-                    Err(e) => {
-                        let s = Status::internal(format!("stage task: {e}"));
-                        let _ = tx.send(Ok(fwd_error(id, &s))).await;
-                        continue;
+                // The stream's micro-batches run in order on its own compute thread.
+                let thread = match &jobs {
+                    Some(j) => Ok(j.clone()),
+                    None => compute_thread(core.clone()),
+                };
+                let (done, answer) = tokio::sync::oneshot::channel();
+                match thread {
+                    Ok(j) => {
+                        let _ = j.send((msg, span, done));
+                        jobs = Some(j);
                     }
+                    Err(e) => tracing::error!(error = %e, "cannot start a compute thread"),
+                }
+                let Ok((msg, result)) = answer.await else {
+                    jobs = None;
+                    let s = Status::internal("the stage's compute thread stopped");
+                    let _ = tx.send(Ok(fwd_error(id, &s))).await;
+                    continue;
                 };
                 let hidden = match result {
                     Ok(h) => h,
@@ -973,7 +1058,6 @@ pub async fn run(args: StageArgs) -> Result<()> {
         last_used: Mutex::default(),
         experts,
         load: LoadCounters::default(),
-        handle: tokio::runtime::Handle::current(),
         expert_timeout: Duration::from_millis(args.expert_timeout_ms),
         max_sequences: args.max_sequences,
         is_last,
