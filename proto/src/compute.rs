@@ -119,6 +119,16 @@ where
     Ok(message)
 }
 
+/// A failure to reach the server (no connection, or one that closed): `UNAVAILABLE`, which
+/// callers may retry, unless the transport carried a status of its own.
+fn unavailable(e: impl Into<StdError>) -> Status {
+    let e: StdError = e.into();
+    match e.downcast::<Status>() {
+        Ok(s) => *s,
+        Err(e) => Status::unavailable(format!("transport: {e}")),
+    }
+}
+
 /// Calls `Expert.Compute` over `channel` (a tonic `Channel`, or any gRPC service).
 #[derive(Debug, Clone)]
 pub struct ComputeClient<T> {
@@ -170,12 +180,8 @@ where
         }
         std::future::poll_fn(|cx| self.inner.poll_ready(cx))
             .await
-            .map_err(|e| Status::from_error(e.into()))?;
-        let resp = self
-            .inner
-            .call(req)
-            .await
-            .map_err(|e| Status::from_error(e.into()))?;
+            .map_err(unavailable)?;
+        let resp = self.inner.call(req).await.map_err(unavailable)?;
         let (head, body) = resp.into_parts();
         if let Some(s) = Status::from_header_map(&head.headers)
             && s.code() != Code::Ok

@@ -31,10 +31,14 @@ impl Drop for Proc {
 }
 
 fn start(args: &[&str]) -> Proc {
+    start_on(args, "127.0.0.1:0")
+}
+
+fn start_on(args: &[&str], listen: &str) -> Proc {
     let mut child = Command::new(BIN)
         .args(["--threads", "1"])
         .args(args)
-        .args(["--listen", "127.0.0.1:0", "--exit-with-stdin"])
+        .args(["--listen", listen, "--exit-with-stdin"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -366,5 +370,79 @@ async fn stage_frees_kv_caches_left_idle() {
             "idle cache was never freed"
         );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_stage_reconnects_to_an_expert_restarted_on_its_address() {
+    let expert = [
+        "expert",
+        "--model",
+        "synthetic:tiny",
+        "--layers",
+        "0..4",
+        "--experts",
+        "0,1,2,3,4,5,6,7",
+    ];
+    let e = start(&expert);
+    let addr = e.1.trim_start_matches("http://").to_string();
+    let p = start(&[
+        "stage",
+        "--model",
+        "synthetic:tiny",
+        "--layers",
+        "0..4",
+        "--expert-addrs",
+        &addr,
+    ]);
+    let mut c = loop {
+        match StageClient::connect(p.1.clone()).await {
+            Ok(c) => break c,
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+        }
+    };
+    // One stream: its micro-batches share a compute thread and that thread's connections.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut answers = c
+        .forward(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("open")
+        .into_inner();
+    let mut step = async |id: u64| {
+        let req = ForwardRequest {
+            micro_batch_id: id,
+            seqs: vec![SeqSlice {
+                seq_id: id,
+                start: 0,
+                len: 2,
+                capacity: 4,
+            }],
+            input: Some(Input::Tokens(TokenIds { ids: vec![3, 4] })),
+            ..Default::default()
+        };
+        tx.send(req).await.expect("send");
+        answers
+            .message()
+            .await
+            .expect("stream")
+            .expect("answer")
+            .result
+            .expect("result")
+    };
+    assert!(matches!(step(1).await, FwdResult::LastHidden(_)));
+    // The expert process dies and another takes its address; the stage's connection to the
+    // first one is dead, but the next micro-batch must not fail for it.
+    drop(e);
+    let e = start_on(&expert, &addr);
+    let mut probe = loop {
+        match ExpertClient::connect(e.1.clone()).await {
+            Ok(c) => break c,
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+        }
+    };
+    probe.describe(DescribeRequest {}).await.expect("describe");
+    match step(2).await {
+        FwdResult::LastHidden(_) => {}
+        other => panic!("the first micro-batch after the restart failed: {other:?}"),
     }
 }

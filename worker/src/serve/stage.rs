@@ -319,21 +319,28 @@ impl ExpertRouter {
         let order = order.into_iter().map(|(_, r)| r);
         let deadline = Instant::now() + timeout;
         let mut last = String::new();
-        for r in order {
+        // Each replica gets a second try when the first never reached it (UNAVAILABLE: e.g. a
+        // connection its previous process closed while this thread was idle); Compute is
+        // stateless, so a repeat is harmless.
+        let attempts = order.flat_map(|r| [(r, true), (r, false)]);
+        let mut again = false;
+        for (r, first_try) in attempts {
+            if !first_try && !std::mem::take(&mut again) {
+                continue;
+            }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 break;
             }
+            let Some(mut client) = clients.get(&r.addr).cloned() else {
+                last = format!("{} at {}: no connection", g.name, r.addr);
+                continue;
+            };
             r.outstanding.fetch_add(1, Ordering::Relaxed);
             let span =
                 tracing::info_span!("stage.expert_call", shard = %g.name, replica = %r.addr, rows);
             let mut metadata = MetadataMap::new();
             crate::telemetry::inject_metadata(&span, &mut metadata);
-            let Some(mut client) = clients.get(&r.addr).cloned() else {
-                r.outstanding.fetch_sub(1, Ordering::Relaxed);
-                last = format!("{} at {}: no connection", g.name, r.addr);
-                continue;
-            };
             let input = req.input.clone().unwrap_or_default();
             let call = client.compute(metadata, Some(left), req.layer, &req.experts, input);
             let result = tokio::time::timeout(left, call).await;
@@ -353,7 +360,10 @@ impl ExpertRouter {
                         s.message().to_string(),
                     ));
                 }
-                Ok(Err(s)) => last = format!("{} at {}: {}", g.name, r.addr, s.message()),
+                Ok(Err(s)) => {
+                    last = format!("{} at {}: {}", g.name, r.addr, s.message());
+                    again = first_try && s.code() == Code::Unavailable;
+                }
                 Err(_) => last = format!("{} at {}: no answer within {left:?}", g.name, r.addr),
             }
         }
