@@ -56,17 +56,18 @@ pub struct TransportArgs {
 /// An expert service that returns its input: the real codec and gRPC path, no compute.
 struct Echo;
 
+/// The rows a request's experts claim and the columns its tensor says it has.
+fn echo_shape(experts: &[ExpertRows], shape: Option<&[u64]>) -> (usize, usize) {
+    let rows = experts.iter().map(|e| e.rows as usize).sum();
+    let cols = shape.and_then(|s| s.get(1)).copied().unwrap_or(0) as usize;
+    (rows, cols)
+}
+
 #[tonic::async_trait]
 impl Expert for Echo {
     async fn compute(&self, r: Request<ExpertRequest>) -> Result<Response<ExpertResponse>, Status> {
         let req = r.into_inner();
-        let rows: usize = req.experts.iter().map(|e| e.rows as usize).sum();
-        let cols = req
-            .input
-            .as_ref()
-            .and_then(|t| t.shape.get(1))
-            .copied()
-            .unwrap_or(0) as usize;
+        let (rows, cols) = echo_shape(&req.experts, req.input.as_ref().map(|t| &t.shape[..]));
         let mut x = Vec::new();
         decode_f32("input", req.input.as_ref(), Some(rows), cols, &mut x)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -89,13 +90,7 @@ impl Expert for Echo {
 #[tonic::async_trait]
 impl ComputeHandler for Echo {
     async fn compute(&self, req: ComputeRequest, _: MetadataMap) -> Result<Tensor, Status> {
-        let rows: usize = req.experts.iter().map(|e| e.rows as usize).sum();
-        let cols = req
-            .input
-            .as_ref()
-            .and_then(|t| t.shape.get(1))
-            .copied()
-            .unwrap_or(0) as usize;
+        let (rows, cols) = echo_shape(&req.experts, req.input.as_ref().map(|t| &t.shape[..]));
         let x = req
             .input_f32(rows, cols)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
