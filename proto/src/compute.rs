@@ -82,6 +82,9 @@ fn wire_status(e: WireError) -> Status {
     }
 }
 
+/// The most an oversized request is read past its refusal.
+const DRAIN: usize = 256 << 20;
+
 /// Reads one gRPC message from `body`, then the rest of the stream, and the status in its
 /// trailers when `trailers` (a response). The message is returned as the frames it came in.
 async fn read_message<B>(body: B, limit: usize, trailers: bool) -> Result<Option<Frames>, Status>
@@ -93,12 +96,31 @@ where
     let mut frames = Frames::default();
     let mut message = None;
     let mut status = None;
+    // A request refused for its size is read to its end (up to `DRAIN` bytes) before the
+    // refusal is sent: answering while the client still sends would reset the stream, and the
+    // client would see a transport error instead of the reason.
+    let mut refused: Option<(WireError, usize)> = None;
     while let Some(frame) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
         let frame = frame.map_err(|e| Status::from_error(e.into()))?;
         match frame.into_data() {
+            Ok(data) if refused.is_some() => {
+                if let Some((e, left)) = refused.take() {
+                    match left.checked_sub(data.len()) {
+                        Some(left) => refused = Some((e, left)),
+                        None => return Err(wire_status(e)),
+                    }
+                }
+            }
             Ok(data) if message.is_none() => {
                 frames.push(data);
-                message = frames.next_message(limit).map_err(wire_status)?;
+                match frames.next_message(limit) {
+                    Ok(m) => message = m,
+                    Err(e @ WireError::TooLarge { .. }) if !trailers => {
+                        refused = Some((e, DRAIN));
+                        frames = Frames::default();
+                    }
+                    Err(e) => return Err(wire_status(e)),
+                }
             }
             // A unary call carries one message: anything after it is ignored.
             Ok(_) => {}
@@ -108,6 +130,9 @@ where
                 }
             }
         }
+    }
+    if let Some((e, _)) = refused {
+        return Err(wire_status(e));
     }
     if trailers {
         match status {
@@ -119,13 +144,15 @@ where
     Ok(message)
 }
 
-/// A failure to reach the server (no connection, or one that closed): `UNAVAILABLE`, which
-/// callers may retry, unless the transport carried a status of its own.
+/// A failure below gRPC: the transport's own code where it has one (a stream the server reset
+/// on its deadline is CANCELLED), else `UNAVAILABLE` (no connection, or one that closed), which
+/// callers may retry.
 fn unavailable(e: impl Into<StdError>) -> Status {
-    let e: StdError = e.into();
-    match e.downcast::<Status>() {
-        Ok(s) => *s,
-        Err(e) => Status::unavailable(format!("transport: {e}")),
+    let s = Status::from_error(e.into());
+    if s.code() == Code::Unknown {
+        Status::unavailable(format!("transport: {}", s.message()))
+    } else {
+        s
     }
 }
 
