@@ -62,19 +62,6 @@ fn grpc_headers(h: &mut http::HeaderMap) {
     );
 }
 
-/// `grpc-timeout` as the protocol spells it: at most 8 digits and a unit.
-fn grpc_timeout(d: Duration) -> http::HeaderValue {
-    let us = d.as_micros();
-    let v = if us < 100_000_000 {
-        format!("{us}u")
-    } else if us / 1000 < 100_000_000 {
-        format!("{}m", us / 1000)
-    } else {
-        format!("{}S", (us / 1_000_000).min(99_999_999))
-    };
-    http::HeaderValue::from_str(&v).unwrap_or(http::HeaderValue::from_static("99999999S"))
-}
-
 fn wire_status(e: WireError) -> Status {
     match e {
         WireError::Compressed => Status::unimplemented(e.to_string()),
@@ -99,16 +86,14 @@ where
     // A request refused for its size is read to its end (up to `DRAIN` bytes) before the
     // refusal is sent: answering while the client still sends would reset the stream, and the
     // client would see a transport error instead of the reason.
-    let mut refused: Option<(WireError, usize)> = None;
+    let (mut refused, mut drained) = (None, 0);
     while let Some(frame) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
         let frame = frame.map_err(|e| Status::from_error(e.into()))?;
         match frame.into_data() {
             Ok(data) if refused.is_some() => {
-                if let Some((e, left)) = refused.take() {
-                    match left.checked_sub(data.len()) {
-                        Some(left) => refused = Some((e, left)),
-                        None => return Err(wire_status(e)),
-                    }
+                drained += data.len();
+                if drained > DRAIN {
+                    break;
                 }
             }
             Ok(data) if message.is_none() => {
@@ -116,7 +101,7 @@ where
                 match frames.next_message(limit) {
                     Ok(m) => message = m,
                     Err(e @ WireError::TooLarge { .. }) if !trailers => {
-                        refused = Some((e, DRAIN));
+                        refused = Some(e);
                         frames = Frames::default();
                     }
                     Err(e) => return Err(wire_status(e)),
@@ -131,7 +116,7 @@ where
             }
         }
     }
-    if let Some((e, _)) = refused {
+    if let Some(e) = refused {
         return Err(wire_status(e));
     }
     if trailers {
@@ -198,13 +183,15 @@ where
         *req.method_mut() = http::Method::POST;
         *req.uri_mut() = http::Uri::from_static(COMPUTE_PATH);
         *req.version_mut() = http::Version::HTTP_2;
-        *req.headers_mut() = metadata.into_headers();
+        // tonic spells `grpc-timeout` into the metadata.
+        let mut meta = tonic::Request::from_parts(metadata, tonic::Extensions::default(), ());
+        if let Some(t) = timeout {
+            meta.set_timeout(t);
+        }
+        *req.headers_mut() = meta.into_parts().0.into_headers();
         let h = req.headers_mut();
         grpc_headers(h);
         h.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
-        if let Some(t) = timeout {
-            h.insert("grpc-timeout", grpc_timeout(t));
-        }
         std::future::poll_fn(|cx| self.inner.poll_ready(cx))
             .await
             .map_err(unavailable)?;
@@ -328,23 +315,4 @@ where
 
 impl<H, S: NamedService> NamedService for ComputeServer<H, S> {
     const NAME: &'static str = S::NAME;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn timeouts_are_spelled_within_eight_digits() {
-        let t = |d| {
-            grpc_timeout(d)
-                .to_str()
-                .map(str::to_string)
-                .unwrap_or_default()
-        };
-        assert_eq!(t(Duration::from_millis(1500)), "1500000u");
-        assert_eq!(t(Duration::from_secs(200)), "200000m");
-        assert_eq!(t(Duration::from_secs(500_000)), "500000S");
-        assert_eq!(t(Duration::MAX), "99999999S");
-    }
 }

@@ -402,6 +402,8 @@ fn poisoned() -> Error {
 pub struct Caller {
     rt: tokio::runtime::Runtime,
     clients: HashMap<String, ComputeClient<Channel>>,
+    /// The table `clients` were made for.
+    followed: Option<Arc<Table>>,
 }
 
 impl Caller {
@@ -413,11 +415,20 @@ impl Caller {
         Ok(Self {
             rt,
             clients: HashMap::new(),
+            followed: None,
         })
     }
 
-    /// Connects (lazily) to every replica of `table` not yet known, and forgets those gone.
-    fn follow(&mut self, table: &Table, limit: usize) -> Result<()> {
+    /// Connects (lazily) to every replica of `table` not yet known, and forgets those gone;
+    /// nothing to do while the table is the one last followed.
+    fn follow(&mut self, table: &Arc<Table>, limit: usize) -> Result<()> {
+        if self
+            .followed
+            .as_ref()
+            .is_some_and(|t| Arc::ptr_eq(t, table))
+        {
+            return Ok(());
+        }
         let live: HashSet<&str> = table
             .groups
             .iter()
@@ -431,6 +442,7 @@ impl Caller {
                 self.clients.insert(addr.to_string(), client);
             }
         }
+        self.followed = Some(table.clone());
         Ok(())
     }
 }
