@@ -65,6 +65,9 @@ use serde::{Deserialize, Serialize};
 #[x_kube(validation = Rule::new(
     "self.parallelism.tensor <= self.placement.gpusPerPod"
 ).message("spec.parallelism.tensor must not exceed spec.placement.gpusPerPod").field_path(".parallelism.tensor"))]
+#[x_kube(validation = Rule::new(
+    "!has(self.replicas) || !has(self.serving) || !has(self.serving.maxConcurrentSequences) || self.replicas <= self.serving.maxConcurrentSequences"
+).message("spec.replicas must not exceed spec.serving.maxConcurrentSequences (the gateways share the stages' sequences)").field_path(".replicas"))]
 #[serde(rename_all = "camelCase")]
 pub struct MoEDeploymentSpec {
     pub model: ModelSpec,
@@ -84,7 +87,7 @@ pub struct MoEDeploymentSpec {
     pub resources: Option<ResourceRequirements>,
     /// Gateway replicas.
     #[serde(default = "one")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 1024))]
     pub replicas: i32,
 }
 
@@ -113,28 +116,28 @@ pub struct ModelSpec {
     .field_path(".numKeyValueHeads"))]
 #[serde(rename_all = "camelCase")]
 pub struct Architecture {
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 1024))]
     pub num_layers: i32,
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 1024))]
     pub num_experts: i32,
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 1024))]
     pub top_k: i32,
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 65536))]
     pub hidden_size: i32,
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 1048576))]
     pub intermediate_size: i32,
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 1024))]
     pub num_attention_heads: i32,
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 1024))]
     pub num_key_value_heads: i32,
     /// Defaults to hiddenSize / numAttentionHeads.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 2))]
+    #[schemars(range(min = 2, max = 4096))]
     pub head_dim: Option<i32>,
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 4194304))]
     pub vocab_size: i32,
     /// The context length the KV cache is sized for.
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 4194304))]
     pub max_position_embeddings: i32,
     #[serde(default)]
     pub tie_word_embeddings: bool,
@@ -208,16 +211,16 @@ impl DType {
 pub struct Parallelism {
     /// Pipeline stages; each owns a contiguous layer range.
     #[serde(default = "one")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 1024))]
     pub pipeline: i32,
     /// Expert shards. Omit to let the planner pick the fewest that fit a pod; 0 makes the
     /// stages compute their own experts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0))]
+    #[schemars(range(min = 0, max = 65536))]
     pub expert: Option<i32>,
     /// GPUs each pod splits its weights over at least.
     #[serde(default = "one")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 64))]
     pub tensor: i32,
 }
 
@@ -238,11 +241,11 @@ pub struct Placement {
     #[serde(default = "default_gpu_product")]
     pub gpu_product: String,
     #[serde(default = "default_gpu_memory_gib", rename = "gpuMemoryGiB")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 65536))]
     pub gpu_memory_gib: i32,
     /// The most GPUs one pod may use (one node's worth).
     #[serde(default = "default_gpus_per_pod")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 64))]
     pub gpus_per_pod: i32,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub node_selector: BTreeMap<String, String>,
@@ -272,10 +275,10 @@ impl Default for Placement {
 #[serde(rename_all = "camelCase")]
 pub struct ExpertsSpec {
     #[serde(default = "one")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 1024))]
     pub min_replicas: i32,
     #[serde(default = "one")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 1024))]
     pub max_replicas: i32,
     #[serde(default)]
     pub autoscaling: Autoscaling,
@@ -303,11 +306,11 @@ pub struct Autoscaling {
     pub driver: AutoscalingDriver,
     /// Routed tokens per second one replica should serve.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 1000000000))]
     pub target_tokens_per_second_per_replica: Option<i32>,
     /// The most expert-shard replicas, all shards together.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 65536))]
     pub total_replica_budget: Option<i32>,
     #[serde(default = "default_scale_down_stabilization")]
     #[schemars(range(min = 0))]
@@ -344,11 +347,11 @@ pub enum AutoscalingDriver {
 #[serde(rename_all = "camelCase")]
 pub struct Serving {
     #[serde(default = "default_max_batch_size")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 65536))]
     pub max_batch_size: i32,
     /// Sequences in flight; each stage keeps their KV cache, so this sizes stage memory.
     #[serde(default = "default_max_concurrent_sequences")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 1048576))]
     pub max_concurrent_sequences: i32,
     /// Bearer key the gateway requires; open when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -774,11 +774,12 @@ fn expert_shard(cx: &Ctx, j: usize) -> Deployment {
 }
 
 fn gateway(cx: &Ctx) -> Deployment {
-    let args = gateway_args(
-        &cx.name,
-        cx.plan,
-        cx.md.spec.serving.max_concurrent_sequences,
-    );
+    // Each gateway replica admits its share of what every stage holds, so the stages accept
+    // whatever the gateways admit (during a rolling update old and new replicas overlap: the
+    // stages then refuse the excess with a retryable code, and the gateway answers 503).
+    let total = cx.md.spec.serving.max_concurrent_sequences.max(1) as usize;
+    let share = moe_plan::gateway_share(total, cx.md.spec.replicas.max(1) as usize);
+    let args = gateway_args(&cx.name, cx.plan, share as i32);
     Deployment {
         metadata: cx.meta(
             gateway_name(&cx.name),

@@ -203,6 +203,34 @@ fn pod_arguments_parse_with_the_worker_cli() {
 }
 
 #[test]
+fn gateway_replicas_share_what_a_stage_holds() {
+    let mut md = example("tiny.yaml");
+    md.spec.serving.max_concurrent_sequences = 10;
+    for (replicas, share) in [(1, 10), (2, 5), (3, 3), (10, 1)] {
+        md.spec.replicas = replicas;
+        let c = build(&md);
+        let gw = template_args(&c.gateway.spec.template);
+        let moe_worker::cli::Command::Gateway(g) =
+            moe_worker::cli::Cli::try_parse_from(&gw).unwrap().command
+        else {
+            panic!("not a gateway");
+        };
+        assert_eq!(g.max_sequences, share, "{replicas} replicas");
+        assert!(g.max_sequences * replicas as usize <= 10);
+        let st = template_args(&c.stages[0].spec.template);
+        let moe_worker::cli::Command::Stage(s) =
+            moe_worker::cli::Cli::try_parse_from(&st).unwrap().command
+        else {
+            panic!("not a stage");
+        };
+        assert_eq!(
+            s.max_sequences, 10,
+            "every stage holds the whole deployment's sequences"
+        );
+    }
+}
+
+#[test]
 fn expert_replicas_and_spec_changes_flow_into_children() {
     let mut md = example("tiny.yaml");
     md.spec.experts.min_replicas = 2;

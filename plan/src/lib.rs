@@ -303,3 +303,28 @@ mod tests {
         assert_eq!(back, p);
     }
 }
+
+/// How many sequences each of `gateways` gateway replicas may run at once when the stages hold
+/// KV caches for `max_sequences`: an equal share, rounded down, so that together they never
+/// admit more than a stage accepts (at least 1 each; callers refuse `gateways >
+/// max_sequences`). The operator and the local launcher both use it.
+pub fn gateway_share(max_sequences: usize, gateways: usize) -> usize {
+    (max_sequences / gateways.max(1)).max(1)
+}
+
+#[cfg(test)]
+mod share_tests {
+    #[test]
+    fn shares_never_add_up_past_the_stage_capacity() {
+        for total in 1..50 {
+            for gateways in 1..=total {
+                let share = super::gateway_share(total, gateways);
+                assert!(share >= 1);
+                assert!(
+                    share * gateways <= total,
+                    "{total} among {gateways}: {share}"
+                );
+            }
+        }
+    }
+}

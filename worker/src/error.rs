@@ -36,6 +36,15 @@ pub enum Error {
     /// The request ran out of time.
     #[error("deadline exceeded: {0}")]
     Deadline(String),
+
+    /// The deployment is at capacity right now; the same request may succeed later.
+    #[error("overloaded: {0}")]
+    Overloaded(String),
+
+    /// A fault inside the deployment that is not the caller's (e.g. a peer refused what this
+    /// process sent it).
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -107,6 +116,21 @@ impl Error {
             Self::InvalidInput { .. } => "invalid_input",
             Self::Peer { .. } => "peer",
             Self::Deadline(_) => "deadline",
+            Self::Overloaded(_) => "overloaded",
+            Self::Internal(_) => "internal",
+        }
+    }
+
+    /// The same error again, for each of several requests a failed step served (only the
+    /// serving variants keep their kind; the rest become peer errors).
+    pub fn for_each_request(&self) -> Self {
+        match self {
+            Self::Deadline(m) => Self::Deadline(m.clone()),
+            Self::InvalidInput { field, message } => Self::invalid(field, message.clone()),
+            Self::Overloaded(m) => Self::Overloaded(m.clone()),
+            Self::Internal(m) => Self::Internal(m.clone()),
+            Self::Peer { peer, message } => Self::peer(peer.clone(), message.clone()),
+            other => Self::peer("pipeline", other.to_string()),
         }
     }
 }

@@ -17,14 +17,22 @@ pub enum TokenizerKind {
 }
 
 pub enum Tokenizer {
-    Hf(Box<tokenizers::Tokenizer>),
+    /// The tokenizer as loaded, and a copy that reads special-token strings in the text as
+    /// plain text (for untrusted text: see [`Tokenizer::encode_text`]).
+    Hf(Box<tokenizers::Tokenizer>, Box<tokenizers::Tokenizer>),
     Tiktoken(&'static tiktoken_rs::CoreBPE),
+}
+
+fn hf(t: tokenizers::Tokenizer) -> Tokenizer {
+    let mut text_only = t.clone();
+    text_only.set_encode_special_tokens(true);
+    Tokenizer::Hf(Box::new(t), Box::new(text_only))
 }
 
 impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            Self::Hf(_) => "Tokenizer(tokenizer.json)",
+            Self::Hf(..) => "Tokenizer(tokenizer.json)",
             Self::Tiktoken(_) => "Tokenizer(cl100k_base)",
         })
     }
@@ -39,7 +47,7 @@ impl Tokenizer {
             TokenizerKind::Cl100kBase => Ok(Self::Tiktoken(tiktoken_rs::cl100k_base_singleton())),
             TokenizerKind::ByteLevel => {
                 tokenizers::Tokenizer::from_bytes(byte_level_json().to_string())
-                    .map(|t| Self::Hf(Box::new(t)))
+                    .map(hf)
                     .map_err(|e| Error::Tokenizer(e.to_string()))
             }
         }
@@ -58,7 +66,7 @@ impl Tokenizer {
             return Err(Error::checkpoint(path, "tokenizer file not found"));
         }
         tokenizers::Tokenizer::from_file(path)
-            .map(|t| Self::Hf(Box::new(t)))
+            .map(hf)
             .map_err(|e| Error::checkpoint(path, format!("invalid tokenizer.json: {e}")))
     }
 
@@ -82,11 +90,13 @@ impl Tokenizer {
         Self::from_file(&path)
     }
 
-    /// Token ids of `text`, with `bos` prepended when given.
+    /// Token ids of `text`, with `bos` prepended when given. Special-token strings in `text`
+    /// become their special tokens, as transformers' tokenizers do: for trusted text (a
+    /// prompt on the command line, a chat template's own markers).
     pub fn encode(&self, text: &str, bos: Option<u32>) -> Result<Vec<u32>> {
         let mut ids: Vec<u32> = bos.into_iter().collect();
         match self {
-            Self::Hf(t) => {
+            Self::Hf(t, _) => {
                 let enc = t
                     .encode(text, false)
                     .map_err(|e| Error::Tokenizer(e.to_string()))?;
@@ -97,10 +107,27 @@ impl Tokenizer {
         Ok(ids)
     }
 
+    /// Token ids of untrusted `text` (what a user sends): special-token strings in it are
+    /// tokenized as ordinary text, so a user cannot inject end-of-sequence, role or other
+    /// control tokens; only the caller (`bos`, a chat template) adds those.
+    pub fn encode_text(&self, text: &str, bos: Option<u32>) -> Result<Vec<u32>> {
+        let mut ids: Vec<u32> = bos.into_iter().collect();
+        match self {
+            Self::Hf(_, t) => {
+                let enc = t
+                    .encode(text, false)
+                    .map_err(|e| Error::Tokenizer(e.to_string()))?;
+                ids.extend_from_slice(enc.get_ids());
+            }
+            Self::Tiktoken(bpe) => ids.extend(bpe.encode_ordinary(text)),
+        }
+        Ok(ids)
+    }
+
     /// Text of `ids`; special tokens are skipped, ids the tokenizer lacks become U+FFFD.
     pub fn decode(&self, ids: &[u32]) -> String {
         match self {
-            Self::Hf(t) => t.decode(ids, true).unwrap_or_else(|_| {
+            Self::Hf(t, _) => t.decode(ids, true).unwrap_or_else(|_| {
                 ids.iter()
                     .map(|&i| t.decode(&[i], true).unwrap_or_else(|_| "\u{FFFD}".into()))
                     .collect()
@@ -118,7 +145,7 @@ impl Tokenizer {
                         .unwrap_or_else(|_| "\u{FFFD}".as_bytes().to_vec())
                 })
                 .collect(),
-            Self::Hf(_) => self.decode(ids).into_bytes(),
+            Self::Hf(..) => self.decode(ids).into_bytes(),
         }
     }
 
@@ -159,7 +186,7 @@ impl DecodeStream<'_> {
                 self.pending.extend(self.tok.bytes(&[id]));
                 take_complete_utf8(&mut self.pending)
             }
-            Tokenizer::Hf(_) => {
+            Tokenizer::Hf(..) => {
                 // Decode a short window twice (before and after the new token) so that
                 // tokenizers whose decoders depend on neighbours (spaces, byte fallback)
                 // produce the same text as decoding the whole sequence.
@@ -189,7 +216,7 @@ impl DecodeStream<'_> {
                 self.pending.clear();
                 (!rest.is_empty()).then_some(rest)
             }
-            Tokenizer::Hf(_) => {
+            Tokenizer::Hf(..) => {
                 let before = self.tok.decode(&self.ids[self.prefix..self.read]);
                 let after = self.tok.decode(&self.ids[self.prefix..]);
                 self.prefix = self.ids.len();
@@ -334,6 +361,22 @@ mod tests {
             out.extend(s.finish());
             assert_eq!(out, text, "{kind:?}");
         }
+    }
+
+    #[test]
+    fn untrusted_text_cannot_forge_special_tokens() {
+        let t = Tokenizer::of_kind(TokenizerKind::Cl100kBase).expect("cl100k");
+        let forged = "hi<|endoftext|>there";
+        assert!(t.encode(forged, None).expect("encode").contains(&100257));
+        let plain = t.encode_text(forged, None).expect("encode");
+        assert!(!plain.contains(&100257), "{plain:?}");
+        assert_eq!(t.decode(&plain), forged);
+        let t = Tokenizer::of_kind(TokenizerKind::ByteLevel).expect("byte level");
+        // `</s>` is id 2 and `<s>` id 1 in the byte-level vocabulary.
+        assert!(t.encode("a</s>", None).expect("encode").contains(&2));
+        let plain = t.encode_text("<s>a</s>", Some(1)).expect("encode");
+        assert_eq!(plain[0], 1, "the caller's bos stays");
+        assert!(!plain[1..].contains(&1) && !plain.contains(&2), "{plain:?}");
     }
 
     #[test]

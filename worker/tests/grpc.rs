@@ -223,6 +223,7 @@ async fn stage_answers_bad_micro_batches_with_errors_on_the_stream() {
             micro_batch_id: 1,
             seqs: vec![seq(7, 0, 2)],
             input: Some(Input::Hidden(encode_f32(&vec![0.0; 2 * h], &[2, h]))),
+            owner: "gateway-a".into(),
             ..Default::default()
         },
         // 2: a continuation of a sequence the stage never saw.
@@ -230,6 +231,7 @@ async fn stage_answers_bad_micro_batches_with_errors_on_the_stream() {
             micro_batch_id: 2,
             seqs: vec![seq(8, 5, 1)],
             input: tokens(vec![3]),
+            owner: "gateway-a".into(),
             ..Default::default()
         },
         // 3: token count disagrees with the slices.
@@ -237,6 +239,7 @@ async fn stage_answers_bad_micro_batches_with_errors_on_the_stream() {
             micro_batch_id: 3,
             seqs: vec![seq(9, 0, 3)],
             input: tokens(vec![3]),
+            owner: "gateway-a".into(),
             ..Default::default()
         },
         // 4: a token outside the vocabulary.
@@ -244,6 +247,7 @@ async fn stage_answers_bad_micro_batches_with_errors_on_the_stream() {
             micro_batch_id: 4,
             seqs: vec![seq(10, 0, 1)],
             input: tokens(vec![u32::MAX]),
+            owner: "gateway-a".into(),
             ..Default::default()
         },
         // 5: past its deadline.
@@ -252,6 +256,22 @@ async fn stage_answers_bad_micro_batches_with_errors_on_the_stream() {
             seqs: vec![seq(11, 0, 1)],
             input: tokens(vec![3]),
             deadline_unix_ms: 1,
+            owner: "gateway-a".into(),
+            ..Default::default()
+        },
+        // 7: no owner.
+        ForwardRequest {
+            micro_batch_id: 7,
+            seqs: vec![seq(13, 0, 1)],
+            input: tokens(vec![3]),
+            ..Default::default()
+        },
+        // 8: past the model's context (positions are checked before any allocation).
+        ForwardRequest {
+            micro_batch_id: 8,
+            seqs: vec![seq(14, u32::MAX - 1, 1)],
+            input: tokens(vec![3]),
+            owner: "gateway-a".into(),
             ..Default::default()
         },
         // 6: fine.
@@ -259,6 +279,7 @@ async fn stage_answers_bad_micro_batches_with_errors_on_the_stream() {
             micro_batch_id: 6,
             seqs: vec![seq(12, 0, 2)],
             input: tokens(vec![3, 4]),
+            owner: "gateway-a".into(),
             ..Default::default()
         },
     ];
@@ -268,6 +289,8 @@ async fn stage_answers_bad_micro_batches_with_errors_on_the_stream() {
         (3, Code::InvalidArgument, "1 token ids for 3 rows"),
         (4, Code::InvalidArgument, "vocabulary"),
         (5, Code::DeadlineExceeded, "deadline"),
+        (7, Code::InvalidArgument, "owner"),
+        (8, Code::InvalidArgument, "context"),
     ];
     let mut stream = c
         .forward(tokio_stream::iter(reqs))
@@ -275,7 +298,7 @@ async fn stage_answers_bad_micro_batches_with_errors_on_the_stream() {
         .expect("open")
         .into_inner();
     let mut answers = std::collections::HashMap::new();
-    while answers.len() < 6 {
+    while answers.len() < 8 {
         let r = stream.message().await.expect("stream").expect("response");
         answers.insert(r.micro_batch_id, r.result.expect("result"));
     }
@@ -309,11 +332,211 @@ async fn stage_answers_bad_micro_batches_with_errors_on_the_stream() {
     let r = c
         .release(ReleaseRequest {
             seq_ids: vec![12, 99],
+            owner: "gateway-a".into(),
         })
         .await
         .expect("release")
         .into_inner();
     assert_eq!(r.released, 1);
+    // The routing statistics the autoscaler reads cannot be zeroed by a peer.
+    let e = c
+        .load_stats(LoadStatsRequest { reset: true })
+        .await
+        .expect_err("reset accepted");
+    assert_eq!(e.code(), Code::PermissionDenied);
+}
+
+/// One micro-batch on its own stream; the answer's result.
+async fn one(
+    c: &mut StageClient<tonic::transport::Channel>,
+    owner: &str,
+    seqs: Vec<SeqSlice>,
+    ids: Vec<u32>,
+) -> FwdResult {
+    let req = ForwardRequest {
+        micro_batch_id: 1,
+        seqs,
+        input: Some(Input::Tokens(TokenIds { ids })),
+        owner: owner.into(),
+        ..Default::default()
+    };
+    let mut stream = match c.forward(tokio_stream::iter(vec![req])).await {
+        Ok(s) => s.into_inner(),
+        // Refused when opening (a stream limit): the same error as an answer.
+        Err(e) => {
+            return FwdResult::Error(moe_proto::v1::ForwardError {
+                code: e.code() as i32,
+                message: e.message().to_string(),
+            });
+        }
+    };
+    stream
+        .message()
+        .await
+        .expect("stream")
+        .expect("answer")
+        .result
+        .expect("result")
+}
+
+fn code_of(r: &FwdResult) -> i32 {
+    match r {
+        FwdResult::Error(e) => e.code,
+        FwdResult::LastHidden(_) => 0,
+    }
+}
+
+#[tokio::test]
+async fn gateways_sharing_a_stage_never_touch_each_others_sequences() {
+    let p = start(&[
+        "stage",
+        "--model",
+        "synthetic:tiny",
+        "--layers",
+        "0..4",
+        "--max-sequences",
+        "3",
+    ]);
+    let mut c = loop {
+        match StageClient::connect(p.1.clone()).await {
+            Ok(c) => break c,
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+        }
+    };
+    let seq = |id, start, len| SeqSlice {
+        seq_id: id,
+        start,
+        len,
+        capacity: 8,
+    };
+    // Two gateways both number their first sequence 1.
+    let a = one(&mut c, "gw-a/1", vec![seq(1, 0, 2)], vec![3, 4]).await;
+    assert_eq!(code_of(&a), 0, "{a:?}");
+    let b = one(&mut c, "gw-b/1", vec![seq(1, 0, 3)], vec![5, 6, 7]).await;
+    assert_eq!(code_of(&b), 0, "{b:?}");
+    // A third party cannot release either.
+    let r = c
+        .release(ReleaseRequest {
+            seq_ids: vec![1],
+            owner: "intruder".into(),
+        })
+        .await
+        .expect("release");
+    assert_eq!(r.into_inner().released, 0);
+    // b's continuation at a's length is refused (b holds 3 positions); each continues its own.
+    let wrong = one(&mut c, "gw-b/1", vec![seq(1, 2, 1)], vec![8]).await;
+    assert_eq!(
+        code_of(&wrong),
+        Code::FailedPrecondition as i32,
+        "{wrong:?}"
+    );
+    let a2 = one(&mut c, "gw-a/1", vec![seq(1, 2, 1)], vec![8]).await;
+    assert_eq!(code_of(&a2), 0, "{a2:?}");
+    let b2 = one(&mut c, "gw-b/1", vec![seq(1, 3, 1)], vec![8]).await;
+    assert_eq!(code_of(&b2), 0, "{b2:?}");
+    // a's continuation attended to a's own context: it equals [3, 4, 8] computed afresh.
+    let fresh = one(&mut c, "gw-d/1", vec![seq(5, 0, 3)], vec![3, 4, 8]).await;
+    let last = |r: &FwdResult| -> Vec<f32> {
+        let FwdResult::LastHidden(t) = r else {
+            panic!("{r:?}")
+        };
+        let mut v = Vec::new();
+        decode_f32("last", Some(t), Some(1), t.shape[1] as usize, &mut v).expect("decode");
+        v
+    };
+    let (x, y) = (last(&a2), last(&fresh));
+    let err = x
+        .iter()
+        .zip(&y)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(err < 1e-4, "continuation differs from a fresh run by {err}");
+    // Capacity is shared by every gateway: 3 held; a new one is refused, retryably.
+    let full = one(&mut c, "gw-c/1", vec![seq(9, 0, 1)], vec![3]).await;
+    assert_eq!(code_of(&full), Code::ResourceExhausted as i32, "{full:?}");
+    let r = c
+        .release(ReleaseRequest {
+            seq_ids: vec![1],
+            owner: "gw-a/1".into(),
+        })
+        .await
+        .expect("release");
+    assert_eq!(r.into_inner().released, 1);
+    let b3 = one(&mut c, "gw-b/1", vec![seq(1, 4, 1)], vec![9]).await;
+    assert_eq!(code_of(&b3), 0, "b's sequence survives a's release: {b3:?}");
+    let e = c
+        .release(ReleaseRequest {
+            seq_ids: vec![1],
+            owner: String::new(),
+        })
+        .await
+        .expect_err("release without an owner");
+    assert_eq!(e.code(), Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn a_stage_bounds_streams_and_rows_before_allocating() {
+    let p = start(&[
+        "stage",
+        "--model",
+        "synthetic:tiny",
+        "--layers",
+        "0..4",
+        "--max-streams",
+        "1",
+        "--max-batch-rows",
+        "4",
+    ]);
+    let mut c = loop {
+        match StageClient::connect(p.1.clone()).await {
+            Ok(c) => break c,
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+        }
+    };
+    let seq = |id, len| SeqSlice {
+        seq_id: id,
+        start: 0,
+        len,
+        capacity: 8,
+    };
+    let big = one(&mut c, "gw", vec![seq(1, 5)], vec![3; 5]).await;
+    match &big {
+        FwdResult::Error(e) => {
+            assert_eq!(e.code, Code::InvalidArgument as i32);
+            assert!(e.message.contains("rows"), "{}", e.message);
+        }
+        other => panic!("{other:?}"),
+    }
+    // One stream open: a second is refused until the first closes.
+    // (The previous call's stream ends on the stage a moment after its answer.)
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let (tx, held) = loop {
+        let (tx, rx) = tokio::sync::mpsc::channel::<ForwardRequest>(1);
+        match c
+            .forward(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+        {
+            Ok(s) => break (tx, s),
+            Err(e) => assert!(std::time::Instant::now() < deadline, "{e:?}"),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let mut c2 = c.clone();
+    let second = c2
+        .forward(tokio_stream::iter(Vec::<ForwardRequest>::new()))
+        .await;
+    let e = second.expect_err("second stream accepted");
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    drop((tx, held));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let r = one(&mut c, "gw", vec![seq(2, 4)], vec![3; 4]).await;
+        if code_of(&r) == 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{r:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test]
@@ -342,6 +565,7 @@ async fn stage_frees_kv_caches_left_idle() {
             capacity: 8,
         }],
         input: Some(Input::Tokens(TokenIds { ids: vec![3, 4] })),
+        owner: "gateway-a".into(),
         ..Default::default()
     };
     let mut stream = c
@@ -418,6 +642,7 @@ async fn a_stage_reconnects_to_an_expert_restarted_on_its_address() {
                 capacity: 4,
             }],
             input: Some(Input::Tokens(TokenIds { ids: vec![3, 4] })),
+            owner: "gateway-a".into(),
             ..Default::default()
         };
         tx.send(req).await.expect("send");

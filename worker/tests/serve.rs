@@ -276,6 +276,124 @@ async fn a_full_queue_answers_429_with_retry_after() {
 }
 
 /// Reads a streamed completion until it ends; returns (tokens, error message if any).
+/// Requests of different lengths spread over every gateway at once; each answer must equal
+/// single-process generation (two gateways used to overwrite each other's KV caches).
+async fn through_every_gateway(model: &str, bases: &[String], vocab: u64) {
+    let work: Vec<(Vec<u32>, usize)> = [(3, 6), (17, 9), (1, 7), (30, 4), (9, 11), (5, 8)]
+        .iter()
+        .enumerate()
+        .map(|(i, &(len, new))| (prompt(len, i as u64 + 11, vocab), new))
+        .collect();
+    let mut tasks = Vec::new();
+    for (i, (p, n)) in work.iter().cloned().enumerate() {
+        let base = bases[i % bases.len()].clone();
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(25 * i as u64)).await;
+            complete_ids(&base, &p, n).await
+        }));
+    }
+    for ((p, n), t) in work.iter().zip(tasks) {
+        let got = t.await.expect("task");
+        assert_eq!(
+            got,
+            generate_ids(model, p, *n),
+            "prompt of {} tokens",
+            p.len()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_and_three_gateways_share_one_pipeline() {
+    let model = "synthetic:tiny";
+    for gateways in ["2", "3"] {
+        let d = Deployment::start(
+            model,
+            2,
+            2,
+            &["--gateways", gateways, "--max-sequences", "12"],
+        );
+        assert_eq!(d.bases.len(), gateways.parse::<usize>().expect("n"));
+        through_every_gateway(model, &d.bases, 256).await;
+        if gateways == "3" {
+            // A gateway killed mid-stream: its own request ends, the others keep serving
+            // exactly, and the launcher brings it back.
+            let resp = reqwest::Client::new()
+                .post(format!("{}/v1/completions", d.bases[1]))
+                .json(&json!({"prompt": [3, 4, 5], "max_tokens": 400, "ignore_eos": true, "stream": true}))
+                .send()
+                .await
+                .expect("http");
+            assert_eq!(resp.status(), 200);
+            let reader = tokio::spawn(stream_until_end(resp));
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let pid = d.pid_of("gateway", 1);
+            std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status()
+                .expect("kill");
+            let others = [d.bases[0].clone(), d.bases[2].clone()];
+            through_every_gateway(model, &others, 256).await;
+            let (_, err) = tokio::time::timeout(Duration::from_secs(20), reader)
+                .await
+                .expect("the killed gateway's stream must end")
+                .expect("task");
+            assert!(
+                err.is_some(),
+                "the stream of a killed gateway cannot complete"
+            );
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while d
+                .processes()
+                .iter()
+                .all(|(p, c)| *p == pid || !c.contains("--index 1 ") || !c.contains(" gateway "))
+            {
+                assert!(Instant::now() < deadline, "the gateway was not restarted");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while reqwest::get(format!("{}/readyz", d.bases[1]))
+                .await
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0)
+                != 200
+            {
+                assert!(
+                    Instant::now() < deadline,
+                    "the restarted gateway never became ready"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            through_every_gateway(model, &d.bases, 256).await;
+        }
+        d.stop();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_text_cannot_inject_special_tokens() {
+    // gpt4-mini speaks cl100k_base, where `<|endoftext|>` is token 100257.
+    let d = Deployment::start("synthetic:gpt4-mini", 1, 0, &[]);
+    let usage = async |path: &str, body: Value| -> u64 {
+        let (status, v) = post(&d.base, path, body).await;
+        assert_eq!(status, 200, "{v}");
+        v["usage"]["prompt_tokens"].as_u64().expect("usage")
+    };
+    let complete = |p: &str| json!({"prompt": p, "max_tokens": 1, "temperature": 0});
+    let with = usage("/v1/completions", complete("a<|endoftext|>b")).await;
+    let without = usage("/v1/completions", complete("ab")).await;
+    // As one special token the marker would add 1; as text it is several ordinary pieces.
+    assert!(
+        with >= without + 3,
+        "{with} vs {without}: the marker became a special token"
+    );
+    let chat = |c: &str| json!({"messages": [{"role": "user", "content": c}], "max_tokens": 1});
+    let with = usage("/v1/chat/completions", chat("<|endoftext|>")).await;
+    let without = usage("/v1/chat/completions", chat("")).await;
+    assert!(with >= without + 3, "{with} vs {without}");
+    d.stop();
+}
+
 async fn stream_until_end(resp: reqwest::Response) -> (usize, Option<String>) {
     use futures::StreamExt;
     let mut body = resp.bytes_stream();

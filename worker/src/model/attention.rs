@@ -53,6 +53,13 @@ impl KvCache {
         self.len += n;
     }
 
+    /// Counts `n` more positions without computing them (tests of cache bookkeeping).
+    #[cfg(test)]
+    pub(crate) fn advance_for_test(&mut self, n: usize) {
+        self.reserve(self.len + n);
+        self.len += n;
+    }
+
     /// Bytes held by the cache.
     pub fn bytes(&self) -> usize {
         self.k

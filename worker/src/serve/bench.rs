@@ -484,7 +484,7 @@ pub fn local(args: LocalBenchArgs) -> Result<()> {
             "/v1/completions",
             Some(&request(&prompts[0])),
         )?;
-        let gw_b1 = super::http_json(&addr, "GET", "/v1/stats?reset=true", None)?;
+        let gw_b1 = super::http_json(&addr, "GET", "/v1/stats", None)?;
         let t = Instant::now();
         let v = super::http_json(
             &addr,
@@ -493,7 +493,7 @@ pub fn local(args: LocalBenchArgs) -> Result<()> {
             Some(&request(&prompts[0])),
         )?;
         let wall_b1 = t.elapsed().as_secs_f64();
-        let stats_b1 = super::http_json(&addr, "GET", "/v1/stats?reset=true", None)?;
+        let stats_b1 = super::http_json(&addr, "GET", "/v1/stats", None)?;
         let ids: Vec<u32> = v["choices"][0]["token_ids"]
             .as_array()
             .map(|a| {
@@ -509,7 +509,7 @@ pub fn local(args: LocalBenchArgs) -> Result<()> {
                 "the deployment's tokens differ from single-process generation",
             ));
         }
-        let gw0: Value = super::http_json(&addr, "GET", "/v1/stats", None)?;
+        let before_b8: Value = super::http_json(&addr, "GET", "/v1/stats", None)?;
         let t = Instant::now();
         let handles: Vec<_> = prompts
             .iter()
@@ -550,7 +550,7 @@ pub fn local(args: LocalBenchArgs) -> Result<()> {
         breakdown(
             &format!("batch {}", prompts.len()),
             &stats_b8,
-            Some(&gw0),
+            Some(&before_b8),
             wall_b8,
             produced,
         );
@@ -563,13 +563,20 @@ pub fn local(args: LocalBenchArgs) -> Result<()> {
     result
 }
 
-/// Where a measurement's time went, per generated token.
+/// Where a measurement's time went, per generated token (the counters only grow: each figure
+/// is the difference from `before`).
 fn breakdown(label: &str, s: &Value, before: Option<&Value>, wall: f64, tokens: usize) {
     let f = |v: &Value| v.as_f64().unwrap_or(0.0);
     let gw = |k: &str| f(&s["gateway"][k]) - before.map_or(0.0, |b| f(&b["gateway"][k]));
-    let stages = s["stages"].as_array().cloned().unwrap_or_default();
-    let busy: f64 = stages.iter().map(|x| f(&x["busySeconds"])).sum();
-    let wait: f64 = stages.iter().map(|x| f(&x["expertWaitSeconds"])).sum();
+    let summed = |v: &Value, k: &str| -> f64 {
+        v["stages"]
+            .as_array()
+            .map(|a| a.iter().map(|x| f(&x[k])).sum())
+            .unwrap_or(0.0)
+    };
+    let stage = |k: &str| summed(s, k) - before.map_or(0.0, |b| summed(b, k));
+    let busy = stage("busySeconds");
+    let wait = stage("expertWaitSeconds");
     let per = |x: f64| x * 1e3 / tokens.max(1) as f64;
     println!(
         "{label}: {:.2} ms/token wall; summed over the pipeline per token: stage compute {:.2} ms, expert calls (compute + transport) {:.2} ms; gateway: waiting on the pipeline {:.2} ms (of which not in any stage {:.2} ms), LM head + sampling {:.2} ms",

@@ -35,6 +35,31 @@ pub struct ExpertArgs {
     /// Which replica of the shard this process is (for logs and process listings).
     #[arg(long, env = "MOE_REPLICA", default_value_t = 0)]
     pub replica: u32,
+
+    /// Computations running at once (each holds its input and output); further calls wait.
+    #[arg(long, env = "MOE_MAX_CONCURRENT_CALLS", default_value_t = 4)]
+    pub max_concurrent_calls: usize,
+
+    /// Calls waiting for a computation slot; beyond it calls are refused with
+    /// RESOURCE_EXHAUSTED (a stage then tries another replica).
+    #[arg(long, env = "MOE_MAX_QUEUED_CALLS", default_value_t = 256)]
+    pub max_queued_calls: usize,
+}
+
+/// How many computations an expert shard runs at once, and how many calls may wait.
+#[derive(Debug, Clone, Copy)]
+pub struct CallLimits {
+    pub concurrent: usize,
+    pub queued: usize,
+}
+
+impl Default for CallLimits {
+    fn default() -> Self {
+        Self {
+            concurrent: 4,
+            queued: 256,
+        }
+    }
 }
 
 /// Describes a loaded model part.
@@ -67,13 +92,22 @@ pub struct ExpertService {
     max_rows: usize,
     /// Calls of at most this many rows are computed on the server's own worker.
     inline_rows: usize,
+    /// A bounded pool: one permit per running computation.
+    slots: Arc<tokio::sync::Semaphore>,
+    waiting: std::sync::atomic::AtomicUsize,
+    limits: CallLimits,
 }
 
 /// Multiply-adds a call may take and still be computed inline (~0.1 ms on one core).
 const INLINE_MACS: usize = 1 << 21;
 
 impl ExpertService {
-    pub fn new(model: Arc<Model>, info: ShardInfo, max_message_bytes: usize) -> Self {
+    pub fn new(
+        model: Arc<Model>,
+        info: ShardInfo,
+        max_message_bytes: usize,
+        limits: CallLimits,
+    ) -> Self {
         let h = model.config().hidden_size.max(1);
         let per_row = 3 * h * model.config().intermediate_size.max(1);
         Self {
@@ -82,7 +116,29 @@ impl ExpertService {
             load: Arc::default(),
             max_rows: max_message_bytes / (h * 4),
             inline_rows: INLINE_MACS / per_row,
+            slots: Arc::new(tokio::sync::Semaphore::new(limits.concurrent.max(1))),
+            waiting: Default::default(),
+            limits,
         }
+    }
+
+    /// A computation slot: at once when one is free, after a wait when fewer than the queue
+    /// limit wait already, else RESOURCE_EXHAUSTED.
+    async fn slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
+        use std::sync::atomic::Ordering;
+        if let Ok(p) = self.slots.clone().try_acquire_owned() {
+            return Ok(p);
+        }
+        if self.waiting.fetch_add(1, Ordering::SeqCst) >= self.limits.queued {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(Status::resource_exhausted(format!(
+                "expert shard busy: {} computations running and {} calls waiting",
+                self.limits.concurrent, self.limits.queued
+            )));
+        }
+        let p = self.slots.clone().acquire_owned().await;
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        p.map_err(|_| Status::unavailable("expert shard stopping"))
     }
 
     fn check(&self, layer: u32, experts: &[ExpertRows]) -> Result<Vec<(usize, usize)>, Status> {
@@ -130,6 +186,8 @@ impl ExpertService {
         let span = tracing::info_span!("expert.compute", layer);
         crate::telemetry::set_parent(&span, crate::telemetry::extract_metadata(metadata));
         let groups = self.check(layer, experts)?;
+        // Nothing is decoded or allocated for a call until it has a slot.
+        let slot = self.slot().await?;
         let total: usize = groups.iter().map(|g| g.1).sum();
         let h = self.model.config().hidden_size;
         let x = input(total, h).map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -137,6 +195,7 @@ impl ExpertService {
         let layer = layer as usize;
         let started = Instant::now();
         let work = move || {
+            let _slot = slot;
             let _g = span.enter();
             let mut out = Vec::new();
             SCRATCH
@@ -197,7 +256,7 @@ impl Expert for ExpertService {
         request: Request<LoadStatsRequest>,
     ) -> Result<Response<LoadStatsResponse>, Status> {
         Ok(Response::new(
-            self.load.snapshot(request.get_ref().reset, 0),
+            self.load.snapshot(request.get_ref().reset, 0)?,
         ))
     }
 }
@@ -228,7 +287,11 @@ pub async fn run(args: ExpertArgs) -> Result<()> {
     let model = Arc::new(model);
     let info = shard_info(&model, Role::Expert, args.part.index, &name);
     let limit = args.part.server.max_message_bytes;
-    let handler = Arc::new(ExpertService::new(model, info, limit));
+    let limits = CallLimits {
+        concurrent: args.max_concurrent_calls.max(1),
+        queued: args.max_queued_calls,
+    };
+    let handler = Arc::new(ExpertService::new(model, info, limit, limits));
     let generated = ExpertServer::from_arc(handler.clone())
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);

@@ -44,15 +44,22 @@ pub struct LocalArgs {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
     pub expert_replicas: u16,
 
-    /// HTTP port of the gateway on 127.0.0.1 (0 picks a free port).
+    /// HTTP port of the gateway on 127.0.0.1 (0 picks a free port); further gateways take
+    /// the ports after it.
     #[arg(long, default_value_t = 8000)]
     pub http_port: u16,
+
+    /// Gateways sharing the pipeline (as a MoEDeployment's `replicas`): each is its own
+    /// process with its own port, and gets an equal share of --max-sequences.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    pub gateways: u16,
 
     /// Micro-batch lanes in flight (default: the number of stages, at least 2).
     #[arg(long)]
     pub micro_batches: Option<usize>,
 
-    /// Most sequences running at once.
+    /// Most sequences running at once: what each stage holds KV caches for, divided among
+    /// the gateways.
     #[arg(long, default_value_t = 64)]
     pub max_sequences: usize,
 
@@ -213,6 +220,16 @@ pub async fn run(args: LocalArgs) -> Result<()> {
             Error::invalid(flag, message)
         }
     })?;
+    let gateways = usize::from(args.gateways);
+    if args.max_sequences < gateways {
+        return Err(Error::invalid(
+            "--max-sequences",
+            format!(
+                "{} cannot be shared among {gateways} gateways (each needs at least 1)",
+                args.max_sequences
+            ),
+        ));
+    }
     let mut children: Vec<Running> = Vec::new();
     let result = start_and_serve(&args, &plan, &mut children).await;
     stop_all(&mut children).await;
@@ -276,6 +293,8 @@ async fn start_and_serve(
                 expert_addrs.join(","),
                 "--startup-timeout-s".into(),
                 args.startup_timeout_s.to_string(),
+                "--max-sequences".into(),
+                args.max_sequences.to_string(),
             ],
         ]
         .concat();
@@ -297,38 +316,59 @@ async fn start_and_serve(
         stage_addrs[s.index] = spec.addr.clone().unwrap_or_default();
         children.push(Running { spec, child });
     }
-    let mut g = [
-        vec!["gateway".to_string()],
-        model.clone(),
-        vec![
-            "--stage-addrs".into(),
-            stage_addrs.join(","),
-            "--max-sequences".into(),
-            args.max_sequences.to_string(),
-            "--max-queue".into(),
-            args.max_queue.to_string(),
-            "--step-timeout-ms".into(),
-            args.step_timeout_ms.to_string(),
-        ],
-    ]
-    .concat();
-    if let Some(m) = args.micro_batches {
-        g.push("--micro-batches".into());
-        g.push(m.to_string());
+    // Each gateway's share of the stages' capacity: together they never admit more sequences
+    // than a stage holds.
+    let gateways = usize::from(args.gateways);
+    let share = moe_plan::gateway_share(args.max_sequences, gateways);
+    let mut endpoints = Vec::new();
+    for i in 0..gateways {
+        let mut g = [
+            vec!["gateway".to_string()],
+            model.clone(),
+            vec![
+                "--stage-addrs".into(),
+                stage_addrs.join(","),
+                "--max-sequences".into(),
+                share.to_string(),
+                "--max-queue".into(),
+                args.max_queue.to_string(),
+                "--step-timeout-ms".into(),
+                args.step_timeout_ms.to_string(),
+                "--index".into(),
+                i.to_string(),
+            ],
+        ]
+        .concat();
+        if let Some(m) = args.micro_batches {
+            g.push("--micro-batches".into());
+            g.push(m.to_string());
+        }
+        let mut spec = RoleSpec {
+            name: if gateways == 1 {
+                "gateway".into()
+            } else {
+                format!("gateway {i}")
+            },
+            args: g,
+            addr: None,
+            threads: args.child_threads,
+        };
+        let port = match args.http_port {
+            0 => 0,
+            p => p.checked_add(i as u16).ok_or_else(|| {
+                Error::invalid("--http-port", format!("{p} + {i} is past the last port"))
+            })?,
+        };
+        let listen = SocketAddr::from(([127, 0, 0, 1], port)).to_string();
+        let child = spawn(&mut spec, &listen).await?;
+        endpoints.push(spec.addr.clone().unwrap_or_default());
+        children.push(Running { spec, child });
     }
-    let mut spec = RoleSpec {
-        name: "gateway".into(),
-        args: g,
-        addr: None,
-        threads: args.child_threads,
-    };
-    let listen = SocketAddr::from(([127, 0, 0, 1], args.http_port)).to_string();
-    let child = spawn(&mut spec, &listen).await?;
-    let http = spec.addr.clone().unwrap_or_default();
-    children.push(Running { spec, child });
+    let http = endpoints.first().cloned().unwrap_or_default();
 
     // Wait for readiness, failing fast if a child dies.
     let limit = Duration::from_secs(args.startup_timeout_s);
+    let mut ready = vec![false; endpoints.len()];
     loop {
         for r in children.iter_mut() {
             if let Ok(Some(status)) = r.child.try_wait() {
@@ -338,7 +378,12 @@ async fn start_and_serve(
                 ));
             }
         }
-        if gateway_ready(&http).await {
+        for (e, ok) in endpoints.iter().zip(ready.iter_mut()) {
+            if !*ok {
+                *ok = gateway_ready(e).await;
+            }
+        }
+        if ready.iter().all(|r| *r) {
             break;
         }
         if started.elapsed() > limit {
@@ -355,6 +400,10 @@ async fn start_and_serve(
         started.elapsed().as_secs_f64()
     );
     println!("OpenAI endpoint: http://{http}/v1");
+    if endpoints.len() > 1 {
+        let all: Vec<String> = endpoints.iter().map(|e| format!("http://{e}/v1")).collect();
+        println!("gateway endpoints: {}", all.join(" "));
+    }
     println!(
         "try: curl -s http://{http}/v1/completions -H 'content-type: application/json' \\\n  -d '{{\"prompt\": \"The capital of France is\", \"max_tokens\": 16, \"temperature\": 0}}'"
     );

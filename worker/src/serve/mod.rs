@@ -246,6 +246,7 @@ pub fn to_status(e: Error) -> tonic::Status {
         }
         Error::Deadline(_) => tonic::Status::deadline_exceeded(e.to_string()),
         Error::Peer { .. } => tonic::Status::unavailable(e.to_string()),
+        Error::Overloaded(_) => tonic::Status::resource_exhausted(e.to_string()),
         _ => tonic::Status::internal(e.to_string()),
     }
 }
@@ -329,9 +330,20 @@ impl LoadCounters {
         }
     }
 
-    pub fn snapshot(&self, reset: bool, active: u32) -> moe_proto::v1::LoadStatsResponse {
-        let Ok(mut g) = self.inner.lock() else {
-            return Default::default();
+    /// The counters now. They only grow: a request to reset them is refused (any peer could
+    /// otherwise zero the statistics the autoscaler reads); readers take differences.
+    pub fn snapshot(
+        &self,
+        reset: bool,
+        active: u32,
+    ) -> Result<moe_proto::v1::LoadStatsResponse, tonic::Status> {
+        if reset {
+            return Err(tonic::Status::permission_denied(
+                "reset: load counters are never reset; read them twice and take the difference",
+            ));
+        }
+        let Ok(g) = self.inner.lock() else {
+            return Err(tonic::Status::internal("load counters lock poisoned"));
         };
         let out = moe_proto::v1::LoadStatsResponse {
             experts: g
@@ -349,9 +361,6 @@ impl LoadCounters {
             busy_seconds: g.busy.as_secs_f64(),
             expert_wait_seconds: g.expert_wait.as_secs_f64(),
         };
-        if reset {
-            *g = LoadInner::default();
-        }
-        out
+        Ok(out)
     }
 }

@@ -11,8 +11,10 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_moe-worker");
 
 pub struct Deployment {
     pub child: Child,
-    /// `http://127.0.0.1:PORT`
+    /// `http://127.0.0.1:PORT` (the first gateway)
     pub base: String,
+    /// Every gateway's base URL (`--gateways N`), the first one first.
+    pub bases: Vec<String>,
     marker: String,
 }
 
@@ -70,13 +72,22 @@ impl Deployment {
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
+            // The endpoint lines come together, after every gateway is ready.
+            let mut bases = Vec::new();
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 if let Some(ep) = line.strip_prefix("OpenAI endpoint: ") {
-                    let _ = tx.send(ep.trim_end_matches("/v1").to_string());
+                    bases = vec![ep.trim_end_matches("/v1").to_string()];
+                } else if let Some(all) = line.strip_prefix("gateway endpoints: ") {
+                    bases = all
+                        .split_whitespace()
+                        .map(|e| e.trim_end_matches("/v1").to_string())
+                        .collect();
+                } else if line.starts_with("try: ") && !bases.is_empty() {
+                    let _ = tx.send(std::mem::take(&mut bases));
                 }
             }
         });
-        let base = match rx.recv_timeout(Duration::from_secs(240)) {
+        let bases = match rx.recv_timeout(Duration::from_secs(240)) {
             Ok(b) => b,
             Err(_) => {
                 let _ = child.kill();
@@ -86,7 +97,8 @@ impl Deployment {
         };
         Self {
             child,
-            base,
+            base: bases[0].clone(),
+            bases,
             marker,
         }
     }

@@ -121,6 +121,7 @@ impl ApiError {
                 Some(1),
                 None,
             ),
+            Error::Overloaded(_) => (StatusCode::SERVICE_UNAVAILABLE, "overloaded", Some(1), None),
             _ => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal_error",
@@ -405,7 +406,7 @@ fn encode(sh: &Shared, text: &str, field: &str) -> Result<Vec<u32>, ApiError> {
         .tokenizer
         .as_ref()
         .ok_or_else(|| ApiError::bad(field, "this model has no tokenizer: send token ids"))?;
-    tok.encode(text, sh.cfg.bos_token_id)
+    tok.encode_text(text, sh.cfg.bos_token_id)
         .map_err(|e| ApiError::bad(field, e.to_string()))
 }
 
@@ -798,15 +799,21 @@ async fn models(State(sh): State<Arc<Shared>>) -> Response {
 }
 
 /// moe-serve extension: load statistics of the deployment (routed tokens per (layer, expert),
-/// where time goes). `?reset=true` zeroes the stages' counters after reading.
+/// where time goes). Read-only: every counter only grows, readers take differences.
 async fn stats(
     State(sh): State<Arc<Shared>>,
     axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>,
 ) -> Response {
-    let reset = q.get("reset").is_some_and(|v| v == "true" || v == "1");
+    if let Some(k) = q.keys().next() {
+        return ApiError::bad(
+            k,
+            "/v1/stats takes no parameters (its counters are never reset: take differences)",
+        )
+        .into_response();
+    }
     let mut experts: std::collections::BTreeMap<(u32, u32), u64> = Default::default();
     let mut stages = Vec::new();
-    for (i, r) in sh.stage_stats(reset).await.into_iter().enumerate() {
+    for (i, r) in sh.stage_stats().await.into_iter().enumerate() {
         match r {
             Ok(s) => {
                 for e in &s.experts {

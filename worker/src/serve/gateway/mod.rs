@@ -80,6 +80,10 @@ pub struct GatewayArgs {
     #[arg(long, env = "MOE_STATS_INTERVAL_MS", default_value_t = 2000)]
     pub stats_interval_ms: u64,
 
+    /// This gateway's index among the deployment's gateways (for logs and process listings).
+    #[arg(long, env = "MOE_INDEX", default_value_t = 0)]
+    pub index: u32,
+
     #[arg(long, hide = true)]
     pub exit_with_stdin: bool,
 }
@@ -113,7 +117,10 @@ pub struct Shared {
     checker: Batcher,
     queue: mpsc::Sender<GenRequest>,
     queue_rx: tokio::sync::Mutex<mpsc::Receiver<GenRequest>>,
-    per_lane: usize,
+    /// One permit per running sequence, over all lanes: the gateway never runs more than
+    /// `--max-sequences` (the operator gives each gateway replica its share of the stages'
+    /// capacity, so the stages accept every sequence a gateway admits).
+    slots: Arc<tokio::sync::Semaphore>,
     opts: EngineOptions,
     step_timeout: Duration,
     next_seq: AtomicU64,
@@ -125,12 +132,12 @@ pub struct Shared {
 
 impl Shared {
     /// Every stage's load statistics (routed tokens per expert, busy time), fetched now.
-    pub async fn stage_stats(&self, reset: bool) -> Vec<Result<moe_proto::v1::LoadStatsResponse>> {
+    pub async fn stage_stats(&self) -> Vec<Result<moe_proto::v1::LoadStatsResponse>> {
         let calls = self.pipeline.stage_channels().map(|(name, ch)| {
             let name = name.to_string();
             async move {
                 let mut c = moe_proto::v1::stage_client::StageClient::new(ch);
-                let mut req = tonic::Request::new(moe_proto::v1::LoadStatsRequest { reset });
+                let mut req = tonic::Request::new(moe_proto::v1::LoadStatsRequest { reset: false });
                 req.set_timeout(Duration::from_secs(2));
                 c.load_stats(req)
                     .await
@@ -165,6 +172,8 @@ struct Running {
     span: tracing::Span,
     started: Instant,
     first_token: bool,
+    /// The sequence's admission slot, given back when it ends.
+    _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// One lane: its own sequences, one micro-batch in flight at a time.
@@ -176,20 +185,28 @@ async fn lane(shared: Arc<Shared>, index: usize) {
     let mut scratch = Scratch::default();
     loop {
         if batcher.is_empty() {
+            // An idle lane waits for a slot, then for a request.
+            let Ok(slot) = shared.slots.clone().acquire_owned().await else {
+                return;
+            };
             let next = {
                 let mut rx = shared.queue_rx.lock().await;
                 rx.recv().await
             };
             let Some(r) = next else { return };
-            admit(&shared, &mut batcher, &mut running, r);
+            admit(&shared, &mut batcher, &mut running, r, slot);
         }
-        while batcher.len() < shared.per_lane {
+        // A busy lane takes more between steps while slots are free.
+        loop {
+            let Ok(slot) = shared.slots.clone().try_acquire_owned() else {
+                break;
+            };
             let Ok(mut rx) = shared.queue_rx.try_lock() else {
                 break;
             };
             let Ok(r) = rx.try_recv() else { break };
             drop(rx);
-            admit(&shared, &mut batcher, &mut running, r);
+            admit(&shared, &mut batcher, &mut running, r, slot);
         }
         shared.metrics.queue_depth.set(shared.queued() as i64);
         // Clients that went away.
@@ -296,14 +313,7 @@ async fn lane(shared: Arc<Shared>, index: usize) {
                 tracing::warn!(error = %e, seqs = step.seqs.len(), "step failed");
                 for id in &step.seqs {
                     if let Some(r) = running.get(id) {
-                        let copy = match &e {
-                            Error::Deadline(m) => Error::Deadline(m.clone()),
-                            Error::InvalidInput { field, message } => {
-                                Error::invalid(field, message.clone())
-                            }
-                            other => Error::peer("pipeline", other.to_string()),
-                        };
-                        let _ = r.events.send(GenEvent::Failed(copy));
+                        let _ = r.events.send(GenEvent::Failed(e.for_each_request()));
                         shared.metrics.finished("error");
                     }
                     done.push(*id);
@@ -323,6 +333,7 @@ fn admit(
     batcher: &mut Batcher,
     running: &mut HashMap<SeqId, Running>,
     r: GenRequest,
+    slot: tokio::sync::OwnedSemaphorePermit,
 ) {
     let id = SeqId(shared.next_seq.fetch_add(1, Ordering::Relaxed));
     shared.metrics.prompt_tokens.inc_by(r.prompt.len() as u64);
@@ -335,6 +346,7 @@ fn admit(
                     span: r.span,
                     started: Instant::now(),
                     first_token: false,
+                    _slot: slot,
                 },
             );
         }
@@ -364,7 +376,7 @@ async fn poll_expert_stats(shared: Arc<Shared>, every: Duration) {
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        let replies = shared.stage_stats(false).await;
+        let replies = shared.stage_stats().await;
         let complete = replies.iter().all(|r| r.is_ok());
         let mut reading: std::collections::BTreeMap<(u32, u32), u64> = Default::default();
         for e in replies.iter().flatten().flat_map(|s| &s.experts) {
@@ -434,6 +446,8 @@ pub async fn run(args: GatewayArgs) -> Result<()> {
         .await
         .map_err(|e| Error::peer("gateway", format!("load task: {e}")))??;
     let lanes = args.micro_batches.unwrap_or(addrs.len().max(2)).max(1);
+    let owner = pipeline::instance_name();
+    tracing::info!(%owner, index = args.index, "gateway instance");
     let opts = EngineOptions {
         max_batch_tokens: args.max_batch_tokens,
     };
@@ -445,7 +459,7 @@ pub async fn run(args: GatewayArgs) -> Result<()> {
             .unwrap_or_else(|| args.model.model.to_string()),
         api_key: args.api_key.clone().filter(|k| !k.is_empty()),
         checker: Batcher::new(BatchLimits::of(&cfg), opts.clone())?,
-        pipeline: Pipeline::new(&addrs, cfg.hidden_size, args.max_message_bytes)?,
+        pipeline: Pipeline::new(&addrs, cfg.hidden_size, args.max_message_bytes, owner)?,
         cfg,
         tokenizer,
         metrics: Metrics::new(),
@@ -453,7 +467,7 @@ pub async fn run(args: GatewayArgs) -> Result<()> {
         head,
         queue,
         queue_rx: tokio::sync::Mutex::new(queue_rx),
-        per_lane: args.max_sequences.div_ceil(lanes),
+        slots: Arc::new(tokio::sync::Semaphore::new(args.max_sequences)),
         opts,
         step_timeout: Duration::from_millis(args.step_timeout_ms),
         next_seq: AtomicU64::new(1),

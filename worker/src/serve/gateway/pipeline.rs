@@ -35,10 +35,17 @@ pub struct Pipeline {
     waiting: Arc<Mutex<HashMap<u64, Reply>>>,
     next_id: AtomicU64,
     hidden: usize,
+    /// This gateway instance's name for the sequences it owns (see `ForwardRequest.owner`).
+    owner: String,
 }
 
 impl Pipeline {
-    pub fn new(addrs: &[String], hidden: usize, max_message_bytes: usize) -> Result<Self> {
+    pub fn new(
+        addrs: &[String],
+        hidden: usize,
+        max_message_bytes: usize,
+        owner: String,
+    ) -> Result<Self> {
         let channels = addrs
             .iter()
             .map(|a| discovery::channel(a))
@@ -69,6 +76,7 @@ impl Pipeline {
             waiting: Arc::default(),
             next_id: AtomicU64::new(1),
             hidden,
+            owner,
         })
     }
 
@@ -175,6 +183,7 @@ impl Pipeline {
             })),
             deadline_unix_ms: now_unix_ms() + timeout.as_millis() as u64,
             trace_context,
+            owner: self.owner.clone(),
         };
         let (reply, rx) = oneshot::channel();
         if let Ok(mut w) = self.waiting.lock() {
@@ -207,6 +216,11 @@ impl Pipeline {
         }
     }
 
+    /// This gateway's owner name.
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
     /// Frees the sequences' KV caches on every stage (best effort: a stage that restarted
     /// holds none).
     pub async fn release(&self, ids: &[u64]) {
@@ -217,6 +231,7 @@ impl Pipeline {
             let mut c = c.clone();
             let mut req = Request::new(ReleaseRequest {
                 seq_ids: ids.to_vec(),
+                owner: self.owner.clone(),
             });
             req.set_timeout(Duration::from_secs(2));
             async move {
@@ -231,10 +246,54 @@ impl Pipeline {
     }
 }
 
+/// What a stage's refusal means for the request. The gateway checked the request before it
+/// sent anything, so no stage error is the client's fault: capacity is retryable (503), a lost
+/// KV cache (a stage restarted or evicted it) fails the request with advice to retry (503), and
+/// a refusal of what this gateway sent is an internal error (500).
 fn stage_error(code: i32, message: String) -> Error {
     match Code::from_i32(code) {
         Code::DeadlineExceeded => Error::Deadline(message),
-        Code::InvalidArgument | Code::FailedPrecondition => Error::invalid("request", message),
+        Code::ResourceExhausted => Error::Overloaded(message),
+        Code::FailedPrecondition | Code::Aborted => Error::peer(
+            "pipeline",
+            format!("{message}; the request's state on the pipeline was lost, retry it"),
+        ),
+        Code::InvalidArgument | Code::Internal | Code::Unimplemented | Code::PermissionDenied => {
+            Error::Internal(message)
+        }
         _ => Error::peer("pipeline", message),
     }
+}
+
+/// A name for this gateway instance that no other gateway shares: its host (the pod's name
+/// in Kubernetes), its process id and 64 random bits, so a restarted process on the same host
+/// never inherits the old one's sequences.
+pub fn instance_name() -> String {
+    use std::io::Read;
+    let host = std::env::var("POD_NAME")
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .ok()
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "gateway".into());
+    let host: String = host.chars().take(128).collect();
+    let mut random = [0u8; 8];
+    let read = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut random));
+    if read.is_err() {
+        // No urandom: the clock's nanoseconds still differ between instances.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        random = t.to_le_bytes();
+    }
+    format!(
+        "{host}/{}/{:016x}",
+        std::process::id(),
+        u64::from_le_bytes(random)
+    )
 }
