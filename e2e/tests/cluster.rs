@@ -559,7 +559,7 @@ async fn images_run_the_workspace_binaries_with_grpc_probes() -> Result<()> {
                 "name": "expert",
                 "image": "ghcr.io/moe-serve/moe-worker:0.1.0",
                 "args": ["expert", "--model", "synthetic:tiny", "--layers", "0..4", "--experts", "0,1",
-                         "--listen", "0.0.0.0:50051"],
+                         "--listen", "0.0.0.0:50051", "--plaintext"],
                 "readinessProbe": { "grpc": { "port": 50051 }, "periodSeconds": 1 },
                 "livenessProbe": { "grpc": { "port": 50051 }, "periodSeconds": 5 }
             }, {

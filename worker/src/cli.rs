@@ -54,6 +54,9 @@ pub enum Command {
     Stage(crate::serve::stage::StageArgs),
     /// Serve an expert shard (a set of experts over a layer range).
     Expert(crate::serve::expert::ExpertArgs),
+    /// Make a deployment's worker CA and certificates (the operator issues its own).
+    #[command(subcommand)]
+    Certs(crate::serve::tls::CertsCommand),
 }
 
 #[derive(Debug, Args)]
@@ -206,6 +209,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Gateway(args) => serve(crate::serve::gateway::run(args)),
         Command::Stage(args) => serve(crate::serve::stage::run(args)),
         Command::Expert(args) => serve(crate::serve::expert::run(args)),
+        Command::Certs(c) => crate::serve::tls::certs(c),
     }
 }
 

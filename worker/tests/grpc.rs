@@ -39,6 +39,11 @@ fn start_on(args: &[&str], listen: &str) -> Proc {
         .args(["--threads", "1"])
         .args(args)
         .args(["--listen", listen, "--exit-with-stdin"])
+        .args(if args.contains(&"--tls-dir") {
+            &[][..]
+        } else {
+            &["--plaintext"][..]
+        })
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -670,4 +675,160 @@ async fn a_stage_reconnects_to_an_expert_restarted_on_its_address() {
         FwdResult::LastHidden(_) => {}
         other => panic!("the first micro-batch after the restart failed: {other:?}"),
     }
+}
+
+/// `moe-worker certs init` into a new folder.
+fn make_certs() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = Command::new(BIN)
+        .args(["certs", "init", "--dir"])
+        .arg(dir.path())
+        .output()
+        .expect("certs init");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dir
+}
+
+/// A channel that speaks mutual TLS with the certificates in `dir`.
+fn tls_channel(url: &str, dir: &std::path::Path) -> tonic::transport::Channel {
+    let tls = moe_worker::serve::tls::Tls::load(dir).expect("load certs");
+    tonic::transport::Endpoint::from_shared(url.to_string())
+        .expect("uri")
+        .connect_timeout(std::time::Duration::from_secs(2))
+        .connect_with_connector_lazy(moe_worker::serve::tls::Connector::new(tls))
+}
+
+#[tokio::test]
+async fn worker_ports_refuse_peers_without_the_deployments_certificate() {
+    let ours = make_certs();
+    let theirs = make_certs();
+    let dir = ours.path().to_str().expect("utf-8").to_string();
+    let expert = start(&[
+        "expert",
+        "--model",
+        "synthetic:tiny",
+        "--layers",
+        "0..4",
+        "--experts",
+        "0,1,2,3,4,5,6,7",
+        "--tls-dir",
+        &dir,
+    ]);
+    let probe_port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let health_listen = format!("127.0.0.1:{probe_port}");
+    let stage = start(&[
+        "stage",
+        "--model",
+        "synthetic:tiny",
+        "--layers",
+        "0..4",
+        "--expert-addrs",
+        expert.1.trim_start_matches("http://"),
+        "--tls-dir",
+        &dir,
+        "--health-listen",
+        &health_listen,
+    ]);
+    // The stage reached the expert over mutual TLS (it needs it to start serving), and a
+    // client with the deployment's certificate is served.
+    let mut good = StageClient::new(tls_channel(&stage.1, ours.path()));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let info = loop {
+        match good.describe(DescribeRequest {}).await {
+            Ok(i) => break i.into_inner(),
+            Err(e) => assert!(std::time::Instant::now() < deadline, "{e:?}"),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_eq!(info.layer_end, 4);
+    let ok = one(
+        &mut good,
+        "gw",
+        vec![SeqSlice {
+            seq_id: 1,
+            start: 0,
+            len: 2,
+            capacity: 4,
+        }],
+        vec![3, 4],
+    )
+    .await;
+    assert_eq!(code_of(&ok), 0, "{ok:?}");
+    let mut good_expert = ExpertClient::new(tls_channel(&expert.1, ours.path()));
+    good_expert
+        .describe(DescribeRequest {})
+        .await
+        .expect("expert over TLS");
+
+    for url in [&stage.1, &expert.1] {
+        // No TLS at all.
+        let plain = tonic::transport::Endpoint::from_shared(url.clone())
+            .expect("uri")
+            .connect_timeout(std::time::Duration::from_secs(2))
+            .connect_lazy();
+        let e = ExpertClient::new(plain)
+            .describe(DescribeRequest {})
+            .await
+            .expect_err("plaintext client served");
+        // Refused at the connection (no gRPC status ever came back).
+        assert!(
+            matches!(e.code(), Code::Unavailable | Code::Unknown),
+            "{e:?}"
+        );
+        // TLS with another deployment's CA: refused at the handshake.
+        let e = ExpertClient::new(tls_channel(url, theirs.path()))
+            .describe(DescribeRequest {})
+            .await
+            .expect_err("foreign certificate served");
+        assert!(
+            matches!(e.code(), Code::Unavailable | Code::Unknown),
+            "{e:?}"
+        );
+    }
+    // Kubernetes' gRPC probes cannot present a certificate: health alone is served in
+    // plaintext on its own port.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(
+        tonic::transport::Endpoint::from_shared(format!("http://{health_listen}"))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect"),
+    );
+    let s = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("health")
+        .into_inner();
+    assert_eq!(
+        s.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    // A role given neither --tls-dir nor --plaintext refuses to start, naming both.
+    let out = Command::new(BIN)
+        .args([
+            "expert",
+            "--model",
+            "synthetic:tiny",
+            "--layers",
+            "0..4",
+            "--experts",
+            "0",
+        ])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--tls-dir") && err.contains("--plaintext"),
+        "{err}"
+    );
 }

@@ -641,3 +641,83 @@ async fn an_api_key_guards_the_openai_routes_but_not_health_or_metrics() {
     }
     d.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_rotation_under_load_loses_no_request() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let model = "synthetic:tiny";
+    let certs = tempfile::tempdir().expect("tempdir");
+    let dir = certs.path().to_str().expect("utf-8").to_string();
+    let certs_cmd = |verb: &str| {
+        let out = std::process::Command::new(deploy::BIN)
+            .args(["certs", verb, "--dir", &dir])
+            .output()
+            .expect("certs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    certs_cmd("init");
+    let d = Deployment::start(model, 2, 2, &["--tls-dir", &dir, "--gateways", "2"]);
+    let prompt = [5u32, 6, 7];
+    let want = generate_ids(model, &prompt, 8);
+    let stop = Arc::new(AtomicBool::new(false));
+    let served = Arc::new(AtomicUsize::new(0));
+    let mut load = Vec::new();
+    for _ in 0..3 {
+        let (base, want, stop, served) = (
+            d.bases[0].clone(),
+            want.clone(),
+            stop.clone(),
+            served.clone(),
+        );
+        load.push(tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                // Any failure panics here, and the test with it.
+                assert_eq!(complete_ids(&base, &prompt, 8).await, want);
+                served.fetch_add(1, Ordering::SeqCst);
+            }
+        }));
+    }
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        certs_cmd("renew");
+    }
+    // Every process re-reads the files within a second or so.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // A gateway that starts now handshakes with every stage on the renewed certificate.
+    let pid = d.pid_of("gateway", 1);
+    std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .expect("kill");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = reqwest::Client::new()
+            .post(format!("{}/v1/completions", d.bases[1]))
+            .json(&json!({"prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": true}))
+            .send()
+            .await;
+        if let Ok(r) = r
+            && r.status() == 200
+        {
+            let v: Value = r.json().await.expect("json");
+            assert_eq!(ids(&v["choices"][0]["token_ids"]), want);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the restarted gateway never served"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    for t in load {
+        t.await.expect("a request failed during the rotation");
+    }
+    assert!(served.load(Ordering::SeqCst) >= 3, "the load never ran");
+    d.stop();
+}

@@ -14,7 +14,6 @@ use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Client};
 use tokio::sync::{OnceCell, watch};
 use tonic::transport::Channel;
-use tonic::transport::channel::Change;
 
 use crate::error::{Error, Result};
 
@@ -120,42 +119,84 @@ fn union(fixed: &[String], parts: &[Vec<String>]) -> Vec<String> {
     set.into_iter().cloned().collect()
 }
 
-/// A channel to one peer entry. Fixed: a lazily connecting channel. `kube:`: a channel that
-/// balances over the Service's ready endpoints and follows them as pods come and go; while
-/// there are none, calls wait (their deadlines still apply).
-pub fn channel(addr: &str) -> Result<Channel> {
-    match Target::parse(addr)? {
-        Target::Fixed(a) => super::channel(&a),
-        Target::Kube { .. } => {
-            let mut rx = resolve(addr)?;
-            let (ch, tx) = Channel::balance_channel::<String>(16);
-            tokio::spawn(async move {
-                let mut have: BTreeSet<String> = BTreeSet::new();
-                loop {
-                    let want: BTreeSet<String> = rx.borrow_and_update().iter().cloned().collect();
-                    for gone in have.difference(&want) {
-                        if tx.send(Change::Remove(gone.clone())).await.is_err() {
+/// A connection to one peer entry. Fixed: one lazily connecting channel. `kube:`: a channel to
+/// one of the Service's ready endpoints, replaced when that endpoint goes away (a stage pod
+/// that was replaced has a new address). Every channel is made by [`super::channel`], so it
+/// speaks the process's transport security (mutual TLS unless --plaintext).
+#[derive(Clone)]
+pub struct Peer {
+    name: String,
+    current: Arc<std::sync::RwLock<Option<(String, Channel)>>>,
+}
+
+impl std::fmt::Debug for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Peer({})", self.name)
+    }
+}
+
+impl Peer {
+    /// Must be called inside a tokio runtime.
+    pub fn new(addr: &str) -> Result<Self> {
+        let current = Arc::new(std::sync::RwLock::new(None));
+        let peer = Self {
+            name: addr.to_string(),
+            current: current.clone(),
+        };
+        match Target::parse(addr)? {
+            Target::Fixed(a) => {
+                let ch = super::channel(&a)?;
+                if let Ok(mut c) = current.write() {
+                    *c = Some((a, ch));
+                }
+            }
+            Target::Kube { .. } => {
+                let mut rx = resolve(addr)?;
+                let weak = Arc::downgrade(&current);
+                tokio::spawn(async move {
+                    loop {
+                        let addrs = rx.borrow_and_update().clone();
+                        let Some(slot) = weak.upgrade() else { return };
+                        if let Ok(mut cur) = slot.write() {
+                            let keep = cur.as_ref().is_some_and(|(a, _)| addrs.contains(a));
+                            if !keep {
+                                *cur = addrs.first().and_then(|a| match super::channel(a) {
+                                    Ok(ch) => Some((a.clone(), ch)),
+                                    Err(e) => {
+                                        tracing::warn!(error = %e, "ignoring peer address");
+                                        None
+                                    }
+                                });
+                            }
+                        }
+                        drop(slot);
+                        if rx.changed().await.is_err() {
                             return;
                         }
                     }
-                    for new in want.difference(&have) {
-                        match super::endpoint(new) {
-                            Ok(ep) => {
-                                if tx.send(Change::Insert(new.clone(), ep)).await.is_err() {
-                                    return;
-                                }
-                            }
-                            Err(e) => tracing::warn!(error = %e, "ignoring peer address"),
-                        }
-                    }
-                    have = want;
-                    if rx.changed().await.is_err() {
-                        return;
-                    }
-                }
-            });
-            Ok(ch)
+                });
+            }
         }
+        Ok(peer)
+    }
+
+    /// The channel to use now; an error while the peer has no ready endpoint.
+    pub fn channel(&self) -> Result<Channel> {
+        let cur = self
+            .current
+            .read()
+            .map_err(|_| Error::peer(&self.name, "peer lock poisoned"))?;
+        cur.as_ref()
+            .map(|(_, ch)| ch.clone())
+            .ok_or_else(|| Error::peer(&self.name, "no ready endpoint"))
+    }
+
+    /// The address the channel goes to now.
+    pub fn address(&self) -> Option<String> {
+        self.current
+            .read()
+            .ok()
+            .and_then(|c| c.as_ref().map(|(a, _)| a.clone()))
     }
 }
 

@@ -272,6 +272,7 @@ impl ComputeHandler for ExpertService {
 }
 
 pub async fn run(args: ExpertArgs) -> Result<()> {
+    super::tls::init(&args.part.server.tls)?;
     let listener = bind(args.part.server.listen, "expert").await?;
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
@@ -301,6 +302,14 @@ pub async fn run(args: ExpertArgs) -> Result<()> {
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
     tracing::info!(layers = ?args.part.layers, experts = ?args.experts, replica = args.replica, "expert shard serving");
-    let routes = tonic::service::Routes::new(health).add_service(service);
-    super::serve_grpc("expert", routes, listener, &args.part.server, reporter).await
+    let routes = tonic::service::Routes::new(health.clone()).add_service(service);
+    super::serve_grpc(
+        "expert",
+        routes,
+        health,
+        listener,
+        &args.part.server,
+        reporter,
+    )
+    .await
 }

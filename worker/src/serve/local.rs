@@ -90,6 +90,16 @@ pub struct LocalArgs {
     /// Seconds to wait for every role to become ready.
     #[arg(long, default_value_t = 600)]
     pub startup_timeout_s: u64,
+
+    /// Use this folder's CA and worker certificate (`moe-worker certs init`) instead of a CA
+    /// made at start; certificates renewed there are picked up by every process.
+    #[arg(long, conflicts_with = "plaintext")]
+    pub tls_dir: Option<std::path::PathBuf>,
+
+    /// Plaintext worker traffic (a benchmark opt-out): by default the processes speak mutual TLS
+    /// with certificates of a CA the launcher makes at start.
+    #[arg(long)]
+    pub plaintext: bool,
 }
 
 /// A role's command line; `--listen` is appended per start.
@@ -230,18 +240,33 @@ pub async fn run(args: LocalArgs) -> Result<()> {
             ),
         ));
     }
+    // Mutual TLS unless asked otherwise: a CA of this launcher's own, in a folder that goes
+    // when it stops.
+    let made = match (&args.tls_dir, args.plaintext) {
+        (None, false) => Some(crate::serve::tls::TempCerts::new()?),
+        _ => None,
+    };
+    let tls = crate::serve::tls::TlsArgs {
+        tls_dir: args
+            .tls_dir
+            .clone()
+            .or_else(|| made.as_ref().map(|m| m.dir.clone())),
+        plaintext: args.plaintext,
+    };
     let mut children: Vec<Running> = Vec::new();
-    let result = start_and_serve(&args, &plan, &mut children).await;
+    let result = start_and_serve(&args, &plan, &tls, &mut children).await;
     stop_all(&mut children).await;
+    drop(made);
     result
 }
 
 async fn start_and_serve(
     args: &LocalArgs,
     plan: &moe_plan::Plan,
+    tls: &crate::serve::tls::TlsArgs,
     children: &mut Vec<Running>,
 ) -> Result<()> {
-    let model = model_args(args);
+    let model = [model_args(args), crate::serve::tls::child_args(tls)].concat();
     let started = Instant::now();
     let mut expert_addrs = Vec::new();
     for (s, replica) in plan

@@ -7,6 +7,7 @@ pub mod expert;
 pub mod gateway;
 pub mod local;
 pub mod stage;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -39,6 +40,14 @@ pub struct ServerArgs {
     /// closing, so peers that discover this process stop sending it work first.
     #[arg(long, env = "MOE_DRAIN_MS", default_value_t = 0)]
     pub drain_ms: u64,
+
+    #[command(flatten)]
+    pub tls: tls::TlsArgs,
+
+    /// Also serve `grpc.health.v1` (only) in plaintext on this address, for Kubernetes gRPC
+    /// probes, which cannot present a client certificate.
+    #[arg(long, env = "MOE_HEALTH_LISTEN")]
+    pub health_listen: Option<SocketAddr>,
 }
 
 /// What a stage and an expert shard are both told: the model, where to listen, which layers
@@ -126,13 +135,32 @@ pub fn server() -> tonic::transport::Server {
 /// Serves a role's gRPC services (health first) on `listener` until a shutdown signal. On the
 /// signal the health service turns NOT_SERVING, the server keeps serving for `--drain-ms`, then
 /// stops accepting and gives in-flight calls up to [`CLOSE_GRACE`] to finish.
-pub async fn serve_grpc(
+pub async fn serve_grpc<H>(
     role: &str,
     routes: tonic::service::Routes,
+    health_service: tonic_health::pb::health_server::HealthServer<H>,
     listener: TcpListener,
     server_args: &ServerArgs,
     health: tonic_health::server::HealthReporter,
-) -> Result<()> {
+) -> Result<()>
+where
+    H: tonic_health::pb::health_server::Health,
+{
+    if let Some(addr) = server_args.health_listen {
+        let probes = TcpListener::bind(addr)
+            .await
+            .map_err(|e| Error::peer(role, format!("cannot listen on {addr} for probes: {e}")))?;
+        let routes = tonic::service::Routes::new(health_service);
+        tokio::spawn(async move {
+            let r = server()
+                .add_routes(routes)
+                .serve_with_incoming(incoming(probes))
+                .await;
+            if let Err(e) = r {
+                tracing::error!(error = %e, "health server stopped");
+            }
+        });
+    }
     let (exit_with_stdin, drain) = (
         server_args.exit_with_stdin,
         Duration::from_millis(server_args.drain_ms),
@@ -151,7 +179,7 @@ pub async fn serve_grpc(
     };
     let serve = server()
         .add_routes(routes)
-        .serve_with_incoming_shutdown(incoming(listener), stop);
+        .serve_with_incoming_shutdown(tls::accept(listener, tls::current()), stop);
     // A long-lived stream (the pipeline's) would hold a graceful shutdown open forever.
     let mut closing = closing_rx;
     let cap = async move {
@@ -173,7 +201,11 @@ pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
 /// A lazily connecting channel to a peer worker at a fixed address (`discovery::channel`
 /// also takes `kube:SERVICE:PORT`).
 pub fn channel(addr: &str) -> Result<Channel> {
-    Ok(endpoint(addr)?.connect_lazy())
+    let ep = endpoint(addr)?;
+    Ok(match tls::current() {
+        Some(t) => ep.connect_with_connector_lazy(tls::Connector::new(t)),
+        None => ep.connect_lazy(),
+    })
 }
 
 /// The data plane's transport settings for a peer at a fixed address.

@@ -80,6 +80,10 @@ pub struct GatewayArgs {
     #[arg(long, env = "MOE_STATS_INTERVAL_MS", default_value_t = 2000)]
     pub stats_interval_ms: u64,
 
+    /// How the gateway talks to the stages (mutual TLS, or an explicit --plaintext).
+    #[command(flatten)]
+    pub tls: crate::serve::tls::TlsArgs,
+
     /// This gateway's index among the deployment's gateways (for logs and process listings).
     #[arg(long, env = "MOE_INDEX", default_value_t = 0)]
     pub index: u32,
@@ -136,7 +140,7 @@ impl Shared {
         let calls = self.pipeline.stage_channels().map(|(name, ch)| {
             let name = name.to_string();
             async move {
-                let mut c = moe_proto::v1::stage_client::StageClient::new(ch);
+                let mut c = moe_proto::v1::stage_client::StageClient::new(ch?);
                 let mut req = tonic::Request::new(moe_proto::v1::LoadStatsRequest { reset: false });
                 req.set_timeout(Duration::from_secs(2));
                 c.load_stats(req)
@@ -404,6 +408,11 @@ async fn watch_readiness(shared: Arc<Shared>) {
     loop {
         let mut all = true;
         for (name, client) in shared.pipeline.stage_channels() {
+            let Ok(client) = client else {
+                tracing::debug!(%name, "stage has no ready endpoint");
+                all = false;
+                continue;
+            };
             let mut h = HealthClient::new(client);
             let mut req = tonic::Request::new(HealthCheckRequest {
                 service: String::new(),
@@ -427,6 +436,7 @@ async fn watch_readiness(shared: Arc<Shared>) {
 }
 
 pub async fn run(args: GatewayArgs) -> Result<()> {
+    crate::serve::tls::init(&args.tls)?;
     let addrs = parse_addrs(&args.stage_addrs);
     let src = args.model.model.open()?;
     let cfg = src.config().clone();

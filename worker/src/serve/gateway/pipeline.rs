@@ -29,8 +29,8 @@ struct Open {
 }
 
 pub struct Pipeline {
-    stages: Vec<(String, StageClient<Channel>)>,
-    channels: Vec<Channel>,
+    stages: Vec<(String, discovery::Peer)>,
+    max_message_bytes: usize,
     open: tokio::sync::Mutex<Option<Open>>,
     waiting: Arc<Mutex<HashMap<u64, Reply>>>,
     next_id: AtomicU64,
@@ -46,22 +46,10 @@ impl Pipeline {
         max_message_bytes: usize,
         owner: String,
     ) -> Result<Self> {
-        let channels = addrs
-            .iter()
-            .map(|a| discovery::channel(a))
-            .collect::<Result<Vec<_>>>()?;
         let stages = addrs
             .iter()
-            .zip(&channels)
             .enumerate()
-            .map(|(i, (a, ch))| {
-                Ok((
-                    format!("stage {i} at {a}"),
-                    StageClient::new(ch.clone())
-                        .max_decoding_message_size(max_message_bytes)
-                        .max_encoding_message_size(max_message_bytes),
-                ))
-            })
+            .map(|(i, a)| Ok((format!("stage {i} at {a}"), discovery::Peer::new(a)?)))
             .collect::<Result<Vec<_>>>()?;
         if stages.is_empty() {
             return Err(Error::invalid(
@@ -71,7 +59,7 @@ impl Pipeline {
         }
         Ok(Self {
             stages,
-            channels,
+            max_message_bytes,
             open: tokio::sync::Mutex::new(None),
             waiting: Arc::default(),
             next_id: AtomicU64::new(1),
@@ -80,11 +68,16 @@ impl Pipeline {
         })
     }
 
-    pub fn stage_channels(&self) -> impl Iterator<Item = (&str, Channel)> {
-        self.stages
-            .iter()
-            .zip(&self.channels)
-            .map(|((n, _), c)| (n.as_str(), c.clone()))
+    /// Each stage's name and its channel now (an error while it has no ready endpoint).
+    pub fn stage_channels(&self) -> impl Iterator<Item = (&str, Result<Channel>)> {
+        self.stages.iter().map(|(n, p)| (n.as_str(), p.channel()))
+    }
+
+    fn client(&self, i: usize) -> Result<StageClient<Channel>> {
+        let (_, peer) = &self.stages[i];
+        Ok(StageClient::new(peer.channel()?)
+            .max_decoding_message_size(self.max_message_bytes)
+            .max_encoding_message_size(self.max_message_bytes))
     }
 
     async fn sender(&self) -> Result<mpsc::Sender<ForwardRequest>> {
@@ -94,9 +87,9 @@ impl Pipeline {
         {
             return Ok(o.tx.clone());
         }
-        let (name, client) = &self.stages[0];
+        let name = &self.stages[0].0;
+        let mut client = self.client(0)?;
         let (tx, rx) = mpsc::channel::<ForwardRequest>(64);
-        let mut client = client.clone();
         let resp = tokio::time::timeout(
             Duration::from_secs(5),
             client.forward(ReceiverStream::new(rx)),
@@ -227,14 +220,18 @@ impl Pipeline {
         if ids.is_empty() {
             return;
         }
-        let calls = self.stages.iter().map(|(name, c)| {
-            let mut c = c.clone();
+        let calls = self.stages.iter().enumerate().map(|(i, (name, _))| {
+            let client = self.client(i);
             let mut req = Request::new(ReleaseRequest {
                 seq_ids: ids.to_vec(),
                 owner: self.owner.clone(),
             });
             req.set_timeout(Duration::from_secs(2));
             async move {
+                let Ok(mut c) = client else {
+                    tracing::debug!(%name, "release skipped: no endpoint");
+                    return;
+                };
                 match tokio::time::timeout(Duration::from_secs(2), c.release(req)).await {
                     Ok(Ok(_)) => {}
                     Ok(Err(s)) => tracing::debug!(%name, error = %s, "release failed"),

@@ -23,7 +23,6 @@ use moe_proto::v1::{
 use moe_proto::{decode_f32, encode_f32_owned};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
 pub use experts::{Caller, ExpertRouter};
@@ -95,7 +94,8 @@ struct Core {
     streams: Arc<tokio::sync::Semaphore>,
     max_streams: usize,
     is_last: bool,
-    next: Option<(String, StageClient<Channel>)>,
+    next: Option<(String, discovery::Peer)>,
+    max_message_bytes: usize,
 }
 
 thread_local! {
@@ -355,7 +355,7 @@ impl Stage for StageService {
                 let h = core.model.config().hidden_size;
                 let rows = hidden.len() / h.max(1);
                 let tensor = encode_f32_owned(hidden, &[rows, h]);
-                let Some((next_name, client)) = &core.next else {
+                let Some((next_name, peer)) = &core.next else {
                     let resp = ForwardResponse {
                         micro_batch_id: id,
                         result: Some(FwdResult::LastHidden(tensor)),
@@ -369,7 +369,16 @@ impl Stage for StageService {
                     .as_ref()
                     .is_none_or(|d| !d.alive.load(Ordering::SeqCst))
                 {
-                    match Downstream::open(next_name, client, tx.clone()).await {
+                    let client = peer.channel().map(|ch| {
+                        StageClient::new(ch)
+                            .max_decoding_message_size(core.max_message_bytes)
+                            .max_encoding_message_size(core.max_message_bytes)
+                    });
+                    let opened = match client {
+                        Ok(c) => Downstream::open(next_name, &c, tx.clone()).await,
+                        Err(e) => Err(Status::unavailable(e.to_string())),
+                    };
+                    match opened {
                         Ok(d) => down = Some(d),
                         Err(s) => {
                             down = None;
@@ -445,6 +454,7 @@ async fn evict_idle(core: Arc<Core>, idle: Duration) {
 }
 
 pub async fn run(args: StageArgs) -> Result<()> {
+    super::tls::init(&args.part.server.tls)?;
     let listener = bind(args.part.server.listen, "stage").await?;
     let src = args.part.model.model.open()?;
     let cfg = src.config().clone();
@@ -485,9 +495,7 @@ pub async fn run(args: StageArgs) -> Result<()> {
     let next = match &args.next {
         Some(addr) => Some((
             format!("stage {} at {addr}", args.part.index + 1),
-            StageClient::new(discovery::channel(addr)?)
-                .max_decoding_message_size(limit)
-                .max_encoding_message_size(limit),
+            discovery::Peer::new(addr)?,
         )),
         None => None,
     };
@@ -505,6 +513,7 @@ pub async fn run(args: StageArgs) -> Result<()> {
         max_streams: args.max_streams,
         is_last,
         next,
+        max_message_bytes: limit,
     });
     tokio::spawn(evict_idle(
         core.clone(),
@@ -516,6 +525,14 @@ pub async fn run(args: StageArgs) -> Result<()> {
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
     tracing::info!(layers = ?args.part.layers, "stage serving");
-    let routes = tonic::service::Routes::new(health).add_service(service);
-    super::serve_grpc("stage", routes, listener, &args.part.server, reporter).await
+    let routes = tonic::service::Routes::new(health.clone()).add_service(service);
+    super::serve_grpc(
+        "stage",
+        routes,
+        health,
+        listener,
+        &args.part.server,
+        reporter,
+    )
+    .await
 }

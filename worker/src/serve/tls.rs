@@ -1,0 +1,661 @@
+//! Mutual TLS between a deployment's workers.
+//!
+//! Every gateway, stage and expert shard of a deployment holds a certificate issued by that
+//! deployment's own CA (the operator keeps one per MoEDeployment; `moe-worker local` makes one
+//! at start). A server asks every client for a certificate and refuses, at the handshake, one
+//! that its CA bundle does not trust; a client checks the server the same way. Peers are
+//! dialled by pod address, so the name checked is the fixed [`SERVER_NAME`] every worker
+//! certificate carries: what proves a peer is the deployment's CA, not a DNS name.
+//!
+//! The files are the layout of a Kubernetes TLS Secret plus its CA: `ca.crt` (one or more CA
+//! certificates: during a CA rotation the bundle holds the old and the new), `tls.crt` (the
+//! worker's certificate chain) and `tls.key`. They are re-read when they change, so a renewed
+//! certificate is used by every new connection and handshake while established connections go
+//! on: a rotation drops no request.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::error::{Error, Result};
+
+pub const CA_FILE: &str = "ca.crt";
+pub const CERT_FILE: &str = "tls.crt";
+pub const KEY_FILE: &str = "tls.key";
+/// The CA's private key, where this process may issue certificates (`moe-worker local` and
+/// `moe-worker certs`); workers never read it.
+pub const CA_KEY_FILE: &str = "ca.key";
+
+/// The name every worker certificate carries and every worker checks.
+pub const SERVER_NAME: &str = "moe-worker";
+
+/// How often the files are checked for a change.
+const RELOAD_EVERY: Duration = Duration::from_secs(1);
+/// A client that has not finished its handshake by then is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshakes in progress at once; connections beyond are closed at once.
+const MAX_HANDSHAKES: usize = 256;
+
+/// How a worker secures its gRPC traffic, as every role is told.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct TlsArgs {
+    /// Folder with the deployment's CA bundle (`ca.crt`) and this worker's certificate and key
+    /// (`tls.crt`, `tls.key`): worker-to-worker traffic is then mutual TLS, and a peer without
+    /// a certificate of that CA is refused at the handshake. The files are re-read when they
+    /// change (certificate rotation).
+    #[arg(long, env = "MOE_TLS_DIR")]
+    pub tls_dir: Option<PathBuf>,
+
+    /// Plaintext worker traffic: neither encrypted nor authenticated. An explicit opt-out for
+    /// benchmarks and single-machine tests; one of --tls-dir or --plaintext is required.
+    #[arg(long, env = "MOE_PLAINTEXT", conflicts_with = "tls_dir")]
+    pub plaintext: bool,
+}
+
+static PROCESS: OnceLock<Option<Arc<Tls>>> = OnceLock::new();
+
+/// Sets this process's transport security from its arguments (once; roles call it at start)
+/// and starts watching the files. Neither flag is an error that names both: worker traffic is
+/// never plaintext by accident.
+pub fn init(args: &TlsArgs) -> Result<()> {
+    let tls = match (&args.tls_dir, args.plaintext) {
+        (Some(dir), _) => Some(Tls::load(dir)?),
+        (None, true) => None,
+        (None, false) => {
+            return Err(Error::invalid(
+                "tls-dir",
+                "worker traffic needs --tls-dir DIR (mutual TLS with the deployment's \
+                 certificates) or an explicit --plaintext",
+            ));
+        }
+    };
+    if let Some(t) = &tls {
+        tokio::spawn(watch(Arc::downgrade(t)));
+    }
+    PROCESS
+        .set(tls)
+        .map_err(|_| Error::invalid("tls-dir", "transport security was already set"))
+}
+
+/// This process's TLS, if it uses TLS.
+pub fn current() -> Option<Arc<Tls>> {
+    PROCESS.get().cloned().flatten()
+}
+
+/// The arguments that give a child process the same transport security.
+pub fn child_args(args: &TlsArgs) -> Vec<String> {
+    match &args.tls_dir {
+        Some(d) => vec!["--tls-dir".into(), d.display().to_string()],
+        None => vec!["--plaintext".into()],
+    }
+}
+
+struct Configs {
+    server: Arc<ServerConfig>,
+    client: Arc<ClientConfig>,
+}
+
+/// The loaded certificates, reloaded when their files change.
+pub struct Tls {
+    dir: PathBuf,
+    configs: RwLock<Arc<Configs>>,
+    /// Modification time and length of each file at the last load.
+    stamp: Mutex<Vec<Option<(SystemTime, u64)>>>,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tls({})", self.dir.display())
+    }
+}
+
+fn stamp(dir: &Path) -> Vec<Option<(SystemTime, u64)>> {
+    [CA_FILE, CERT_FILE, KEY_FILE]
+        .iter()
+        .map(|f| {
+            let m = std::fs::metadata(dir.join(f)).ok()?;
+            Some((m.modified().ok()?, m.len()))
+        })
+        .collect()
+}
+
+fn pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| Error::checkpoint(path, format!("cannot read certificates: {e}")))?
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| Error::checkpoint(path, format!("invalid PEM certificate: {e}")))?;
+    if certs.is_empty() {
+        return Err(Error::checkpoint(path, "holds no PEM certificate"));
+    }
+    Ok(certs)
+}
+
+fn build(dir: &Path) -> Result<Configs> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls_err = |what: &str, e: rustls::Error| Error::checkpoint(dir, format!("{what}: {e}"));
+    let mut roots = RootCertStore::empty();
+    for c in pem_certs(&dir.join(CA_FILE))? {
+        roots
+            .add(c)
+            .map_err(|e| tls_err(&format!("{CA_FILE}: not a CA certificate"), e))?;
+    }
+    let roots = Arc::new(roots);
+    let chain = pem_certs(&dir.join(CERT_FILE))?;
+    let key_path = dir.join(KEY_FILE);
+    let key = PrivateKeyDer::from_pem_file(&key_path)
+        .map_err(|e| Error::checkpoint(&key_path, format!("invalid PEM private key: {e}")))?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+        .build()
+        .map_err(|e| Error::checkpoint(dir, format!("client verifier: {e}")))?;
+    let mut server = ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| tls_err("TLS versions", e))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain.clone(), key.clone_key())
+        .map_err(|e| tls_err(&format!("{CERT_FILE} and {KEY_FILE}"), e))?;
+    server.alpn_protocols = vec![b"h2".to_vec()];
+    let mut client = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| tls_err("TLS versions", e))?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| tls_err(&format!("{CERT_FILE} and {KEY_FILE}"), e))?;
+    client.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Configs {
+        server: Arc::new(server),
+        client: Arc::new(client),
+    })
+}
+
+impl Tls {
+    /// Loads `dir` (see the module's file layout).
+    pub fn load(dir: &Path) -> Result<Arc<Self>> {
+        let before = stamp(dir);
+        let configs = build(dir)?;
+        Ok(Arc::new(Self {
+            dir: dir.to_path_buf(),
+            configs: RwLock::new(Arc::new(configs)),
+            stamp: Mutex::new(before),
+        }))
+    }
+
+    fn configs(&self) -> Arc<Configs> {
+        match self.configs.read() {
+            Ok(c) => c.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    pub fn server_config(&self) -> Arc<ServerConfig> {
+        self.configs().server.clone()
+    }
+
+    pub fn client_config(&self) -> Arc<ClientConfig> {
+        self.configs().client.clone()
+    }
+
+    /// Re-reads the files if they changed; a broken update is logged and the certificates in
+    /// use are kept. Returns whether new certificates were loaded.
+    pub fn reload_if_changed(&self) -> bool {
+        let now = stamp(&self.dir);
+        {
+            let Ok(mut last) = self.stamp.lock() else {
+                return false;
+            };
+            if *last == now {
+                return false;
+            }
+            *last = now;
+        }
+        match build(&self.dir) {
+            Ok(c) => {
+                if let Ok(mut slot) = self.configs.write() {
+                    *slot = Arc::new(c);
+                }
+                tracing::info!(dir = %self.dir.display(), "TLS certificates reloaded");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "TLS files changed but do not load; keeping the certificates in use");
+                false
+            }
+        }
+    }
+}
+
+async fn watch(tls: std::sync::Weak<Tls>) {
+    loop {
+        tokio::time::sleep(RELOAD_EVERY).await;
+        let Some(t) = tls.upgrade() else { return };
+        // A few stat calls; the rebuild is rare.
+        t.reload_if_changed();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Server side.
+
+/// An accepted connection: plain TCP, or TLS over it once the handshake succeeded.
+pub enum Conn {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl tonic::transport::server::Connected for Conn {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        match self {
+            Self::Plain(s) => s.connect_info(),
+            Self::Tls(s) => s.get_ref().0.connect_info(),
+        }
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Self::Plain(s) => s.is_write_vectored(),
+            Self::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_flush(cx),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// The connections `listener` accepts, with Nagle's algorithm off, through a TLS handshake
+/// when `tls` is set (each handshake on its own task, bounded in time and number; a client
+/// whose certificate the CA does not trust never becomes a connection).
+pub fn accept(listener: TcpListener, tls: Option<Arc<Tls>>) -> ReceiverStream<io::Result<Conn>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            if tx.is_closed() {
+                return;
+            }
+            let _ = tcp.set_nodelay(true);
+            let Some(tls) = &tls else {
+                if tx.send(Ok(Conn::Plain(tcp))).await.is_err() {
+                    return;
+                }
+                continue;
+            };
+            let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                tracing::warn!(%peer, "too many TLS handshakes in progress; connection closed");
+                continue;
+            };
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(s)) => {
+                        let _ = tx.send(Ok(Conn::Tls(Box::new(s)))).await;
+                    }
+                    Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake refused"),
+                    Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client side.
+
+/// Dials a peer and runs the TLS handshake with the process's current certificates (so a
+/// reconnect after a rotation presents the new one).
+#[derive(Clone)]
+pub struct Connector {
+    tls: Arc<Tls>,
+}
+
+impl Connector {
+    pub fn new(tls: Arc<Tls>) -> Self {
+        Self { tls }
+    }
+}
+
+type Connecting = Pin<
+    Box<
+        dyn std::future::Future<
+                Output = io::Result<
+                    hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>,
+                >,
+            > + Send,
+    >,
+>;
+
+impl tower_service::Service<tonic::codegen::http::Uri> for Connector {
+    type Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+    type Error = io::Error;
+    type Future = Connecting;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: tonic::codegen::http::Uri) -> Self::Future {
+        let config = self.tls.client_config();
+        Box::pin(async move {
+            let host = uri
+                .host()
+                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no host"))?;
+            let port = uri.port_u16().unwrap_or(443);
+            let tcp = TcpStream::connect((host.trim_matches(['[', ']']), port)).await?;
+            let _ = tcp.set_nodelay(true);
+            let name = ServerName::try_from(SERVER_NAME)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+            let s = tokio_rustls::TlsConnector::from(config)
+                .connect(name, tcp)
+                .await?;
+            Ok(hyper_util::rt::TokioIo::new(s))
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issuing (the launcher and `moe-worker certs`; the operator issues with the same layout).
+
+/// A CA that issues worker certificates.
+pub struct Authority {
+    cert_pem: String,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl Authority {
+    /// The CA written by [`Authority::write`], read back.
+    pub fn read(dir: &Path) -> Result<Self> {
+        let read =
+            |f: &str| std::fs::read_to_string(dir.join(f)).map_err(|e| Error::io(&dir.join(f), e));
+        let cert_pem = read(CA_FILE)?;
+        let key = rcgen::KeyPair::from_pem(&read(CA_KEY_FILE)?).map_err(issuing)?;
+        // What a certificate names of its issuer (subject, key identifier from the key) is
+        // all the issuer needs: the same parameters and key issue what the CA would.
+        let issuer = rcgen::Issuer::new(ca_params(1)?, key);
+        Ok(Self { cert_pem, issuer })
+    }
+
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// A worker certificate and its key (PEM), valid for `hours`, for client and server use.
+    pub fn issue(&self, name: &str, hours: u32) -> Result<(String, String)> {
+        let key = rcgen::KeyPair::generate().map_err(issuing)?;
+        let mut params =
+            rcgen::CertificateParams::new(vec![SERVER_NAME.to_string()]).map_err(issuing)?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name.to_string());
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::minutes(5);
+        params.not_after = now + time::Duration::hours(i64::from(hours));
+        let cert = params.signed_by(&key, &self.issuer).map_err(issuing)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    /// Writes the CA (certificate and key) and a fresh worker certificate into `dir`.
+    pub fn write(&self, dir: &Path, key_pem: &str, worker: &str, hours: u32) -> Result<()> {
+        write_private(dir, CA_KEY_FILE, key_pem)?;
+        write_private(dir, CA_FILE, &self.cert_pem)?;
+        self.renew(dir, worker, hours)
+    }
+
+    /// Issues a new worker certificate into `dir`, atomically per file (key first: a reader
+    /// that sees the new certificate with the old key fails to load and keeps what it has,
+    /// then loads both on its next look).
+    pub fn renew(&self, dir: &Path, worker: &str, hours: u32) -> Result<()> {
+        let (cert, key) = self.issue(worker, hours)?;
+        write_private(dir, KEY_FILE, &key)?;
+        write_private(dir, CERT_FILE, &cert)
+    }
+}
+
+/// Subject of every worker CA: deployments differ by key, and a certificate is trusted only
+/// when the key of the CA in the bundle signed it.
+const CA_NAME: &str = "moe-serve worker CA";
+
+fn ca_params(days: u32) -> Result<rcgen::CertificateParams> {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(issuing)?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, CA_NAME);
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::minutes(5);
+    params.not_after = now + time::Duration::days(i64::from(days));
+    Ok(params)
+}
+
+/// A new CA valid for `days`, and its key as PEM (to write it out).
+pub fn new_authority(days: u32) -> Result<(Authority, String)> {
+    let key = rcgen::KeyPair::generate().map_err(issuing)?;
+    let key_pem = key.serialize_pem();
+    let params = ca_params(days)?;
+    let cert = params.self_signed(&key).map_err(issuing)?;
+    Ok((
+        Authority {
+            cert_pem: cert.pem(),
+            issuer: rcgen::Issuer::new(params, key),
+        },
+        key_pem,
+    ))
+}
+
+fn issuing(e: rcgen::Error) -> Error {
+    Error::invalid("certificate", e.to_string())
+}
+
+/// Writes a file readable by its owner only, replacing any old one atomically.
+fn write_private(dir: &Path, name: &str, text: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let path = dir.join(name);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| Error::io(&tmp, e))?;
+    f.write_all(text.as_bytes())
+        .and_then(|()| f.sync_all())
+        .map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))
+}
+
+// ---------------------------------------------------------------------------------------------
+// `moe-worker certs`.
+
+#[derive(Debug, clap::Subcommand)]
+pub enum CertsCommand {
+    /// A new CA (ca.crt, ca.key) and a worker certificate (tls.crt, tls.key) in DIR.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Days the CA is valid.
+        #[arg(long, default_value_t = 3650)]
+        ca_days: u32,
+        /// Hours the worker certificate is valid.
+        #[arg(long, default_value_t = 720)]
+        hours: u32,
+    },
+    /// A new worker certificate from the CA in DIR (workers using DIR pick it up by themselves).
+    Renew {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 720)]
+        hours: u32,
+    },
+}
+
+pub fn certs(c: CertsCommand) -> Result<()> {
+    match c {
+        CertsCommand::Init {
+            dir,
+            ca_days,
+            hours,
+        } => {
+            std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+            let (ca, key) = new_authority(ca_days)?;
+            ca.write(&dir, &key, "moe-worker", hours)?;
+            println!(
+                "wrote {CA_FILE}, {CA_KEY_FILE}, {CERT_FILE}, {KEY_FILE} in {}",
+                dir.display()
+            );
+        }
+        CertsCommand::Renew { dir, hours } => {
+            Authority::read(&dir)?.renew(&dir, "moe-worker", hours)?;
+            println!("renewed {CERT_FILE}, {KEY_FILE} in {}", dir.display());
+        }
+    }
+    Ok(())
+}
+
+/// A folder that holds a launcher's CA and worker certificates, removed when dropped.
+pub struct TempCerts {
+    pub dir: PathBuf,
+}
+
+impl TempCerts {
+    /// A fresh CA and worker certificate in a new folder only this user can read.
+    pub fn new() -> Result<Self> {
+        use std::os::unix::fs::DirBuilderExt;
+        let mut random = [0u8; 8];
+        {
+            use std::io::Read;
+            let _ = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut random));
+        }
+        let dir = std::env::temp_dir().join(format!(
+            "moe-serve-tls-{}-{:016x}",
+            std::process::id(),
+            u64::from_le_bytes(random)
+        ));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| Error::io(&dir, e))?;
+        let made = Self { dir };
+        let (ca, key) = new_authority(30)?;
+        ca.write(&made.dir, &key, "moe-worker", 24 * 30)?;
+        Ok(made)
+    }
+}
+
+impl Drop for TempCerts {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issued_certificates_load_and_renew_from_the_written_ca() {
+        let dir = TempCerts::new().expect("certs");
+        let tls = Tls::load(&dir.dir).expect("load");
+        assert!(!tls.reload_if_changed(), "nothing changed");
+        std::thread::sleep(Duration::from_millis(20));
+        Authority::read(&dir.dir)
+            .expect("read CA")
+            .renew(&dir.dir, "w", 1)
+            .expect("renew");
+        assert!(
+            tls.reload_if_changed(),
+            "a renewed certificate is picked up"
+        );
+        // A broken update keeps the certificates in use.
+        std::fs::write(dir.dir.join(CERT_FILE), "not a certificate").expect("write");
+        assert!(!tls.reload_if_changed());
+        let path = dir.dir.clone();
+        drop(dir);
+        assert!(!path.exists(), "the folder goes with the launcher");
+    }
+
+    #[test]
+    fn init_refuses_to_guess_the_transport() {
+        let e = init(&TlsArgs::default()).expect_err("neither flag");
+        assert!(e.to_string().contains("--plaintext"), "{e}");
+    }
+}
