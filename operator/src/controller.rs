@@ -25,7 +25,7 @@ use crate::crd::{AutoscalingDriver, MoEDeployment, MoEDeploymentStatus};
 use crate::metrics::Metrics;
 use crate::resources::{self, Children, LABEL_DEPLOYMENT};
 use crate::status::{self, Observed, Part};
-use crate::{Error, autoscale, planning};
+use crate::{Error, autoscale, pki, planning};
 
 /// The one field manager of every write.
 pub const MANAGER: &str = "moe-operator";
@@ -58,6 +58,8 @@ pub struct AppliedCache(Arc<Mutex<HashMap<String, AppliedRecord>>>);
 struct AppliedRecord {
     hashes: HashMap<String, u64>,
     since: Instant,
+    /// Unix seconds until which the workers' certificate is known current (0: unknown).
+    tls_until: i64,
 }
 
 impl AppliedCache {
@@ -176,6 +178,7 @@ fn short_kind<K: Resource<DynamicType = ()>>() -> &'static str {
         "Role" => "Role",
         "RoleBinding" => "RoleBinding",
         "NetworkPolicy" => "NetworkPolicy",
+        "Secret" => "Secret",
         _ => "object",
     }
 }
@@ -498,6 +501,16 @@ async fn reconcile_inner(md: &MoEDeployment, ctx: &Context) -> Result<Action, Re
     // changed, or for the periodic full pass).
     let uid = md.uid().unwrap_or_default();
     let prev_applied = ctx.applied.fresh(&uid);
+    // The workers' certificates first: pods mount them. Checked on a full pass and when due.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let tls_until = match prev_applied.as_ref().map(|p| p.tls_until) {
+        _ if md.spec.serving.plaintext => 0,
+        Some(until) if now < until => until,
+        _ => ensure_worker_tls(&ctx.client, &ns, md, now).await?,
+    };
     // Until this pass has applied everything, nothing may be skipped (an error midway).
     ctx.applied.forget(&uid);
     let mut hashes = HashMap::new();
@@ -520,6 +533,7 @@ async fn reconcile_inner(md: &MoEDeployment, ctx: &Context) -> Result<Action, Re
         AppliedRecord {
             hashes,
             since: prev_applied.map_or_else(Instant::now, |p| p.since),
+            tls_until,
         },
     );
 
@@ -560,6 +574,69 @@ async fn reconcile_inner(md: &MoEDeployment, ctx: &Context) -> Result<Action, Re
         write_status(&ctx.client, md, &next).await?;
     }
     Ok(Action::requeue(RESYNC))
+}
+
+/// Makes sure the deployment's CA exists and its worker certificate is current (issued by that
+/// CA, not yet due for renewal); applies what it (re)issues. Returns when the certificate is
+/// next due (Unix seconds).
+async fn ensure_worker_tls(
+    client: &Client,
+    ns: &str,
+    md: &MoEDeployment,
+    now: i64,
+) -> Result<i64, ReconcileError> {
+    use k8s_openapi::api::core::v1::Secret;
+    let name = md.name_any();
+    let owner = md
+        .controller_owner_ref(&())
+        .ok_or_else(|| Error::invalid("metadata.uid", "the object has no uid yet"))?;
+    let labels = std::collections::BTreeMap::from([
+        (resources::LABEL_DEPLOYMENT.to_string(), name.clone()),
+        (
+            "app.kubernetes.io/managed-by".to_string(),
+            resources::MANAGED_BY.to_string(),
+        ),
+    ]);
+    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let ca_name = pki::ca_secret_name(&name);
+    let stored = api
+        .get_opt(&ca_name)
+        .await
+        .map_err(kube_err("get", "Secret", &ca_name))?;
+    let ca = match stored.as_ref().and_then(pki::stored_ca) {
+        Some(ca) => ca,
+        None => {
+            let (ca, key) = moe_certs::Authority::generate(pki::CA_DAYS)
+                .map_err(|e| Error::invalid("worker CA", e.to_string()))?;
+            let secret = pki::ca_secret(&name, ns, &labels, &owner, ca.cert_pem(), &key);
+            apply(client, ns, &secret).await?;
+            info!(%name, "issued the deployment's worker CA");
+            ca
+        }
+    };
+    let tls_name = pki::tls_secret_name(&name);
+    let current = api
+        .get_opt(&tls_name)
+        .await
+        .map_err(kube_err("get", "Secret", &tls_name))?;
+    if pki::tls_due(current.as_ref(), ca.cert_pem(), now) {
+        let (cert, key) = ca
+            .issue(&name, pki::WORKER_CERT_HOURS)
+            .map_err(|e| Error::invalid("worker certificate", e.to_string()))?;
+        let secret = pki::tls_secret(
+            &name,
+            ns,
+            &labels,
+            &owner,
+            ca.cert_pem(),
+            (&cert, &key),
+            pki::renew_after(now, pki::WORKER_CERT_HOURS),
+        );
+        apply(client, ns, &secret).await?;
+        info!(%name, "issued the workers' certificate");
+        return Ok(pki::renew_after(now, pki::WORKER_CERT_HOURS));
+    }
+    Ok(current.as_ref().and_then(pki::renews_at).unwrap_or(now))
 }
 
 /// After a failed reconcile: retry soon, without hot-looping.

@@ -356,6 +356,11 @@ pub struct Serving {
     /// Bearer key the gateway requires; open when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_key_secret: Option<SecretKeyRef>,
+    /// Worker-to-worker traffic in plaintext: neither encrypted nor authenticated. An explicit
+    /// opt-out for benchmarks; by default workers speak mutual TLS with certificates the
+    /// operator issues from the deployment's own CA.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub plaintext: bool,
 }
 
 impl Default for Serving {
@@ -364,6 +369,7 @@ impl Default for Serving {
             max_batch_size: default_max_batch_size(),
             max_concurrent_sequences: default_max_concurrent_sequences(),
             api_key_secret: None,
+            plaintext: false,
         }
     }
 }

@@ -11,6 +11,7 @@ pub mod crd;
 pub mod error;
 pub mod leader;
 pub mod metrics;
+pub mod pki;
 pub mod planning;
 pub mod resources;
 pub mod run;

@@ -26,8 +26,8 @@ use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
     GRPCAction, HTTPGetAction, HostPathVolumeSource, ObjectFieldSelector,
     PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    ResourceRequirements, SeccompProfile, SecretKeySelector, SecurityContext, Service,
-    ServiceAccount, ServicePort, ServiceSpec, Toleration, Volume, VolumeMount,
+    ResourceRequirements, SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext,
+    Service, ServiceAccount, ServicePort, ServiceSpec, Toleration, Volume, VolumeMount,
 };
 use k8s_openapi::api::networking::v1::{
     NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
@@ -48,6 +48,9 @@ use crate::error::{Error, Result};
 pub const GRPC_PORT: i32 = 50051;
 /// HTTP port of the gateway (API, health, metrics).
 pub const HTTP_PORT: i32 = 8000;
+/// Stages and expert shards serve `grpc.health.v1` alone in plaintext here, for the kubelet's
+/// gRPC probes (which cannot present the deployment's client certificate).
+pub const HEALTH_PORT: i32 = 50052;
 /// Non-root user the workers run as.
 const RUN_AS: i64 = 65532;
 /// Where a PersistentVolumeClaim's checkpoint is mounted.
@@ -434,7 +437,7 @@ fn field_env(name: &str, path: &str) -> EnvVar {
 fn grpc_probe(period: i32, failures: i32) -> Probe {
     Probe {
         grpc: Some(GRPCAction {
-            port: GRPC_PORT,
+            port: HEALTH_PORT,
             service: None,
             mode: None,
         }),
@@ -513,6 +516,32 @@ fn pod_template(
         volumes.push(v);
         mounts.push(m);
     }
+    if cx.md.spec.serving.plaintext {
+        args.push("--plaintext".into());
+    } else {
+        volumes.push(Volume {
+            name: "worker-tls".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(crate::pki::tls_secret_name(&cx.name)),
+                default_mode: Some(0o440),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+        mounts.push(VolumeMount {
+            name: "worker-tls".into(),
+            mount_path: crate::pki::TLS_MOUNT.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+        args.extend(["--tls-dir".to_string(), crate::pki::TLS_MOUNT.into()]);
+    }
+    if role != WorkerRole::Gateway {
+        args.extend([
+            "--health-listen".to_string(),
+            format!("0.0.0.0:{HEALTH_PORT}"),
+        ]);
+    }
 
     let mut env = vec![
         field_env("POD_NAME", "metadata.name"),
@@ -553,12 +582,20 @@ fn pod_template(
             )
         }
         WorkerRole::Stage | WorkerRole::Expert => (
-            vec![ContainerPort {
-                name: Some("grpc".into()),
-                container_port: GRPC_PORT,
-                protocol: Some("TCP".into()),
-                ..ContainerPort::default()
-            }],
+            vec![
+                ContainerPort {
+                    name: Some("grpc".into()),
+                    container_port: GRPC_PORT,
+                    protocol: Some("TCP".into()),
+                    ..ContainerPort::default()
+                },
+                ContainerPort {
+                    name: Some("health".into()),
+                    container_port: HEALTH_PORT,
+                    protocol: Some("TCP".into()),
+                    ..ContainerPort::default()
+                },
+            ],
             grpc_probe(5, 3),
             grpc_probe(10, 3),
             // Loading weights takes a while: up to ten minutes before liveness applies.
@@ -595,7 +632,9 @@ fn pod_template(
         }),
         spec: Some(PodSpec {
             service_account_name: Some(worker_account(&cx.name)),
-            automount_service_account_token: Some(true),
+            // Stages and gateways watch EndpointSlices to find their peers; expert shards talk
+            // to nobody and get no token.
+            automount_service_account_token: Some(role != WorkerRole::Expert),
             enable_service_links: Some(false),
             termination_grace_period_seconds: Some(30),
             security_context: Some(PodSecurityContext {

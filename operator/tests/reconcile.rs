@@ -81,6 +81,13 @@ fn answer(world: World, seen: &Seen) -> (u16, Value) {
         }
         return (200, obj);
     }
+    if *m == Method::GET && seen.path.contains("/secrets/") {
+        // No certificates yet: the operator issues them.
+        return (
+            404,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404, "reason": "NotFound"}),
+        );
+    }
     if *m == Method::GET {
         let mut items = Vec::new();
         if world.stale_shard && seen.path.ends_with("/deployments") {
@@ -209,6 +216,11 @@ fn expected_applies() -> Vec<String> {
     let core = format!("/api/v1{NS}");
     let apps = format!("/apis/apps/v1{NS}");
     let mut v = vec![
+        // The workers' CA and certificate, before any pod that mounts them.
+        format!("GET {core}/secrets/tiny-worker-ca"),
+        format!("PATCH {core}/secrets/tiny-worker-ca"),
+        format!("GET {core}/secrets/tiny-worker-tls"),
+        format!("PATCH {core}/secrets/tiny-worker-tls"),
         format!("PATCH {core}/configmaps/tiny-plan"),
         format!("PATCH {core}/serviceaccounts/tiny-worker"),
         format!("PATCH /apis/rbac.authorization.k8s.io/v1{NS}/roles/tiny-worker"),
@@ -276,7 +288,10 @@ async fn first_reconcile_applies_children_in_order_then_writes_status() {
         assert!(s.query.contains("force=true"), "{}", s.query);
     }
     // Pruning lists only this deployment's objects.
-    for s in seen.iter().filter(|s| s.method == Method::GET) {
+    for s in seen
+        .iter()
+        .filter(|s| s.method == Method::GET && !s.path.contains("/secrets/"))
+    {
         assert!(
             s.query
                 .contains("labelSelector=serving.moe.dev%2Fdeployment%3Dtiny"),
@@ -284,7 +299,7 @@ async fn first_reconcile_applies_children_in_order_then_writes_status() {
             s.query
         );
     }
-    let shard = &seen[11].body;
+    let shard = &seen[15].body;
     assert_eq!(shard["kind"], "Deployment");
     assert_eq!(shard["spec"]["replicas"], 1);
     let status = &seen.last().unwrap().body["status"];

@@ -30,15 +30,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::error::{Error, Result};
 
-pub const CA_FILE: &str = "ca.crt";
-pub const CERT_FILE: &str = "tls.crt";
-pub const KEY_FILE: &str = "tls.key";
-/// The CA's private key, where this process may issue certificates (`moe-worker local` and
-/// `moe-worker certs`); workers never read it.
-pub const CA_KEY_FILE: &str = "ca.key";
-
-/// The name every worker certificate carries and every worker checks.
-pub const SERVER_NAME: &str = "moe-worker";
+pub use moe_certs::{CA_FILE, CA_KEY_FILE, CERT_FILE, KEY_FILE, SERVER_NAME};
 
 /// How often the files are checked for a change.
 const RELOAD_EVERY: Duration = Duration::from_secs(1);
@@ -424,104 +416,35 @@ impl tower_service::Service<tonic::codegen::http::Uri> for Connector {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Issuing (the launcher and `moe-worker certs`; the operator issues with the same layout).
+// Issuing (the launcher and `moe-worker certs`; the operator issues with the same crate).
 
-/// A CA that issues worker certificates.
-pub struct Authority {
-    cert_pem: String,
-    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
-}
+pub use moe_certs::Authority;
 
-impl Authority {
-    /// The CA written by [`Authority::write`], read back.
-    pub fn read(dir: &Path) -> Result<Self> {
-        let read =
-            |f: &str| std::fs::read_to_string(dir.join(f)).map_err(|e| Error::io(&dir.join(f), e));
-        let cert_pem = read(CA_FILE)?;
-        let key = rcgen::KeyPair::from_pem(&read(CA_KEY_FILE)?).map_err(issuing)?;
-        // What a certificate names of its issuer (subject, key identifier from the key) is
-        // all the issuer needs: the same parameters and key issue what the CA would.
-        let issuer = rcgen::Issuer::new(ca_params(1)?, key);
-        Ok(Self { cert_pem, issuer })
-    }
-
-    pub fn cert_pem(&self) -> &str {
-        &self.cert_pem
-    }
-
-    /// A worker certificate and its key (PEM), valid for `hours`, for client and server use.
-    pub fn issue(&self, name: &str, hours: u32) -> Result<(String, String)> {
-        let key = rcgen::KeyPair::generate().map_err(issuing)?;
-        let mut params =
-            rcgen::CertificateParams::new(vec![SERVER_NAME.to_string()]).map_err(issuing)?;
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, name.to_string());
-        params.extended_key_usages = vec![
-            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let now = time::OffsetDateTime::now_utc();
-        params.not_before = now - time::Duration::minutes(5);
-        params.not_after = now + time::Duration::hours(i64::from(hours));
-        let cert = params.signed_by(&key, &self.issuer).map_err(issuing)?;
-        Ok((cert.pem(), key.serialize_pem()))
-    }
-
-    /// Writes the CA (certificate and key) and a fresh worker certificate into `dir`.
-    pub fn write(&self, dir: &Path, key_pem: &str, worker: &str, hours: u32) -> Result<()> {
-        write_private(dir, CA_KEY_FILE, key_pem)?;
-        write_private(dir, CA_FILE, &self.cert_pem)?;
-        self.renew(dir, worker, hours)
-    }
-
-    /// Issues a new worker certificate into `dir`, atomically per file (key first: a reader
-    /// that sees the new certificate with the old key fails to load and keeps what it has,
-    /// then loads both on its next look).
-    pub fn renew(&self, dir: &Path, worker: &str, hours: u32) -> Result<()> {
-        let (cert, key) = self.issue(worker, hours)?;
-        write_private(dir, KEY_FILE, &key)?;
-        write_private(dir, CERT_FILE, &cert)
-    }
-}
-
-/// Subject of every worker CA: deployments differ by key, and a certificate is trusted only
-/// when the key of the CA in the bundle signed it.
-const CA_NAME: &str = "moe-serve worker CA";
-
-fn ca_params(days: u32) -> Result<rcgen::CertificateParams> {
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(issuing)?;
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, CA_NAME);
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
-    params.key_usages = vec![
-        rcgen::KeyUsagePurpose::KeyCertSign,
-        rcgen::KeyUsagePurpose::CrlSign,
-    ];
-    let now = time::OffsetDateTime::now_utc();
-    params.not_before = now - time::Duration::minutes(5);
-    params.not_after = now + time::Duration::days(i64::from(days));
-    Ok(params)
-}
-
-/// A new CA valid for `days`, and its key as PEM (to write it out).
-pub fn new_authority(days: u32) -> Result<(Authority, String)> {
-    let key = rcgen::KeyPair::generate().map_err(issuing)?;
-    let key_pem = key.serialize_pem();
-    let params = ca_params(days)?;
-    let cert = params.self_signed(&key).map_err(issuing)?;
-    Ok((
-        Authority {
-            cert_pem: cert.pem(),
-            issuer: rcgen::Issuer::new(params, key),
-        },
-        key_pem,
-    ))
-}
-
-fn issuing(e: rcgen::Error) -> Error {
+fn issuing(e: moe_certs::Error) -> Error {
     Error::invalid("certificate", e.to_string())
+}
+
+/// Writes a CA (certificate and key) and a fresh worker certificate into `dir`.
+pub fn write_authority(dir: &Path, ca: &Authority, key_pem: &str, hours: u32) -> Result<()> {
+    write_private(dir, CA_KEY_FILE, key_pem)?;
+    write_private(dir, CA_FILE, ca.cert_pem())?;
+    renew(dir, ca, hours)
+}
+
+/// The CA in `dir` (written by [`write_authority`]).
+pub fn read_authority(dir: &Path) -> Result<Authority> {
+    let read =
+        |f: &str| std::fs::read_to_string(dir.join(f)).map_err(|e| Error::io(&dir.join(f), e));
+    Authority::from_pem(&read(CA_FILE)?, &read(CA_KEY_FILE)?).map_err(issuing)
+}
+
+/// Issues a new worker certificate into `dir`, atomically per file (key first: a reader that
+/// sees the new key with the old certificate fails to load and keeps what it has, then loads
+/// both on its next look).
+pub fn renew(dir: &Path, ca: &Authority, hours: u32) -> Result<()> {
+    let (cert, key) = ca.issue("moe-worker", hours).map_err(issuing)?;
+    write_private(dir, KEY_FILE, &key)?;
+    write_private(dir, CERT_FILE, &cert)
 }
 
 /// Writes a file readable by its owner only, replacing any old one atomically.
@@ -576,15 +499,15 @@ pub fn certs(c: CertsCommand) -> Result<()> {
             hours,
         } => {
             std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-            let (ca, key) = new_authority(ca_days)?;
-            ca.write(&dir, &key, "moe-worker", hours)?;
+            let (ca, key) = Authority::generate(ca_days).map_err(issuing)?;
+            write_authority(&dir, &ca, &key, hours)?;
             println!(
                 "wrote {CA_FILE}, {CA_KEY_FILE}, {CERT_FILE}, {KEY_FILE} in {}",
                 dir.display()
             );
         }
         CertsCommand::Renew { dir, hours } => {
-            Authority::read(&dir)?.renew(&dir, "moe-worker", hours)?;
+            renew(&dir, &read_authority(&dir)?, hours)?;
             println!("renewed {CERT_FILE}, {KEY_FILE} in {}", dir.display());
         }
     }
@@ -615,8 +538,8 @@ impl TempCerts {
             .create(&dir)
             .map_err(|e| Error::io(&dir, e))?;
         let made = Self { dir };
-        let (ca, key) = new_authority(30)?;
-        ca.write(&made.dir, &key, "moe-worker", 24 * 30)?;
+        let (ca, key) = Authority::generate(30).map_err(issuing)?;
+        write_authority(&made.dir, &ca, &key, 24 * 30)?;
         Ok(made)
     }
 }
@@ -637,10 +560,8 @@ mod tests {
         let tls = Tls::load(&dir.dir).expect("load");
         assert!(!tls.reload_if_changed(), "nothing changed");
         std::thread::sleep(Duration::from_millis(20));
-        Authority::read(&dir.dir)
-            .expect("read CA")
-            .renew(&dir.dir, "w", 1)
-            .expect("renew");
+        let ca = read_authority(&dir.dir).expect("read CA");
+        renew(&dir.dir, &ca, 1).expect("renew");
         assert!(
             tls.reload_if_changed(),
             "a renewed certificate is picked up"
