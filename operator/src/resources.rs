@@ -30,7 +30,8 @@ use k8s_openapi::api::core::v1::{
     Service, ServiceAccount, ServicePort, ServiceSpec, Toleration, Volume, VolumeMount,
 };
 use k8s_openapi::api::networking::v1::{
-    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
+    NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule, NetworkPolicyPeer,
+    NetworkPolicyPort,
     NetworkPolicySpec,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
@@ -869,7 +870,33 @@ fn network_policy(cx: &Ctx) -> NetworkPolicy {
                 match_labels: Some(BTreeMap::from([(LABEL_DEPLOYMENT.into(), n.clone())])),
                 ..LabelSelector::default()
             }),
-            policy_types: Some(vec!["Ingress".into()]),
+            policy_types: Some(vec!["Ingress".into(), "Egress".into()]),
+            // Out: the deployment's own worker ports, and the Kubernetes API (stages and
+            // gateways watch EndpointSlices to find their peers; the API server is not a pod,
+            // so it is admitted by port). Nothing else: no DNS is needed, peers are dialled by
+            // pod address.
+            egress: Some(vec![
+                NetworkPolicyEgressRule {
+                    to: Some(vec![own_pods.clone()]),
+                    ports: Some(vec![NetworkPolicyPort {
+                        port: Some(IntOrString::Int(GRPC_PORT)),
+                        protocol: Some("TCP".into()),
+                        ..NetworkPolicyPort::default()
+                    }]),
+                },
+                NetworkPolicyEgressRule {
+                    to: None,
+                    ports: Some(
+                        [443, 6443]
+                            .map(|p| NetworkPolicyPort {
+                                port: Some(IntOrString::Int(p)),
+                                protocol: Some("TCP".into()),
+                                ..NetworkPolicyPort::default()
+                            })
+                            .to_vec(),
+                    ),
+                },
+            ]),
             ingress: Some(vec![
                 NetworkPolicyIngressRule {
                     from: Some(vec![own_pods]),

@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::PodTemplateSpec;
 use moe_operator::cli::read_manifest;
 use moe_operator::crd::MoEDeployment;
 use moe_operator::planning;
-use moe_operator::resources::{self, Children, Config, GRPC_PORT};
+use moe_operator::resources::{self, Children, Config};
 
 fn example(name: &str) -> MoEDeployment {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -150,8 +150,52 @@ fn pods_are_hardened_and_placed_on_a100s() {
     }
     let stage = c.stages[0].spec.template.spec.as_ref().unwrap();
     let probe = stage.containers[0].readiness_probe.as_ref().unwrap();
-    assert_eq!(probe.grpc.as_ref().unwrap().port, GRPC_PORT);
+    // The kubelet cannot present the deployment's certificate: probes use the health port.
+    assert_eq!(probe.grpc.as_ref().unwrap().port, resources::HEALTH_PORT);
     assert_eq!(stage.service_account_name.as_deref(), Some("tiny-worker"));
+    assert_eq!(stage.automount_service_account_token, Some(true));
+    let expert = c.expert_shards[0].spec.template.spec.as_ref().unwrap();
+    assert_eq!(expert.automount_service_account_token, Some(false), "experts use no API");
+}
+
+#[test]
+fn workers_speak_mutual_tls_unless_the_spec_opts_out() {
+    let mut md = example("tiny.yaml");
+    let c = build(&md);
+    let templates = c
+        .stages
+        .iter()
+        .map(|s| &s.spec.template)
+        .chain(c.expert_shards.iter().map(|d| &d.spec.template))
+        .chain([&c.gateway.spec.template]);
+    for t in templates {
+        let args = template_args(t);
+        let at = args.iter().position(|a| a == "--tls-dir").expect("--tls-dir");
+        assert_eq!(args[at + 1], moe_operator::pki::TLS_MOUNT);
+        let pod = t.spec.as_ref().unwrap();
+        let secret = pod
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find_map(|v| v.secret.as_ref())
+            .expect("the TLS Secret is mounted");
+        assert_eq!(secret.secret_name.as_deref(), Some("tiny-worker-tls"));
+        assert!(!args.contains(&"--plaintext".to_string()));
+    }
+    // Egress too: worker ports of its own pods and the API server, nothing else.
+    let np = c.network_policy.spec.as_ref().unwrap();
+    assert_eq!(
+        np.policy_types.as_deref(),
+        Some(&["Ingress".to_string(), "Egress".to_string()][..])
+    );
+    let egress = np.egress.as_ref().unwrap();
+    assert_eq!(egress.len(), 2);
+    assert!(egress[0].to.is_some(), "worker traffic only to the deployment's pods");
+    md.spec.serving.plaintext = true;
+    let c = build(&md);
+    let args = template_args(&c.stages[0].spec.template);
+    assert!(args.contains(&"--plaintext".to_string()) && !args.contains(&"--tls-dir".to_string()));
 }
 
 #[test]

@@ -833,10 +833,21 @@ async fn start_process(
 
     // The mounts, then exec: `sh -c SCRIPT PROGRAM ARGS...` runs SCRIPT with $0=PROGRAM.
     let mut script = String::from("set -e\n");
-    for m in mounts {
-        if m.container.as_ref().is_some_and(|n| *n != c.name) {
-            continue;
-        }
+    // A mount over a folder that holds another mount's source (an emptyDir at /tmp while the
+    // pods' volumes live under /tmp) goes last, or it would hide that source.
+    let mine: Vec<&Mount> = mounts
+        .iter()
+        .filter(|m| m.container.as_ref().is_none_or(|n| *n == c.name))
+        .collect();
+    let hides = |m: &Mount| {
+        mine.iter()
+            .any(|o| !std::ptr::eq(*o, m) && o.source.starts_with(&m.target))
+    };
+    let ordered = mine
+        .iter()
+        .filter(|m| !hides(m))
+        .chain(mine.iter().filter(|m| hides(m)));
+    for m in ordered {
         let (src, dst) = (
             shell_quote(&m.source.to_string_lossy()),
             shell_quote(&m.target),

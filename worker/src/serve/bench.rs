@@ -47,10 +47,14 @@ pub struct TransportArgs {
     /// Interleaved repetitions of every path (the median is reported).
     #[arg(long, default_value_t = 5)]
     pub repeats: usize,
-    /// Internal: serve both echo servers (raw TCP and gRPC) for a parent benchmark, print
-    /// `echo listening on TCP_ADDR GRPC_ADDR`, and exit when standard input closes.
+    /// Internal: serve the echo servers (raw TCP, gRPC, tonic codec, gRPC over mutual TLS)
+    /// for a parent benchmark, print `echo listening on ADDR...`, and exit when standard
+    /// input closes.
     #[arg(long, hide = true)]
     pub serve_echo: bool,
+    /// Internal: the certificates of the echo server's TLS path.
+    #[arg(long, hide = true)]
+    pub echo_tls_dir: Option<std::path::PathBuf>,
 }
 
 /// An expert service that returns its input: the real codec and gRPC path, no compute.
@@ -141,17 +145,24 @@ fn serve_echo(args: &TransportArgs) -> Result<()> {
     rt.block_on(async {
         let err = |e: std::io::Error| Error::peer("bench", e.to_string());
         let listen = || tokio::net::TcpListener::bind("127.0.0.1:0");
-        let (tcp, grpc, tonic) = (
+        let (tcp, grpc, tonic, tls) = (
+            listen().await.map_err(err)?,
             listen().await.map_err(err)?,
             listen().await.map_err(err)?,
             listen().await.map_err(err)?,
         );
         println!(
-            "echo listening on {} {} {}",
+            "echo listening on {} {} {} {}",
             tcp.local_addr().map_err(err)?,
             grpc.local_addr().map_err(err)?,
             tonic.local_addr().map_err(err)?,
+            tls.local_addr().map_err(err)?,
         );
+        let certs = args
+            .echo_tls_dir
+            .as_deref()
+            .ok_or_else(|| Error::invalid("echo-tls-dir", "required with --serve-echo"))?;
+        let certs = super::tls::Tls::load(certs)?;
         std::io::stdout().flush().map_err(err)?;
         tokio::spawn(tcp_echo_server(tcp));
         let generated = || {
@@ -159,25 +170,37 @@ fn serve_echo(args: &TransportArgs) -> Result<()> {
                 .max_decoding_message_size(limit)
                 .max_encoding_message_size(limit)
         };
-        let direct = ComputeServer::new(std::sync::Arc::new(Echo), generated(), limit);
+        let direct = || ComputeServer::new(std::sync::Arc::new(Echo), generated(), limit);
+        let secure = super::server()
+            .add_service(direct())
+            .serve_with_incoming_shutdown(
+                super::tls::accept(tls, Some(certs)),
+                super::shutdown_signal(true),
+            );
         let direct = super::server()
-            .add_service(direct)
+            .add_service(direct())
             .serve_with_incoming_shutdown(super::incoming(grpc), super::shutdown_signal(true));
         let codec = super::server()
             .add_service(generated())
             .serve_with_incoming_shutdown(super::incoming(tonic), super::shutdown_signal(true));
-        let (a, b) = tokio::join!(direct, codec);
-        a.and(b).map_err(|e| Error::peer("bench", e.to_string()))
+        let (a, b, c) = tokio::join!(direct, codec, secure);
+        a.and(b)
+            .and(c)
+            .map_err(|e| Error::peer("bench", e.to_string()))
     })
 }
 
 /// Starts the echo servers in a child process and returns it with their addresses. The
 /// child exits when its standard input (held by the returned `Child`) closes.
-fn spawn_echo(args: &TransportArgs) -> Result<(std::process::Child, Vec<String>)> {
+fn spawn_echo(
+    args: &TransportArgs,
+    certs: &std::path::Path,
+) -> Result<(std::process::Child, Vec<String>)> {
     let err = |e: std::io::Error| Error::peer("bench", e.to_string());
     let exe = std::env::current_exe().map_err(err)?;
     let mut child = Command::new(exe)
-        .args(["bench-transport", "--serve-echo"])
+        .args(["bench-transport", "--serve-echo", "--echo-tls-dir"])
+        .arg(certs)
         .args(["--hidden", &args.hidden.to_string()])
         .args(["--large-rows", &args.large_rows.to_string()])
         .stdin(Stdio::piped())
@@ -199,7 +222,7 @@ fn spawn_echo(args: &TransportArgs) -> Result<(std::process::Child, Vec<String>)
         .filter(|a| !a.is_empty())
         .map(str::to_string)
         .collect();
-    if addrs.len() == 3 {
+    if addrs.len() == 4 {
         return Ok((child, addrs));
     }
     let _ = child.kill();
@@ -217,8 +240,10 @@ pub fn transport(args: TransportArgs) -> Result<()> {
     // The servers run in their own process: sharing the client's runtime (as this benchmark
     // once did) makes client and server tasks compete for the same two workers, which no
     // deployment does, and it flatters or penalises the two baselines unevenly.
-    let (mut child, addrs) = spawn_echo(&args)?;
-    let result = measure_transport(&args, &addrs[0], &addrs[1], &addrs[2]);
+    let certs = super::tls::TempCerts::new()?;
+    let (mut child, addrs) = spawn_echo(&args, &certs.dir)?;
+    let tls = super::tls::Tls::load(&certs.dir)?;
+    let result = measure_transport(&args, &addrs, tls);
     // Closing its standard input stops the child; wait so it never outlives us.
     drop(child.stdin.take());
     let _ = child.wait();
@@ -229,18 +254,28 @@ pub fn transport(args: TransportArgs) -> Result<()> {
 /// current-thread runtime of its own (`stage::Caller`). Three ways to move the same tensor there and back: our
 /// path (`moe_proto::compute` on both ends, as stages and expert shards talk), the same RPC
 /// through tonic's generated client and server, and raw TCP.
-fn measure_transport(args: &TransportArgs, tcp: &str, grpc: &str, tonic: &str) -> Result<()> {
+fn measure_transport(
+    args: &TransportArgs,
+    addrs: &[String],
+    certs: std::sync::Arc<super::tls::Tls>,
+) -> Result<()> {
+    let [tcp, grpc, tonic, tls] = [0, 1, 2, 3].map(|i| addrs[i].as_str());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| Error::peer("runtime", e.to_string()))?;
     let limit = message_limit(args);
-    let (mut direct, mut generated) = rt.block_on(async {
+    let (mut direct, mut generated, mut secure) = rt.block_on(async {
         let direct = ComputeClient::new(super::channel(grpc)?, limit);
         let generated = ExpertClient::new(super::channel(tonic)?)
             .max_decoding_message_size(limit)
             .max_encoding_message_size(limit);
-        Ok::<_, Error>((direct, generated))
+        let secure = ComputeClient::new(
+            super::endpoint(tls)?
+                .connect_with_connector_lazy(super::tls::Connector::new(certs)),
+            limit,
+        );
+        Ok::<_, Error>((direct, generated, secure))
     })?;
     let mut tcp = rt
         .block_on(tokio::net::TcpStream::connect(tcp))
@@ -251,7 +286,7 @@ fn measure_transport(args: &TransportArgs, tcp: &str, grpc: &str, tonic: &str) -
     let h = args.hidden;
     let grpc_err = |s: Status| Error::peer("grpc", s.message().to_string());
     // Best-of-repeats time of each path for `iters` round trips of a [rows, h] tensor.
-    let mut measure = |rows: usize, iters: usize| -> Result<Vec<[Duration; 3]>> {
+    let mut measure = |rows: usize, iters: usize| -> Result<Vec<[Duration; 4]>> {
         let x: Vec<f32> = (0..rows * h).map(|i| (i % 977) as f32 * 0.001).collect();
         // The tensor to send exists already, as a stage's gathered rows do.
         let input = encode_f32(&x, &[rows, h]);
@@ -266,11 +301,11 @@ fn measure_transport(args: &TransportArgs, tcp: &str, grpc: &str, tonic: &str) -
                 Err(Error::peer("bench", "the echo differs from what was sent"))
             }
         };
-        let mut ours = || {
+        let mut ours = |client: &mut ComputeClient<tonic::transport::Channel>| {
             rt.block_on(async {
                 let (t, mut out) = (Instant::now(), Vec::new());
                 for _ in 0..iters {
-                    out = direct
+                    out = client
                         .compute(MetadataMap::new(), None, 0, &experts, input.clone())
                         .await
                         .map_err(grpc_err)?
@@ -319,7 +354,7 @@ fn measure_transport(args: &TransportArgs, tcp: &str, grpc: &str, tonic: &str) -
         // Interleaved, so a noisy moment hits one repetition of every path alike.
         let mut times = Vec::new();
         for _ in 0..args.repeats.max(1) {
-            times.push([ours()?, codec()?, raw()?]);
+            times.push([ours(&mut direct)?, codec()?, raw()?, ours(&mut secure)?]);
         }
         if back[..] != bytes[..] {
             return Err(Error::peer("bench", "the raw TCP echo differs"));
@@ -336,29 +371,29 @@ fn measure_transport(args: &TransportArgs, tcp: &str, grpc: &str, tonic: &str) -
         args.repeats.max(1)
     );
     println!(
-        "| measure | moe.v1 gRPC (ours) | same RPC via tonic codec | raw TCP | ours vs raw TCP | target |"
+        "| measure | moe.v1 gRPC, mutual TLS (deployed) | moe.v1 gRPC, plaintext | same RPC via tonic codec | raw TCP | TLS vs raw TCP | plaintext vs raw TCP | target |"
     );
-    println!("|---|---|---|---|---|---|");
-    let [o, c, r] = [0, 1, 2].map(|i| gbps(median(large.iter().map(|t| t[i]))));
-    let ratio = median_f64(
-        large
-            .iter()
-            .map(|t| t[2].as_secs_f64() / t[0].as_secs_f64()),
-    );
+    println!("|---|---|---|---|---|---|---|---|");
+    let [o, c, r, t] = [0, 1, 2, 3].map(|i| gbps(median(large.iter().map(|x| x[i]))));
+    let vs_raw = |rows: &[[Duration; 4]], i: usize, small: bool| {
+        median_f64(rows.iter().map(|x| {
+            let (ours, raw) = (x[i].as_secs_f64(), x[2].as_secs_f64());
+            if small { ours / raw } else { raw / ours }
+        }))
+    };
     println!(
-        "| throughput, [{}x{h}] f32 ({:.1} MiB) | {o:.2} GB/s | {c:.2} GB/s | {r:.2} GB/s | {ratio:.2}x | >= 0.7x |",
+        "| throughput, [{}x{h}] f32 ({:.1} MiB) | {t:.2} GB/s | {o:.2} GB/s | {c:.2} GB/s | {r:.2} GB/s | {:.2}x | {:.2}x | >= 0.7x |",
         args.large_rows,
         large_bytes / (1 << 20) as f64,
+        vs_raw(&large, 3, false),
+        vs_raw(&large, 0, false),
     );
-    let [o, c, r] = [0, 1, 2].map(|i| us(median(small.iter().map(|t| t[i]))));
-    let ratio = median_f64(
-        small
-            .iter()
-            .map(|t| t[0].as_secs_f64() / t[2].as_secs_f64()),
-    );
+    let [o, c, r, t] = [0, 1, 2, 3].map(|i| us(median(small.iter().map(|x| x[i]))));
     println!(
-        "| round trip, [{}x{h}] f32 | {o:.1} us | {c:.1} us | {r:.1} us | {ratio:.2}x | <= 2x |",
+        "| round trip, [{}x{h}] f32 | {t:.1} us | {o:.1} us | {c:.1} us | {r:.1} us | {:.2}x | {:.2}x | <= 2x |",
         args.small_rows,
+        vs_raw(&small, 3, true),
+        vs_raw(&small, 0, true),
     );
     Ok(())
 }

@@ -869,7 +869,58 @@ async fn metrics(State(sh): State<Arc<Shared>>) -> Response {
 
 #[cfg(test)]
 mod tests {
-    use super::StopMatcher;
+    use super::{StopMatcher, parse_body};
+    use axum::body::Bytes;
+    use axum::http::StatusCode;
+    use proptest::prelude::*;
+    use serde_json::{Value, json};
+
+    /// Any JSON scalar or small array.
+    fn json_leaf() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|n| json!(n)),
+            any::<f64>().prop_map(|f| json!(f)),
+            ".{0,12}".prop_map(Value::String),
+            proptest::collection::vec(any::<i32>(), 0..4).prop_map(|v| json!(v)),
+        ]
+    }
+
+    const FIELDS: &[&str] = &[
+        "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
+        "seed", "stream", "stream_options", "n", "stop", "ignore_eos", "echo", "logprobs",
+        "best_of", "presence_penalty", "frequency_penalty", "logit_bias",
+    ];
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn any_body_is_parsed_or_refused_with_400(
+            bytes in proptest::collection::vec(any::<u8>(), 0..512),
+        ) {
+            if let Err(e) = parse_body(&Bytes::from(bytes)) {
+                prop_assert_eq!(e.status, StatusCode::BAD_REQUEST);
+            }
+        }
+
+        #[test]
+        fn a_field_of_the_wrong_type_is_refused_naming_it(
+            field in proptest::sample::select(FIELDS),
+            value in json_leaf(),
+        ) {
+            let body = json!({ field: value }).to_string();
+            match parse_body(&Bytes::from(body)) {
+                Ok(_) => {}
+                Err(e) => {
+                    prop_assert_eq!(e.status, StatusCode::BAD_REQUEST);
+                    let param = e.param.clone().unwrap_or_default();
+                    prop_assert!(param.starts_with(field), "{} named for {}", param, field);
+                }
+            }
+        }
+    }
 
     #[test]
     fn stop_strings_hold_back_partial_matches() {
