@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -223,6 +223,29 @@ pub async fn apply_example(
     wait_ready(client, ns, name, timeout)
         .await
         .map_err(|e| e.context(diagnostics(cluster, ns)))
+}
+
+/// The deployment's worker certificates (the operator's `NAME-worker-tls` Secret) written to a
+/// folder, for a test client that talks to worker ports as a worker does.
+pub async fn worker_certs(client: &Client, ns: &str, name: &str) -> Result<PathBuf> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let s = api.get(&format!("{name}-worker-tls")).await?;
+    let dir = std::env::temp_dir().join(format!("moe-e2e-certs-{ns}-{name}"));
+    std::fs::create_dir_all(&dir)?;
+    for (k, v) in s.data.unwrap_or_default() {
+        std::fs::write(dir.join(k), v.0)?;
+    }
+    Ok(dir)
+}
+
+/// A gRPC channel to a worker port (`IP:PORT`) over mutual TLS with the certificates in `certs`.
+pub fn worker_channel(certs: &std::path::Path, addr: &str) -> Result<tonic::transport::Channel> {
+    let tls = moe_worker::serve::tls::Tls::load(certs)?;
+    Ok(
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_timeout(Duration::from_secs(2))
+            .connect_with_connector_lazy(moe_worker::serve::tls::Connector::new(tls)),
+    )
 }
 
 /// The gateway's base URL (`http://IP:PORT`) through its Service's endpoints.

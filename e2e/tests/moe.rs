@@ -216,9 +216,10 @@ async fn requests(
     out
 }
 
-/// Expert compute calls served by the expert pod at `ip`.
-async fn expert_batches(ip: &str) -> Result<u64> {
-    let mut c = ExpertClient::connect(format!("http://{ip}:50051")).await?;
+/// Expert compute calls served by the expert pod at `ip` (asked over mutual TLS with the
+/// deployment's certificates in `certs`).
+async fn expert_batches(certs: &std::path::Path, ip: &str) -> Result<u64> {
+    let mut c = ExpertClient::new(moe::worker_channel(certs, &format!("{ip}:50051"))?);
     Ok(c.load_stats(LoadStatsRequest { reset: false })
         .await?
         .into_inner()
@@ -227,14 +228,18 @@ async fn expert_batches(ip: &str) -> Result<u64> {
 
 /// Runs `step` until every expert pod at `ips` has served calls since the start; returns the
 /// calls each served.
-async fn every_replica_serves<F, Fut>(ips: &[String], mut step: F) -> Result<Vec<u64>>
+async fn every_replica_serves<F, Fut>(
+    certs: &std::path::Path,
+    ips: &[String],
+    mut step: F,
+) -> Result<Vec<u64>>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<()>>,
 {
     let mut before = Vec::new();
     for ip in ips {
-        before.push(expert_batches(ip).await?);
+        before.push(expert_batches(certs, ip).await?);
     }
     until(
         "every replica to serve calls",
@@ -245,7 +250,7 @@ where
                 stepped.await?;
                 let mut grew = Vec::new();
                 for (ip, b) in ips.iter().zip(&before) {
-                    grew.push(expert_batches(ip).await? - b);
+                    grew.push(expert_batches(certs, ip).await? - b);
                 }
                 Ok(grew.iter().all(|g| *g > 0).then_some(grew))
             }
@@ -401,7 +406,8 @@ async fn kill_scale_and_restart_the_operator() -> Result<()> {
     let ips: Vec<String> = replicas.iter().filter_map(pod_ip).collect();
     // The stages learn of the new replica from the EndpointSlice watch; send requests until
     // both replicas have served calls.
-    let served = every_replica_serves(&ips, || {
+    let certs = moe::worker_certs(&client, &ns, "tiny").await?;
+    let served = every_replica_serves(&certs, &ips, || {
         let (base, want) = (base.clone(), want.clone());
         async move {
             assert_eq!(moe::complete_ids(&base, &prompt(), 4).await?, want);
@@ -571,7 +577,8 @@ async fn skewed_load_scales_the_hot_expert_shard_up_and_back_down() -> Result<()
         .collect();
     assert!(ips.len() >= 2, "{ips:?}");
     // The clients keep the load on.
-    let served = every_replica_serves(&ips, || async {
+    let certs = moe::worker_certs(&client, &ns, "tiny-hot").await?;
+    let served = every_replica_serves(&certs, &ips, || async {
         tokio::time::sleep(Duration::from_millis(500)).await;
         Ok(())
     })
@@ -784,5 +791,76 @@ async fn chart_lints_and_passes_a_server_side_dry_run() -> Result<()> {
             .is_empty()
     );
     cluster.delete_namespace(&ns).await?;
+    Ok(())
+}
+
+/// `replicas: 2` on the cluster: two gateways in front of one pipeline, concurrent requests
+/// through both equal single-process generation; and worker ports that speak only mutual TLS
+/// with the certificates the operator issued for this deployment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_share_the_pipeline_over_mutual_tls() -> Result<()> {
+    let cluster = Cluster::shared().await;
+    let ns = cluster.namespace("moe-trust").await?;
+    let client = cluster.client().await?;
+    moe::install_operator(cluster, &ns, &["--set", "rbac.aggregateToDefaultRoles=false"]).await?;
+    let manifest = std::fs::read_to_string(moe::example("tiny.yaml"))?
+        .replacen("\nspec:\n", "\nspec:\n  replicas: 2\n", 1);
+    let path = std::env::temp_dir().join(format!("moe-e2e-{ns}-tiny2.yaml"));
+    std::fs::write(&path, manifest)?;
+    cluster.kubectl(&["-n", &ns, "apply", "-f", &path.to_string_lossy()])?;
+    let md = moe::wait_ready(&client, &ns, "tiny", READY)
+        .await
+        .map_err(|e| e.context(moe::diagnostics(cluster, &ns)))?;
+    assert_eq!(md.status.as_ref().map(|s| s.gateway_ready_replicas), Some(2));
+    let gateways = until("both gateways to be ready endpoints", Duration::from_secs(60), || {
+        let client = client.clone();
+        let ns = ns.clone();
+        async move {
+            let eps = moe::service_endpoints(&client, &ns, "tiny").await?;
+            Ok((eps.len() == 2).then_some(eps))
+        }
+    })
+    .await?;
+
+    // Requests of different lengths through both gateways at once.
+    let work: Vec<(Vec<u32>, usize)> = vec![
+        (prompt(), 6),
+        (vec![3, 4], 9),
+        (vec![250, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 5),
+        (vec![42], 8),
+    ];
+    let mut tasks = Vec::new();
+    for (i, (p, n)) in work.iter().cloned().enumerate() {
+        let base = format!("http://{}", gateways[i % 2]);
+        tasks.push(tokio::spawn(async move { moe::complete_ids(&base, &p, n).await }));
+    }
+    for ((p, n), t) in work.iter().zip(tasks) {
+        let got = t.await??;
+        assert_eq!(got, moe::generate_ids(TINY, p, *n)?, "prompt {p:?}");
+    }
+
+    // The operator issued the deployment's certificates.
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), &ns);
+    let tls = secrets.get("tiny-worker-tls").await?;
+    assert_eq!(tls.type_.as_deref(), Some("kubernetes.io/tls"));
+    let keys: Vec<String> = tls.data.unwrap_or_default().into_keys().collect();
+    assert_eq!(keys, ["ca.crt", "tls.crt", "tls.key"]);
+    secrets.get("tiny-worker-ca").await?;
+
+    // A stage's worker port serves a client with those certificates and refuses one without.
+    let stage = moe::service_endpoints(&client, &ns, "tiny-stage-0").await?;
+    let addr = stage.first().context("stage 0 endpoint")?;
+    let certs = moe::worker_certs(&client, &ns, "tiny").await?;
+    let mut ok = moe_proto::v1::stage_client::StageClient::new(moe::worker_channel(&certs, addr)?);
+    ok.describe(moe_proto::v1::DescribeRequest {}).await?;
+    let plain = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .connect_lazy();
+    let refused = moe_proto::v1::stage_client::StageClient::new(plain)
+        .describe(moe_proto::v1::DescribeRequest {})
+        .await;
+    ensure!(refused.is_err(), "a plaintext client was served by a stage");
+    cluster.kubectl(&["-n", &ns, "delete", "moe", "tiny", "--wait=true"])?;
+    cluster.helm(&["uninstall", "moe", "-n", &ns, "--wait"])?;
     Ok(())
 }

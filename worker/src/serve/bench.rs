@@ -301,7 +301,7 @@ fn measure_transport(
                 Err(Error::peer("bench", "the echo differs from what was sent"))
             }
         };
-        let mut ours = |client: &mut ComputeClient<tonic::transport::Channel>| {
+        let ours = |client: &mut ComputeClient<tonic::transport::Channel>| {
             rt.block_on(async {
                 let (t, mut out) = (Instant::now(), Vec::new());
                 for _ in 0..iters {
