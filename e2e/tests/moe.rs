@@ -808,11 +808,11 @@ async fn two_gateways_share_the_pipeline_over_mutual_tls() -> Result<()> {
     let path = std::env::temp_dir().join(format!("moe-e2e-{ns}-tiny2.yaml"));
     std::fs::write(&path, manifest)?;
     cluster.kubectl(&["-n", &ns, "apply", "-f", &path.to_string_lossy()])?;
-    let md = moe::wait_ready(&client, &ns, "tiny", READY)
+    moe::wait_ready(&client, &ns, "tiny", READY)
         .await
         .map_err(|e| e.context(moe::diagnostics(cluster, &ns)))?;
-    assert_eq!(md.status.as_ref().map(|s| s.gateway_ready_replicas), Some(2));
-    let gateways = until("both gateways to be ready endpoints", Duration::from_secs(60), || {
+    // Ready needs one gateway; the second may come a moment later.
+    let gateways = until("both gateways to be ready endpoints", Duration::from_secs(120), || {
         let client = client.clone();
         let ns = ns.clone();
         async move {

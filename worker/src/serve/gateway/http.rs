@@ -712,7 +712,16 @@ fn stream(sh: Arc<Shared>, p: Prepared, mut g: Generation, kind: Kind) -> Respon
                         .await;
                     return;
                 }
-                None => return,
+                None => {
+                    let err = ApiError::from_engine(Error::peer(
+                        "gateway",
+                        "generation ended unexpectedly",
+                    ));
+                    let _ = tx
+                        .send(Ok(Event::default().data(err.body().to_string())))
+                        .await;
+                    return;
+                }
             }
         };
         drop(g.rx);

@@ -180,12 +180,59 @@ struct Running {
     _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
+/// A lane's running sequences. Whichever way the lane ends (a panic included) their KV caches
+/// are released on every stage, their clients' channels close (the HTTP side answers with an
+/// error), and the lane's gauge returns to zero.
+struct LaneSeqs {
+    shared: Arc<Shared>,
+    index: usize,
+    running: HashMap<SeqId, Running>,
+}
+
+impl Drop for LaneSeqs {
+    fn drop(&mut self) {
+        let ids: Vec<SeqId> = self.running.drain().map(|(id, _)| id).collect();
+        for _ in &ids {
+            self.shared.metrics.finished("error");
+        }
+        self.shared
+            .metrics
+            .lane_sequences
+            .get_or_create(&metrics::LaneLabel {
+                lane: self.index as u32,
+            })
+            .set(0);
+        if !ids.is_empty() && tokio::runtime::Handle::try_current().is_ok() {
+            release(&self.shared, ids);
+        }
+    }
+}
+
+/// Runs lane `index`, starting it again if it fails, so queued requests never wait on a lane
+/// that is gone. Returns when the lane ends normally (the queue closed).
+async fn supervise_lane(shared: Arc<Shared>, index: usize) {
+    loop {
+        match tokio::spawn(lane(shared.clone(), index)).await {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::error!(lane = index, error = %e, "lane failed; its requests failed, restarting it");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
 /// One lane: its own sequences, one micro-batch in flight at a time.
 async fn lane(shared: Arc<Shared>, index: usize) {
     let Ok(mut batcher) = Batcher::new(BatchLimits::of(&shared.cfg), shared.opts.clone()) else {
         return;
     };
-    let mut running: HashMap<SeqId, Running> = HashMap::new();
+    let mut seqs = LaneSeqs {
+        shared: shared.clone(),
+        index,
+        running: HashMap::new(),
+    };
+    let running = &mut seqs.running;
     let mut scratch = Scratch::default();
     loop {
         if batcher.is_empty() {
@@ -198,7 +245,7 @@ async fn lane(shared: Arc<Shared>, index: usize) {
                 rx.recv().await
             };
             let Some(r) = next else { return };
-            admit(&shared, &mut batcher, &mut running, r, slot);
+            admit(&shared, &mut batcher, running, r, slot);
         }
         // A busy lane takes more between steps while slots are free.
         loop {
@@ -210,7 +257,7 @@ async fn lane(shared: Arc<Shared>, index: usize) {
             };
             let Ok(r) = rx.try_recv() else { break };
             drop(rx);
-            admit(&shared, &mut batcher, &mut running, r, slot);
+            admit(&shared, &mut batcher, running, r, slot);
         }
         shared.metrics.queue_depth.set(shared.queued() as i64);
         // Clients that went away.
@@ -486,7 +533,7 @@ pub async fn run(args: GatewayArgs) -> Result<()> {
         steps: AtomicU64::new(0),
     });
     for i in 0..lanes {
-        tokio::spawn(lane(shared.clone(), i));
+        tokio::spawn(supervise_lane(shared.clone(), i));
     }
     tokio::spawn(watch_readiness(shared.clone()));
     if args.stats_interval_ms > 0 {
