@@ -712,6 +712,21 @@ async fn invalid_manifests_are_rejected_naming_the_field() -> Result<()> {
             base.replace("dtype: f32", "dtype: f7"),
             "spec.model.dtype",
         ),
+        (
+            "a name too long for the children's names",
+            base.replace("name: tiny", &format!("name: {}", "t".repeat(41))),
+            "metadata.name",
+        ),
+        (
+            "more gateways than sequences",
+            base.replace("spec:\n", "spec:\n  replicas: 5\n"),
+            "spec.replicas",
+        ),
+        (
+            "a layer count no planner should be asked for",
+            base.replace("  model:\n", &architecture.replace("numLayers: 4", "numLayers: 100000")),
+            "numLayers",
+        ),
     ];
     for (i, (what, manifest, field)) in cases.iter().enumerate() {
         let path = dir.join(format!("case-{i}.yaml"));

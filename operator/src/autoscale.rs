@@ -495,6 +495,27 @@ async fn gateway_ip(client: &Client, md: &MoEDeployment) -> Result<(String, Stri
         .ok_or_else(|| "no ready gateway pod".to_string())
 }
 
+/// The gateway's API key, when the spec names one (the gateway then wants it for /v1/stats).
+async fn api_key(client: &Client, md: &MoEDeployment) -> Result<Option<String>, String> {
+    let Some(r) = &md.spec.serving.api_key_secret else {
+        return Ok(None);
+    };
+    let ns = md.namespace().unwrap_or_default();
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), &ns);
+    let s = secrets
+        .get(&r.name)
+        .await
+        .map_err(|e| format!("reading the API key Secret {}: {e}", r.name))?;
+    let key = s
+        .data
+        .as_ref()
+        .and_then(|d| d.get(&r.key))
+        .map(|b| String::from_utf8_lossy(&b.0).trim().to_string())
+        .or_else(|| s.string_data.as_ref().and_then(|d| d.get(&r.key)).cloned())
+        .ok_or_else(|| format!("Secret {} has no key {}", r.name, r.key))?;
+    Ok(Some(key))
+}
+
 fn host(ip: &str) -> String {
     if ip.contains(':') {
         format!("[{ip}]")
@@ -525,9 +546,11 @@ async fn tick(
         .collect();
     let (pod, ip) = gateway_ip(client, md).await?;
     let url = format!("http://{}:{HTTP_PORT}/v1/stats", host(&ip));
-    let body: serde_json::Value = http
-        .get(&url)
-        .timeout(cfg.timeout)
+    let mut get = http.get(&url).timeout(cfg.timeout);
+    if let Some(key) = api_key(client, md).await? {
+        get = get.bearer_auth(key);
+    }
+    let body: serde_json::Value = get
         .send()
         .await
         .and_then(reqwest::Response::error_for_status)

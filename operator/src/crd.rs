@@ -18,6 +18,9 @@ use serde::{Deserialize, Serialize};
     group = "serving.moe.dev",
     version = "v1alpha1",
     kind = "MoEDeployment",
+    validation = Rule::new(
+        "self.metadata.name.size() <= 40 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')"
+    ).message("metadata.name must be at most 40 characters, lowercase letters, digits and '-', starting with a letter: the Services and workloads of a MoEDeployment are named after it"),
     plural = "moedeployments",
     shortname = "moe",
     category = "moe",

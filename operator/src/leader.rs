@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, OwnerReference};
-use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use k8s_openapi::jiff::Timestamp;
 use kube::Client;
 use kube::api::{Api, DeleteParams, PostParams, Preconditions};
 use tracing::{debug, info, warn};
@@ -43,17 +43,36 @@ pub fn pod_owner(name: Option<&str>, uid: Option<&str>) -> Option<OwnerReference
     })
 }
 
-/// Whether `me` may take `spec` at `now`: it is free, already mine, or expired.
-pub fn may_take(spec: &LeaseSpec, me: &str, now: Timestamp) -> bool {
+/// What this replica last saw of the Lease, and when by its own clock. As client-go does, a
+/// lease held by another replica expires when its record has not changed for its duration as
+/// this replica measures it: the holder's clock (which wrote `renewTime`) never enters the
+/// comparison, so skew between nodes cannot make a live lease look expired or a dead one live.
+#[derive(Debug, Clone, Default)]
+pub struct Observed {
+    record: Option<(String, Option<MicroTime>)>,
+    since: Option<std::time::Instant>,
+}
+
+/// Whether `me` may take `spec`, observed at `now` (this process's monotonic clock): it is
+/// free, already mine, or another's record has not changed for its lease duration.
+pub fn may_take(
+    spec: &LeaseSpec,
+    me: &str,
+    seen: &mut Observed,
+    now: std::time::Instant,
+) -> bool {
     let holder = spec.holder_identity.as_deref().unwrap_or("");
     if holder.is_empty() || holder == me {
         return true;
     }
-    let Some(MicroTime(renewed)) = spec.renew_time.as_ref() else {
-        return true;
-    };
-    let secs = i64::from(spec.lease_duration_seconds.unwrap_or(15));
-    *renewed + SignedDuration::from_secs(secs) < now
+    let record = (holder.to_string(), spec.renew_time.clone());
+    if seen.record.as_ref() != Some(&record) {
+        seen.record = Some(record);
+        seen.since = Some(now);
+    }
+    let secs = u64::try_from(spec.lease_duration_seconds.unwrap_or(15)).unwrap_or(15);
+    seen.since
+        .is_some_and(|t| now.saturating_duration_since(t) >= Duration::from_secs(secs))
 }
 
 fn spec_for(cfg: &LeaseConfig, prev: Option<&LeaseSpec>, now: Timestamp) -> LeaseSpec {
@@ -78,7 +97,11 @@ fn spec_for(cfg: &LeaseConfig, prev: Option<&LeaseSpec>, now: Timestamp) -> Leas
 }
 
 /// One attempt to acquire or renew. `Ok(true)`: this process leads until `now + duration`.
-pub async fn try_acquire(api: &Api<Lease>, cfg: &LeaseConfig) -> Result<bool, kube::Error> {
+pub async fn try_acquire(
+    api: &Api<Lease>,
+    cfg: &LeaseConfig,
+    seen: &mut Observed,
+) -> Result<bool, kube::Error> {
     let now = Timestamp::now();
     match api.get_opt(&cfg.name).await? {
         None => {
@@ -100,7 +123,7 @@ pub async fn try_acquire(api: &Api<Lease>, cfg: &LeaseConfig) -> Result<bool, ku
         }
         Some(mut lease) => {
             let spec = lease.spec.clone().unwrap_or_default();
-            if !may_take(&spec, &cfg.identity, now) {
+            if !may_take(&spec, &cfg.identity, seen, std::time::Instant::now()) {
                 debug!(holder = ?spec.holder_identity, "lease held by another replica");
                 return Ok(false);
             }
@@ -144,12 +167,28 @@ pub async fn release(api: &Api<Lease>, cfg: &LeaseConfig) {
     }
 }
 
+/// One acquire or renew attempt, bounded by the retry period (a hung API call counts as a
+/// failed renewal, so `keep` still gives up before the Lease can expire under it).
+async fn bounded(
+    cfg: &LeaseConfig,
+    attempt: impl std::future::Future<Output = Result<bool, kube::Error>>,
+) -> Result<bool, kube::Error> {
+    let limit = cfg.retry.max(Duration::from_millis(500));
+    match tokio::time::timeout(limit, attempt).await {
+        Ok(r) => r,
+        Err(_) => Err(kube::Error::Service(
+            format!("no answer from the API server within {limit:?}").into(),
+        )),
+    }
+}
+
 /// Blocks until this process leads.
 pub async fn acquire(client: Client, cfg: &LeaseConfig) {
     let api: Api<Lease> = Api::namespaced(client, &cfg.namespace);
     let mut logged = false;
+    let mut seen = Observed::default();
     loop {
-        match try_acquire(&api, cfg).await {
+        match bounded(cfg, try_acquire(&api, cfg, &mut seen)).await {
             Ok(true) => {
                 info!(lease = %cfg.name, identity = %cfg.identity, "became leader");
                 return;
@@ -170,9 +209,10 @@ pub async fn acquire(client: Client, cfg: &LeaseConfig) {
 pub async fn keep(client: Client, cfg: LeaseConfig) {
     let api: Api<Lease> = Api::namespaced(client, &cfg.namespace);
     let mut last_ok = std::time::Instant::now();
+    let mut seen = Observed::default();
     loop {
         tokio::time::sleep(cfg.retry).await;
-        match try_acquire(&api, &cfg).await {
+        match bounded(&cfg, try_acquire(&api, &cfg, &mut seen)).await {
             Ok(true) => last_ok = std::time::Instant::now(),
             Ok(false) => {
                 warn!(lease = %cfg.name, "another replica took the leader lease");
@@ -208,15 +248,36 @@ mod tests {
 
     #[test]
     fn free_own_or_expired_leases_can_be_taken() {
-        assert!(may_take(&LeaseSpec::default(), "a", at(100)));
-        assert!(may_take(&held("a", 99), "a", at(100)));
-        assert!(!may_take(&held("b", 90), "a", at(100)));
-        assert!(may_take(&held("b", 80), "a", at(100)));
+        let t0 = std::time::Instant::now();
+        let s = |secs| t0 + Duration::from_secs(secs);
+        let mut seen = Observed::default();
+        assert!(may_take(&LeaseSpec::default(), "a", &mut seen, s(0)));
+        assert!(may_take(&held("a", 99), "a", &mut seen, s(0)));
+        // Another's lease: live until its record stops changing for 15 s of our time.
+        assert!(!may_take(&held("b", 90), "a", &mut seen, s(0)));
+        assert!(!may_take(&held("b", 90), "a", &mut seen, s(14)));
+        assert!(may_take(&held("b", 90), "a", &mut seen, s(15)));
         let released = LeaseSpec {
             holder_identity: None,
             ..held("b", 99)
         };
-        assert!(may_take(&released, "a", at(100)));
+        assert!(may_take(&released, "a", &mut seen, s(15)));
+    }
+
+    #[test]
+    fn clock_skew_between_nodes_does_not_expire_a_live_lease() {
+        let t0 = std::time::Instant::now();
+        let s = |secs| t0 + Duration::from_secs(secs);
+        let mut seen = Observed::default();
+        // The holder's clock runs an hour behind ours: its renewTime looks ancient, but it
+        // keeps changing, so the lease is live.
+        for (i, renewed) in [-3600, -3598, -3596, -3594].into_iter().enumerate() {
+            assert!(!may_take(&held("b", renewed), "a", &mut seen, s(10 * i as u64)));
+        }
+        // An hour ahead: a dead holder's lease still expires after 15 s of our time.
+        let mut seen = Observed::default();
+        assert!(!may_take(&held("b", 3600), "a", &mut seen, s(0)));
+        assert!(may_take(&held("b", 3600), "a", &mut seen, s(16)));
     }
 
     #[test]

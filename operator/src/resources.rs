@@ -173,6 +173,20 @@ pub fn checked_name(md: &MoEDeployment) -> Result<String> {
             ),
         ));
     }
+    let dns1035 = name.starts_with(|c: char| c.is_ascii_lowercase())
+        && !name.ends_with('-')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    if !dns1035 {
+        return Err(Error::invalid(
+            "metadata.name",
+            format!(
+                "`{name}` is not a DNS-1035 label (lowercase letters, digits and '-', starting \
+                 with a letter): the gateway Service is named after it"
+            ),
+        ));
+    }
     Ok(name)
 }
 

@@ -594,7 +594,7 @@ fn children_exit_when_the_launcher_is_killed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_api_key_guards_the_openai_routes_but_not_health_or_metrics() {
+async fn an_api_key_guards_the_openai_routes_and_stats_but_not_health_or_metrics() {
     let d = Deployment::start_with_env("synthetic:tiny", 1, 1, &[], &[("MOE_API_KEY", "sk-e2e")]);
     let http = reqwest::Client::new();
     let body = json!({"prompt": [5, 6, 7], "max_tokens": 2});
@@ -631,7 +631,21 @@ async fn an_api_key_guards_the_openai_routes_but_not_health_or_metrics() {
         .await
         .expect("http");
     assert_eq!(r.status().as_u16(), 401);
-    for open in ["/healthz", "/readyz", "/metrics", "/v1/stats"] {
+    // The deployment's statistics are the key holder's too.
+    let r = http
+        .get(format!("{}/v1/stats", d.base))
+        .send()
+        .await
+        .expect("http");
+    assert_eq!(r.status().as_u16(), 401);
+    let r = http
+        .get(format!("{}/v1/stats", d.base))
+        .bearer_auth("sk-e2e")
+        .send()
+        .await
+        .expect("http");
+    assert_eq!(r.status().as_u16(), 200);
+    for open in ["/healthz", "/readyz", "/metrics"] {
         let r = http
             .get(format!("{}{open}", d.base))
             .send()
@@ -720,4 +734,47 @@ async fn certificate_rotation_under_load_loses_no_request() {
     }
     assert!(served.load(Ordering::SeqCst) >= 3, "the load never ran");
     d.stop();
+}
+
+#[test]
+fn the_gateway_closes_connections_that_do_not_send_their_headers() {
+    use std::io::{BufRead, Read, Write};
+    // A gateway alone (its stage is nowhere): HTTP is served before the pipeline is ready.
+    let mut child = std::process::Command::new(deploy::BIN)
+        .args(["--threads", "1", "gateway", "--model", "synthetic:tiny", "--plaintext"])
+        .args(["--stage-addrs", "127.0.0.1:9", "--listen", "127.0.0.1:0"])
+        .args(["--header-read-timeout-s", "1", "--exit-with-stdin"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("gateway");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("read");
+    let addr = line.trim().rsplit_once("http://").expect("listening line").1.to_string();
+    // Headers that never finish, and a connection that never sends any.
+    let mut slow = std::net::TcpStream::connect(&addr).expect("connect");
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ").expect("write");
+    let idle = std::net::TcpStream::connect(&addr).expect("connect");
+    for mut c in [slow, idle] {
+        c.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        let started = Instant::now();
+        let mut buf = Vec::new();
+        // The server closes it (perhaps after a 408); a read error is a close too.
+        let _ = c.read_to_end(&mut buf);
+        let waited = started.elapsed();
+        assert!(waited < Duration::from_secs(8), "held open for {waited:?}");
+        let text = String::from_utf8_lossy(&buf);
+        assert!(buf.is_empty() || text.starts_with("HTTP/1.1 408"), "{text}");
+    }
+    // A prompt client is served.
+    let mut ok = std::net::TcpStream::connect(&addr).expect("connect");
+    ok.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .expect("write");
+    let mut buf = String::new();
+    ok.read_to_string(&mut buf).expect("read");
+    assert!(buf.starts_with("HTTP/1.1 200"), "{buf}");
+    let _ = child.kill();
+    let _ = child.wait();
 }

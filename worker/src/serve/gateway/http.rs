@@ -23,19 +23,20 @@ use crate::error::Error;
 use crate::sampling::SamplingParams;
 
 pub fn router(shared: Arc<Shared>) -> Router {
-    // The OpenAI routes take the API key when one is set; health, metrics and the load
-    // statistics the operator reads do not.
+    // The OpenAI routes and the deployment's statistics take the API key when one is set (the
+    // operator reads /v1/stats with the key from the MoEDeployment's Secret); health and
+    // Prometheus metrics do not.
     let openai = Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
+        .route("/v1/stats", get(stats))
         .route_layer(axum::middleware::from_fn_with_state(
             shared.clone(),
             require_api_key,
         ));
     Router::new()
         .merge(openai)
-        .route("/v1/stats", get(stats))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))

@@ -84,6 +84,11 @@ pub struct GatewayArgs {
     #[command(flatten)]
     pub tls: crate::serve::tls::TlsArgs,
 
+    /// Seconds a client may take to send a request's headers, counted from the connection
+    /// opening or its previous response (so idle keep-alive connections are closed too).
+    #[arg(long, env = "MOE_HEADER_READ_TIMEOUT_S", default_value_t = 30)]
+    pub header_read_timeout_s: u64,
+
     /// This gateway's index among the deployment's gateways (for logs and process listings).
     #[arg(long, env = "MOE_INDEX", default_value_t = 0)]
     pub index: u32,
@@ -551,8 +556,83 @@ pub async fn run(args: GatewayArgs) -> Result<()> {
     println!("gateway listening on http://{local}");
     use std::io::Write;
     let _ = std::io::stdout().flush();
-    axum::serve(listener, http::router(shared))
-        .with_graceful_shutdown(shutdown_signal(args.exit_with_stdin))
+    serve_http(
+        listener,
+        http::router(shared),
+        Duration::from_secs(args.header_read_timeout_s.max(1)),
+        shutdown_signal(args.exit_with_stdin),
+    )
+    .await;
+    Ok(())
+}
+
+/// Serves `app` on `listener` until `stop`, then lets requests in flight finish (up to
+/// [`crate::serve::CLOSE_GRACE`]). Unlike `axum::serve`, with a header-read (and keep-alive
+/// idle) timeout on HTTP/1 and keep-alive pings on HTTP/2.
+async fn serve_http(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    header_read_timeout: Duration,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(10));
+    let (closing_tx, closing_rx) = tokio::sync::watch::channel(false);
+    let mut conns = tokio::task::JoinSet::new();
+    tokio::pin!(stop);
+    loop {
+        while conns.try_join_next().is_some() {}
+        let (tcp, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut stop => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(tcp), service)
+            .into_owned();
+        let mut closing = closing_rx.clone();
+        conns.spawn(async move {
+            tokio::pin!(conn);
+            let closed = async move {
+                let _ = closing.wait_for(|c| *c).await;
+            };
+            let ended = tokio::select! {
+                r = conn.as_mut() => r,
+                () = closed => {
+                    // Finish the request in flight, take no new one.
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = ended {
+                tracing::debug!(error = %e, "HTTP connection ended");
+            }
+        });
+    }
+    drop(listener);
+    let _ = closing_tx.send(true);
+    let drained = async { while conns.join_next().await.is_some() {} };
+    if tokio::time::timeout(crate::serve::CLOSE_GRACE, drained)
         .await
-        .map_err(|e| Error::peer("gateway", format!("server: {e}")))
+        .is_err()
+    {
+        tracing::info!("HTTP requests still running after the grace period; closing");
+    }
 }
