@@ -724,7 +724,10 @@ async fn invalid_manifests_are_rejected_naming_the_field() -> Result<()> {
         ),
         (
             "a layer count no planner should be asked for",
-            base.replace("  model:\n", &architecture.replace("numLayers: 4", "numLayers: 100000")),
+            base.replace(
+                "  model:\n",
+                &architecture.replace("numLayers: 4", "numLayers: 100000"),
+            ),
             "numLayers",
         ),
     ];
@@ -817,9 +820,17 @@ async fn two_gateways_share_the_pipeline_over_mutual_tls() -> Result<()> {
     let cluster = Cluster::shared().await;
     let ns = cluster.namespace("moe-trust").await?;
     let client = cluster.client().await?;
-    moe::install_operator(cluster, &ns, &["--set", "rbac.aggregateToDefaultRoles=false"]).await?;
-    let manifest = std::fs::read_to_string(moe::example("tiny.yaml"))?
-        .replacen("\nspec:\n", "\nspec:\n  replicas: 2\n", 1);
+    moe::install_operator(
+        cluster,
+        &ns,
+        &["--set", "rbac.aggregateToDefaultRoles=false"],
+    )
+    .await?;
+    let manifest = std::fs::read_to_string(moe::example("tiny.yaml"))?.replacen(
+        "\nspec:\n",
+        "\nspec:\n  replicas: 2\n",
+        1,
+    );
     let path = std::env::temp_dir().join(format!("moe-e2e-{ns}-tiny2.yaml"));
     std::fs::write(&path, manifest)?;
     cluster.kubectl(&["-n", &ns, "apply", "-f", &path.to_string_lossy()])?;
@@ -827,14 +838,18 @@ async fn two_gateways_share_the_pipeline_over_mutual_tls() -> Result<()> {
         .await
         .map_err(|e| e.context(moe::diagnostics(cluster, &ns)))?;
     // Ready needs one gateway; the second may come a moment later.
-    let gateways = until("both gateways to be ready endpoints", Duration::from_secs(120), || {
-        let client = client.clone();
-        let ns = ns.clone();
-        async move {
-            let eps = moe::service_endpoints(&client, &ns, "tiny").await?;
-            Ok((eps.len() == 2).then_some(eps))
-        }
-    })
+    let gateways = until(
+        "both gateways to be ready endpoints",
+        Duration::from_secs(120),
+        || {
+            let client = client.clone();
+            let ns = ns.clone();
+            async move {
+                let eps = moe::service_endpoints(&client, &ns, "tiny").await?;
+                Ok((eps.len() == 2).then_some(eps))
+            }
+        },
+    )
     .await?;
 
     // Requests of different lengths through both gateways at once.
@@ -847,7 +862,9 @@ async fn two_gateways_share_the_pipeline_over_mutual_tls() -> Result<()> {
     let mut tasks = Vec::new();
     for (i, (p, n)) in work.iter().cloned().enumerate() {
         let base = format!("http://{}", gateways[i % 2]);
-        tasks.push(tokio::spawn(async move { moe::complete_ids(&base, &p, n).await }));
+        tasks.push(tokio::spawn(async move {
+            moe::complete_ids(&base, &p, n).await
+        }));
     }
     for ((p, n), t) in work.iter().zip(tasks) {
         let got = t.await??;

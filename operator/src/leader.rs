@@ -55,12 +55,7 @@ pub struct Observed {
 
 /// Whether `me` may take `spec`, observed at `now` (this process's monotonic clock): it is
 /// free, already mine, or another's record has not changed for its lease duration.
-pub fn may_take(
-    spec: &LeaseSpec,
-    me: &str,
-    seen: &mut Observed,
-    now: std::time::Instant,
-) -> bool {
+pub fn may_take(spec: &LeaseSpec, me: &str, seen: &mut Observed, now: std::time::Instant) -> bool {
     let holder = spec.holder_identity.as_deref().unwrap_or("");
     if holder.is_empty() || holder == me {
         return true;
@@ -272,7 +267,12 @@ mod tests {
         // The holder's clock runs an hour behind ours: its renewTime looks ancient, but it
         // keeps changing, so the lease is live.
         for (i, renewed) in [-3600, -3598, -3596, -3594].into_iter().enumerate() {
-            assert!(!may_take(&held("b", renewed), "a", &mut seen, s(10 * i as u64)));
+            assert!(!may_take(
+                &held("b", renewed),
+                "a",
+                &mut seen,
+                s(10 * i as u64)
+            ));
         }
         // An hour ahead: a dead holder's lease still expires after 15 s of our time.
         let mut seen = Observed::default();

@@ -155,7 +155,11 @@ fn pods_are_hardened_and_placed_on_a100s() {
     assert_eq!(stage.service_account_name.as_deref(), Some("tiny-worker"));
     assert_eq!(stage.automount_service_account_token, Some(true));
     let expert = c.expert_shards[0].spec.template.spec.as_ref().unwrap();
-    assert_eq!(expert.automount_service_account_token, Some(false), "experts use no API");
+    assert_eq!(
+        expert.automount_service_account_token,
+        Some(false),
+        "experts use no API"
+    );
 }
 
 #[test]
@@ -170,7 +174,10 @@ fn workers_speak_mutual_tls_unless_the_spec_opts_out() {
         .chain([&c.gateway.spec.template]);
     for t in templates {
         let args = template_args(t);
-        let at = args.iter().position(|a| a == "--tls-dir").expect("--tls-dir");
+        let at = args
+            .iter()
+            .position(|a| a == "--tls-dir")
+            .expect("--tls-dir");
         assert_eq!(args[at + 1], moe_operator::pki::TLS_MOUNT);
         let pod = t.spec.as_ref().unwrap();
         let secret = pod
@@ -191,7 +198,10 @@ fn workers_speak_mutual_tls_unless_the_spec_opts_out() {
     );
     let egress = np.egress.as_ref().unwrap();
     assert_eq!(egress.len(), 2);
-    assert!(egress[0].to.is_some(), "worker traffic only to the deployment's pods");
+    assert!(
+        egress[0].to.is_some(),
+        "worker traffic only to the deployment's pods"
+    );
     md.spec.serving.plaintext = true;
     let c = build(&md);
     let args = template_args(&c.stages[0].spec.template);

@@ -741,7 +741,14 @@ fn the_gateway_closes_connections_that_do_not_send_their_headers() {
     use std::io::{BufRead, Read, Write};
     // A gateway alone (its stage is nowhere): HTTP is served before the pipeline is ready.
     let mut child = std::process::Command::new(deploy::BIN)
-        .args(["--threads", "1", "gateway", "--model", "synthetic:tiny", "--plaintext"])
+        .args([
+            "--threads",
+            "1",
+            "gateway",
+            "--model",
+            "synthetic:tiny",
+            "--plaintext",
+        ])
         .args(["--stage-addrs", "127.0.0.1:9", "--listen", "127.0.0.1:0"])
         .args(["--header-read-timeout-s", "1", "--exit-with-stdin"])
         .stdin(std::process::Stdio::piped())
@@ -752,13 +759,20 @@ fn the_gateway_closes_connections_that_do_not_send_their_headers() {
     std::io::BufReader::new(child.stdout.take().expect("stdout"))
         .read_line(&mut line)
         .expect("read");
-    let addr = line.trim().rsplit_once("http://").expect("listening line").1.to_string();
+    let addr = line
+        .trim()
+        .rsplit_once("http://")
+        .expect("listening line")
+        .1
+        .to_string();
     // Headers that never finish, and a connection that never sends any.
     let mut slow = std::net::TcpStream::connect(&addr).expect("connect");
-    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ").expect("write");
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        .expect("write");
     let idle = std::net::TcpStream::connect(&addr).expect("connect");
     for mut c in [slow, idle] {
-        c.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        c.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
         let started = Instant::now();
         let mut buf = Vec::new();
         // The server closes it (perhaps after a 408); a read error is a close too.

@@ -271,8 +271,7 @@ fn measure_transport(
             .max_decoding_message_size(limit)
             .max_encoding_message_size(limit);
         let secure = ComputeClient::new(
-            super::endpoint(tls)?
-                .connect_with_connector_lazy(super::tls::Connector::new(certs)),
+            super::endpoint(tls)?.connect_with_connector_lazy(super::tls::Connector::new(certs)),
             limit,
         );
         Ok::<_, Error>((direct, generated, secure))

@@ -898,9 +898,24 @@ mod tests {
     }
 
     const FIELDS: &[&str] = &[
-        "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
-        "seed", "stream", "stream_options", "n", "stop", "ignore_eos", "echo", "logprobs",
-        "best_of", "presence_penalty", "frequency_penalty", "logit_bias",
+        "model",
+        "max_tokens",
+        "max_completion_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "seed",
+        "stream",
+        "stream_options",
+        "n",
+        "stop",
+        "ignore_eos",
+        "echo",
+        "logprobs",
+        "best_of",
+        "presence_penalty",
+        "frequency_penalty",
+        "logit_bias",
     ];
 
     proptest! {
