@@ -777,20 +777,15 @@ async fn worker_ports_refuse_peers_without_the_deployments_certificate() {
             .describe(DescribeRequest {})
             .await
             .expect_err("plaintext client served");
-        // Refused at the connection (no gRPC status ever came back).
-        assert!(
-            matches!(e.code(), Code::Unavailable | Code::Unknown),
-            "{e:?}"
-        );
+        // Refused at the connection: no gRPC status ever came back from the service, the
+        // error is the transport's (its code depends on what the client made of the TLS alert).
+        assert!(std::error::Error::source(&e).is_some(), "{e:?}");
         // TLS with another deployment's CA: refused at the handshake.
         let e = ExpertClient::new(tls_channel(url, theirs.path()))
             .describe(DescribeRequest {})
             .await
             .expect_err("foreign certificate served");
-        assert!(
-            matches!(e.code(), Code::Unavailable | Code::Unknown),
-            "{e:?}"
-        );
+        assert!(std::error::Error::source(&e).is_some(), "{e:?}");
     }
     // Kubernetes' gRPC probes cannot present a certificate: health alone is served in
     // plaintext on its own port.
