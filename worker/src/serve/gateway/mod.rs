@@ -181,8 +181,9 @@ struct Running {
     span: tracing::Span,
     started: Instant,
     first_token: bool,
-    /// The sequence's admission slot, given back when it ends.
-    _slot: tokio::sync::OwnedSemaphorePermit,
+    /// The sequence's admission slot, given back once the stages have released its KV
+    /// caches (so the next sequence admitted always finds room on them).
+    slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// A lane's running sequences. Whichever way the lane ends (a panic included) their KV caches
@@ -196,7 +197,8 @@ struct LaneSeqs {
 
 impl Drop for LaneSeqs {
     fn drop(&mut self) {
-        let ids: Vec<SeqId> = self.running.drain().map(|(id, _)| id).collect();
+        let (ids, slots): (Vec<SeqId>, Vec<_>) =
+            self.running.drain().map(|(id, r)| (id, r.slot)).unzip();
         for _ in &ids {
             self.shared.metrics.finished("error");
         }
@@ -208,7 +210,7 @@ impl Drop for LaneSeqs {
             })
             .set(0);
         if !ids.is_empty() && tokio::runtime::Handle::try_current().is_ok() {
-            release(&self.shared, ids);
+            release(&self.shared, ids, slots);
         }
     }
 }
@@ -272,12 +274,13 @@ async fn lane(shared: Arc<Shared>, index: usize) {
             .map(|(id, _)| *id)
             .collect();
         if !gone.is_empty() {
+            let mut slots = Vec::with_capacity(gone.len());
             for id in &gone {
                 batcher.remove(*id);
-                running.remove(id);
+                slots.extend(running.remove(id).map(|r| r.slot));
                 shared.metrics.finished("cancelled");
             }
-            release(&shared, gone);
+            release(&shared, gone, slots);
         }
         shared
             .metrics
@@ -376,11 +379,12 @@ async fn lane(shared: Arc<Shared>, index: usize) {
                 }
             }
         }
+        let mut slots = Vec::with_capacity(done.len());
         for id in &done {
             batcher.remove(*id);
-            running.remove(id);
+            slots.extend(running.remove(id).map(|r| r.slot));
         }
-        release(&shared, done);
+        release(&shared, done, slots);
     }
 }
 
@@ -402,7 +406,7 @@ fn admit(
                     span: r.span,
                     started: Instant::now(),
                     first_token: false,
-                    _slot: slot,
+                    slot,
                 },
             );
         }
@@ -412,7 +416,8 @@ fn admit(
     }
 }
 
-fn release(shared: &Arc<Shared>, ids: Vec<SeqId>) {
+/// Frees the sequences' KV caches on every stage, then gives their admission slots back.
+fn release(shared: &Arc<Shared>, ids: Vec<SeqId>, slots: Vec<tokio::sync::OwnedSemaphorePermit>) {
     if ids.is_empty() {
         return;
     }
@@ -420,6 +425,7 @@ fn release(shared: &Arc<Shared>, ids: Vec<SeqId>) {
     tokio::spawn(async move {
         let raw: Vec<u64> = ids.iter().map(|s| s.0).collect();
         sh.pipeline.release(&raw).await;
+        drop(slots);
     });
 }
 
@@ -604,11 +610,16 @@ async fn serve_http(
         };
         let _ = tcp.set_nodelay(true);
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(tcp), service)
-            .into_owned();
-        let mut closing = closing_rx.clone();
+        let (builder, mut closing) = (builder.clone(), closing_rx.clone());
         conns.spawn(async move {
+            // The protocol is sniffed from the first bytes before hyper's header timer runs:
+            // a client that sends nothing at all is cut off here.
+            let mut first = [0u8; 1];
+            match tokio::time::timeout(header_read_timeout, tcp.peek(&mut first)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return,
+            }
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
             tokio::pin!(conn);
             let closed = async move {
                 let _ = closing.wait_for(|c| *c).await;
