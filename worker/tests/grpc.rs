@@ -61,6 +61,26 @@ fn start_on(args: &[&str], listen: &str) -> Proc {
     Proc(child, format!("http://{addr}"))
 }
 
+/// A client of the stage at `url`, once it accepts connections.
+async fn stage_client(url: &str) -> StageClient<tonic::transport::Channel> {
+    loop {
+        match StageClient::connect(url.to_string()).await {
+            Ok(c) => return c,
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// A stage over the whole tiny model computing its own experts, with `extra` flags.
+fn tiny_stage(extra: &[&str]) -> Proc {
+    let args = [
+        &["stage", "--model", "synthetic:tiny", "--layers", "0..4"][..],
+        extra,
+    ]
+    .concat();
+    start(&args)
+}
+
 fn rows(experts: &[(u32, u32)]) -> Vec<ExpertRows> {
     experts
         .iter()
@@ -202,13 +222,8 @@ async fn expert_shard_rejects_bad_input_and_keeps_serving() {
 #[tokio::test]
 async fn stage_answers_bad_micro_batches_with_errors_on_the_stream() {
     // The whole tiny model as one stage computing its own experts.
-    let p = start(&["stage", "--model", "synthetic:tiny", "--layers", "0..4"]);
-    let mut c = loop {
-        match StageClient::connect(p.1.clone()).await {
-            Ok(c) => break c,
-            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
-        }
-    };
+    let p = tiny_stage(&[]);
+    let mut c = stage_client(&p.1).await;
     let h = c
         .describe(DescribeRequest {})
         .await
@@ -393,21 +408,8 @@ fn code_of(r: &FwdResult) -> i32 {
 
 #[tokio::test]
 async fn gateways_sharing_a_stage_never_touch_each_others_sequences() {
-    let p = start(&[
-        "stage",
-        "--model",
-        "synthetic:tiny",
-        "--layers",
-        "0..4",
-        "--max-sequences",
-        "3",
-    ]);
-    let mut c = loop {
-        match StageClient::connect(p.1.clone()).await {
-            Ok(c) => break c,
-            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
-        }
-    };
+    let p = tiny_stage(&["--max-sequences", "3"]);
+    let mut c = stage_client(&p.1).await;
     let seq = |id, start, len| SeqSlice {
         seq_id: id,
         start,
@@ -481,23 +483,8 @@ async fn gateways_sharing_a_stage_never_touch_each_others_sequences() {
 
 #[tokio::test]
 async fn a_stage_bounds_streams_and_rows_before_allocating() {
-    let p = start(&[
-        "stage",
-        "--model",
-        "synthetic:tiny",
-        "--layers",
-        "0..4",
-        "--max-streams",
-        "1",
-        "--max-batch-rows",
-        "4",
-    ]);
-    let mut c = loop {
-        match StageClient::connect(p.1.clone()).await {
-            Ok(c) => break c,
-            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
-        }
-    };
+    let p = tiny_stage(&["--max-streams", "1", "--max-batch-rows", "4"]);
+    let mut c = stage_client(&p.1).await;
     let seq = |id, len| SeqSlice {
         seq_id: id,
         start: 0,
@@ -546,21 +533,8 @@ async fn a_stage_bounds_streams_and_rows_before_allocating() {
 
 #[tokio::test]
 async fn stage_frees_kv_caches_left_idle() {
-    let p = start(&[
-        "stage",
-        "--model",
-        "synthetic:tiny",
-        "--layers",
-        "0..4",
-        "--cache-idle-timeout-s",
-        "1",
-    ]);
-    let mut c = loop {
-        match StageClient::connect(p.1.clone()).await {
-            Ok(c) => break c,
-            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
-        }
-    };
+    let p = tiny_stage(&["--cache-idle-timeout-s", "1"]);
+    let mut c = stage_client(&p.1).await;
     let req = ForwardRequest {
         micro_batch_id: 1,
         seqs: vec![SeqSlice {
@@ -624,12 +598,7 @@ async fn a_stage_reconnects_to_an_expert_restarted_on_its_address() {
         "--expert-addrs",
         &addr,
     ]);
-    let mut c = loop {
-        match StageClient::connect(p.1.clone()).await {
-            Ok(c) => break c,
-            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
-        }
-    };
+    let mut c = stage_client(&p.1).await;
     // One stream: its micro-batches share a compute thread and that thread's connections.
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     let mut answers = c
