@@ -533,16 +533,20 @@ pub struct TempCerts {
 }
 
 impl TempCerts {
-    /// A fresh CA and worker certificate in a new folder only this user can read.
+    /// A fresh CA and worker certificate in a new folder only this user can read. Folders
+    /// that launchers killed without a chance to clean up (SIGKILL) left behind are removed
+    /// first: their names carry the pid, and that process is gone.
     pub fn new() -> Result<Self> {
         use std::os::unix::fs::DirBuilderExt;
+        Self::remove_orphans();
         let mut random = [0u8; 8];
         {
             use std::io::Read;
             let _ = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut random));
         }
         let dir = std::env::temp_dir().join(format!(
-            "moe-serve-tls-{}-{:016x}",
+            "{}{}-{:016x}",
+            Self::PREFIX,
             std::process::id(),
             u64::from_le_bytes(random)
         ));
@@ -554,6 +558,34 @@ impl TempCerts {
         let (ca, key) = Authority::generate(30).map_err(issuing)?;
         write_authority(&made.dir, &ca, &key, 24 * 30)?;
         Ok(made)
+    }
+}
+
+impl TempCerts {
+    const PREFIX: &str = "moe-serve-tls-";
+
+    fn remove_orphans() {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(dir) = std::fs::read_dir(std::env::temp_dir()) else {
+            return;
+        };
+        // This process's user (it owns its /proc entry).
+        let Ok(me) = std::fs::metadata("/proc/self").map(|m| m.uid()) else {
+            return;
+        };
+        for e in dir.flatten() {
+            let name = e.file_name();
+            let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(Self::PREFIX)) else {
+                continue;
+            };
+            let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+                continue;
+            };
+            let ours = std::fs::metadata(e.path()).is_ok_and(|m| m.is_dir() && m.uid() == me);
+            if ours && !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
     }
 }
 
@@ -585,6 +617,17 @@ mod tests {
         let path = dir.dir.clone();
         drop(dir);
         assert!(!path.exists(), "the folder goes with the launcher");
+    }
+
+    #[test]
+    fn a_killed_launchers_certificates_are_removed_by_the_next() {
+        // No process has this pid.
+        let orphan = std::env::temp_dir().join(format!("{}4294967294-0", TempCerts::PREFIX));
+        std::fs::create_dir_all(&orphan).expect("mkdir");
+        std::fs::write(orphan.join(KEY_FILE), "secret").expect("write");
+        let live = TempCerts::new().expect("certs");
+        assert!(!orphan.exists(), "the dead launcher's keys are gone");
+        assert!(live.dir.exists(), "a live one's stay");
     }
 
     #[test]
