@@ -623,8 +623,13 @@ mod tests {
     fn a_killed_launchers_certificates_are_removed_by_the_next() {
         // No process has this pid.
         let orphan = std::env::temp_dir().join(format!("{}4294967294-0", TempCerts::PREFIX));
-        std::fs::create_dir_all(&orphan).expect("mkdir");
-        std::fs::write(orphan.join(KEY_FILE), "secret").expect("write");
+        // Made under another name and renamed: another test's launcher may sweep orphans at
+        // any moment.
+        let staging = std::env::temp_dir().join(format!("staging-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&orphan);
+        std::fs::create_dir_all(&staging).expect("mkdir");
+        std::fs::write(staging.join(KEY_FILE), "secret").expect("write");
+        std::fs::rename(&staging, &orphan).expect("rename");
         let live = TempCerts::new().expect("certs");
         assert!(!orphan.exists(), "the dead launcher's keys are gone");
         assert!(live.dir.exists(), "a live one's stay");
