@@ -928,7 +928,6 @@ fn network_policy(cx: &Ctx) -> NetworkPolicy {
                     }]),
                 },
             ]),
-            ..NetworkPolicySpec::default()
         }),
     }
 }
