@@ -747,11 +747,19 @@ fn uuid_like() -> String {
 }
 
 async fn generate(sh: Arc<Shared>, body: Bytes, kind: Kind) -> Result<Response, ApiError> {
-    let (v, common) = parse_body(&body)?;
-    let prompt = match kind {
-        Kind::Text => read_prompt(&sh, &v)?,
-        Kind::Chat => read_messages(&sh, &v)?,
-    };
+    // Parsing up to 8 MiB of JSON and tokenizing it is CPU work: it runs on the blocking pool,
+    // not on the threads that serve connections.
+    let parsing = sh.clone();
+    let (common, prompt) = tokio::task::spawn_blocking(move || {
+        let (v, common) = parse_body(&body)?;
+        let prompt = match kind {
+            Kind::Text => read_prompt(&parsing, &v)?,
+            Kind::Chat => read_messages(&parsing, &v)?,
+        };
+        Ok::<_, ApiError>((common, prompt))
+    })
+    .await
+    .map_err(|e| ApiError::from_engine(Error::Internal(format!("request parsing task: {e}"))))??;
     let p = prepare(&sh, &common, prompt, kind == Kind::Chat)?;
     let endpoint = if kind == Kind::Chat {
         "chat"
