@@ -81,6 +81,28 @@ fn tiny_stage(extra: &[&str]) -> Proc {
     start(&args)
 }
 
+/// The standard `grpc.health.v1` service at `url` reports SERVING, over plaintext.
+async fn assert_serving(url: &str) {
+    let mut health = tonic_health::pb::health_client::HealthClient::new(
+        tonic::transport::Endpoint::from_shared(url.to_string())
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect"),
+    );
+    let s = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("health")
+        .into_inner();
+    assert_eq!(
+        s.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+}
+
 fn rows(experts: &[(u32, u32)]) -> Vec<ExpertRows> {
     experts
         .iter()
@@ -193,24 +215,7 @@ async fn expert_shard_rejects_bad_input_and_keeps_serving() {
     assert!(c.compute(ok).await.is_ok(), "the shard must keep serving");
 
     // The standard health service.
-    let mut health = tonic_health::pb::health_client::HealthClient::new(
-        tonic::transport::Endpoint::from_shared(p.1.clone())
-            .expect("uri")
-            .connect()
-            .await
-            .expect("connect"),
-    );
-    let s = health
-        .check(tonic_health::pb::HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .expect("health")
-        .into_inner();
-    assert_eq!(
-        s.status,
-        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-    );
+    assert_serving(&p.1).await;
     let stats = c
         .load_stats(LoadStatsRequest { reset: false })
         .await
@@ -758,24 +763,7 @@ async fn worker_ports_refuse_peers_without_the_deployments_certificate() {
     }
     // Kubernetes' gRPC probes cannot present a certificate: health alone is served in
     // plaintext on its own port.
-    let mut health = tonic_health::pb::health_client::HealthClient::new(
-        tonic::transport::Endpoint::from_shared(format!("http://{health_listen}"))
-            .expect("uri")
-            .connect()
-            .await
-            .expect("connect"),
-    );
-    let s = health
-        .check(tonic_health::pb::HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .expect("health")
-        .into_inner();
-    assert_eq!(
-        s.status,
-        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-    );
+    assert_serving(&format!("http://{health_listen}")).await;
     // A role given neither --tls-dir nor --plaintext refuses to start, naming both.
     let out = Command::new(BIN)
         .args([

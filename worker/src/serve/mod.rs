@@ -256,6 +256,21 @@ pub async fn shutdown_signal(exit_with_stdin: bool) {
     }
 }
 
+/// 64 random bits from the kernel (names that must differ between processes: a gateway's
+/// owner name, the launcher's certificate folder); without /dev/urandom, the clock's
+/// nanoseconds, which still differ between instances.
+pub fn random_u64() -> u64 {
+    use std::io::Read;
+    let mut b = [0u8; 8];
+    match std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)) {
+        Ok(()) => u64::from_le_bytes(b),
+        Err(_) => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0),
+    }
+}
+
 /// The current time as milliseconds since the Unix epoch.
 pub fn now_unix_ms() -> u64 {
     std::time::SystemTime::now()

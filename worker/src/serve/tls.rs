@@ -539,16 +539,11 @@ impl TempCerts {
     pub fn new() -> Result<Self> {
         use std::os::unix::fs::DirBuilderExt;
         Self::remove_orphans();
-        let mut random = [0u8; 8];
-        {
-            use std::io::Read;
-            let _ = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut random));
-        }
         let dir = std::env::temp_dir().join(format!(
             "{}{}-{:016x}",
             Self::PREFIX,
             std::process::id(),
-            u64::from_le_bytes(random)
+            super::random_u64()
         ));
         std::fs::DirBuilder::new()
             .mode(0o700)

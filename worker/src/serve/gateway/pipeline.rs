@@ -266,7 +266,6 @@ fn stage_error(code: i32, message: String) -> Error {
 /// in Kubernetes), its process id and 64 random bits, so a restarted process on the same host
 /// never inherits the old one's sequences.
 pub fn instance_name() -> String {
-    use std::io::Read;
     let host = std::env::var("POD_NAME")
         .or_else(|_| std::env::var("HOSTNAME"))
         .ok()
@@ -278,19 +277,9 @@ pub fn instance_name() -> String {
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "gateway".into());
     let host: String = host.chars().take(128).collect();
-    let mut random = [0u8; 8];
-    let read = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut random));
-    if read.is_err() {
-        // No urandom: the clock's nanoseconds still differ between instances.
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0);
-        random = t.to_le_bytes();
-    }
     format!(
         "{host}/{}/{:016x}",
         std::process::id(),
-        u64::from_le_bytes(random)
+        crate::serve::random_u64()
     )
 }
