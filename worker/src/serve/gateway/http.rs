@@ -186,9 +186,195 @@ struct StreamOptions {
     include_usage: bool,
 }
 
-/// Fields shared by both endpoints (`prompt` and `messages` are read separately).
+/// `logprobs`: `false`/`null` (chat) or a count (completions); only "none" is served.
 #[derive(Debug, Deserialize)]
-struct Common {
+#[serde(untagged, expecting = "a boolean or a number")]
+enum Logprobs {
+    Flag(bool),
+    Count(u64),
+}
+
+/// `prompt`: a string, an array of token ids, or a one-element array of either. Several
+/// prompts in one request are refused with a message saying so; a bad element is named by its
+/// index (`prompt[3]`, `prompt[0][1]`).
+#[derive(Debug)]
+enum Prompt {
+    Text(String),
+    Ids(Vec<u32>),
+}
+
+/// A token id: an integer in `0..=u32::MAX`.
+struct TokenId(u32);
+
+impl<'de> Deserialize<'de> for TokenId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(PromptVisitor { top: false })
+            .and_then(|p| match p {
+                PromptElem::Id(t) => Ok(TokenId(t)),
+                _ => Err(serde::de::Error::custom("must be a token id (an integer)")),
+            })
+    }
+}
+
+/// One element of `prompt` (or the whole of it, at the top).
+enum PromptElem {
+    Id(u32),
+    Text(String),
+    Ids(Vec<u32>),
+}
+
+struct PromptVisitor {
+    /// At the top (the `prompt` field itself) or one element below it.
+    top: bool,
+}
+
+impl<'de> serde::de::Visitor<'de> for PromptVisitor {
+    type Value = PromptElem;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(if self.top {
+            "a string, an array of token ids, or a one-element array of either"
+        } else {
+            "a token id, a string or an array of token ids"
+        })
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<PromptElem, E> {
+        u32::try_from(v)
+            .ok()
+            .filter(|_| !self.top)
+            .map(PromptElem::Id)
+            .ok_or_else(|| E::custom(format!("{v} is not a token id (0..=4294967295)")))
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<PromptElem, E> {
+        match u64::try_from(v) {
+            Ok(v) => self.visit_u64(v),
+            Err(_) => Err(E::custom(format!("{v} is not a token id (0..=4294967295)"))),
+        }
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<PromptElem, E> {
+        Err(E::custom(format!("{v} is not a token id (an integer)")))
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<PromptElem, E> {
+        Ok(PromptElem::Text(v.to_owned()))
+    }
+
+    fn visit_string<E: serde::de::Error>(self, v: String) -> Result<PromptElem, E> {
+        Ok(PromptElem::Text(v))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<PromptElem, A::Error> {
+        use serde::de::Error as _;
+        let mut ids = Vec::new();
+        if !self.top {
+            while let Some(TokenId(t)) = seq.next_element()? {
+                ids.push(t);
+            }
+            return Ok(PromptElem::Ids(ids));
+        }
+        // The first element decides: a token id starts a list of ids; a string or an array is
+        // one prompt of a batch, and a batch of one is all this endpoint serves.
+        match seq.next_element_seed(ElemSeed)? {
+            None => Ok(PromptElem::Ids(ids)),
+            Some(PromptElem::Id(t)) => {
+                ids.push(t);
+                while let Some(TokenId(t)) = seq.next_element()? {
+                    ids.push(t);
+                }
+                Ok(PromptElem::Ids(ids))
+            }
+            Some(one) => match seq.next_element::<serde::de::IgnoredAny>()? {
+                None => Ok(one),
+                Some(_) => Err(A::Error::custom(
+                    "one prompt per request (send several requests; they are batched together)",
+                )),
+            },
+        }
+    }
+}
+
+/// Deserializes one element below the top of `prompt`.
+struct ElemSeed;
+
+impl<'de> serde::de::DeserializeSeed<'de> for ElemSeed {
+    type Value = PromptElem;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<PromptElem, D::Error> {
+        d.deserialize_any(PromptVisitor { top: false })
+    }
+}
+
+impl<'de> Deserialize<'de> for Prompt {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(match d.deserialize_any(PromptVisitor { top: true })? {
+            PromptElem::Text(s) => Prompt::Text(s),
+            PromptElem::Ids(ids) => Prompt::Ids(ids),
+            PromptElem::Id(t) => {
+                return Err(serde::de::Error::custom(format!(
+                    "{t}: a prompt of token ids is an array"
+                )));
+            }
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Role {
+    System,
+    Developer,
+    User,
+    Assistant,
+    Tool,
+}
+
+impl Role {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::System => "system",
+            Self::Developer => "developer",
+            Self::User => "user",
+            Self::Assistant => "assistant",
+            Self::Tool => "tool",
+        }
+    }
+}
+
+/// One content part; only text is served.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum Part {
+    Text { text: String },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "a string or an array of text parts ({\"type\": \"text\", \"text\": ...}); other parts are not supported"
+)]
+enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+/// One chat message (fields other than these, such as `name`, are accepted and ignored).
+#[derive(Debug, Deserialize)]
+struct Message {
+    role: Role,
+    #[serde(default)]
+    content: Option<Content>,
+}
+
+/// A completion or chat completion request: every field either endpoint reads, typed. Each
+/// endpoint requires its own input (`prompt` or `messages`); unknown fields are ignored, as
+/// OpenAI's API does.
+#[derive(Debug, Deserialize)]
+struct Request {
+    prompt: Option<Prompt>,
+    messages: Option<Vec<Message>>,
     model: Option<String>,
     max_tokens: Option<i64>,
     max_completion_tokens: Option<i64>,
@@ -205,11 +391,11 @@ struct Common {
     ignore_eos: bool,
     #[serde(default)]
     echo: bool,
-    logprobs: Option<Value>,
+    logprobs: Option<Logprobs>,
     best_of: Option<i64>,
     presence_penalty: Option<f32>,
     frequency_penalty: Option<f32>,
-    logit_bias: Option<serde_json::Map<String, Value>>,
+    logit_bias: Option<std::collections::HashMap<String, f32>>,
 }
 
 struct Prepared {
@@ -220,20 +406,37 @@ struct Prepared {
     stop: Vec<String>,
 }
 
-fn parse_body(body: &Bytes) -> Result<(Value, Common), ApiError> {
-    let v: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad("body", format!("not valid JSON: {e}")))?;
-    if !v.is_object() {
-        return Err(ApiError::bad("body", "must be a JSON object"));
+fn parse_body(body: &Bytes) -> Result<Request, ApiError> {
+    // serde would also read a struct from an array of its fields in order: only an object is a
+    // request.
+    match body.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'{') => {}
+        Some(b'[' | b'"' | b't' | b'f' | b'n' | b'-' | b'0'..=b'9') => {
+            return Err(ApiError::bad("body", "must be a JSON object"));
+        }
+        _ => {
+            let e = serde_json::from_slice::<serde::de::IgnoredAny>(body)
+                .err()
+                .map_or_else(|| "must be a JSON object".to_string(), |e| e.to_string());
+            return Err(ApiError::bad("body", format!("not valid JSON: {e}")));
+        }
     }
-    let common: Common = serde_path_to_error::deserialize(&v).map_err(|e| {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let req: Request = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
-        ApiError::bad(&path, e.into_inner().to_string())
+        let inner = e.into_inner();
+        if inner.is_syntax() || inner.is_eof() {
+            ApiError::bad("body", format!("not valid JSON: {inner}"))
+        } else {
+            ApiError::bad(&path, inner.to_string())
+        }
     })?;
-    Ok((v, common))
+    de.end()
+        .map_err(|e| ApiError::bad("body", format!("not valid JSON: {e}")))?;
+    Ok(req)
 }
 
-fn prepare(sh: &Shared, c: &Common, prompt: Vec<u32>, chat: bool) -> Result<Prepared, ApiError> {
+fn prepare(sh: &Shared, c: &Request, prompt: Vec<u32>, chat: bool) -> Result<Prepared, ApiError> {
     if let Some(m) = &c.model
         && m != &sh.model_name
     {
@@ -259,11 +462,15 @@ fn prepare(sh: &Shared, c: &Common, prompt: Vec<u32>, chat: bool) -> Result<Prep
     if c.echo {
         return Err(ApiError::bad("echo", "is not supported"));
     }
-    if c.logprobs
-        .as_ref()
-        .is_some_and(|v| !v.is_null() && v != &Value::Bool(false))
-    {
-        return Err(ApiError::bad("logprobs", "is not supported"));
+    match c.logprobs {
+        None | Some(Logprobs::Flag(false)) => {}
+        Some(Logprobs::Flag(true)) => return Err(ApiError::bad("logprobs", "is not supported")),
+        Some(Logprobs::Count(n)) => {
+            return Err(ApiError::bad(
+                "logprobs",
+                format!("{n} is not supported (log probabilities are not returned)"),
+            ));
+        }
     }
     for (name, v) in [
         ("presence_penalty", c.presence_penalty),
@@ -362,43 +569,11 @@ fn field_name(f: &str) -> String {
     }
 }
 
-/// `prompt`: a string, an array of token ids, or a one-element array of either.
-fn read_prompt(sh: &Shared, v: &Value) -> Result<Vec<u32>, ApiError> {
-    let p = v
-        .get("prompt")
-        .ok_or_else(|| ApiError::bad("prompt", "is required"))?;
-    let ids = |a: &Vec<Value>, field: &str| -> Result<Vec<u32>, ApiError> {
-        a.iter()
-            .enumerate()
-            .map(|(i, t)| {
-                t.as_u64()
-                    .filter(|&t| t <= u32::MAX as u64)
-                    .map(|t| t as u32)
-                    .ok_or_else(|| {
-                        ApiError::bad(&format!("{field}[{i}]"), format!("{t} is not a token id"))
-                    })
-            })
-            .collect()
-    };
-    match p {
-        Value::String(s) => encode(sh, s, "prompt"),
-        Value::Array(a) if a.iter().all(Value::is_number) => ids(a, "prompt"),
-        Value::Array(a) if a.len() == 1 => match &a[0] {
-            Value::String(s) => encode(sh, s, "prompt[0]"),
-            Value::Array(inner) => ids(inner, "prompt[0]"),
-            _ => Err(ApiError::bad(
-                "prompt[0]",
-                "must be a string or an array of token ids",
-            )),
-        },
-        Value::Array(a) if a.len() > 1 && !a.iter().all(Value::is_number) => Err(ApiError::bad(
-            "prompt",
-            "one prompt per request (send several requests; they are batched together)",
-        )),
-        _ => Err(ApiError::bad(
-            "prompt",
-            "must be a string or an array of token ids",
-        )),
+/// The completion's prompt as token ids.
+fn read_prompt(sh: &Shared, prompt: Option<Prompt>) -> Result<Vec<u32>, ApiError> {
+    match prompt.ok_or_else(|| ApiError::bad("prompt", "is required"))? {
+        Prompt::Text(s) => encode(sh, &s, "prompt"),
+        Prompt::Ids(ids) => Ok(ids),
     }
 }
 
@@ -413,12 +588,8 @@ fn encode(sh: &Shared, text: &str, field: &str) -> Result<Vec<u32>, ApiError> {
 
 /// Renders chat messages with the built-in template: one `<|role|>` header per message, then
 /// an open assistant turn.
-fn read_messages(sh: &Shared, v: &Value) -> Result<Vec<u32>, ApiError> {
-    let msgs = v
-        .get("messages")
-        .ok_or_else(|| ApiError::bad("messages", "is required"))?
-        .as_array()
-        .ok_or_else(|| ApiError::bad("messages", "must be an array"))?;
+fn read_messages(sh: &Shared, messages: Option<Vec<Message>>) -> Result<Vec<u32>, ApiError> {
+    let msgs = messages.ok_or_else(|| ApiError::bad("messages", "is required"))?;
     if msgs.is_empty() {
         return Err(ApiError::bad(
             "messages",
@@ -426,46 +597,22 @@ fn read_messages(sh: &Shared, v: &Value) -> Result<Vec<u32>, ApiError> {
         ));
     }
     let mut text = String::new();
-    for (i, m) in msgs.iter().enumerate() {
-        let role = m
-            .get("role")
-            .and_then(Value::as_str)
-            .ok_or_else(|| ApiError::bad(&format!("messages[{i}].role"), "is required"))?;
-        if !matches!(role, "system" | "developer" | "user" | "assistant" | "tool") {
-            return Err(ApiError::bad(
-                &format!("messages[{i}].role"),
-                format!("`{role}` is not one of system, developer, user, assistant, tool"),
-            ));
-        }
-        let content = match m.get("content") {
-            Some(Value::String(s)) => s.clone(),
-            Some(Value::Array(parts)) => {
-                let mut s = String::new();
-                for (j, part) in parts.iter().enumerate() {
-                    match (
-                        part.get("type").and_then(Value::as_str),
-                        part.get("text").and_then(Value::as_str),
-                    ) {
-                        (Some("text"), Some(t)) => s.push_str(t),
-                        _ => {
-                            return Err(ApiError::bad(
-                                &format!("messages[{i}].content[{j}]"),
-                                "only text parts are supported",
-                            ));
-                        }
-                    }
-                }
-                s
-            }
-            Some(Value::Null) | None if role == "assistant" => String::new(),
-            _ => {
+    for (i, m) in msgs.into_iter().enumerate() {
+        let content = match m.content {
+            Some(Content::Text(s)) => s,
+            Some(Content::Parts(parts)) => parts
+                .into_iter()
+                .map(|Part::Text { text }| text)
+                .collect::<String>(),
+            None if m.role == Role::Assistant => String::new(),
+            None => {
                 return Err(ApiError::bad(
                     &format!("messages[{i}].content"),
-                    "must be a string or text parts",
+                    "is required (only an assistant message may omit it)",
                 ));
             }
         };
-        text.push_str(&format!("<|{role}|>\n{content}\n"));
+        text.push_str(&format!("<|{}|>\n{content}\n", m.role.as_str()));
     }
     text.push_str("<|assistant|>\n");
     encode(sh, &text, "messages")
@@ -750,17 +897,17 @@ async fn generate(sh: Arc<Shared>, body: Bytes, kind: Kind) -> Result<Response, 
     // Parsing up to 8 MiB of JSON and tokenizing it is CPU work: it runs on the blocking pool,
     // not on the threads that serve connections.
     let parsing = sh.clone();
-    let (common, prompt) = tokio::task::spawn_blocking(move || {
-        let (v, common) = parse_body(&body)?;
+    let (request, prompt) = tokio::task::spawn_blocking(move || {
+        let mut request = parse_body(&body)?;
         let prompt = match kind {
-            Kind::Text => read_prompt(&parsing, &v)?,
-            Kind::Chat => read_messages(&parsing, &v)?,
+            Kind::Text => read_prompt(&parsing, request.prompt.take())?,
+            Kind::Chat => read_messages(&parsing, request.messages.take())?,
         };
-        Ok::<_, ApiError>((common, prompt))
+        Ok::<_, ApiError>((request, prompt))
     })
     .await
     .map_err(|e| ApiError::from_engine(Error::Internal(format!("request parsing task: {e}"))))??;
-    let p = prepare(&sh, &common, prompt, kind == Kind::Chat)?;
+    let p = prepare(&sh, &request, prompt, kind == Kind::Chat)?;
     let endpoint = if kind == Kind::Chat {
         "chat"
     } else {
@@ -887,7 +1034,7 @@ async fn metrics(State(sh): State<Arc<Shared>>) -> Response {
 
 #[cfg(test)]
 mod tests {
-    use super::{StopMatcher, parse_body};
+    use super::{Content, Prompt, Role, StopMatcher, parse_body};
     use axum::body::Bytes;
     use axum::http::StatusCode;
     use proptest::prelude::*;
@@ -953,6 +1100,85 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The `param` a body is refused with, or None if it parses.
+    fn refused(body: Value) -> Option<String> {
+        parse_body(&Bytes::from(body.to_string()))
+            .err()
+            .map(|e| e.param.unwrap_or_default())
+    }
+
+    #[test]
+    fn prompts_parse_into_ids_or_text_and_bad_elements_are_named_by_index() {
+        let ok = |body: Value| match parse_body(&Bytes::from(body.to_string())) {
+            Ok(r) => r.prompt.expect("prompt"),
+            Err(e) => panic!("{body} refused: {}", e.message),
+        };
+        assert!(matches!(ok(json!({"prompt": [1, 2, 3]})), Prompt::Ids(v) if v == [1, 2, 3]));
+        assert!(matches!(ok(json!({"prompt": [[4, 5]]})), Prompt::Ids(v) if v == [4, 5]));
+        assert!(matches!(ok(json!({"prompt": ["hi"]})), Prompt::Text(t) if t == "hi"));
+        assert!(matches!(ok(json!({"prompt": "hi"})), Prompt::Text(t) if t == "hi"));
+        assert!(matches!(ok(json!({"prompt": []})), Prompt::Ids(v) if v.is_empty()));
+        assert!(
+            matches!(ok(json!({"prompt": [4294967295u64]})), Prompt::Ids(v) if v == [u32::MAX])
+        );
+        for (body, param) in [
+            (json!({"prompt": [1, -2]}), "prompt[1]"),
+            (json!({"prompt": [1, 4294967296u64]}), "prompt[1]"),
+            (json!({"prompt": [1, 2.5]}), "prompt[1]"),
+            (json!({"prompt": [1, "a"]}), "prompt[1]"),
+            (json!({"prompt": [[1, "a"]]}), "prompt[0][1]"),
+            (json!({"prompt": ["a", "b"]}), "prompt"),
+            (json!({"prompt": [[1], [2]]}), "prompt"),
+            (json!({"prompt": {"a": 1}}), "prompt"),
+            (json!({"prompt": 5}), "prompt"),
+            (json!({"prompt": null, "max_tokens": "x"}), "max_tokens"),
+            (
+                json!({"messages": [{"role": "wizard", "content": "x"}]}),
+                "messages[0].role",
+            ),
+            (json!({"messages": [{"content": "x"}]}), "messages[0]"),
+            (
+                json!({"messages": [{"role": "user", "content": 5}]}),
+                "messages[0].content",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}),
+                "messages[0].content",
+            ),
+            (json!({"messages": {"role": "user"}}), "messages"),
+            (json!([1, 2]), "body"),
+            (json!("text"), "body"),
+            (
+                json!({"logprobs": 5, "logit_bias": {"1": "x"}}),
+                "logit_bias.1",
+            ),
+        ] {
+            assert_eq!(refused(body.clone()).as_deref(), Some(param), "{body}");
+        }
+        for raw in ["{\"prompt\": \"a\"} trailing", "{\"prompt\": [1, 2", ""] {
+            let e = parse_body(&Bytes::from(raw)).expect_err(raw);
+            assert_eq!(e.param.as_deref(), Some("body"), "{raw}");
+        }
+    }
+
+    #[test]
+    fn chat_messages_are_typed_and_only_assistant_may_omit_content() {
+        let r = parse_body(&Bytes::from(
+            json!({"messages": [
+                {"role": "system", "content": "s"},
+                {"role": "user", "name": "ann", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+                {"role": "assistant", "content": null},
+            ]})
+            .to_string(),
+        ))
+        .expect("parses");
+        let m = r.messages.expect("messages");
+        assert_eq!(m.len(), 3);
+        assert_eq!(m[1].role, Role::User);
+        assert!(matches!(&m[1].content, Some(Content::Parts(p)) if p.len() == 2));
+        assert!(m[2].content.is_none());
     }
 
     #[test]
