@@ -98,19 +98,79 @@ pub fn sizing_request(spec: &MoEDeploymentSpec) -> Result<SizingRequest> {
     })
 }
 
-/// The plan for `spec`; errors name the spec field.
+/// The most workloads (stage and expert-shard Deployments) one MoEDeployment may have.
+pub const MAX_WORKLOADS: usize = 4096;
+/// The most worker pods one MoEDeployment's minimum replica counts may ask for.
+pub const MAX_MIN_WORKER_PODS: u64 = 16384;
+
+/// The plan for `spec`; errors name the spec field. Besides what the planner checks, the plan
+/// must stay within what one object may make the operator create: [`MAX_WORKLOADS`]
+/// workloads and [`MAX_MIN_WORKER_PODS`] worker pods at the minimum replica counts.
 pub fn plan(spec: &MoEDeploymentSpec) -> Result<SizedPlan> {
     let req = sizing_request(spec)?;
-    moe_plan::size(&req).map_err(|e| match e {
+    let plan = moe_plan::size(&req).map_err(|e| match e {
         moe_plan::PlanError::Invalid { field, message } => {
             Error::invalid(format!("spec.{field}"), message)
         }
-    })
+    })?;
+    let (stages, shards) = (plan.stages.len(), plan.expert_shards.len());
+    if stages + shards > MAX_WORKLOADS {
+        return Err(Error::invalid(
+            "spec.parallelism.expert",
+            format!(
+                "the plan has {stages} stages and {shards} expert shards, more than the \
+                 {MAX_WORKLOADS} workloads one MoEDeployment may have: use fewer, larger shards"
+            ),
+        ));
+    }
+    let min = u64::try_from(spec.experts.min_replicas.max(1)).unwrap_or(1);
+    let pods = stages as u64 + shards as u64 * min;
+    if pods > MAX_MIN_WORKER_PODS {
+        return Err(Error::invalid(
+            "spec.experts.minReplicas",
+            format!(
+                "{min} replicas of {shards} expert shards plus {stages} stages is {pods} worker \
+                 pods, more than the {MAX_MIN_WORKER_PODS} one MoEDeployment may ask for"
+            ),
+        ));
+    }
+    Ok(plan)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn spec(yaml_spec: &str) -> MoEDeploymentSpec {
+        serde_yaml::from_str(yaml_spec).expect("spec")
+    }
+
+    /// 1024 layers × 1024 tiny experts: every size within the CRD's maxima.
+    const WIDE: &str = "model:\n  source: {synthetic: {preset: tiny}}\n  architecture: {numLayers: 1024, \
+        numExperts: 1024, topK: 2, hiddenSize: 8, intermediateSize: 8, numAttentionHeads: 1, \
+        numKeyValueHeads: 1, vocabSize: 8, maxPositionEmbeddings: 8}\n";
+
+    #[test]
+    fn plans_that_would_flood_the_cluster_are_refused_naming_the_field() {
+        let e = plan(&spec(&format!(
+            "{WIDE}parallelism: {{pipeline: 4, expert: 65536}}\n"
+        )))
+        .expect_err("65536 shards");
+        assert!(
+            e.to_string().contains("spec.parallelism.expert") && e.to_string().contains("4096"),
+            "{e}"
+        );
+        let e = plan(&spec(&format!(
+            "{WIDE}parallelism: {{pipeline: 4, expert: 4000}}\nexperts: {{minReplicas: 5, maxReplicas: 5}}\n"
+        )))
+        .expect_err("20000 pods");
+        assert!(e.to_string().contains("spec.experts.minReplicas"), "{e}");
+        let ok = plan(&spec(&format!(
+            "{WIDE}parallelism: {{pipeline: 4, expert: 4000}}\n"
+        )))
+        .expect("4004 workloads");
+        assert_eq!(ok.expert_shards.len(), 4000);
+    }
 
     #[test]
     fn tiny_hot_plans_like_tiny() {

@@ -30,6 +30,16 @@ fn invalid(field: &'static str, message: impl Into<String>) -> PlanError {
     }
 }
 
+/// The largest layer count the planner lays out (the CRD's schema has the same maxima).
+/// Together these bound every allocation and loop of planning, whatever the input.
+pub const MAX_LAYERS: usize = 1024;
+/// The largest expert count per layer the planner lays out.
+pub const MAX_EXPERTS: usize = 1024;
+/// The most pipeline stages.
+pub const MAX_STAGES: usize = 1024;
+/// The most expert shards.
+pub const MAX_EXPERT_SHARDS: usize = 65536;
+
 /// What the plan needs to know of a model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -121,6 +131,17 @@ pub fn split(n: usize, parts: usize) -> Vec<Range<usize>> {
         .collect()
 }
 
+/// How `shards` expert shards tile the (layer, expert) grid: the experts split into `groups`
+/// (the largest divisor of `shards` that is at most `num_experts`) and the layers into
+/// `blocks = shards / groups`. `shards` must be at least 1.
+pub fn tiling(num_experts: usize, shards: usize) -> (usize, usize) {
+    let groups = (1..=num_experts.min(shards))
+        .rev()
+        .find(|&g| shards.is_multiple_of(g))
+        .unwrap_or(1);
+    (groups, shards / groups)
+}
+
 /// Plans `stages` pipeline stages and `expert_shards` expert shards for `model`.
 ///
 /// Stages split the layers evenly. Expert shards tile the (layer, expert) grid: the experts
@@ -129,6 +150,19 @@ pub fn split(n: usize, parts: usize) -> Vec<Range<usize>> {
 /// as stages the blocks match the stages' ranges, so a stage calls only its own shards). Zero
 /// expert shards means every stage computes its own experts.
 pub fn plan(model: ModelShape, stages: usize, expert_shards: usize) -> Result<Plan, PlanError> {
+    for (field, v, max) in [
+        ("model.numLayers", model.num_layers, MAX_LAYERS),
+        ("model.numExperts", model.num_experts, MAX_EXPERTS),
+        ("stages", stages, MAX_STAGES),
+        ("expertShards", expert_shards, MAX_EXPERT_SHARDS),
+    ] {
+        if v > max {
+            return Err(invalid(
+                field,
+                format!("{v} is more than the planner's limit {max}"),
+            ));
+        }
+    }
     if model.num_layers == 0 {
         return Err(invalid("model.numLayers", "must be at least 1"));
     }
@@ -167,11 +201,7 @@ pub fn plan(model: ModelShape, stages: usize, expert_shards: usize) -> Result<Pl
         .collect();
     let mut shards = Vec::new();
     if expert_shards > 0 {
-        let groups = (1..=model.num_experts.min(expert_shards))
-            .rev()
-            .find(|&g| expert_shards.is_multiple_of(g))
-            .unwrap_or(1);
-        let blocks = expert_shards / groups;
+        let (groups, blocks) = tiling(model.num_experts, expert_shards);
         if blocks > model.num_layers {
             return Err(invalid(
                 "expertShards",

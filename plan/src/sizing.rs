@@ -40,26 +40,26 @@ impl ModelDims {
 
     /// One expert (w1, w3, w2) in one layer.
     pub fn expert_params(&self) -> u64 {
-        3 * self.hidden_size as u64 * self.intermediate_size as u64
+        mul(&[3, self.hidden_size as u64, self.intermediate_size as u64])
     }
 
     /// One layer's attention, two norms and router.
     pub fn layer_shared_params(&self) -> u64 {
         let h = self.hidden_size as u64;
-        let q = (self.num_attention_heads * self.head_dim) as u64;
-        let kv = (self.num_key_value_heads * self.head_dim) as u64;
-        let attention = h * (q + 2 * kv) + q * h;
-        attention + 2 * h + self.num_experts as u64 * h
+        let q = mul(&[self.num_attention_heads as u64, self.head_dim as u64]);
+        let kv = mul(&[self.num_key_value_heads as u64, self.head_dim as u64]);
+        let attention = add(&[mul(&[h, add(&[q, kv, kv])]), mul(&[q, h])]);
+        add(&[attention, mul(&[2, h]), mul(&[self.num_experts as u64, h])])
     }
 
     pub fn embedding_params(&self) -> u64 {
-        self.vocab_size as u64 * self.hidden_size as u64
+        mul(&[self.vocab_size as u64, self.hidden_size as u64])
     }
 
     /// Final norm and LM head, as a process that holds them loads them (a tied head is a
     /// second copy there).
     pub fn head_params(&self) -> u64 {
-        self.embedding_params() + self.hidden_size as u64
+        add(&[self.embedding_params(), self.hidden_size as u64])
     }
 
     pub fn total_params(&self) -> u64 {
@@ -68,23 +68,39 @@ impl ModelDims {
         } else {
             self.embedding_params()
         };
-        let per_layer = self.layer_shared_params() + self.num_experts as u64 * self.expert_params();
-        self.embedding_params()
-            + untied_head
-            + self.hidden_size as u64
-            + self.num_layers as u64 * per_layer
+        let per_layer = add(&[
+            self.layer_shared_params(),
+            mul(&[self.num_experts as u64, self.expert_params()]),
+        ]);
+        add(&[
+            self.embedding_params(),
+            untied_head,
+            self.hidden_size as u64,
+            mul(&[self.num_layers as u64, per_layer]),
+        ])
     }
 
     /// Parameters read to produce one token: shared weights, top-k experts per layer, the whole
     /// LM head (the embedding row read is negligible).
     pub fn active_params_per_token(&self) -> u64 {
-        let per_layer = self.layer_shared_params() + self.top_k as u64 * self.expert_params();
-        self.head_params() + self.num_layers as u64 * per_layer
+        let per_layer = add(&[
+            self.layer_shared_params(),
+            mul(&[self.top_k as u64, self.expert_params()]),
+        ]);
+        add(&[
+            self.head_params(),
+            mul(&[self.num_layers as u64, per_layer]),
+        ])
     }
 
     /// Bytes of K and V one token keeps in one layer.
     pub fn kv_bytes_per_token_layer(&self, dtype_bytes: u64) -> u64 {
-        2 * (self.num_key_value_heads * self.head_dim) as u64 * dtype_bytes
+        mul(&[
+            2,
+            self.num_key_value_heads as u64,
+            self.head_dim as u64,
+            dtype_bytes,
+        ])
     }
 
     fn check(&self) -> Result<(), PlanError> {
@@ -143,7 +159,7 @@ pub struct SizingRequest {
 impl SizingRequest {
     /// What one pod can fill: `gpus_per_pod` GPUs at the usable fraction of their memory.
     pub fn pod_capacity_bytes(&self) -> u64 {
-        self.gpus_per_pod as u64 * self.usable_per_gpu()
+        mul(&[self.gpus_per_pod as u64, self.usable_per_gpu()])
     }
 
     fn usable_per_gpu(&self) -> u64 {
@@ -258,21 +274,26 @@ pub fn size(req: &SizingRequest) -> Result<SizedPlan, PlanError> {
     let mut stages = Vec::with_capacity(layout.stages.len());
     for s in &layout.stages {
         let layers = (s.layer_end - s.layer_start) as u64;
-        let mut params = layers * m.layer_shared_params();
+        let mut params = mul(&[layers, m.layer_shared_params()]);
         if experts_in_stages {
-            params += layers * m.num_experts as u64 * m.expert_params();
+            params = add(&[
+                params,
+                mul(&[layers, m.num_experts as u64, m.expert_params()]),
+            ]);
         }
         // As the worker loads them: the first stage embeds, the last holds the head too.
         if s.layer_start == 0 {
-            params += m.embedding_params();
+            params = add(&[params, m.embedding_params()]);
         }
         if s.layer_end == m.num_layers {
-            params += m.head_params();
+            params = add(&[params, m.head_params()]);
         }
-        let kv = layers
-            * m.kv_bytes_per_token_layer(req.dtype_bytes)
-            * req.context_tokens as u64
-            * req.concurrent_sequences as u64;
+        let kv = mul(&[
+            layers,
+            m.kv_bytes_per_token_layer(req.dtype_bytes),
+            req.context_tokens as u64,
+            req.concurrent_sequences as u64,
+        ]);
         let pod = pod(req, params, kv).map_err(|need| {
             invalid(
                 "parallelism.pipeline",
@@ -283,7 +304,7 @@ pub fn size(req: &SizingRequest) -> Result<SizedPlan, PlanError> {
                     s.index,
                     s.layer_start,
                     s.layer_end,
-                    gib(need - kv),
+                    gib(need.saturating_sub(kv)),
                     gib(kv),
                     req.concurrent_sequences,
                     req.context_tokens,
@@ -335,8 +356,9 @@ pub fn size(req: &SizingRequest) -> Result<SizedPlan, PlanError> {
         .map(|s| s.pod)
         .chain(expert_shards.iter().map(|s| s.pod))
         .chain([gateway]);
-    let (total_gpus, total_memory_bytes) =
-        pods.fold((0, 0), |(g, b), p| (g + p.gpus, b + p.memory_bytes));
+    let (total_gpus, total_memory_bytes) = pods.fold((0usize, 0u64), |(g, b), p| {
+        (g.saturating_add(p.gpus), b.saturating_add(p.memory_bytes))
+    });
     Ok(SizedPlan {
         model: *m,
         dtype_bytes: req.dtype_bytes,
@@ -354,14 +376,18 @@ pub fn size(req: &SizingRequest) -> Result<SizedPlan, PlanError> {
 }
 
 fn shard_params(m: &ModelDims, s: &ExpertShardPlan) -> u64 {
-    (s.layer_end - s.layer_start) as u64 * s.experts.len() as u64 * m.expert_params()
+    mul(&[
+        (s.layer_end - s.layer_start) as u64,
+        s.experts.len() as u64,
+        m.expert_params(),
+    ])
 }
 
 /// The pod for `params` weights and `kv` cache bytes, or the bytes it would need when no pod
 /// is large enough.
 fn pod(req: &SizingRequest, params: u64, kv: u64) -> Result<PodSizing, u64> {
-    let weight_bytes = params * req.dtype_bytes;
-    let memory_bytes = weight_bytes + kv;
+    let weight_bytes = mul(&[params, req.dtype_bytes]);
+    let memory_bytes = add(&[weight_bytes, kv]);
     if memory_bytes > req.pod_capacity_bytes() {
         return Err(memory_bytes);
     }
@@ -379,10 +405,16 @@ fn pod(req: &SizingRequest, params: u64, kv: u64) -> Result<PodSizing, u64> {
 }
 
 /// The smallest expert-shard count whose largest shard fits one pod.
+///
+/// Computed from the tiling's arithmetic, not by building plans: the largest shard of `n`
+/// shards holds `ceil(layers / blocks) × ceil(experts / groups)` (layer, expert) cells, and
+/// no count below `cells / cells_per_pod` can fit, while `experts × ceil(layers /
+/// cells_per_pod)` always does, so at most `experts + 1` counts are tried.
 fn automatic_expert_shards(req: &SizingRequest) -> Result<usize, PlanError> {
     let m = &req.model;
-    let cell = m.expert_params() * req.dtype_bytes;
-    if cell > req.pod_capacity_bytes() {
+    let cell = mul(&[m.expert_params(), req.dtype_bytes]).max(1);
+    let capacity_bytes = req.pod_capacity_bytes();
+    if cell > capacity_bytes {
         return Err(invalid(
             "placement.gpusPerPod",
             format!(
@@ -392,23 +424,35 @@ fn automatic_expert_shards(req: &SizingRequest) -> Result<usize, PlanError> {
             ),
         ));
     }
-    let shape = m.shape();
-    for n in 1..=m.num_layers * m.num_experts {
-        let Ok(layout) = plan(shape, req.stages, n) else {
-            continue;
-        };
-        let largest = layout
-            .expert_shards
-            .iter()
-            .map(|s| shard_params(m, s) * req.dtype_bytes)
-            .max()
-            .unwrap_or(0);
-        if largest <= req.pod_capacity_bytes() {
+    let (layers, experts) = (m.num_layers, m.num_experts);
+    if layers == 0 || experts == 0 || layers > crate::MAX_LAYERS || experts > crate::MAX_EXPERTS {
+        // plan() names the field.
+        return Ok(1);
+    }
+    let per_pod = usize::try_from(capacity_bytes / cell).unwrap_or(usize::MAX);
+    let cells = layers * experts;
+    if per_pod >= cells {
+        return Ok(1);
+    }
+    let first = cells.div_ceil(per_pod).max(1);
+    let always = experts * layers.div_ceil(per_pod);
+    for n in first..=always.min(crate::MAX_EXPERT_SHARDS) {
+        let (groups, blocks) = crate::tiling(experts, n);
+        if blocks <= layers && layers.div_ceil(blocks) * experts.div_ceil(groups) <= per_pod {
             return Ok(n);
         }
     }
-    // One (layer, expert) per shard always fits once the cell does.
-    Ok(m.num_layers * m.num_experts)
+    Ok(always)
+}
+
+/// Products and sums of sizes saturate: a size past `u64::MAX` bytes fits no pod, and the
+/// caller reports that, so no manifest can overflow the arithmetic.
+fn mul(factors: &[u64]) -> u64 {
+    factors.iter().fold(1u64, |p, &f| p.saturating_mul(f))
+}
+
+fn add(terms: &[u64]) -> u64 {
+    terms.iter().fold(0u64, |s, &t| s.saturating_add(t))
 }
 
 fn gib(bytes: u64) -> String {
@@ -505,6 +549,154 @@ mod tests {
         req.expert_shards = Some(15);
         let e = size(&req).unwrap_err().to_string();
         assert!(e.starts_with("parallelism.expert: expert shard 0"), "{e}");
+    }
+
+    /// The old search, by building every plan: the smallest count whose largest shard fits.
+    fn brute_force_shards(req: &SizingRequest) -> Option<usize> {
+        let m = &req.model;
+        (1..=m.num_layers * m.num_experts).find(|&n| {
+            plan(m.shape(), req.stages, n).is_ok_and(|p| {
+                p.expert_shards
+                    .iter()
+                    .all(|s| shard_params(m, s) * req.dtype_bytes <= req.pod_capacity_bytes())
+            })
+        })
+    }
+
+    #[test]
+    fn automatic_shard_count_equals_the_search_over_every_plan() {
+        let mut checked = 0;
+        for layers in [1, 2, 3, 5, 7, 12] {
+            for experts in [1, 2, 3, 6, 8, 16] {
+                let model = ModelDims {
+                    num_layers: layers,
+                    num_experts: experts,
+                    top_k: 1,
+                    hidden_size: 64,
+                    intermediate_size: 128,
+                    num_attention_heads: 4,
+                    num_key_value_heads: 4,
+                    head_dim: 16,
+                    vocab_size: 16,
+                    max_position_embeddings: 16,
+                    tie_word_embeddings: false,
+                };
+                let cell = model.expert_params() * 4;
+                for cells_per_pod in 1..=(layers * experts + 1) as u64 {
+                    let req = SizingRequest {
+                        model,
+                        dtype_bytes: 4,
+                        stages: 1,
+                        expert_shards: None,
+                        tensor: 1,
+                        gpus_per_pod: 1,
+                        // Exactly `cells_per_pod` cells per pod after the usable fraction.
+                        gpu_memory_bytes: ((cells_per_pod * cell) as f64
+                            / USABLE_GPU_MEMORY_FRACTION)
+                            .ceil() as u64,
+                        context_tokens: 1,
+                        concurrent_sequences: 1,
+                    };
+                    assert_eq!(
+                        automatic_expert_shards(&req).ok(),
+                        brute_force_shards(&req),
+                        "{layers} layers, {experts} experts, {cells_per_pod} cells per pod"
+                    );
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked > 500);
+    }
+
+    #[test]
+    fn extreme_sizes_are_planned_or_refused_quickly_without_overflow() {
+        // Every size at the CRD's maxima, and far past them (a manifest planned from a file
+        // skips the API server's schema).
+        let huge = ModelDims {
+            num_layers: crate::MAX_LAYERS,
+            num_experts: crate::MAX_EXPERTS,
+            top_k: 2,
+            hidden_size: 65536,
+            intermediate_size: 1 << 20,
+            num_attention_heads: 1024,
+            num_key_value_heads: 1024,
+            head_dim: 4096,
+            vocab_size: 1 << 22,
+            max_position_embeddings: 1 << 22,
+            tie_word_embeddings: false,
+        };
+        let started = std::time::Instant::now();
+        let mut outcomes = Vec::new();
+        for model in [
+            huge,
+            ModelDims {
+                hidden_size: 8,
+                intermediate_size: 8,
+                ..huge
+            },
+            ModelDims {
+                num_layers: usize::MAX,
+                num_experts: usize::MAX,
+                hidden_size: usize::MAX,
+                intermediate_size: usize::MAX,
+                num_attention_heads: usize::MAX,
+                num_key_value_heads: usize::MAX,
+                head_dim: usize::MAX,
+                vocab_size: usize::MAX,
+                ..huge
+            },
+        ] {
+            for (gpus_per_pod, gib) in [(64, 65536), (1, 1), (64, 1)] {
+                for expert_shards in [None, Some(0), Some(65536), Some(usize::MAX)] {
+                    let req = SizingRequest {
+                        model,
+                        dtype_bytes: 4,
+                        stages: 1024.min(model.num_layers),
+                        expert_shards,
+                        tensor: 1,
+                        gpus_per_pod,
+                        gpu_memory_bytes: gib * GIB,
+                        context_tokens: model.max_position_embeddings,
+                        concurrent_sequences: 1 << 20,
+                    };
+                    outcomes.push(size(&req).map(|p| p.expert_shards.len()));
+                }
+            }
+        }
+        // Tiny experts at the maxima fit one shard per pod once the KV cache is left out.
+        let fits = size(&SizingRequest {
+            model: ModelDims {
+                hidden_size: 8,
+                intermediate_size: 8,
+                num_attention_heads: 1,
+                num_key_value_heads: 1,
+                head_dim: 8,
+                vocab_size: 8,
+                max_position_embeddings: 8,
+                ..huge
+            },
+            dtype_bytes: 4,
+            stages: 1024,
+            expert_shards: None,
+            tensor: 1,
+            gpus_per_pod: 1,
+            gpu_memory_bytes: GIB,
+            context_tokens: 8,
+            concurrent_sequences: 1,
+        })
+        .expect("plans");
+        assert_eq!(fits.expert_shards.len(), 1);
+        assert!(outcomes.iter().any(Result::is_err));
+        for e in outcomes.iter().filter_map(|o| o.as_ref().err()) {
+            let PlanError::Invalid { field, .. } = e;
+            assert!(!field.is_empty());
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "planning took {:?}",
+            started.elapsed()
+        );
     }
 
     #[test]
