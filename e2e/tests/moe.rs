@@ -723,6 +723,17 @@ async fn invalid_manifests_are_rejected_naming_the_field() -> Result<()> {
             "spec.replicas",
         ),
         (
+            "a head size below 2",
+            base.replace(
+                "  model:\n",
+                &architecture.replace("topK: 9", "topK: 2").replace(
+                    "numAttentionHeads: 4\n      numKeyValueHeads: 4",
+                    "numAttentionHeads: 64\n      numKeyValueHeads: 64",
+                ),
+            ),
+            "numAttentionHeads",
+        ),
+        (
             "a layer count no planner should be asked for",
             base.replace(
                 "  model:\n",
@@ -743,6 +754,110 @@ async fn invalid_manifests_are_rejected_naming_the_field() -> Result<()> {
     }
     let mds: Api<MoEDeployment> = Api::namespaced(cluster.client().await?, &ns);
     assert!(mds.list(&ListParams::default()).await?.items.is_empty());
+    cluster.delete_namespace(&ns).await?;
+    Ok(())
+}
+
+/// Manifests within every schema maximum that no plan can serve (65536 expert shards; experts
+/// so large that each needs a pod of its own, a million of them) are reported as `Ready=False`
+/// naming the field, and the operator stays up and keeps renewing its Lease meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unplannable_manifests_are_reported_while_the_operator_keeps_leading() -> Result<()> {
+    let cluster = Cluster::shared().await;
+    let ns = cluster.namespace("moe-unplannable").await?;
+    let client = cluster.client().await?;
+    moe::install_operator(cluster, &ns, &[]).await?;
+    let op = moe::operator_pod(&client, &ns).await?;
+    let op_pid = moe::pid(&op).context("operator pid")?;
+    let dir = cluster.dir().join("manifests").join(&ns);
+    std::fs::create_dir_all(&dir)?;
+    let base = std::fs::read_to_string(moe::example("tiny.yaml"))?;
+    let wide = |hidden: u32, intermediate: u32, vocab_and_context: u32| {
+        format!(
+            "  model:\n    architecture:\n      numLayers: 1024\n      numExperts: 1024\n      \
+             topK: 2\n      hiddenSize: {hidden}\n      intermediateSize: {intermediate}\n      \
+             numAttentionHeads: 16\n      numKeyValueHeads: 16\n      \
+             vocabSize: {vocab_and_context}\n      maxPositionEmbeddings: {vocab_and_context}\n"
+        )
+    };
+    let cases = [
+        (
+            "many",
+            base.replace("name: tiny", "name: many")
+                .replace("  model:\n", &wide(32, 8, 8))
+                .replace("expert: 2", "expert: 65536"),
+            "spec.parallelism.expert",
+        ),
+        (
+            "huge",
+            base.replace("name: tiny", "name: huge")
+                .replace("  model:\n", &wide(65536, 1_048_576, 4_194_304))
+                .replace("    expert: 2\n", "")
+                .replace("gpusPerPod: 1", "gpusPerPod: 64\n    gpuMemoryGiB: 16"),
+            "spec.parallelism.expert",
+        ),
+    ];
+    let applied = k8s_openapi::jiff::Timestamp::now();
+    for (name, manifest, _) in &cases {
+        let path = dir.join(format!("{name}.yaml"));
+        std::fs::write(&path, manifest)?;
+        cluster.kubectl(&["-n", &ns, "apply", "-f", &path.to_string_lossy()])?;
+    }
+    let mds: Api<MoEDeployment> = Api::namespaced(client.clone(), &ns);
+    for (name, _, field) in &cases {
+        let (reason, message) = until(
+            &format!("{name} to be reported"),
+            Duration::from_secs(60),
+            || {
+                let mds = mds.clone();
+                async move {
+                    let md = mds.get(name).await?;
+                    Ok(match moe::condition(&md, "Ready") {
+                        Some((s, reason, message)) if s == "False" => Some((reason, message)),
+                        _ => None,
+                    })
+                }
+            },
+        )
+        .await?;
+        eprintln!("[moe] {name}: {reason}: {message}");
+        assert_eq!(reason, "InvalidSpec", "{name}: {message}");
+        assert!(message.contains(field), "{name}: {message}");
+        let children = moe::children(&client, &ns, name).await?;
+        assert!(children.is_empty(), "{name} made {children:?}");
+    }
+    // Still the same process, still leading: the Lease is renewed after the manifests landed.
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
+    let renewed = until(
+        "the operator to renew its Lease",
+        Duration::from_secs(60),
+        || {
+            let leases = leases.clone();
+            async move {
+                let list = leases.list(&ListParams::default()).await?;
+                Ok(list.items.into_iter().find_map(|l| {
+                    let spec = l.spec?;
+                    let renew = spec.renew_time?.0;
+                    (renew.as_second() > applied.as_second() + 5)
+                        .then(|| spec.holder_identity.unwrap_or_default())
+                }))
+            }
+        },
+    )
+    .await?;
+    assert!(renewed.contains(&op.name_any()), "{renewed}");
+    assert!(moe::alive(op_pid));
+    let now = moe::operator_pod(&client, &ns).await?;
+    assert_eq!(now.uid(), op.uid());
+    let restarts: i32 = now
+        .status
+        .and_then(|s| s.container_statuses)
+        .unwrap_or_default()
+        .iter()
+        .map(|c| c.restart_count)
+        .sum();
+    assert_eq!(restarts, 0);
+    cluster.helm(&["uninstall", "moe", "-n", &ns, "--wait"])?;
     cluster.delete_namespace(&ns).await?;
     Ok(())
 }

@@ -117,6 +117,12 @@ pub struct ModelSpec {
 #[x_kube(validation = Rule::new("self.numAttentionHeads % self.numKeyValueHeads == 0")
     .message("spec.model.architecture.numKeyValueHeads must divide numAttentionHeads")
     .field_path(".numKeyValueHeads"))]
+#[x_kube(validation = Rule::new("has(self.headDim) || (self.hiddenSize / self.numAttentionHeads >= 2 && (self.hiddenSize / self.numAttentionHeads) % 2 == 0)")
+    .message("spec.model.architecture.numAttentionHeads must split hiddenSize into an even head size of at least 2 (hiddenSize / numAttentionHeads), or give headDim")
+    .field_path(".numAttentionHeads"))]
+#[x_kube(validation = Rule::new("!has(self.headDim) || self.headDim % 2 == 0")
+    .message("spec.model.architecture.headDim must be even (rotary embeddings rotate pairs)")
+    .field_path(".headDim"))]
 #[serde(rename_all = "camelCase")]
 pub struct Architecture {
     #[schemars(range(min = 1, max = 1024))]

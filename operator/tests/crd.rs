@@ -4,24 +4,29 @@ use std::path::PathBuf;
 
 use moe_operator::cli::crd_yaml;
 
-fn committed_path() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../crds/moedeployments.serving.moe.dev.yaml")
+/// `crds/` and the chart's `crds/` (Helm installs the CRD from there).
+fn committed_paths() -> [PathBuf; 2] {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    [
+        root.join("crds/moedeployments.serving.moe.dev.yaml"),
+        root.join("charts/moe-operator/crds/moedeployments.serving.moe.dev.yaml"),
+    ]
 }
 
 #[test]
 fn committed_crd_is_current() {
     let generated = crd_yaml().unwrap();
-    let path = committed_path();
-    if std::env::var_os("UPDATE_CRDS").is_some() {
-        std::fs::write(&path, &generated).unwrap();
+    for path in committed_paths() {
+        if std::env::var_os("UPDATE_CRDS").is_some() {
+            std::fs::write(&path, &generated).unwrap();
+        }
+        let committed = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            committed == generated,
+            "{} is stale: regenerate both copies with\n  UPDATE_CRDS=1 cargo test -p moe-operator --test crd",
+            path.display()
+        );
     }
-    let committed = std::fs::read_to_string(&path).unwrap_or_default();
-    assert!(
-        committed == generated,
-        "{} is stale: regenerate it with\n  cargo run -p moe-operator -- crd > crds/moedeployments.serving.moe.dev.yaml\n\
-         or\n  UPDATE_CRDS=1 cargo test -p moe-operator --test crd",
-        path.display()
-    );
 }
 
 #[test]
@@ -50,6 +55,8 @@ fn crd_names_printer_columns_and_rules() {
         "spec.model.architecture.topK must not exceed numExperts",
         "spec.parallelism.pipeline must not exceed spec.model.architecture.numLayers",
         "spec.experts.minReplicas must not exceed maxReplicas",
+        "spec.model.architecture.headDim must be even",
+        "spec.model.architecture.numAttentionHeads must split hiddenSize",
         "spec.model.source must set exactly one of pvc, hostPath, synthetic",
     ] {
         assert!(text.contains(message), "missing rule: {message}");

@@ -118,6 +118,12 @@ impl ModelDims {
                 return Err(invalid(field, "must be at least 1"));
             }
         }
+        if !self.head_dim.is_multiple_of(2) {
+            return Err(invalid(
+                "model.headDim",
+                format!("{} must be even for rotary embeddings", self.head_dim),
+            ));
+        }
         if !self
             .num_attention_heads
             .is_multiple_of(self.num_key_value_heads)
