@@ -794,7 +794,7 @@ async fn unplannable_manifests_are_reported_while_the_operator_keeps_leading() -
                 .replace("  model:\n", &wide(65536, 1_048_576, 4_194_304))
                 .replace("    expert: 2\n", "")
                 .replace("gpusPerPod: 1", "gpusPerPod: 64\n    gpuMemoryGiB: 16"),
-            "spec.parallelism.expert",
+            "spec.placement.gpusPerPod",
         ),
     ];
     let applied = k8s_openapi::jiff::Timestamp::now();

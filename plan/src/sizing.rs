@@ -448,7 +448,20 @@ fn automatic_expert_shards(req: &SizingRequest) -> Result<usize, PlanError> {
             return Ok(n);
         }
     }
-    Ok(always)
+    if always <= crate::MAX_EXPERT_SHARDS {
+        return Ok(always);
+    }
+    Err(invalid(
+        "placement.gpusPerPod",
+        format!(
+            "a pod ({}) holds {per_pod} of the {cells} expert-layers ({} each), so at least \
+             {first} expert shards would be needed, more than the planner's limit {}: use larger \
+             pods or a smaller dtype",
+            capacity(req),
+            gib(cell),
+            crate::MAX_EXPERT_SHARDS
+        ),
+    ))
 }
 
 /// Products and sums of sizes saturate: a size past `u64::MAX` bytes fits no pod, and the
