@@ -112,6 +112,123 @@ impl Authority {
     }
 }
 
+/// Files (or Secret keys) of a CA set besides [`CA_FILE`] (the trust bundle) and
+/// [`CA_KEY_FILE`] (the signing key): present only while a rotation is under way.
+pub const CA_SIGNING_FILE: &str = "ca-signing.crt";
+pub const CA_NEXT_FILE: &str = "ca-next.crt";
+pub const CA_NEXT_KEY_FILE: &str = "ca-next.key";
+pub const CA_PREVIOUS_FILE: &str = "ca-previous.crt";
+
+/// A deployment's CAs over a rotation. Steady state: one CA that signs and is trusted. A
+/// rotation moves through three steps, each of which must reach every worker before the next
+/// (the issuer waits for that), so that no two workers ever hold certificates the other does
+/// not trust:
+/// 1. **introduce**: a next CA joins the trust bundle; certificates are still signed by the
+///    current one;
+/// 2. **promote**: the next CA signs (workers get new certificates); the old one stays trusted
+///    as the previous CA, for the certificates it signed that are still in use;
+/// 3. **retire**: the previous CA leaves the bundle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaSet {
+    pub signing_cert: String,
+    pub signing_key: String,
+    /// Introduced, not yet signing: (certificate, key).
+    pub next: Option<(String, String)>,
+    /// Promoted away from, still trusted.
+    pub previous: Option<String>,
+}
+
+/// What [`CaSet::step`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Introduced,
+    Promoted,
+    Retired,
+}
+
+impl CaSet {
+    /// A set of one new CA valid for `days`.
+    pub fn generate(days: u32) -> Result<Self, Error> {
+        let (ca, key) = Authority::generate(days)?;
+        Ok(Self {
+            signing_cert: ca.cert_pem,
+            signing_key: key,
+            next: None,
+            previous: None,
+        })
+    }
+
+    /// The set stored as files or Secret keys (`get` reads one); `None` when the signing CA
+    /// is missing or unusable. A store written before rotations existed (only `ca.crt` and
+    /// `ca.key`) reads as a steady set.
+    pub fn from_files(get: impl Fn(&str) -> Option<String>) -> Option<Self> {
+        let key = get(CA_KEY_FILE)?;
+        let cert = get(CA_SIGNING_FILE).or_else(|| get(CA_FILE))?;
+        Authority::from_pem(&cert, &key).ok()?;
+        let next = match (get(CA_NEXT_FILE), get(CA_NEXT_KEY_FILE)) {
+            (Some(c), Some(k)) if Authority::from_pem(&c, &k).is_ok() => Some((c, k)),
+            _ => None,
+        };
+        Some(Self {
+            signing_cert: cert,
+            signing_key: key,
+            next,
+            previous: get(CA_PREVIOUS_FILE).filter(|c| c.contains("BEGIN CERTIFICATE")),
+        })
+    }
+
+    /// Every file of the set with its content, or `None` for one that must not exist.
+    pub fn files(&self) -> Vec<(&'static str, Option<String>)> {
+        let rotating = self.next.is_some() || self.previous.is_some();
+        vec![
+            (CA_FILE, Some(self.bundle())),
+            (CA_KEY_FILE, Some(self.signing_key.clone())),
+            (CA_SIGNING_FILE, rotating.then(|| self.signing_cert.clone())),
+            (CA_NEXT_FILE, self.next.as_ref().map(|n| n.0.clone())),
+            (CA_NEXT_KEY_FILE, self.next.as_ref().map(|n| n.1.clone())),
+            (CA_PREVIOUS_FILE, self.previous.clone()),
+        ]
+    }
+
+    /// What workers trust: the signing CA, then the next or the previous one.
+    pub fn bundle(&self) -> String {
+        let mut b = self.signing_cert.clone();
+        for c in self.next.iter().map(|n| &n.0).chain(self.previous.iter()) {
+            if !b.ends_with('\n') {
+                b.push('\n');
+            }
+            b.push_str(c);
+        }
+        b
+    }
+
+    /// Whether a rotation is under way (the next step is due once the last one has reached
+    /// every worker).
+    pub fn rotating(&self) -> bool {
+        self.next.is_some() || self.previous.is_some()
+    }
+
+    /// The CA that signs worker certificates now.
+    pub fn authority(&self) -> Result<Authority, Error> {
+        Authority::from_pem(&self.signing_cert, &self.signing_key)
+    }
+
+    /// The next step of a rotation (a new CA, if one starts, is valid for `days`).
+    pub fn step(&mut self, days: u32) -> Result<Step, Error> {
+        if let Some((cert, key)) = self.next.take() {
+            self.previous = Some(std::mem::replace(&mut self.signing_cert, cert));
+            self.signing_key = key;
+            return Ok(Step::Promoted);
+        }
+        if self.previous.take().is_some() {
+            return Ok(Step::Retired);
+        }
+        let (ca, key) = Authority::generate(days)?;
+        self.next = Some((ca.cert_pem, key));
+        Ok(Step::Introduced)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,5 +241,41 @@ mod tests {
         assert!(cert.contains("BEGIN CERTIFICATE") && leaf_key.contains("PRIVATE KEY"));
         assert!(Authority::from_pem("junk", &key).is_err());
         assert!(Authority::from_pem(ca.cert_pem(), "junk").is_err());
+    }
+
+    #[test]
+    fn a_rotation_introduces_promotes_and_retires() {
+        let mut set = CaSet::generate(1).expect("ca");
+        let first = set.signing_cert.clone();
+        let read = |set: &CaSet| {
+            let files: std::collections::HashMap<_, _> = set.files().into_iter().collect();
+            CaSet::from_files(|f| files.get(f).cloned().flatten()).expect("reads back")
+        };
+        assert_eq!(read(&set), set);
+        assert!(!set.rotating());
+        assert_eq!(set.step(1).expect("step"), Step::Introduced);
+        let second = set.next.clone().expect("next").0;
+        // Both trusted, the first still signing.
+        assert_eq!(set.bundle().matches("BEGIN CERTIFICATE").count(), 2);
+        assert!(set.bundle().starts_with(&first) && set.bundle().contains(&second));
+        assert_eq!(read(&set), set);
+        assert_eq!(set.step(1).expect("step"), Step::Promoted);
+        assert_eq!(set.signing_cert, second);
+        assert_eq!(set.previous.as_deref(), Some(first.as_str()));
+        assert_eq!(set.bundle().matches("BEGIN CERTIFICATE").count(), 2);
+        assert_eq!(read(&set), set);
+        assert_eq!(set.step(1).expect("step"), Step::Retired);
+        assert_eq!(set.bundle(), second);
+        assert!(!set.rotating());
+        assert_eq!(read(&set), set);
+        // A store from before rotations: ca.crt and ca.key only.
+        let old = CaSet::from_files(|f| match f {
+            CA_FILE => Some(set.signing_cert.clone()),
+            CA_KEY_FILE => Some(set.signing_key.clone()),
+            _ => None,
+        })
+        .expect("old layout");
+        assert_eq!(old, set);
+        assert!(CaSet::from_files(|_| None).is_none());
     }
 }

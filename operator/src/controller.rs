@@ -576,8 +576,9 @@ async fn reconcile_inner(md: &MoEDeployment, ctx: &Context) -> Result<Action, Re
     Ok(Action::requeue(RESYNC))
 }
 
-/// Makes sure the deployment's CA exists and its worker certificate is current (issued by that
-/// CA, not yet due for renewal); applies what it (re)issues. Returns when the certificate is
+/// Makes sure the deployment's CA exists, takes the CA rotation step that is due (if any), and
+/// keeps the worker certificate current (issued by the signing CA, with the CA set's bundle,
+/// not yet due for renewal); applies what changed. Returns when the certificate or the CA is
 /// next due (Unix seconds).
 async fn ensure_worker_tls(
     client: &Client,
@@ -603,40 +604,57 @@ async fn ensure_worker_tls(
         .get_opt(&ca_name)
         .await
         .map_err(kube_err("get", "Secret", &ca_name))?;
-    let ca = match stored.as_ref().and_then(pki::stored_ca) {
-        Some(ca) => ca,
+    let certs_err =
+        |what: &'static str| move |e: moe_certs::Error| Error::invalid(what, e.to_string());
+    let (mut state, mut changed) = match stored.as_ref().and_then(|s| pki::stored_ca(s, now)) {
+        // A Secret from before CA rotations gets its rotation clock written.
+        Some(state) => {
+            let annotated = stored
+                .as_ref()
+                .and_then(|s| s.metadata.annotations.as_ref())
+                .is_some_and(|a| a.contains_key(pki::CA_ROTATE_AFTER));
+            (state, !annotated)
+        }
         None => {
-            let (ca, key) = moe_certs::Authority::generate(pki::CA_DAYS)
-                .map_err(|e| Error::invalid("worker CA", e.to_string()))?;
-            let secret = pki::ca_secret(&name, ns, &labels, &owner, ca.cert_pem(), &key);
-            apply(client, ns, &secret).await?;
-            info!(%name, "issued the deployment's worker CA");
-            ca
+            info!(%name, "issuing the deployment's worker CA");
+            (
+                pki::CaState::generate(now).map_err(certs_err("worker CA"))?,
+                true,
+            )
         }
     };
+    if let Some(step) = state.advance(now).map_err(certs_err("worker CA"))? {
+        info!(%name, ?step, "worker CA rotation step");
+        changed = true;
+    }
+    if changed {
+        apply(
+            client,
+            ns,
+            &pki::ca_secret(&name, ns, &labels, &owner, &state),
+        )
+        .await?;
+    }
+    let bundle = state.set.bundle();
     let tls_name = pki::tls_secret_name(&name);
     let current = api
         .get_opt(&tls_name)
         .await
         .map_err(kube_err("get", "Secret", &tls_name))?;
-    if pki::tls_due(current.as_ref(), ca.cert_pem(), now) {
+    let renews_at = if pki::tls_due(current.as_ref(), &bundle, now) {
+        let ca = state.set.authority().map_err(certs_err("worker CA"))?;
         let (cert, key) = ca
             .issue(&name, pki::WORKER_CERT_HOURS)
-            .map_err(|e| Error::invalid("worker certificate", e.to_string()))?;
-        let secret = pki::tls_secret(
-            &name,
-            ns,
-            &labels,
-            &owner,
-            ca.cert_pem(),
-            (&cert, &key),
-            pki::renew_after(now, pki::WORKER_CERT_HOURS),
-        );
+            .map_err(certs_err("worker certificate"))?;
+        let at = pki::renew_after(now, pki::WORKER_CERT_HOURS);
+        let secret = pki::tls_secret(&name, ns, &labels, &owner, &bundle, (&cert, &key), at);
         apply(client, ns, &secret).await?;
         info!(%name, "issued the workers' certificate");
-        return Ok(pki::renew_after(now, pki::WORKER_CERT_HOURS));
-    }
-    Ok(current.as_ref().and_then(pki::renews_at).unwrap_or(now))
+        at
+    } else {
+        current.as_ref().and_then(pki::renews_at).unwrap_or(now)
+    };
+    Ok(renews_at.min(state.next_step_at()))
 }
 
 /// After a failed reconcile: retry soon, without hot-looping.

@@ -657,7 +657,7 @@ async fn an_api_key_guards_the_openai_routes_and_stats_but_not_health_or_metrics
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn certificate_rotation_under_load_loses_no_request() {
+async fn certificate_and_ca_rotation_under_load_loses_no_request() {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     let model = "synthetic:tiny";
@@ -700,9 +700,19 @@ async fn certificate_rotation_under_load_loses_no_request() {
         tokio::time::sleep(Duration::from_millis(700)).await;
         certs_cmd("renew");
     }
-    // Every process re-reads the files within a second or so.
+    // Then a CA rotation: introduce, promote, retire, each step read by every process (they
+    // look once a second) before the next.
+    let first_ca = std::fs::read_to_string(certs.path().join("ca.crt")).expect("ca.crt");
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        certs_cmd("rotate-ca");
+    }
+    let bundle = std::fs::read_to_string(certs.path().join("ca.crt")).expect("ca.crt");
+    assert_eq!(bundle.matches("BEGIN CERTIFICATE").count(), 1);
+    assert_ne!(bundle, first_ca, "the CA was replaced");
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    // A gateway that starts now handshakes with every stage on the renewed certificate.
+    // A gateway that starts now handshakes with every stage on a certificate of the new CA,
+    // which alone is trusted now.
     let pid = d.pid_of("gateway", 1);
     std::process::Command::new("kill")
         .args(["-KILL", &pid.to_string()])

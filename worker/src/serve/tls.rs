@@ -444,11 +444,49 @@ pub fn write_authority(dir: &Path, ca: &Authority, key_pem: &str, hours: u32) ->
     renew(dir, ca, hours)
 }
 
-/// The CA in `dir` (written by [`write_authority`]).
+/// The CA set in `dir` (written by [`write_authority`] and [`rotate_ca`]).
+pub fn read_ca_set(dir: &Path) -> Result<moe_certs::CaSet> {
+    moe_certs::CaSet::from_files(|f| std::fs::read_to_string(dir.join(f)).ok()).ok_or_else(|| {
+        Error::invalid(
+            "certificate",
+            format!(
+                "{}: no usable CA ({CA_FILE} and {CA_KEY_FILE}; make them with `moe-worker certs init`)",
+                dir.display()
+            ),
+        )
+    })
+}
+
+/// The CA that signs in `dir`.
 pub fn read_authority(dir: &Path) -> Result<Authority> {
-    let read =
-        |f: &str| std::fs::read_to_string(dir.join(f)).map_err(|e| Error::io(&dir.join(f), e));
-    Authority::from_pem(&read(CA_FILE)?, &read(CA_KEY_FILE)?).map_err(issuing)
+    read_ca_set(dir)?.authority().map_err(issuing)
+}
+
+/// One step of a CA rotation in `dir` (see [`moe_certs::CaSet`]): introduce a new CA into the
+/// trust bundle, promote it to signing (and renew the worker certificate from it), or retire
+/// the previous one. Workers using `dir` pick each step up by themselves; give them a few
+/// seconds between steps.
+pub fn rotate_ca(dir: &Path, ca_days: u32, hours: u32) -> Result<moe_certs::Step> {
+    let mut set = read_ca_set(dir)?;
+    let step = set.step(ca_days).map_err(issuing)?;
+    let files = set.files();
+    // The bundle last: what it trusts is on disk before any worker reads it.
+    for (name, content) in files.iter().filter(|f| f.0 != CA_FILE) {
+        match content {
+            Some(text) => write_private(dir, name, text)?,
+            None => match std::fs::remove_file(dir.join(name)) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    return Err(Error::io(&dir.join(name), e));
+                }
+                _ => {}
+            },
+        }
+    }
+    write_private(dir, CA_FILE, &set.bundle())?;
+    if step == moe_certs::Step::Promoted {
+        renew(dir, &set.authority().map_err(issuing)?, hours)?;
+    }
+    Ok(step)
 }
 
 /// Issues a new worker certificate into `dir`, atomically per file (key first: a reader that
@@ -502,6 +540,19 @@ pub enum CertsCommand {
         #[arg(long, default_value_t = 720)]
         hours: u32,
     },
+    /// One step of a CA rotation in DIR: the first call adds a new CA to the trust bundle,
+    /// the second makes it sign (and renews the worker certificate), the third drops the old
+    /// CA. Wait until every worker has read each step (a few seconds) before the next.
+    RotateCa {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Days a new CA is valid.
+        #[arg(long, default_value_t = 3650)]
+        ca_days: u32,
+        /// Hours the renewed worker certificate is valid.
+        #[arg(long, default_value_t = 720)]
+        hours: u32,
+    },
 }
 
 pub fn certs(c: CertsCommand) -> Result<()> {
@@ -522,6 +573,22 @@ pub fn certs(c: CertsCommand) -> Result<()> {
         CertsCommand::Renew { dir, hours } => {
             renew(&dir, &read_authority(&dir)?, hours)?;
             println!("renewed {CERT_FILE}, {KEY_FILE} in {}", dir.display());
+        }
+        CertsCommand::RotateCa {
+            dir,
+            ca_days,
+            hours,
+        } => {
+            let what = match rotate_ca(&dir, ca_days, hours)? {
+                moe_certs::Step::Introduced => {
+                    "introduced a new CA (trusted, not signing yet); run again to promote it"
+                }
+                moe_certs::Step::Promoted => {
+                    "the new CA signs now and the worker certificate is renewed; run again to retire the old CA"
+                }
+                moe_certs::Step::Retired => "retired the old CA; the rotation is complete",
+            };
+            println!("{}: {what}", dir.display());
         }
     }
     Ok(())
