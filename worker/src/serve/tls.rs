@@ -254,7 +254,17 @@ async fn watch(tls: std::sync::Weak<Tls>) {
 /// An accepted connection: plain TCP, or TLS over it once the handshake succeeded.
 pub enum Conn {
     Plain(TcpStream),
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    Tls(Box<tokio_rustls::server::TlsStream<Tcp>>),
+}
+
+/// TCP under TLS, read through a buffer: rustls reads at most 4 KiB per call, so a 16 KiB
+/// record would take four system calls; reading the socket in [`READ_BUFFER`] blocks takes
+/// one per many records.
+pub type Tcp = tokio::io::BufReader<TcpStream>;
+const READ_BUFFER: usize = 64 * 1024;
+
+fn buffered(tcp: TcpStream) -> Tcp {
+    tokio::io::BufReader::with_capacity(READ_BUFFER, tcp)
 }
 
 impl tonic::transport::server::Connected for Conn {
@@ -263,7 +273,7 @@ impl tonic::transport::server::Connected for Conn {
     fn connect_info(&self) -> Self::ConnectInfo {
         match self {
             Self::Plain(s) => s.connect_info(),
-            Self::Tls(s) => s.get_ref().0.connect_info(),
+            Self::Tls(s) => s.get_ref().0.get_ref().connect_info(),
         }
     }
 }
@@ -361,7 +371,7 @@ pub fn accept(listener: TcpListener, tls: Option<Arc<Tls>>) -> ReceiverStream<io
             let tx = tx.clone();
             tokio::spawn(async move {
                 let _permit = permit;
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(buffered(tcp))).await {
                     Ok(Ok(s)) => {
                         let _ = tx.send(Ok(Conn::Tls(Box::new(s)))).await;
                     }
@@ -394,14 +404,14 @@ type Connecting = Pin<
     Box<
         dyn std::future::Future<
                 Output = io::Result<
-                    hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>,
+                    hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<Tcp>>,
                 >,
             > + Send,
     >,
 >;
 
 impl tower_service::Service<tonic::codegen::http::Uri> for Connector {
-    type Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+    type Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<Tcp>>;
     type Error = io::Error;
     type Future = Connecting;
 
@@ -421,7 +431,7 @@ impl tower_service::Service<tonic::codegen::http::Uri> for Connector {
             let name = ServerName::try_from(SERVER_NAME)
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
             let s = tokio_rustls::TlsConnector::from(config)
-                .connect(name, tcp)
+                .connect(name, buffered(tcp))
                 .await?;
             Ok(hyper_util::rt::TokioIo::new(s))
         })
