@@ -723,6 +723,38 @@ async fn invalid_manifests_are_rejected_naming_the_field() -> Result<()> {
             "spec.replicas",
         ),
         (
+            "a relative hostPath",
+            base.replace(
+                "      synthetic:\n        preset: tiny\n        seed: 7\n",
+                "      hostPath:\n        path: models/mixtral\n",
+            ),
+            "spec.model.source.hostPath.path",
+        ),
+        (
+            "a hostPath that climbs out",
+            base.replace(
+                "      synthetic:\n        preset: tiny\n        seed: 7\n",
+                "      hostPath:\n        path: /models/../etc\n",
+            ),
+            "spec.model.source.hostPath.path",
+        ),
+        (
+            "a claim name Kubernetes would refuse",
+            base.replace(
+                "      synthetic:\n        preset: tiny\n        seed: 7\n",
+                "      pvc:\n        claimName: Models_01\n",
+            ),
+            "spec.model.source.pvc.claimName",
+        ),
+        (
+            "a path that leaves the volume",
+            base.replace(
+                "      synthetic:\n        preset: tiny\n        seed: 7\n",
+                "      pvc:\n        claimName: models\n        path: mixtral/../../x\n",
+            ),
+            "spec.model.source.pvc.path",
+        ),
+        (
             "a head size below 2",
             base.replace(
                 "  model:\n",
@@ -751,6 +783,33 @@ async fn invalid_manifests_are_rejected_naming_the_field() -> Result<()> {
             .with_context(|| format!("{what}: accepted"))?;
         let msg = format!("{err:#}");
         assert!(msg.contains(field), "{what}: {msg}");
+    }
+    // What the rules must not refuse: checkpoint folders as people name them.
+    for (i, source) in [
+        "      hostPath:\n        path: /models/mixtral-8x7b.v0.1/\n",
+        "      pvc:\n        claimName: models.team-a\n        path: mixtral/..v1/\n",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let manifest = base
+            .replace(
+                "      synthetic:\n        preset: tiny\n        seed: 7\n",
+                source,
+            )
+            .replace("  model:\n", &architecture.replace("topK: 9", "topK: 2"));
+        let path = dir.join(format!("valid-{i}.yaml"));
+        std::fs::write(&path, &manifest)?;
+        cluster
+            .kubectl(&[
+                "-n",
+                &ns,
+                "apply",
+                "--dry-run=server",
+                "-f",
+                &path.to_string_lossy(),
+            ])
+            .with_context(|| format!("refused: {source}"))?;
     }
     let mds: Api<MoEDeployment> = Api::namespaced(cluster.client().await?, &ns);
     assert!(mds.list(&ListParams::default()).await?.items.is_empty());

@@ -167,21 +167,31 @@ pub struct ModelSource {
 }
 
 /// A Hugging Face checkpoint folder on a PersistentVolumeClaim, mounted read-only.
-#[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[x_kube(validation = Rule::new("self.claimName.matches('^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$')")
+    .message("spec.model.source.pvc.claimName must be a PersistentVolumeClaim name (lowercase letters, digits, '-' and '.', starting and ending with a letter or digit)")
+    .field_path(".claimName"))]
+#[x_kube(validation = Rule::new("!has(self.path) || !self.path.matches('(^|/)[.][.](/|$)')")
+    .message("spec.model.source.pvc.path must stay inside the volume (no '..')")
+    .field_path(".path"))]
 #[serde(rename_all = "camelCase")]
 pub struct PvcSource {
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = 253))]
     pub claim_name: String,
     /// Folder inside the volume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
     pub path: Option<String>,
 }
 
-/// A checkpoint folder on every node.
-#[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
+/// A checkpoint folder on every node, mounted read-only at the same path in the workers.
+#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[x_kube(validation = Rule::new("self.path.startsWith('/') && self.path != '/' && !self.path.matches('(^|/)[.][.](/|$)') && !self.path.contains(':') && !self.path.matches('^/etc/moe(/|$)')")
+    .message("spec.model.source.hostPath.path must be an absolute folder other than '/', without '..' or ':', outside /etc/moe (the workers mount it at the same path)")
+    .field_path(".path"))]
 #[serde(rename_all = "camelCase")]
 pub struct HostPathSource {
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 2, max = 4096))]
     pub path: String,
 }
 

@@ -371,7 +371,8 @@ pub fn accept(listener: TcpListener, tls: Option<Arc<Tls>>) -> ReceiverStream<io
             let tx = tx.clone();
             tokio::spawn(async move {
                 let _permit = permit;
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(buffered(tcp))).await {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(buffered(tcp))).await
+                {
                     Ok(Ok(s)) => {
                         let _ = tx.send(Ok(Conn::Tls(Box::new(s)))).await;
                     }
@@ -403,9 +404,7 @@ impl Connector {
 type Connecting = Pin<
     Box<
         dyn std::future::Future<
-                Output = io::Result<
-                    hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<Tcp>>,
-                >,
+                Output = io::Result<hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<Tcp>>>,
             > + Send,
     >,
 >;
