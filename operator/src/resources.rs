@@ -65,10 +65,12 @@ pub const LABEL_SHARD: &str = "serving.moe.dev/expert-shard";
 pub const MANAGED_BY: &str = "moe-operator";
 
 /// What the operator is configured with (not per deployment).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Config {
     /// Worker image when the spec has none.
     pub worker_image: String,
+    /// Secrets (in each MoEDeployment's namespace) the worker pods pull their image with.
+    pub image_pull_secrets: Vec<String>,
 }
 
 /// The role of a worker pod.
@@ -196,6 +198,7 @@ struct Ctx<'a> {
     owner: OwnerReference,
     plan: &'a SizedPlan,
     image: String,
+    image_pull_secrets: &'a [String],
 }
 
 impl Ctx<'_> {
@@ -231,6 +234,7 @@ pub fn build(md: &MoEDeployment, plan: &SizedPlan, config: &Config) -> Result<Ch
         owner,
         plan,
         image,
+        image_pull_secrets: &config.image_pull_secrets,
     };
     let n = &cx.name;
     let has_shards = !plan.expert_shards.is_empty();
@@ -645,6 +649,14 @@ fn pod_template(
             ..ObjectMeta::default()
         }),
         spec: Some(PodSpec {
+            image_pull_secrets: (!cx.image_pull_secrets.is_empty()).then(|| {
+                cx.image_pull_secrets
+                    .iter()
+                    .map(|name| k8s_openapi::api::core::v1::LocalObjectReference {
+                        name: name.clone(),
+                    })
+                    .collect()
+            }),
             service_account_name: Some(worker_account(&cx.name)),
             // Stages and gateways watch EndpointSlices to find their peers; expert shards talk
             // to nobody and get no token.

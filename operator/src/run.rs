@@ -39,6 +39,15 @@ pub struct RunArgs {
     #[arg(long, env = "MOE_WORKER_IMAGE", default_value = concat!("ghcr.io/moe-serve/moe-worker:", env!("CARGO_PKG_VERSION")))]
     pub worker_image: String,
 
+    /// A Secret the worker pods pull their image with (repeat, or separate with commas); it
+    /// must exist in each MoEDeployment's namespace.
+    #[arg(
+        long = "image-pull-secret",
+        env = "MOE_IMAGE_PULL_SECRETS",
+        value_delimiter = ','
+    )]
+    pub image_pull_secrets: Vec<String>,
+
     /// HTTP address of /metrics, /healthz and /readyz.
     #[arg(long, env = "MOE_OPERATOR_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
@@ -211,6 +220,7 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
         client: client.clone(),
         config: resources::Config {
             worker_image: args.worker_image.clone(),
+            image_pull_secrets: args.image_pull_secrets.clone(),
         },
         recorder: Recorder::new(
             client.clone(),

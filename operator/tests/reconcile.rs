@@ -191,6 +191,7 @@ async fn reconcile_with(
         client: client.clone(),
         config: Config {
             worker_image: "ghcr.io/moe-serve/moe-worker:test".into(),
+            ..Config::default()
         },
         recorder: Recorder::new(
             client,

@@ -28,6 +28,7 @@ fn build(md: &MoEDeployment) -> Children {
         &plan,
         &Config {
             worker_image: "ghcr.io/moe-serve/moe-worker:test".into(),
+            ..Config::default()
         },
     )
     .unwrap()
@@ -314,6 +315,53 @@ fn gpt4_pods_ask_for_whole_a100_nodes() {
 }
 
 #[test]
+fn worker_pods_pull_with_the_configured_secrets() {
+    let md = example("tiny.yaml");
+    let plan = planning::plan(&md.spec).unwrap();
+    let children = resources::build(
+        &md,
+        &plan,
+        &Config {
+            worker_image: "registry.example.com/moe/moe-worker@sha256:abc".into(),
+            image_pull_secrets: vec!["regcred".into()],
+        },
+    )
+    .unwrap();
+    let templates = children
+        .stages
+        .iter()
+        .map(|s| s.spec.template.clone())
+        .chain(
+            children
+                .expert_shards
+                .iter()
+                .map(|d| d.spec.template.clone()),
+        )
+        .chain([children.gateway.spec.template.clone()]);
+    let mut n = 0;
+    for t in templates {
+        let spec = t.spec.unwrap();
+        let secrets: Vec<String> = spec
+            .image_pull_secrets
+            .unwrap_or_default()
+            .into_iter()
+            .map(|s| s.name)
+            .collect();
+        assert_eq!(secrets, ["regcred"]);
+        assert_eq!(
+            spec.containers[0].image.as_deref(),
+            Some("registry.example.com/moe/moe-worker@sha256:abc")
+        );
+        n += 1;
+    }
+    assert_eq!(n, 5, "2 stages, 2 expert shards, the gateway");
+    // None configured: no field at all.
+    let plain = build(&md);
+    let spec = plain.gateway.spec.template.spec.unwrap();
+    assert!(spec.image_pull_secrets.is_none());
+}
+
+#[test]
 fn a_long_name_is_rejected_with_the_field() {
     let mut md = example("tiny.yaml");
     md.metadata.name = Some("x".repeat(41));
@@ -323,6 +371,7 @@ fn a_long_name_is_rejected_with_the_field() {
         &plan,
         &Config {
             worker_image: "w".into(),
+            ..Config::default()
         },
     )
     .unwrap_err();

@@ -69,10 +69,22 @@ The ServiceAccount the operator runs as.
 The operator image: repository@digest, or repository:tag (tag defaults to appVersion).
 */}}
 {{- define "moe-operator.image" -}}
-{{- if .Values.image.digest }}
-{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- include "moe-operator.imageRef" (dict "image" .Values.image "root" .) }}
+{{- end }}
+
+{{/*
+An image reference from {repository, tag, digest}: imageRegistry replaces the repository's
+registry and path, a digest wins over the tag, the tag defaults to appVersion.
+*/}}
+{{- define "moe-operator.imageRef" -}}
+{{- $repo := .image.repository }}
+{{- with .root.Values.imageRegistry }}
+{{- $repo = printf "%s/%s" (trimSuffix "/" .) (base $repo) }}
+{{- end }}
+{{- if .image.digest }}
+{{- printf "%s@%s" $repo .image.digest }}
 {{- else }}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- printf "%s:%s" $repo (default .root.Chart.AppVersion .image.tag) }}
 {{- end }}
 {{- end }}
 
@@ -80,7 +92,7 @@ The operator image: repository@digest, or repository:tag (tag defaults to appVer
 The worker image passed to the operator.
 */}}
 {{- define "moe-operator.workerImage" -}}
-{{- printf "%s:%s" .Values.workerImage.repository (default .Chart.AppVersion .Values.workerImage.tag) }}
+{{- include "moe-operator.imageRef" (dict "image" .Values.workerImage "root" .) }}
 {{- end }}
 
 {{/*
