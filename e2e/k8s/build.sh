@@ -3,18 +3,20 @@
 # modules into a per-version cache outside the clone:
 #
 #   ${XDG_CACHE_HOME:-$HOME/.cache}/moe-serve/k8s/<k8s-version>/bin/
-#     helm etcd kube-apiserver kube-controller-manager kube-scheduler kubectl
+#     helm etcd kube-apiserver kube-controller-manager kube-scheduler kubectl registry
 #
 # Idempotent (a binary that exists is kept), atomic (each binary is built into a temporary
 # folder and renamed into place), and serialised by a lock so two test processes never build at
 # once. Prints the bin folder on stdout as its last line; progress goes to stderr.
 #
-# Versions (override with the environment): MOE_K8S_VERSION, MOE_ETCD_VERSION, MOE_HELM_VERSION.
+# Versions (override with the environment): MOE_K8S_VERSION, MOE_ETCD_VERSION, MOE_HELM_VERSION,
+# MOE_REGISTRY_VERSION (the CNCF distribution registry the image tests push to).
 set -euo pipefail
 
 K8S_VERSION="${MOE_K8S_VERSION:-v1.37.2}"
 ETCD_VERSION="${MOE_ETCD_VERSION:-v3.7.3}"
 HELM_VERSION="${MOE_HELM_VERSION:-v3.22.0}"
+REGISTRY_VERSION="${MOE_REGISTRY_VERSION:-v3.1.2}"
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/moe-serve/k8s/${K8S_VERSION}"
@@ -30,6 +32,7 @@ KUBE_BINS=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
 want_version() {
     case "$1" in
         helm) echo "$HELM_VERSION" ;;
+        registry) echo "$REGISTRY_VERSION" ;;
         etcd) echo "$ETCD_VERSION" ;;
         *) echo "$K8S_VERSION" ;;
     esac
@@ -37,7 +40,7 @@ want_version() {
 built() { [[ -x "$BIN/$1" && "$(cat "$BIN/.$1.version" 2>/dev/null)" == "$(want_version "$1")" ]]; }
 have_all() {
     local b
-    for b in helm etcd "${KUBE_BINS[@]}"; do built "$b" || return 1; done
+    for b in helm etcd registry "${KUBE_BINS[@]}"; do built "$b" || return 1; done
 }
 if [[ "${1:-}" != "--update-modules" ]] && have_all; then
     echo "$BIN"
@@ -92,6 +95,18 @@ if ! built helm; then
         "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
     install_from "$tmp"
     log "helm built in $((SECONDS - start))s"
+fi
+
+# --- registry: the CNCF distribution registry, also a plain `go install`. ---------------------
+if ! built registry; then
+    start=$SECONDS
+    log "building the distribution registry $REGISTRY_VERSION"
+    tmp="$(mktemp -d "$CACHE/tmp.XXXXXX")"
+    GOBIN="$tmp" go install -trimpath -ldflags "-s -w \
+        -X github.com/distribution/distribution/v3/version.version=$REGISTRY_VERSION" \
+        "github.com/distribution/distribution/v3/cmd/registry@$REGISTRY_VERSION"
+    install_from "$tmp"
+    log "registry built in $((SECONDS - start))s"
 fi
 
 # --- The wrapper modules. etcd's server/v3 is a main package whose go.mod has replace

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, PostParams};
@@ -75,6 +75,18 @@ struct Info {
     nodes: Vec<String>,
     network: Arc<PodNetwork>,
     pki: PkiFiles,
+    registry: Registry,
+}
+
+/// The cluster's image registry: the CNCF distribution registry over TLS (the cluster CA
+/// signed its certificate, valid for 127.0.0.1 and the bridge address pods reach), with
+/// htpasswd authentication.
+#[derive(Debug, Clone)]
+pub struct Registry {
+    /// `address:port` (the bridge address: the host and pods reach it there).
+    pub host: String,
+    pub username: String,
+    pub password: String,
 }
 
 struct Running {
@@ -222,6 +234,10 @@ impl Cluster {
     }
 
     /// The cluster CA certificate (PEM file).
+    pub fn registry(&self) -> &Registry {
+        &self.info.registry
+    }
+
     pub fn ca_cert(&self) -> &Path {
         &self.info.pki.ca_cert
     }
@@ -687,6 +703,8 @@ current-context: moe-e2e
     wait_for_default_service_account(&client, "default").await?;
 
     // The nodes.
+    let registry = start_registry(running, dir, k8s_bin, &pki, host_ip).await?;
+
     let nodes: Vec<String> = (0..config.nodes).map(|i| format!("gpu-node-{i}")).collect();
     let ca_cert_pem = std::fs::read_to_string(&pki.ca_cert)?;
     let agent_log = logs.join("node-agent.log");
@@ -721,7 +739,73 @@ current-context: moe-e2e
         nodes,
         network: network.clone(),
         pki,
+        registry,
     })
+}
+
+/// Starts the registry with a fresh user and password; waits until it answers `/v2/`.
+async fn start_registry(
+    running: &mut Running,
+    dir: &Path,
+    k8s_bin: &Path,
+    pki: &PkiFiles,
+    host_ip: std::net::Ipv4Addr,
+) -> Result<Registry> {
+    let home = dir.join("registry");
+    std::fs::create_dir_all(home.join("storage"))?;
+    let mut secret = [0u8; 16];
+    getrandom(&mut secret)?;
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let password = hex(&secret);
+    let username = "moe-e2e".to_string();
+    let hash = bcrypt::hash(&password, 5).context("hashing the registry password")?;
+    std::fs::write(home.join("htpasswd"), format!("{username}:{hash}\n"))?;
+    let port = free_port()?;
+    getrandom(&mut secret)?;
+    let config = format!(
+        "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {storage}\n  \
+         delete:\n    enabled: true\nhttp:\n  addr: 0.0.0.0:{port}\n  secret: {secret}\n  tls:\n    \
+         certificate: {cert}\n    key: {key}\nauth:\n  htpasswd:\n    realm: moe-e2e\n    path: {htpasswd}\n",
+        storage = home.join("storage").display(),
+        secret = hex(&secret),
+        cert = pki.server_cert.display(),
+        key = pki.server_key.display(),
+        htpasswd = home.join("htpasswd").display(),
+    );
+    let config_path = home.join("config.yml");
+    std::fs::write(&config_path, config)?;
+    spawn_component(
+        running,
+        "registry",
+        &k8s_bin.join("registry"),
+        &["serve".into(), config_path.display().to_string()],
+        &dir.join("logs"),
+    )
+    .await?;
+    let host = format!("{host_ip}:{port}");
+    let client =
+        moe_oci::registry::Registry::new(&host, Some(&std::fs::read(&pki.ca_cert)?), None)?;
+    wait_ready(running, "registry", Duration::from_secs(30), || {
+        let client = client.clone();
+        async move {
+            let status = client.ping().await?;
+            // Unauthenticated: 401 is the answer of a registry that is up.
+            ensure!(status == 401, "registry /v2/: {status}");
+            Ok(())
+        }
+    })
+    .await?;
+    Ok(Registry {
+        host,
+        username,
+        password,
+    })
+}
+
+fn getrandom(buf: &mut [u8]) -> Result<()> {
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom")?.read_exact(buf)?;
+    Ok(())
 }
 
 /// A client for a component's own HTTPS endpoint (self-signed; anonymous /healthz).

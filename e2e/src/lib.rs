@@ -16,6 +16,7 @@
 
 pub mod binaries;
 mod cluster;
+pub mod images;
 pub mod moe;
 pub mod net;
 pub mod node;
@@ -24,4 +25,4 @@ mod process;
 pub mod wait;
 
 pub use binaries::{K8S_VERSION, k8s_bin_dir, workspace_bin_dir, workspace_binary};
-pub use cluster::{Cluster, ClusterConfig};
+pub use cluster::{Cluster, ClusterConfig, Registry};

@@ -639,3 +639,79 @@ async fn host_network_pods_get_the_host_address() -> Result<()> {
     cluster.delete_namespace(&ns).await?;
     Ok(())
 }
+
+/// The cluster's registry (CNCF distribution, TLS with the cluster CA, htpasswd): `cargo
+/// xtask images --push` puts both images there; pulled back by digest they are byte for byte
+/// what was built; without credentials, or with wrong ones, a pull is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_push_to_the_cluster_registry_and_pull_back_by_digest() -> Result<()> {
+    use moe_oci::registry::{Credentials, Reference, Registry};
+    let cluster = Cluster::shared().await;
+    let reg = cluster.registry().clone();
+    let out = cluster.dir().join("images-pushed");
+    let ca = cluster.ca_cert().to_path_buf();
+    let built = tokio::task::spawn_blocking({
+        let (out, reg, ca) = (out.clone(), reg.clone(), ca.clone());
+        move || e2e::images::build(&out, Some((&reg, "moe", &ca)))
+    })
+    .await??;
+    let layout = moe_oci::Layout::open(&out)?;
+    let ca_pem = std::fs::read(&ca)?;
+    let creds = Credentials {
+        username: reg.username.clone(),
+        password: reg.password.clone(),
+    };
+    let client = Registry::new(&reg.host, Some(&ca_pem), Some(creds))?;
+    for name in ["moe-operator", "moe-worker"] {
+        let pushed = built.pushed.get(name).context("pushed")?;
+        let r = Reference::parse(pushed)?;
+        assert_eq!(r.repository, format!("moe/{name}"));
+        let local = layout
+            .resolve(&format!("{name}:{}", env!("CARGO_PKG_VERSION")))?
+            .context("in the layout")?;
+        assert_eq!(r.digest.as_deref(), Some(local.as_str()));
+        // By digest and by tag: the same manifest.
+        let (manifest, digest) = client.manifest(&r.repository, r.target()).await?;
+        assert_eq!(digest, local);
+        let (_, by_tag) = client
+            .manifest(&r.repository, r.tag.as_deref().context("tag")?)
+            .await?;
+        assert_eq!(by_tag, local);
+        let m: serde_json::Value = serde_json::from_slice(&manifest)?;
+        let mut digests = vec![
+            m["config"]["digest"]
+                .as_str()
+                .context("config")?
+                .to_string(),
+        ];
+        for l in m["layers"].as_array().context("layers")? {
+            digests.push(l["digest"].as_str().context("layer")?.to_string());
+        }
+        for d in digests {
+            assert_eq!(client.blob(&r.repository, &d).await?, layout.read_blob(&d)?);
+        }
+        eprintln!("[registry] {pushed}");
+    }
+    // No credentials, or wrong ones: refused, with a message that says so.
+    let worker = Reference::parse(built.pushed.get("moe-worker").context("worker")?)?;
+    let anonymous = Registry::new(&reg.host, Some(&ca_pem), None)?;
+    let e = anonymous
+        .manifest(&worker.repository, worker.target())
+        .await
+        .expect_err("anonymous pull");
+    assert!(e.to_string().contains("credentials"), "{e}");
+    let wrong = Registry::new(
+        &reg.host,
+        Some(&ca_pem),
+        Some(Credentials {
+            username: reg.username.clone(),
+            password: "not-the-password".into(),
+        }),
+    )?;
+    let e = wrong
+        .manifest(&worker.repository, worker.target())
+        .await
+        .expect_err("wrong password");
+    assert!(e.to_string().contains("401"), "{e}");
+    Ok(())
+}

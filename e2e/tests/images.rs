@@ -7,38 +7,11 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 
-use anyhow::{Context, Result, bail, ensure};
-use e2e::binaries::{workspace_bin_dir, workspace_binary};
+use anyhow::{Context, Result, ensure};
 use moe_oci::Layout;
 
-/// Runs `xtask images` into `out`; returns reference → (digest, compressed MB).
 fn build_images(out: &Path) -> Result<BTreeMap<String, (String, f64)>> {
-    let xtask = workspace_binary("xtask")?;
-    for bin in ["moe-operator", "moe-worker"] {
-        workspace_binary(bin)?;
-    }
-    let run = Command::new(&xtask)
-        .args(["images", "--bin-dir"])
-        .arg(workspace_bin_dir())
-        .arg("--out")
-        .arg(out)
-        .output()
-        .context("running xtask images")?;
-    let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
-    if !run.status.success() {
-        bail!(
-            "xtask images failed: {stdout}{}",
-            String::from_utf8_lossy(&run.stderr)
-        );
-    }
-    eprintln!("{stdout}");
-    let mut images = BTreeMap::new();
-    for line in stdout.lines().filter(|l| l.contains("sha256:")) {
-        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
-        let mb: f64 = cells[4].trim_end_matches(" MB").parse()?;
-        images.insert(cells[2].to_string(), (cells[3].to_string(), mb));
-    }
-    Ok(images)
+    Ok(e2e::images::build(out, None)?.images)
 }
 
 #[test]

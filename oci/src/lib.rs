@@ -4,6 +4,7 @@
 
 pub mod image;
 pub mod layer;
+pub mod registry;
 pub mod unpack;
 
 pub use image::{Image, ImageConfig, Layout};

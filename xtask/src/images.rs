@@ -29,6 +29,14 @@ pub struct Args {
     /// The lock file of the base's Debian packages.
     #[arg(long, default_value = "images/debian.lock")]
     pub lock: PathBuf,
+    /// Push both images to REGISTRY[/PATH] (as PATH/moe-operator:VERSION and
+    /// PATH/moe-worker:VERSION). Credentials: MOE_REGISTRY_USERNAME and MOE_REGISTRY_PASSWORD,
+    /// else the registry's entry in $DOCKER_CONFIG/config.json or ~/.docker/config.json.
+    #[arg(long, value_name = "REGISTRY[/PATH]")]
+    pub push: Option<String>,
+    /// PEM CA certificates to trust for the registry besides the system's.
+    #[arg(long, value_name = "FILE")]
+    pub registry_ca: Option<PathBuf>,
     /// Fail when the worker image is larger than this, compressed (MB, 10^6 bytes).
     #[arg(long, default_value_t = 60)]
     pub max_worker_mb: u64,
@@ -237,6 +245,7 @@ pub fn run(args: Args) -> Result<(), String> {
     let layout = Layout::open(&out).map_err(err)?;
     println!("| image | reference | digest | compressed |\n|---|---|---|---|");
     let mut worker_size = 0;
+    let mut built = Vec::new();
     for spec in SPECS {
         let member = spec.name.trim_start_matches("moe-");
         let version = crate_version(member)?;
@@ -295,6 +304,7 @@ pub fn run(args: Args) -> Result<(), String> {
         let reference = format!("{}:{version}", spec.name);
         layout.add(&image, &reference).map_err(err)?;
         let size = image.compressed_size();
+        built.push((spec.name, version.clone(), image.clone()));
         if spec.name == "moe-worker" {
             worker_size = size;
         }
@@ -306,12 +316,62 @@ pub fn run(args: Args) -> Result<(), String> {
         );
     }
     println!("OCI image layout: {}", out.display());
+    if let Some(prefix) = &args.push {
+        push(prefix, args.registry_ca.as_deref(), &built)?;
+    }
     if worker_size > args.max_worker_mb * 1_000_000 {
         return Err(format!(
             "the worker image is {:.1} MB compressed, over the {} MB budget",
             worker_size as f64 / 1e6,
             args.max_worker_mb
         ));
+    }
+    Ok(())
+}
+
+/// Credentials for `registry` from the environment or a Docker config.
+fn credentials(registry: &str) -> Option<moe_oci::registry::Credentials> {
+    if let (Ok(username), Ok(password)) = (
+        std::env::var("MOE_REGISTRY_USERNAME"),
+        std::env::var("MOE_REGISTRY_PASSWORD"),
+    ) {
+        return Some(moe_oci::registry::Credentials { username, password });
+    }
+    let config = std::env::var_os("DOCKER_CONFIG")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker")))?
+        .join("config.json");
+    let json = std::fs::read(config).ok()?;
+    moe_oci::registry::Credentials::from_docker_config(&json, registry)
+}
+
+/// Pushes every built image under `prefix` and prints each pushed reference with its digest.
+fn push(prefix: &str, ca: Option<&Path>, built: &[(&str, String, Image)]) -> Result<(), String> {
+    let prefix = prefix.trim_end_matches('/');
+    let (registry, path) = prefix.split_once('/').unwrap_or((prefix, ""));
+    let ca = ca
+        .map(|p| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display())))
+        .transpose()?;
+    let client = moe_oci::registry::Registry::new(registry, ca.as_deref(), credentials(registry))
+        .map_err(err)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("tokio: {e}"))?;
+    for (name, version, image) in built {
+        let repo = if path.is_empty() {
+            name.to_string()
+        } else {
+            format!("{path}/{name}")
+        };
+        // Validates the whole reference before anything is sent.
+        let reference =
+            moe_oci::registry::Reference::parse(&format!("{registry}/{repo}:{version}"))
+                .map_err(err)?;
+        let digest = rt
+            .block_on(client.push(&reference.repository, image, version))
+            .map_err(err)?;
+        println!("pushed {reference}@{digest}");
     }
     Ok(())
 }

@@ -253,6 +253,7 @@ fn render(md: &MoEDeployment, name: &str, ns: &str) -> Result<Children> {
     let plan = moe_operator::planning::plan(&md.spec)?;
     let config = resources::Config {
         worker_image: concat!("ghcr.io/moe-serve/moe-worker:", env!("CARGO_PKG_VERSION")).into(),
+        ..resources::Config::default()
     };
     let mut c = resources::build(&md, &plan, &config)?;
     fn strip(m: &mut ObjectMeta) {

@@ -1,0 +1,71 @@
+//! `cargo xtask images` as the tests run it: from the binaries this test build made, into an
+//! OCI layout, optionally pushed to the cluster's registry.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+use crate::Registry;
+use crate::binaries::{workspace_bin_dir, workspace_binary};
+
+/// What one build printed.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Built {
+    /// Reference in the layout (`moe-worker:0.1.0`) → (manifest digest, compressed MB).
+    pub images: BTreeMap<String, (String, f64)>,
+    /// Image name (`moe-worker`) → the pushed reference, `host/path/name:tag@sha256:...`.
+    pub pushed: BTreeMap<String, String>,
+}
+
+/// Builds both images into `out`; with `push`, pushes them to `registry`/`path` trusting `ca`.
+pub fn build(out: &Path, push: Option<(&Registry, &str, &Path)>) -> Result<Built> {
+    let xtask = workspace_binary("xtask")?;
+    for bin in ["moe-operator", "moe-worker"] {
+        workspace_binary(bin)?;
+    }
+    let mut cmd = Command::new(&xtask);
+    cmd.args(["images", "--bin-dir"])
+        .arg(workspace_bin_dir())
+        .arg("--out")
+        .arg(out)
+        .env_remove("MOE_REGISTRY_USERNAME")
+        .env_remove("MOE_REGISTRY_PASSWORD");
+    if let Some((registry, path, ca)) = push {
+        cmd.arg("--push")
+            .arg(format!("{}/{path}", registry.host))
+            .arg("--registry-ca")
+            .arg(ca)
+            .env("MOE_REGISTRY_USERNAME", &registry.username)
+            .env("MOE_REGISTRY_PASSWORD", &registry.password);
+    }
+    let run = cmd.output().context("running xtask images")?;
+    let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
+    if !run.status.success() {
+        bail!(
+            "xtask images failed: {stdout}{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+    }
+    eprintln!("{stdout}");
+    let mut built = Built::default();
+    for line in stdout.lines() {
+        if let Some(reference) = line.strip_prefix("pushed ") {
+            let name = reference
+                .split('@')
+                .next()
+                .and_then(|r| r.rsplit('/').next())
+                .and_then(|r| r.split(':').next())
+                .unwrap_or_default();
+            built.pushed.insert(name.to_string(), reference.to_string());
+        } else if line.contains("sha256:") {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            let mb: f64 = cells[4].trim_end_matches(" MB").parse()?;
+            built
+                .images
+                .insert(cells[2].to_string(), (cells[3].to_string(), mb));
+        }
+    }
+    Ok(built)
+}
