@@ -126,3 +126,63 @@ fn newest_source(workspace: &Path) -> Option<std::time::SystemTime> {
     walk(workspace, &mut newest);
     newest
 }
+
+/// runc, the OCI runtime pods run under with `ClusterConfig::oci_runtime`: the Debian
+/// package's binary (what `apt-get install runc` would put in /usr/sbin), downloaded with
+/// `apt-get download` and cached by version outside the clone; the host is not changed.
+pub fn runc_bin() -> Result<PathBuf> {
+    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BIN.get_or_init(|| fetch_runc().map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
+fn fetch_runc() -> Result<PathBuf> {
+    let policy = Command::new("apt-cache")
+        .args(["policy", "runc"])
+        .output()
+        .context("apt-cache policy runc")?;
+    let policy = String::from_utf8_lossy(&policy.stdout);
+    let version = policy
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Candidate: "))
+        .filter(|v| *v != "(none)")
+        .context("apt offers no runc (apt-get update?)")?
+        .to_string();
+    let home = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .context("no cache folder")?;
+    let dir = home.join("moe-serve/runc").join(&version);
+    let bin = dir.join("runc");
+    if bin.exists() {
+        return Ok(bin);
+    }
+    let tmp = dir.with_extension(format!("tmp-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp)?;
+    let run = |cmd: &mut Command| -> Result<()> {
+        let out = cmd.output().with_context(|| format!("{cmd:?}"))?;
+        if !out.status.success() {
+            bail!("{cmd:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(())
+    };
+    run(Command::new("apt-get")
+        .current_dir(&tmp)
+        .args(["download", &format!("runc={version}")]))?;
+    let deb = std::fs::read_dir(&tmp)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .context("apt-get download left no .deb")?;
+    run(Command::new("dpkg-deb")
+        .arg("-x")
+        .arg(&deb)
+        .arg(tmp.join("x")))?;
+    std::fs::create_dir_all(&dir)?;
+    std::fs::rename(tmp.join("x/usr/sbin/runc"), &bin)
+        .or_else(|_| std::fs::rename(tmp.join("x/usr/bin/runc"), &bin))
+        .context("the runc package holds no runc binary")?;
+    let _ = std::fs::remove_dir_all(&tmp);
+    Ok(bin)
+}

@@ -32,6 +32,9 @@ pub struct ClusterConfig {
     pub bin_dirs: Vec<PathBuf>,
     /// Let pods run host commands (`/bin/sh`, `sleep`, `python3`) named by `command[0]`.
     pub host_commands: bool,
+    /// Run containers from their images (pulled from a registry) under runc, instead of as
+    /// processes of the workspace's binaries.
+    pub oci_runtime: bool,
 }
 
 impl Default for ClusterConfig {
@@ -41,6 +44,7 @@ impl Default for ClusterConfig {
             gpus_per_node: 8,
             bin_dirs: vec![workspace_bin_dir()],
             host_commands: true,
+            oci_runtime: false,
         }
     }
 }
@@ -721,6 +725,16 @@ current-context: moe-e2e
             network: network.clone(),
             api_host: host_ip.to_string(),
             api_port,
+            runtime: if config.oci_runtime {
+                Some(crate::node::runtime::Runc {
+                    bin: tokio::task::spawn_blocking(crate::binaries::runc_bin).await??,
+                    state: dir.join("runc-state"),
+                    store: dir.join("images"),
+                    registry_ca: ca_cert_pem.clone().into_bytes(),
+                })
+            } else {
+                None
+            },
             ca_cert_pem,
             run_dir: dir.to_path_buf(),
         },

@@ -101,6 +101,8 @@ for ns in $(ip netns list | awk '{print $1}' | grep "^$2"); do
     ip netns delete "$ns"
 done
 ip link delete "$3" 2>/dev/null
+# The writable overlays of runc containers (under the slot's folder).
+for m in $(awk -v d="${1%.lock}/" 'index($2, d) == 1 {print $2}' /proc/mounts); do umount -l "$m"; done
 exit 0
 "#;
     use std::os::unix::process::CommandExt as _;

@@ -423,7 +423,12 @@ impl Registry {
 
     /// The manifest `reference` names (tag or digest) and its digest, checked when asked by digest.
     pub async fn manifest(&self, repo: &str, reference: &str) -> Result<(Vec<u8>, String)> {
-        let what = format!("manifest {}/{repo}:{reference}", self.host);
+        let sep = if reference.starts_with("sha256:") {
+            '@'
+        } else {
+            ':'
+        };
+        let what = format!("manifest {}/{repo}{sep}{reference}", self.host);
         let resp = self
             .send(
                 Method::GET,

@@ -16,6 +16,7 @@ pub mod env;
 pub mod image;
 mod pod;
 pub mod probe;
+pub mod runtime;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::Ipv4Addr;
@@ -60,6 +61,9 @@ pub struct NodeAgentConfig {
     /// Pod files live under `<run_dir>/pods/<namespace>/<pod>/`: `<container>.log`, and per pod
     /// uid the service-account folder and volumes.
     pub run_dir: PathBuf,
+    /// Run containers from their images under runc; `None`: as processes of the workspace's
+    /// binaries (see [`Images`]).
+    pub runtime: Option<runtime::Runc>,
 }
 
 /// What every pod task shares.
@@ -72,6 +76,7 @@ struct AgentShared {
     api_port: u16,
     ca_cert_pem: String,
     run_dir: PathBuf,
+    runtime: Option<runtime::Runc>,
     /// `<run_dir>/logs/node-agent.log`.
     log: std::sync::Mutex<Option<std::fs::File>>,
 }
@@ -110,6 +115,7 @@ impl NodeAgent {
             api_port: config.api_port,
             ca_cert_pem: config.ca_cert_pem.clone(),
             run_dir: config.run_dir.clone(),
+            runtime: config.runtime.clone(),
             log: std::sync::Mutex::new(
                 std::fs::OpenOptions::new()
                     .create(true)

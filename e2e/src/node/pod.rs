@@ -47,6 +47,8 @@ struct ContainerRecord {
     started: bool,
     restart_count: i32,
     pid: Option<u32>,
+    /// `registry/repository@sha256:...` once pulled (runc), else the image as named.
+    image_id: Option<String>,
 }
 
 impl ContainerRecord {
@@ -60,6 +62,7 @@ impl ContainerRecord {
             started: false,
             restart_count: 0,
             pid: None,
+            image_id: None,
         }
     }
 
@@ -67,7 +70,10 @@ impl ContainerRecord {
         ContainerStatus {
             name: self.name.clone(),
             image: self.image.clone(),
-            image_id: format!("local://{}", self.image),
+            image_id: self
+                .image_id
+                .clone()
+                .unwrap_or_else(|| format!("local://{}", self.image)),
             container_id: self.pid.map(|p| format!("process://{p}")),
             ready: self.ready,
             started: Some(self.started),
@@ -444,6 +450,7 @@ struct Mount {
     target: String,
     /// Limit to the containers named (volumeMounts are per container); empty = all.
     container: Option<String>,
+    read_only: bool,
 }
 
 /// Writes the service-account files and the volumes' contents; returns the bind mounts.
@@ -485,13 +492,11 @@ async fn prepare_volumes(run: &PodRun) -> Result<Vec<Mount>> {
                 Some(sub) if !sub.is_empty() => src.join(sub),
                 _ => src.clone(),
             };
-            if source == Path::new(&m.mount_path) {
-                continue; // hostPath at its own path
-            }
             mounts.push(Mount {
                 source,
                 target: m.mount_path.clone(),
                 container: Some(c.name.clone()),
+                read_only: m.read_only.unwrap_or(false),
             });
         }
     }
@@ -504,6 +509,7 @@ async fn prepare_volumes(run: &PodRun) -> Result<Vec<Mount>> {
                 source: sa_dir,
                 target: SA_MOUNT.into(),
                 container: None,
+                read_only: true,
             },
         );
     }
@@ -623,13 +629,28 @@ async fn run_container(
 ) -> Option<i32> {
     let mut backoff = Duration::from_millis(500);
     let mut runs = 0;
+    let mut pull_failures = 0u32;
     loop {
         if run.stopping() {
             return None;
         }
         let started = match start_process(run, c, mounts, runs).await {
-            Ok(s) => s,
+            Ok(s) => {
+                pull_failures = 0;
+                s
+            }
             Err((reason, msg)) => {
+                // As a kubelet does: the first failure is ErrImagePull, then it backs off.
+                let reason = if reason == "ErrImagePull" {
+                    pull_failures += 1;
+                    if pull_failures > 1 {
+                        "ImagePullBackOff"
+                    } else {
+                        reason
+                    }
+                } else {
+                    reason
+                };
                 run.shared.log(&format!(
                     "{}/{} container {}: {reason}: {msg}",
                     run.namespace, run.name, c.name
@@ -641,8 +662,13 @@ async fn run_container(
                 continue;
             }
         };
-        let (mut child, env) = started;
-        let pid = child.id().unwrap_or_default();
+        let Started {
+            mut child,
+            env,
+            pid,
+            runc,
+            image_id,
+        } = started;
         let start = Timestamp::now();
         run.shared.log(&format!(
             "{}/{} container {} started, pid {pid}",
@@ -658,6 +684,7 @@ async fn run_container(
                 ..Default::default()
             };
             r.pid = Some(pid);
+            r.image_id = image_id.clone();
             r.started = !has_startup;
             r.ready = !init && !has_startup && !has_readiness;
         });
@@ -691,11 +718,20 @@ async fn run_container(
         };
         // Whatever is left of its process group goes with it.
         signal_group(pid, Signal::SIGKILL);
-        let (code, signal, reason, message) = match &ended {
+        if let Some(id) = child.id() {
+            signal_group(id, Signal::SIGKILL);
+        }
+        let (code, signal, mut reason, message) = match &ended {
             Ended::Exited(s) | Ended::Stopped(Some(s)) => exit_info(s),
             Ended::Stopped(None) => (137, Some(9), "Error".into(), None),
             Ended::ProbeFailed(why) => (137, Some(9), "Error".into(), Some(why.clone())),
         };
+        if let (Some(rc), Some(rt)) = (&runc, &run.shared.runtime) {
+            let _ = child.wait().await;
+            if rt.finish(rc).await {
+                reason = "OOMKilled".into();
+            }
+        }
         run.shared.log(&format!(
             "{}/{} container {} (pid {pid}) ended: exit code {code}{}",
             run.namespace,
@@ -771,6 +807,17 @@ fn exit_info(s: &ExitStatus) -> (i32, Option<i32>, String, Option<String>) {
     }
 }
 
+/// A started container.
+struct Started {
+    /// The process the agent waits for (the container's, or runc's).
+    child: tokio::process::Child,
+    env: Vec<(String, String)>,
+    /// The container's first process (host pid).
+    pid: u32,
+    runc: Option<super::runtime::RuncContainer>,
+    image_id: Option<String>,
+}
+
 /// Starts the container's process in the pod's namespaces; returns it and its environment.
 /// The error is a waiting reason and message.
 async fn start_process(
@@ -778,7 +825,7 @@ async fn start_process(
     c: &Container,
     mounts: &[Mount],
     restarts: u32,
-) -> Result<(tokio::process::Child, Vec<(String, String)>), (&'static str, String)> {
+) -> Result<Started, (&'static str, String)> {
     let (secrets, config_maps) = fetch_objects(run)
         .await
         .map_err(|e| ("CreateContainerConfigError", format!("{e:#}")))?;
@@ -826,6 +873,20 @@ async fn start_process(
         .map(|a| env::expand(a, &env))
         .collect();
     let image = c.image.clone().unwrap_or_default();
+    if let Some(rt) = &shared.runtime {
+        return start_runc(
+            run,
+            rt,
+            c,
+            mounts,
+            restarts,
+            env.vars(),
+            &command,
+            &args,
+            &image,
+        )
+        .await;
+    }
     let program = shared
         .images
         .resolve(&image, &command, &args)
@@ -838,6 +899,8 @@ async fn start_process(
     let mine: Vec<&Mount> = mounts
         .iter()
         .filter(|m| m.container.as_ref().is_none_or(|n| *n == c.name))
+        // A hostPath at its own path: the process already sees it.
+        .filter(|m| m.source != Path::new(&m.target))
         .collect();
     let hides = |m: &Mount| {
         mine.iter()
@@ -909,7 +972,164 @@ async fn start_process(
             format!("starting {}: {e}", program.path.display()),
         )
     })?;
-    Ok((child, env.vars().to_vec()))
+    Ok(Started {
+        pid: child.id().unwrap_or_default(),
+        child,
+        env: env.vars().to_vec(),
+        runc: None,
+        image_id: None,
+    })
+}
+
+/// The Docker configs of the pod's `imagePullSecrets` (`kubernetes.io/dockerconfigjson`).
+async fn pull_configs(run: &PodRun) -> Vec<Vec<u8>> {
+    let api: Api<Secret> = Api::namespaced(run.client.clone(), &run.namespace);
+    let mut out = Vec::new();
+    let names = run
+        .pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.image_pull_secrets.clone())
+        .unwrap_or_default();
+    for r in names {
+        if let Ok(Some(s)) = api.get_opt(&r.name).await
+            && let Some(d) = s.data.as_ref().and_then(|d| d.get(".dockerconfigjson"))
+        {
+            out.push(d.0.clone());
+        }
+    }
+    out
+}
+
+/// Pulls the image and starts the container under runc, from a bundle made from the spec.
+#[allow(clippy::too_many_arguments)]
+async fn start_runc(
+    run: &PodRun,
+    rt: &super::runtime::Runc,
+    c: &Container,
+    mounts: &[Mount],
+    restarts: u32,
+    env: &[(String, String)],
+    command: &[String],
+    args: &[String],
+    image: &str,
+) -> Result<Started, (&'static str, String)> {
+    use super::runtime::{Bind, BundleInput, RuncContainer, bundle_config, mount_overlay};
+    let policy = c.image_pull_policy.as_deref().unwrap_or("");
+    let configs = pull_configs(run).await;
+    let pulled = rt
+        .pull(image, policy, &configs)
+        .await
+        .map_err(|e| (e.reason, e.message))?;
+    let uid = run.pod.metadata.uid.as_deref().unwrap_or("pod");
+    let id = format!("{}-{}-{restarts}", &uid[..uid.len().min(13)], c.name);
+    let dir = run.dir.join("runc").join(format!("{}-{restarts}", c.name));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| ("RunContainerError", e.to_string()))?;
+    let read_only = c
+        .security_context
+        .as_ref()
+        .and_then(|s| s.read_only_root_filesystem)
+        == Some(true);
+    let (root, overlay) = if read_only {
+        (pulled.rootfs.clone(), None)
+    } else {
+        let merged = mount_overlay(&pulled.rootfs, &dir).map_err(|e| ("RunContainerError", e))?;
+        (merged.clone(), Some(merged))
+    };
+    let binds: Vec<Bind> = mounts
+        .iter()
+        .filter(|m| m.container.as_ref().is_none_or(|n| *n == c.name))
+        .map(|m| Bind {
+            source: m.source.clone(),
+            target: m.target.clone(),
+            read_only: m.read_only,
+        })
+        .collect();
+    let cgroup = format!("/moe-e2e/{id}");
+    let spec = run.pod.spec.clone().unwrap_or_default();
+    let cfg = bundle_config(&BundleInput {
+        pod: &spec,
+        container: c,
+        image: &pulled,
+        command,
+        args,
+        env,
+        hostname: &run.name,
+        root: &root,
+        read_only_root: read_only,
+        netns: run
+            .netns
+            .as_ref()
+            .map(|n| PathBuf::from("/var/run/netns").join(&n.name)),
+        binds: &binds,
+        cgroup: &cgroup,
+    });
+    let rc = RuncContainer {
+        id: id.clone(),
+        dir: dir.clone(),
+        overlay,
+        cgroup,
+    };
+    let cfg = match cfg {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            rt.finish(&rc).await;
+            return Err(("CreateContainerConfigError", e));
+        }
+    };
+    std::fs::write(dir.join("config.json"), cfg.to_string())
+        .map_err(|e| ("RunContainerError", e.to_string()))?;
+    tokio::fs::create_dir_all(&run.log_dir)
+        .await
+        .map_err(|e| ("RunContainerError", e.to_string()))?;
+    let log = run.log_dir.join(format!("{}.log", c.name));
+    append(
+        &log,
+        &format!(
+            "=== {} start {} (restart {restarts}, pod uid {uid}): runc {id}, image {}\n",
+            Timestamp::now(),
+            c.name,
+            pulled.image_id
+        ),
+    );
+    let (out, err) =
+        process::log_file(&log).map_err(|e| ("RunContainerError", format!("{e:#}")))?;
+    let mut cmd = rt.command();
+    cmd.args(["run", "--keep", "--bundle"])
+        .arg(&dir)
+        .arg(&id)
+        .stdin(std::process::Stdio::null())
+        .stdout(out)
+        .stderr(err);
+    process::supervise(&mut cmd);
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            rt.finish(&rc).await;
+            return Err(("RunContainerError", format!("runc: {e}")));
+        }
+    };
+    // The container's first process, as soon as runc has made it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut pid = child.id().unwrap_or_default();
+    while std::time::Instant::now() < deadline {
+        if let Some(p) = rt.init_pid(&id).await {
+            pid = p;
+            break;
+        }
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(Started {
+        child,
+        env: env.to_vec(),
+        pid,
+        runc: Some(rc),
+        image_id: Some(pulled.image_id),
+    })
 }
 
 fn append(path: &Path, text: &str) {
