@@ -76,13 +76,101 @@ pub fn binaries() -> Result<()> {
     Ok(())
 }
 
+/// The images the scenarios install, pushed to their cluster's registry.
+#[derive(Debug, Clone)]
+pub struct Pushed {
+    /// `host/moe` (the chart's `imageRegistry`).
+    pub registry: String,
+    pub operator_digest: String,
+    pub worker_digest: String,
+}
+
+static PUSHED: std::sync::OnceLock<Pushed> = std::sync::OnceLock::new();
+
+/// The cluster of the MoE scenarios, one per test binary: pods run from the images (built
+/// from this test build's binaries with `cargo xtask images`, pushed to the cluster's registry)
+/// under runc, and [`install_operator`] installs the chart pointing at them by digest.
+pub async fn cluster() -> &'static Cluster {
+    static C: OnceCell<Result<Cluster, String>> = OnceCell::const_new();
+    let c = C
+        .get_or_init(|| async {
+            let start = async {
+                let cluster = Cluster::start_with(crate::ClusterConfig {
+                    oci_runtime: true,
+                    ..crate::ClusterConfig::default()
+                })
+                .await?;
+                let (reg, ca) = (cluster.registry().clone(), cluster.ca_cert().to_path_buf());
+                let out = cluster.dir().join("images");
+                let built = tokio::task::spawn_blocking(move || {
+                    crate::images::build(&out, Some((&reg, "moe", &ca)))
+                })
+                .await??;
+                let digest = |name: &str| -> Result<String> {
+                    let r = built
+                        .pushed
+                        .get(name)
+                        .with_context(|| format!("{name} not pushed"))?;
+                    Ok(r.split_once('@').context("no digest")?.1.to_string())
+                };
+                let pushed = Pushed {
+                    registry: format!("{}/moe", cluster.registry().host),
+                    operator_digest: digest("moe-operator")?,
+                    worker_digest: digest("moe-worker")?,
+                };
+                let _ = PUSHED.set(pushed);
+                Ok::<_, anyhow::Error>(cluster)
+            };
+            start.await.map_err(|e| format!("{e:#}"))
+        })
+        .await;
+    match c {
+        Ok(c) => c,
+        Err(e) => panic!("the e2e cluster with images did not start: {e}"),
+    }
+}
+
+/// A `kubernetes.io/dockerconfigjson` Secret `regcred` in `ns` for the cluster's registry.
+pub async fn registry_secret(cluster: &Cluster, ns: &str) -> Result<()> {
+    use base64::Engine as _;
+    let reg = cluster.registry();
+    let auth = base64::engine::general_purpose::STANDARD
+        .encode(format!("{}:{}", reg.username, reg.password));
+    let config = json!({"auths": {reg.host.clone(): {"auth": auth}}}).to_string();
+    let secret: Secret = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "regcred", "namespace": ns},
+        "type": "kubernetes.io/dockerconfigjson",
+        "stringData": {".dockerconfigjson": config},
+    }))?;
+    let api: Api<Secret> = Api::namespaced(cluster.client().await?, ns);
+    if api.get_opt("regcred").await?.is_none() {
+        api.create(&Default::default(), &secret).await?;
+    }
+    Ok(())
+}
+
 /// `helm install` of the operator chart into `ns`, watching `ns` only, and waits until the
-/// operator Deployment is available.
+/// operator Deployment is available. On the images cluster ([`cluster`]) the chart points at
+/// the pushed images by digest, pulled with a `regcred` Secret.
 pub async fn install_operator(cluster: &Cluster, ns: &str, extra: &[&str]) -> Result<()> {
     binaries()?;
     crds(cluster).await?;
     let chart = chart_dir();
     let watch = format!("watchNamespace={ns}");
+    let mut image_args: Vec<String> = Vec::new();
+    if let Some(p) = PUSHED.get() {
+        registry_secret(cluster, ns).await?;
+        image_args = [
+            format!("imageRegistry={}", p.registry),
+            format!("image.digest={}", p.operator_digest),
+            format!("workerImage.digest={}", p.worker_digest),
+            "imagePullSecrets[0].name=regcred".to_string(),
+        ]
+        .into_iter()
+        .flat_map(|a| ["--set".to_string(), a])
+        .collect();
+    }
     let mut args = vec![
         "install",
         "moe",
@@ -98,6 +186,7 @@ pub async fn install_operator(cluster: &Cluster, ns: &str, extra: &[&str]) -> Re
         "--set",
         "logLevel=info\\,moe_operator=debug",
     ];
+    args.extend(image_args.iter().map(String::as_str));
     args.extend_from_slice(extra);
     cluster.helm(&args)?;
     wait_operator(cluster, ns).await

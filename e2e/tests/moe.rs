@@ -36,7 +36,7 @@ fn prompt() -> Vec<u32> {
 /// child and process → helm uninstall leaves no operator object.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn install_apply_serve_delete_uninstall() -> Result<()> {
-    let cluster = Cluster::shared().await;
+    let cluster = moe::cluster().await;
     let ns = cluster.namespace("moe-life").await?;
     let client = cluster.client().await?;
     moe::install_operator(cluster, &ns, &[]).await?;
@@ -314,7 +314,7 @@ async fn serving(
 /// new replica takes traffic), the operator restarted (no duplicate or flapping children).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_scale_and_restart_the_operator() -> Result<()> {
-    let cluster = Cluster::shared().await;
+    let cluster = moe::cluster().await;
     // The autoscaler samples once an hour here: the replica counts are this test's to set.
     let Serving {
         ns,
@@ -492,7 +492,7 @@ async fn replicas(deps: &Api<Deployment>, name: &str) -> Result<(i32, i32)> {
 /// request fails or hangs at any point.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn skewed_load_scales_the_hot_expert_shard_up_and_back_down() -> Result<()> {
-    let cluster = Cluster::shared().await;
+    let cluster = moe::cluster().await;
     // Sample every second and smooth over 4 s, so the test need not wait minutes.
     let Serving {
         ns,
@@ -683,7 +683,7 @@ async fn workload_generations(
 /// `kubectl apply` rejects inconsistent specs, naming the field.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_manifests_are_rejected_naming_the_field() -> Result<()> {
-    let cluster = Cluster::shared().await;
+    let cluster = moe::cluster().await;
     moe::crds(cluster).await?;
     let ns = cluster.namespace("moe-invalid").await?;
     let dir = cluster.dir().join("manifests").join(&ns);
@@ -822,7 +822,7 @@ async fn invalid_manifests_are_rejected_naming_the_field() -> Result<()> {
 /// naming the field, and the operator stays up and keeps renewing its Lease meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unplannable_manifests_are_reported_while_the_operator_keeps_leading() -> Result<()> {
-    let cluster = Cluster::shared().await;
+    let cluster = moe::cluster().await;
     let ns = cluster.namespace("moe-unplannable").await?;
     let client = cluster.client().await?;
     moe::install_operator(cluster, &ns, &[]).await?;
@@ -925,7 +925,7 @@ async fn unplannable_manifests_are_reported_while_the_operator_keeps_leading() -
 /// default values and every `ci/*-values.yaml`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chart_lints_and_passes_a_server_side_dry_run() -> Result<()> {
-    let cluster = Cluster::shared().await;
+    let cluster = moe::cluster().await;
     moe::crds(cluster).await?;
     let ns = cluster.namespace("moe-chart").await?;
     // ci/watch-namespace-values.yaml puts a Role into namespace `ml`.
@@ -991,7 +991,7 @@ async fn chart_lints_and_passes_a_server_side_dry_run() -> Result<()> {
 /// with the certificates the operator issued for this deployment.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_gateways_share_the_pipeline_over_mutual_tls() -> Result<()> {
-    let cluster = Cluster::shared().await;
+    let cluster = moe::cluster().await;
     let ns = cluster.namespace("moe-trust").await?;
     let client = cluster.client().await?;
     moe::install_operator(
