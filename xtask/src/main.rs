@@ -47,15 +47,17 @@ pub fn root() -> PathBuf {
         .unwrap_or_default()
 }
 
-/// Where build outputs and downloads are cached: `$CARGO_TARGET_DIR`'s parent folder when
-/// it is set (CI keeps it outside the clone), else `target/`.
+/// Where downloads are cached, outside the clone and shared by every clone (as `.ci/run` and
+/// `e2e/k8s/build.sh` do): `$MOE_CACHE_DIR`, else `${XDG_CACHE_HOME:-$HOME/.cache}/moe-serve`.
 pub fn cache_dir() -> PathBuf {
-    match std::env::var_os("MOE_CACHE_DIR") {
-        Some(d) => PathBuf::from(d),
-        None => std::env::var_os("HOME")
-            .map(|h| PathBuf::from(h).join(".cache/moe-serve"))
-            .unwrap_or_else(|| root().join("target/moe-cache")),
+    if let Some(d) = std::env::var_os("MOE_CACHE_DIR") {
+        return PathBuf::from(d);
     }
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .map(|c| c.join("moe-serve"))
+        .unwrap_or_else(|| root().join("target/moe-cache"))
 }
 
 /// Runs `cmd`, returning its standard output, or an error naming the command.
