@@ -69,3 +69,25 @@ pub fn build(out: &Path, push: Option<(&Registry, &str, &Path)>) -> Result<Built
     }
     Ok(built)
 }
+
+/// A `kubernetes.io/dockerconfigjson` Secret `regcred` in `ns` for the cluster's registry, with
+/// `password` (the registry's, or a wrong one to test refusals). Kept if it exists.
+pub async fn pull_secret(cluster: &crate::Cluster, ns: &str, password: &str) -> Result<()> {
+    use base64::Engine as _;
+    use k8s_openapi::api::core::v1::Secret;
+    let reg = cluster.registry();
+    let auth =
+        base64::engine::general_purpose::STANDARD.encode(format!("{}:{password}", reg.username));
+    let config = serde_json::json!({"auths": {reg.host.clone(): {"auth": auth}}}).to_string();
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "regcred", "namespace": ns},
+        "type": "kubernetes.io/dockerconfigjson",
+        "stringData": {".dockerconfigjson": config},
+    }))?;
+    let api: kube::Api<Secret> = kube::Api::namespaced(cluster.client().await?, ns);
+    if api.get_opt("regcred").await?.is_none() {
+        api.create(&Default::default(), &secret).await?;
+    }
+    Ok(())
+}

@@ -130,26 +130,6 @@ pub async fn cluster() -> &'static Cluster {
     }
 }
 
-/// A `kubernetes.io/dockerconfigjson` Secret `regcred` in `ns` for the cluster's registry.
-pub async fn registry_secret(cluster: &Cluster, ns: &str) -> Result<()> {
-    use base64::Engine as _;
-    let reg = cluster.registry();
-    let auth = base64::engine::general_purpose::STANDARD
-        .encode(format!("{}:{}", reg.username, reg.password));
-    let config = json!({"auths": {reg.host.clone(): {"auth": auth}}}).to_string();
-    let secret: Secret = serde_json::from_value(json!({
-        "apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": "regcred", "namespace": ns},
-        "type": "kubernetes.io/dockerconfigjson",
-        "stringData": {".dockerconfigjson": config},
-    }))?;
-    let api: Api<Secret> = Api::namespaced(cluster.client().await?, ns);
-    if api.get_opt("regcred").await?.is_none() {
-        api.create(&Default::default(), &secret).await?;
-    }
-    Ok(())
-}
-
 /// `helm install` of the operator chart into `ns`, watching `ns` only, and waits until the
 /// operator Deployment is available. On the images cluster ([`cluster`]) the chart points at
 /// the pushed images by digest, pulled with a `regcred` Secret.
@@ -160,7 +140,8 @@ pub async fn install_operator(cluster: &Cluster, ns: &str, extra: &[&str]) -> Re
     let watch = format!("watchNamespace={ns}");
     let mut image_args: Vec<String> = Vec::new();
     if let Some(p) = PUSHED.get() {
-        registry_secret(cluster, ns).await?;
+        let password = cluster.registry().password.clone();
+        crate::images::pull_secret(cluster, ns, &password).await?;
         image_args = [
             format!("imageRegistry={}", p.registry),
             format!("image.digest={}", p.operator_digest),

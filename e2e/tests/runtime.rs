@@ -5,11 +5,10 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use base64::Engine as _;
 use e2e::node::container_pid;
 use e2e::wait::until;
 use e2e::{Cluster, ClusterConfig};
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, PostParams};
 use serde_json::json;
 use tokio::sync::OnceCell;
@@ -44,24 +43,6 @@ async fn cluster() -> &'static (Cluster, String) {
         (cluster, format!("{repo}@{digest}"))
     })
     .await
-}
-
-/// A `kubernetes.io/dockerconfigjson` Secret for the cluster registry.
-async fn pull_secret(cluster: &Cluster, ns: &str, password: &str) -> Result<()> {
-    let reg = cluster.registry();
-    let auth =
-        base64::engine::general_purpose::STANDARD.encode(format!("{}:{password}", reg.username));
-    let config = json!({"auths": {reg.host.clone(): {"auth": auth}}}).to_string();
-    let secret: Secret = serde_json::from_value(json!({
-        "apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": "regcred", "namespace": ns},
-        "type": "kubernetes.io/dockerconfigjson",
-        "stringData": {".dockerconfigjson": config},
-    }))?;
-    Api::<Secret>::namespaced(cluster.client().await?, ns)
-        .create(&PostParams::default(), &secret)
-        .await?;
-    Ok(())
 }
 
 /// A pod of the worker image, as the operator's pods are secured.
@@ -115,7 +96,7 @@ fn log_of(cluster: &Cluster, ns: &str, pod: &str) -> String {
 async fn pods_run_from_their_images_under_runc_with_the_security_context_enforced() -> Result<()> {
     let (cluster, image) = cluster().await;
     let ns = cluster.namespace("runc").await?;
-    pull_secret(cluster, &ns, &cluster.registry().password).await?;
+    e2e::images::pull_secret(cluster, &ns, &cluster.registry().password).await?;
     let pods: Api<Pod> = Api::namespaced(cluster.client().await?, &ns);
     // A long-running expert shard: its process runs as 65532, without capabilities or new
     // privileges, under seccomp, with its memory limit, in the pod's network namespace.
@@ -251,7 +232,7 @@ async fn missing_images_and_bad_credentials_are_reported_as_pull_errors() -> Res
         ("missing", missing, right),
     ] {
         let ns = cluster.namespace(name).await?;
-        pull_secret(cluster, &ns, &password).await?;
+        e2e::images::pull_secret(cluster, &ns, &password).await?;
         let pods: Api<Pod> = Api::namespaced(cluster.client().await?, &ns);
         let mut pod = worker_pod(name, &img, &["--version"], true, "64Mi", "Never")?;
         // Always asks the registry (the node may hold the image from another pod already).

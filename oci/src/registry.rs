@@ -429,41 +429,38 @@ impl Registry {
             ':'
         };
         let what = format!("manifest {}/{repo}{sep}{reference}", self.host);
-        let resp = self
-            .send(
-                Method::GET,
-                &format!("/v2/{repo}/manifests/{reference}"),
-                &[(header::ACCEPT, MANIFEST_TYPE.to_string())],
-                None,
-            )
-            .await?;
-        let resp = Self::expect(resp, &what, &[StatusCode::OK]).await?;
-        let bytes = resp
-            .bytes()
-            .await
-            .map_err(|e| http_err(&what, None, &e.to_string()))?
-            .to_vec();
+        let accept = [(header::ACCEPT, MANIFEST_TYPE.to_string())];
+        let path = format!("/v2/{repo}/manifests/{reference}");
+        let bytes = self.get_checked(&what, &path, &accept, reference).await?;
         let got = digest(&bytes);
-        if reference.starts_with("sha256:") && got != reference {
-            return Err(Error::Invalid(format!("{what}: content has digest {got}")));
-        }
         Ok((bytes, got))
     }
 
     /// A blob, checked against its digest.
     pub async fn blob(&self, repo: &str, d: &str) -> Result<Vec<u8>> {
         let what = format!("blob {}/{repo}@{d}", self.host);
-        let resp = self
-            .send(Method::GET, &format!("/v2/{repo}/blobs/{d}"), &[], None)
-            .await?;
-        let resp = Self::expect(resp, &what, &[StatusCode::OK]).await?;
+        self.get_checked(&what, &format!("/v2/{repo}/blobs/{d}"), &[], d)
+            .await
+    }
+
+    /// GETs `path`; when `expected` is a digest, the content must have it.
+    async fn get_checked(
+        &self,
+        what: &str,
+        path: &str,
+        headers: &[(header::HeaderName, String)],
+        expected: &str,
+    ) -> Result<Vec<u8>> {
+        let resp = self.send(Method::GET, path, headers, None).await?;
+        let resp = Self::expect(resp, what, &[StatusCode::OK]).await?;
         let bytes = resp
             .bytes()
             .await
-            .map_err(|e| http_err(&what, None, &e.to_string()))?
+            .map_err(|e| http_err(what, None, &e.to_string()))?
             .to_vec();
-        if digest(&bytes) != d {
-            return Err(Error::Invalid(format!("{what}: content does not match")));
+        let got = digest(&bytes);
+        if expected.starts_with("sha256:") && got != expected {
+            return Err(Error::Invalid(format!("{what}: content has digest {got}")));
         }
         Ok(bytes)
     }
