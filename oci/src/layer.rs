@@ -81,20 +81,9 @@ impl LayerBuilder {
     pub fn insert(&mut self, path: &str, entry: Entry) -> Result<()> {
         let path = normalize(path)
             .ok_or_else(|| Error::Invalid(format!("bad path in layer: `{path}`")))?;
-        let mut parent = String::new();
-        for part in path
-            .split('/')
-            .collect::<Vec<_>>()
-            .iter()
-            .rev()
-            .skip(1)
-            .rev()
-        {
-            if !parent.is_empty() {
-                parent.push('/');
-            }
-            parent.push_str(part);
-            self.entries.entry(parent.clone()).or_insert(Entry {
+        // Every proper prefix ending before a `/` is a parent folder.
+        for (i, _) in path.match_indices('/') {
+            self.entries.entry(path[..i].to_string()).or_insert(Entry {
                 kind: Kind::Dir,
                 mode: 0o755,
                 uid: 0,
