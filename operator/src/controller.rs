@@ -462,7 +462,7 @@ async fn reconcile_inner(md: &MoEDeployment, ctx: &Context) -> Result<Action, Re
     // Validate: the API server's schema and CEL rules catch most mistakes; what needs the
     // planner (memory, GPU fit, presets) is caught here and reported, without retrying until
     // the spec changes.
-    let plan = match resources::checked_name(md).and_then(|_| planning::plan(&md.spec)) {
+    let plan = match resources::checked_name(md).and_then(|_| Ok(planning::plan(&md.spec)?)) {
         Ok(plan) => plan,
         Err(e @ Error::Invalid { .. }) => {
             let next = status::invalid(&prev, generation, e.to_string(), Timestamp::now());

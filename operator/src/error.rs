@@ -10,11 +10,8 @@ pub enum Error {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("parsing {path}: {source}")]
-    Manifest {
-        path: PathBuf,
-        source: serde_yaml::Error,
-    },
+    #[error("parsing {path}: {message}")]
+    Manifest { path: PathBuf, message: String },
     #[error("{0}")]
     Run(String),
     #[error("encoding {what}: {message}")]
@@ -31,3 +28,13 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl From<moe_api::Error> for Error {
+    fn from(e: moe_api::Error) -> Self {
+        match e {
+            moe_api::Error::Invalid { field, message } => Self::Invalid { field, message },
+            moe_api::Error::Read { path, source } => Self::Read { path, source },
+            moe_api::Error::Manifest { path, message } => Self::Manifest { path, message },
+        }
+    }
+}

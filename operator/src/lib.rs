@@ -7,14 +7,14 @@ pub mod autoscale;
 pub mod bench;
 pub mod cli;
 pub mod controller;
-pub mod crd;
 pub mod error;
 pub mod leader;
 pub mod metrics;
 pub mod pki;
-pub mod planning;
 pub mod resources;
 pub mod run;
 pub mod status;
 
 pub use error::{Error, Result};
+/// The resource and its plan live in `moe-api`, shared with `moe-worker local -f`.
+pub use moe_api::{crd, planning};

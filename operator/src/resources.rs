@@ -43,6 +43,14 @@ use moe_plan::{PodSizing, SizedPlan};
 
 use crate::crd::MoEDeployment;
 use crate::error::{Error, Result};
+pub use moe_api::workers::{
+    EXPERT_DRAIN_MS, MAX_NAME_LEN, WorkerRole, expert_name, gateway_name, stage_name,
+};
+
+/// The deployment's name, checked: derived names must be DNS labels.
+pub fn checked_name(md: &MoEDeployment) -> Result<String> {
+    Ok(moe_api::workers::checked_name(md)?)
+}
 
 /// gRPC port of stages and expert shards.
 pub const GRPC_PORT: i32 = 50051;
@@ -55,8 +63,6 @@ pub const HEALTH_PORT: i32 = 50052;
 const RUN_AS: i64 = 65532;
 /// Where a PersistentVolumeClaim's checkpoint is mounted.
 const MODEL_MOUNT: &str = "/models";
-/// Longest `metadata.name` whose derived names (`NAME-expert-NNN`, …) stay valid DNS labels.
-pub const MAX_NAME_LEN: usize = 40;
 
 pub const LABEL_DEPLOYMENT: &str = "serving.moe.dev/deployment";
 pub const LABEL_ROLE: &str = "serving.moe.dev/role";
@@ -71,24 +77,6 @@ pub struct Config {
     pub worker_image: String,
     /// Secrets (in each MoEDeployment's namespace) the worker pods pull their image with.
     pub image_pull_secrets: Vec<String>,
-}
-
-/// The role of a worker pod.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WorkerRole {
-    Stage,
-    Expert,
-    Gateway,
-}
-
-impl WorkerRole {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Stage => "stage",
-            Self::Expert => "expert",
-            Self::Gateway => "gateway",
-        }
-    }
 }
 
 /// Every object one `MoEDeployment` owns, in the order they are applied: what others refer to
@@ -108,20 +96,8 @@ pub struct Children {
     pub network_policy: NetworkPolicy,
 }
 
-pub fn stage_name(md: &str, s: usize) -> String {
-    format!("{md}-stage-{s}")
-}
-
-pub fn expert_name(md: &str, j: usize) -> String {
-    format!("{md}-expert-{j}")
-}
-
 pub fn experts_service(md: &str) -> String {
     format!("{md}-experts")
-}
-
-pub fn gateway_name(md: &str) -> String {
-    format!("{md}-gateway")
 }
 
 pub fn worker_account(md: &str) -> String {
@@ -159,36 +135,6 @@ fn labels(md: &str, role: WorkerRole, index: Option<(&str, usize)>) -> BTreeMap<
     m.insert("app.kubernetes.io/component".into(), role.as_str().into());
     m.extend(selector(md, role, index));
     m
-}
-
-/// The deployment's name, checked: derived names must be DNS labels.
-pub fn checked_name(md: &MoEDeployment) -> Result<String> {
-    let name = md.name_any();
-    if name.len() > MAX_NAME_LEN {
-        return Err(Error::invalid(
-            "metadata.name",
-            format!(
-                "`{name}` is {} characters; at most {MAX_NAME_LEN} leave room for the names of \
-                 its stages and expert shards",
-                name.len()
-            ),
-        ));
-    }
-    let dns1035 = name.starts_with(|c: char| c.is_ascii_lowercase())
-        && !name.ends_with('-')
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
-    if !dns1035 {
-        return Err(Error::invalid(
-            "metadata.name",
-            format!(
-                "`{name}` is not a DNS-1035 label (lowercase letters, digits and '-', starting \
-                 with a letter): the gateway Service is named after it"
-            ),
-        ));
-    }
-    Ok(name)
 }
 
 struct Ctx<'a> {
@@ -713,20 +659,11 @@ fn kube_addr(service: &str, port: i32) -> String {
     format!("kube:{service}:{port}")
 }
 
-/// Arguments of stage `s` (the model is added by `pod_template`).
+/// Arguments of stage `s` (the model is added by `pod_template`): the shared ones, where it
+/// listens, and its peers by their Services.
 pub fn stage_args(md: &str, plan: &SizedPlan, s: usize, max_sequences: i32) -> Vec<String> {
-    let st = &plan.stages[s].layout;
-    let mut args = vec![
-        "stage".to_string(),
-        "--listen".into(),
-        format!("0.0.0.0:{GRPC_PORT}"),
-        "--layers".into(),
-        format!("{}..{}", st.layer_start, st.layer_end),
-        "--index".into(),
-        s.to_string(),
-        "--max-sequences".into(),
-        max_sequences.to_string(),
-    ];
+    let mut args = moe_api::workers::stage_args(plan, s, max_sequences);
+    args.extend(["--listen".to_string(), format!("0.0.0.0:{GRPC_PORT}")]);
     if s + 1 < plan.stages.len() {
         args.extend([
             "--next".to_string(),
@@ -744,44 +681,24 @@ pub fn stage_args(md: &str, plan: &SizedPlan, s: usize, max_sequences: i32) -> V
 
 /// Arguments of expert shard `j`.
 pub fn expert_args(plan: &SizedPlan, j: usize) -> Vec<String> {
-    let sh = &plan.expert_shards[j].layout;
-    let experts: Vec<String> = sh.experts.iter().map(|e| e.to_string()).collect();
-    vec![
-        "expert".to_string(),
-        "--listen".into(),
-        format!("0.0.0.0:{GRPC_PORT}"),
-        "--layers".into(),
-        format!("{}..{}", sh.layer_start, sh.layer_end),
-        "--experts".into(),
-        experts.join(","),
-        "--index".into(),
-        j.to_string(),
-        // Stages stop sending a terminating replica work once its endpoint turns unready;
-        // keep serving until then.
-        "--drain-ms".into(),
-        EXPERT_DRAIN_MS.to_string(),
-    ]
+    let mut args = moe_api::workers::expert_args(plan, j);
+    args.extend(["--listen".to_string(), format!("0.0.0.0:{GRPC_PORT}")]);
+    args
 }
-
-/// How long a terminating expert replica keeps serving (see `moe-worker --drain-ms`).
-pub const EXPERT_DRAIN_MS: u32 = 3000;
 
 /// Arguments of the gateway.
 pub fn gateway_args(md: &str, plan: &SizedPlan, max_sequences: i32) -> Vec<String> {
     let stages: Vec<String> = (0..plan.stages.len())
         .map(|s| kube_addr(&stage_name(md, s), GRPC_PORT))
         .collect();
-    vec![
-        "gateway".to_string(),
-        "--listen".into(),
+    let mut args = moe_api::workers::gateway_args(md, max_sequences);
+    args.extend([
+        "--listen".to_string(),
         format!("0.0.0.0:{HTTP_PORT}"),
         "--stage-addrs".into(),
         stages.join(","),
-        "--served-model-name".into(),
-        md.to_string(),
-        "--max-sequences".into(),
-        max_sequences.to_string(),
-    ]
+    ]);
+    args
 }
 
 fn stage(cx: &Ctx, s: usize) -> StatefulSet {
@@ -842,9 +759,11 @@ fn gateway(cx: &Ctx) -> Deployment {
     // Each gateway replica admits its share of what every stage holds, so the stages accept
     // whatever the gateways admit (during a rolling update old and new replicas overlap: the
     // stages then refuse the excess with a retryable code, and the gateway answers 503).
-    let total = cx.md.spec.serving.max_concurrent_sequences.max(1) as usize;
-    let share = moe_plan::gateway_share(total, cx.md.spec.replicas.max(1) as usize);
-    let args = gateway_args(&cx.name, cx.plan, share as i32);
+    let args = gateway_args(
+        &cx.name,
+        cx.plan,
+        moe_api::workers::gateway_max_sequences(cx.md),
+    );
     Deployment {
         metadata: cx.meta(
             gateway_name(&cx.name),
