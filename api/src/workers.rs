@@ -5,17 +5,13 @@
 //! its pods and `moe-worker local -f` gives them to its processes, so both run the same thing.
 
 use kube::ResourceExt;
-use moe_plan::SizedPlan;
+use moe_plan::{ExpertShardPlan, Plan, SizedPlan, StagePlan};
 
 use crate::crd::MoEDeployment;
 use crate::error::{Error, Result};
 
 /// Longest `metadata.name` whose derived names (`NAME-expert-NNN`, …) stay valid DNS labels.
 pub const MAX_NAME_LEN: usize = 40;
-
-/// How long a terminating expert replica keeps serving (see `moe-worker --drain-ms`): stages
-/// stop sending a terminating replica work once its endpoint turns unready.
-pub const EXPERT_DRAIN_MS: u32 = 3000;
 
 /// The role of a worker process (and pod).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -80,23 +76,21 @@ pub fn checked_name(md: &MoEDeployment) -> Result<String> {
     Ok(name)
 }
 
-/// Arguments of stage `s`: its layers, and the KV caches it holds for every gateway together.
-pub fn stage_args(plan: &SizedPlan, s: usize, max_sequences: i32) -> Vec<String> {
-    let st = &plan.stages[s].layout;
+/// Arguments of a stage: its layers, and the KV caches it holds for every gateway together.
+pub fn stage_args(st: &StagePlan, max_sequences: i32) -> Vec<String> {
     vec![
         "stage".to_string(),
         "--layers".into(),
         format!("{}..{}", st.layer_start, st.layer_end),
         "--index".into(),
-        s.to_string(),
+        st.index.to_string(),
         "--max-sequences".into(),
         max_sequences.to_string(),
     ]
 }
 
-/// Arguments of (every replica of) expert shard `j`.
-pub fn expert_args(plan: &SizedPlan, j: usize) -> Vec<String> {
-    let sh = &plan.expert_shards[j].layout;
+/// Arguments of (every replica of) an expert shard.
+pub fn expert_args(sh: &ExpertShardPlan) -> Vec<String> {
     let experts: Vec<String> = sh.experts.iter().map(|e| e.to_string()).collect();
     vec![
         "expert".to_string(),
@@ -105,21 +99,18 @@ pub fn expert_args(plan: &SizedPlan, j: usize) -> Vec<String> {
         "--experts".into(),
         experts.join(","),
         "--index".into(),
-        j.to_string(),
-        "--drain-ms".into(),
-        EXPERT_DRAIN_MS.to_string(),
+        sh.index.to_string(),
     ]
 }
 
 /// Arguments of each gateway: the model name it answers to and its share of the sequences.
-pub fn gateway_args(md: &str, max_sequences: i32) -> Vec<String> {
-    vec![
-        "gateway".to_string(),
-        "--served-model-name".into(),
-        md.to_string(),
-        "--max-sequences".into(),
-        max_sequences.to_string(),
-    ]
+pub fn gateway_args(served_model_name: Option<&str>, max_sequences: i32) -> Vec<String> {
+    let mut args = vec!["gateway".to_string()];
+    if let Some(name) = served_model_name {
+        args.extend(["--served-model-name".to_string(), name.to_string()]);
+    }
+    args.extend(["--max-sequences".to_string(), max_sequences.to_string()]);
+    args
 }
 
 /// Each gateway's share of what every stage holds, so that the gateways together never admit
@@ -147,31 +138,56 @@ pub struct Workload {
 /// moves them within their bounds later), one per stage, `replicas` gateways.
 pub fn workloads(md: &MoEDeployment, plan: &SizedPlan) -> Result<Vec<Workload>> {
     let name = checked_name(md)?;
-    let max = md.spec.serving.max_concurrent_sequences;
-    let mut out: Vec<Workload> = (0..plan.expert_shards.len())
-        .map(|j| Workload {
+    let gateways = md.spec.replicas.max(1);
+    Ok(layout_workloads(
+        &name,
+        &plan.layout(),
+        md.spec.experts.min_replicas.max(1),
+        gateways,
+        md.spec.serving.max_concurrent_sequences,
+        gateway_max_sequences(md),
+        Some(&name),
+    ))
+}
+
+/// The workloads of a layout: `expert_replicas` processes per expert shard, one per stage
+/// holding `max_sequences` sequences, and `gateways` gateways admitting `gateway_sequences`
+/// each.
+pub fn layout_workloads(
+    name: &str,
+    plan: &Plan,
+    expert_replicas: i32,
+    gateways: i32,
+    max_sequences: i32,
+    gateway_sequences: i32,
+    served_model_name: Option<&str>,
+) -> Vec<Workload> {
+    let mut out: Vec<Workload> = plan
+        .expert_shards
+        .iter()
+        .map(|sh| Workload {
             role: WorkerRole::Expert,
-            name: expert_name(&name, j),
-            index: Some(j),
-            replicas: md.spec.experts.min_replicas.max(1),
-            args: expert_args(plan, j),
+            name: expert_name(name, sh.index),
+            index: Some(sh.index),
+            replicas: expert_replicas,
+            args: expert_args(sh),
         })
         .collect();
-    out.extend((0..plan.stages.len()).map(|s| Workload {
+    out.extend(plan.stages.iter().map(|st| Workload {
         role: WorkerRole::Stage,
-        name: stage_name(&name, s),
-        index: Some(s),
+        name: stage_name(name, st.index),
+        index: Some(st.index),
         replicas: 1,
-        args: stage_args(plan, s, max),
+        args: stage_args(st, max_sequences),
     }));
     out.push(Workload {
         role: WorkerRole::Gateway,
-        name: gateway_name(&name),
+        name: gateway_name(name),
         index: None,
-        replicas: md.spec.replicas.max(1),
-        args: gateway_args(&name, gateway_max_sequences(md)),
+        replicas: gateways,
+        args: gateway_args(served_model_name, gateway_sequences),
     });
-    Ok(out)
+    out
 }
 
 #[cfg(test)]
@@ -221,7 +237,7 @@ mod tests {
                 .ends_with(&["--max-sequences".into(), "10".into()])
         );
         assert_eq!(gateway_max_sequences(&md), 3);
-        assert_eq!(w[5].args[2], "tiny");
+        assert_eq!(w[5].args[1..3], ["--served-model-name", "tiny"]);
     }
 
     #[test]

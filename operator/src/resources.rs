@@ -43,9 +43,12 @@ use moe_plan::{PodSizing, SizedPlan};
 
 use crate::crd::MoEDeployment;
 use crate::error::{Error, Result};
-pub use moe_api::workers::{
-    EXPERT_DRAIN_MS, MAX_NAME_LEN, WorkerRole, expert_name, gateway_name, stage_name,
-};
+pub use moe_api::workers::{MAX_NAME_LEN, WorkerRole, expert_name, gateway_name, stage_name};
+
+/// How long a terminating expert replica keeps serving (see `moe-worker --drain-ms`): stages
+/// stop sending a terminating replica work once its endpoint turns unready, which takes the
+/// EndpointSlice a moment.
+pub const EXPERT_DRAIN_MS: u32 = 3000;
 
 /// The deployment's name, checked: derived names must be DNS labels.
 pub fn checked_name(md: &MoEDeployment) -> Result<String> {
@@ -662,7 +665,7 @@ fn kube_addr(service: &str, port: i32) -> String {
 /// Arguments of stage `s` (the model is added by `pod_template`): the shared ones, where it
 /// listens, and its peers by their Services.
 pub fn stage_args(md: &str, plan: &SizedPlan, s: usize, max_sequences: i32) -> Vec<String> {
-    let mut args = moe_api::workers::stage_args(plan, s, max_sequences);
+    let mut args = moe_api::workers::stage_args(&plan.stages[s].layout, max_sequences);
     args.extend(["--listen".to_string(), format!("0.0.0.0:{GRPC_PORT}")]);
     if s + 1 < plan.stages.len() {
         args.extend([
@@ -681,8 +684,13 @@ pub fn stage_args(md: &str, plan: &SizedPlan, s: usize, max_sequences: i32) -> V
 
 /// Arguments of expert shard `j`.
 pub fn expert_args(plan: &SizedPlan, j: usize) -> Vec<String> {
-    let mut args = moe_api::workers::expert_args(plan, j);
-    args.extend(["--listen".to_string(), format!("0.0.0.0:{GRPC_PORT}")]);
+    let mut args = moe_api::workers::expert_args(&plan.expert_shards[j].layout);
+    args.extend([
+        "--listen".to_string(),
+        format!("0.0.0.0:{GRPC_PORT}"),
+        "--drain-ms".into(),
+        EXPERT_DRAIN_MS.to_string(),
+    ]);
     args
 }
 
@@ -691,7 +699,7 @@ pub fn gateway_args(md: &str, plan: &SizedPlan, max_sequences: i32) -> Vec<Strin
     let stages: Vec<String> = (0..plan.stages.len())
         .map(|s| kube_addr(&stage_name(md, s), GRPC_PORT))
         .collect();
-    let mut args = moe_api::workers::gateway_args(md, max_sequences);
+    let mut args = moe_api::workers::gateway_args(Some(md), max_sequences);
     args.extend([
         "--listen".to_string(),
         format!("0.0.0.0:{HTTP_PORT}"),

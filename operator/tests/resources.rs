@@ -411,3 +411,101 @@ fn synthetic_presets_match_the_worker() {
         );
     }
 }
+
+/// Arguments that say where a process runs rather than what it computes: addresses, the
+/// certificate folder, the health port, the drain that cluster endpoints need, and the
+/// per-process replica numbers `moe-worker local` hands out. The rest as sorted flag-value
+/// pairs (the order of flags means nothing to the CLI).
+fn what_it_runs(args: &[String], role: &str) -> Vec<(String, String)> {
+    const PLACE: [&str; 9] = [
+        "--listen",
+        "--next",
+        "--expert-addrs",
+        "--stage-addrs",
+        "--tls-dir",
+        "--health-listen",
+        "--drain-ms",
+        "--replica",
+        "--startup-timeout-s",
+    ];
+    let mut out = Vec::new();
+    let mut it = args.iter().skip_while(|a| *a != role).skip(1);
+    while let Some(a) = it.next() {
+        if a == "--plaintext" {
+            continue;
+        }
+        let value = it.next().cloned().unwrap_or_default();
+        if !(PLACE.contains(&a.as_str()) || (role == "gateway" && a == "--index")) {
+            out.push((a.clone(), value));
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn moe_worker_local_runs_the_processes_the_operator_creates() {
+    let mut cases = Vec::new();
+    for file in ["tiny.yaml", "tiny-hot.yaml"] {
+        cases.push(example(file));
+    }
+    let mut md = example("tiny.yaml");
+    md.spec.replicas = 3;
+    md.spec.experts.min_replicas = 2;
+    md.spec.serving.max_concurrent_sequences = 7;
+    md.spec.model.tokenizer = Some("cl100k_base".into());
+    md.spec.serving.plaintext = true;
+    cases.push(md.clone());
+    md.spec.parallelism.pipeline = 4;
+    md.spec.parallelism.expert = Some(0);
+    cases.push(md.clone());
+    md.spec.parallelism.pipeline = 1;
+    md.spec.parallelism.expert = None;
+    cases.push(md);
+    for md in cases {
+        let children = build(&md);
+        let mut operator: Vec<(String, Vec<(String, String)>)> = Vec::new();
+        let mut add = |role: &str, t: &PodTemplateSpec, replicas: i32| {
+            for _ in 0..replicas {
+                operator.push((role.into(), what_it_runs(&template_args(t), role)));
+            }
+        };
+        for s in &children.stages {
+            add("stage", &s.spec.template, 1);
+        }
+        for d in &children.expert_shards {
+            let spec = &d.spec;
+            add("expert", &spec.template, spec.replicas.unwrap());
+        }
+        let gw = &children.gateway.spec;
+        add("gateway", &gw.template, gw.replicas.unwrap());
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("md.yaml");
+        std::fs::write(&path, serde_yaml::to_string(&md).unwrap()).unwrap();
+        let cli = moe_worker::cli::Cli::try_parse_from([
+            "moe-worker",
+            "local",
+            "-f",
+            path.to_str().unwrap(),
+        ])
+        .unwrap();
+        let moe_worker::cli::Command::Local(args) = cli.command else {
+            panic!("not local");
+        };
+        let md_read = moe_operator::cli::read_manifest(&path).unwrap();
+        let launch = moe_worker::serve::local::Launch::from_manifest(&md_read, &args).unwrap();
+        assert_eq!(launch.plaintext, md.spec.serving.plaintext);
+        let mut local: Vec<(String, Vec<(String, String)>)> = launch
+            .processes()
+            .iter()
+            .map(|p| {
+                let role = p.role.as_str();
+                (role.to_string(), what_it_runs(&p.args, role))
+            })
+            .collect();
+        operator.sort();
+        local.sort();
+        assert_eq!(local, operator, "{:?}", md.spec);
+    }
+}

@@ -295,7 +295,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
     };
     params.validate().map_err(|e| match e {
         Error::InvalidInput { field, message } => {
-            Error::invalid(&format!("--{}", field.replace('_', "-")), message)
+            Error::invalid(format!("--{}", field.replace('_', "-")), message)
         }
         other => other,
     })?;

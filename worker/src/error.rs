@@ -79,9 +79,9 @@ impl Error {
         }
     }
 
-    pub fn invalid(field: &str, message: impl Into<String>) -> Self {
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
         Self::InvalidInput {
-            field: field.to_string(),
+            field: field.into(),
             message: message.into(),
         }
     }

@@ -93,6 +93,118 @@ async fn golden_checkpoints_give_the_same_tokens_distributed() {
     }
 }
 
+/// A MoEDeployment of the golden checkpoint in `dir`, read from this machine's folder.
+fn golden_manifest(dir: &Path, extra_spec: &str) -> String {
+    format!(
+        "apiVersion: serving.moe.dev/v1alpha1\nkind: MoEDeployment\nmetadata:\n  name: golden\n\
+         spec:\n  replicas: 2\n  model:\n    source:\n      hostPath: {{path: '{}'}}\n    \
+         architecture: {{numLayers: 2, numExperts: 4, topK: 2, hiddenSize: 64, \
+         intermediateSize: 128, numAttentionHeads: 4, numKeyValueHeads: 2, vocabSize: 384, \
+         maxPositionEmbeddings: 256}}\n  parallelism: {{pipeline: 2, expert: 2}}\n  \
+         experts: {{minReplicas: 2, maxReplicas: 3}}\n  serving: {{maxConcurrentSequences: 6}}\n\
+         {extra_spec}",
+        dir.display()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manifest_runs_locally_with_the_workloads_the_operator_would_create() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/tiny-gqa-top2");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let manifest = tmp.path().join("golden.yaml");
+    std::fs::write(&manifest, golden_manifest(&dir, "")).expect("write");
+    let d = Deployment::start_manifest(&manifest, &[]);
+    // 2 expert shards × minReplicas 2, 2 stages, replicas 2 gateways.
+    let procs = d.processes();
+    let count = |role: &str| procs.iter().filter(|(_, c)| c.contains(role)).count();
+    assert_eq!(
+        (count(" expert "), count(" stage "), count(" gateway ")),
+        (4, 2, 2),
+        "{procs:?}"
+    );
+    // Each gateway admits its share of the stages' 6 sequences.
+    assert_eq!(
+        procs
+            .iter()
+            .filter(|(_, c)| c.contains(" gateway ") && c.contains("--max-sequences 3 "))
+            .count(),
+        2,
+        "{procs:?}"
+    );
+    let expected: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).expect("read"))
+            .expect("json");
+    assert_eq!(d.bases.len(), 2);
+    for base in &d.bases {
+        let m = models(base).await;
+        assert_eq!(m["data"][0]["id"], "golden", "{m}");
+        for case in expected["cases"].as_array().expect("cases") {
+            let prompt = ids(&case["prompt_ids"]);
+            let want = ids(&case["greedy_ids"]);
+            let got = complete_ids(base, &prompt, want.len()).await;
+            assert_eq!(got, want, "{base}: {} vs transformers", case["name"]);
+        }
+    }
+    d.stop();
+}
+
+#[test]
+fn a_manifest_that_cannot_run_here_is_refused_naming_the_field() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/tiny-gqa-top2");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let run = |yaml: String, extra: &[&str]| {
+        let manifest = tmp.path().join("m.yaml");
+        std::fs::write(&manifest, yaml).expect("write");
+        let out = std::process::Command::new(deploy::BIN)
+            .args(["local", "--http-port", "0", "-f"])
+            .arg(&manifest)
+            .args(extra)
+            .output()
+            .expect("run");
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let golden = golden_manifest(&dir, "");
+    // The checkpoint has 2 layers; a plan for 3 would load layers it does not have.
+    let e = run(golden.replace("numLayers: 2", "numLayers: 3"), &[]);
+    assert!(
+        e.contains("spec.model.architecture.numLayers") && e.contains("num_hidden_layers = 2"),
+        "{e}"
+    );
+    let pvc = golden.replace(
+        &format!("hostPath: {{path: '{}'}}", dir.display()),
+        "pvc: {claimName: weights}",
+    );
+    let e = run(pvc.clone(), &[]);
+    assert!(
+        e.contains("spec.model.source") && e.contains("--model"),
+        "{e}"
+    );
+    // With the checkpoint given, the same manifest plans (and is only printed here).
+    let out = std::process::Command::new(deploy::BIN)
+        .args(["local", "--dry-run", "--model"])
+        .arg(&dir)
+        .arg("-f")
+        .arg(tmp.path().join("m.yaml"))
+        .output()
+        .expect("dry run");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert_eq!(
+        text.lines().filter(|l| l.starts_with("golden-")).count(),
+        8,
+        "{text}"
+    );
+    let e = run(golden.replace("expert: 2", "expert: 9"), &[]);
+    assert!(e.contains("spec.parallelism.expert"), "{e}");
+    let e = run(golden.replace("name: golden", "name: Golden"), &[]);
+    assert!(e.contains("metadata.name"), "{e}");
+    let e = run(golden.clone(), &["--stages", "2"]);
+    assert!(e.contains("--stages") && e.contains("--file"), "{e}");
+    let e = run("apiVersion: v1\nkind: Service\n".into(), &[]);
+    assert!(e.contains("no MoEDeployment"), "{e}");
+}
+
 /// Deterministic pseudo-random token ids.
 fn prompt(len: usize, seed: u64, vocab: u64) -> Vec<u32> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;

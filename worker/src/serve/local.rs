@@ -1,11 +1,13 @@
 //! `moe-worker local`: the whole deployment on one machine. It plans the shards with the same
-//! function the operator uses, starts every role as its own OS process on loopback (expert
-//! shards, then stages from last to first, then the gateway), waits until the gateway reports
-//! every stage ready, prints the endpoint, restarts a child that dies (on the same port), and
-//! on Ctrl-C or SIGTERM stops every child. Children also exit when the launcher's pipe to
-//! their standard input closes, so none outlives it even if it is killed.
+//! function the operator uses (from flags, or from a `MoEDeployment` manifest with `-f`, which
+//! then starts exactly the workloads the operator would create for it), starts every process
+//! on loopback (expert shards, then stages from last to first, then the gateways), waits until
+//! the gateways report every stage ready, prints the endpoint, restarts a child that dies (on
+//! the same port), and on Ctrl-C or SIGTERM stops every child. Children also exit when the
+//! launcher's pipe to their standard input closes, so none outlives it even if it is killed.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -14,14 +16,31 @@ use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
+use moe_api::workers::{WorkerRole, Workload};
+
 use crate::error::{Error, Result};
 use crate::serve::shutdown_signal;
+use crate::source::ModelArg;
 
 #[derive(Debug, clap::Args)]
 pub struct LocalArgs {
-    /// A checkpoint folder, or synthetic:PRESET[:SEED].
-    #[arg(long, env = "MOE_MODEL", default_value = "synthetic:gpt4-mini")]
-    pub model: crate::source::ModelArg,
+    /// A MoEDeployment manifest (as given to `kubectl apply`): plan it with the operator's
+    /// function and start exactly the stages, expert shards (`minReplicas` each) and gateways
+    /// (`replicas`) the operator would create, with the same settings. Its model is read from
+    /// `spec.model.source` (synthetic, or a hostPath folder on this machine) unless --model
+    /// is given.
+    #[arg(
+        short = 'f',
+        long,
+        value_name = "MANIFEST",
+        conflicts_with_all = ["stages", "expert_shards", "expert_replicas", "gateways", "max_sequences"]
+    )]
+    pub file: Option<PathBuf>,
+
+    /// A checkpoint folder, or synthetic:PRESET[:SEED] [default: synthetic:gpt4-mini, or the
+    /// manifest's model].
+    #[arg(long)]
+    pub model: Option<ModelArg>,
 
     /// Tokenizer override: a tokenizer.json path, or cl100k_base.
     #[arg(long)]
@@ -100,6 +119,247 @@ pub struct LocalArgs {
     /// with certificates of a CA the launcher makes at start.
     #[arg(long)]
     pub plaintext: bool,
+
+    /// Print the processes it would start, and exit.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// What the launcher starts: the workloads of a plan, and the model they all load.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    /// `local`, or the manifest's name.
+    pub name: String,
+    pub model: ModelArg,
+    pub tokenizer: Option<String>,
+    pub plaintext: bool,
+    pub stages: usize,
+    pub expert_shards: usize,
+    /// Expert shards, then stages, then the gateways (the order they start in, but stages
+    /// start from the last).
+    pub workloads: Vec<Workload>,
+    /// What the launcher cannot reproduce of a manifest, said once at start.
+    pub notes: Vec<String>,
+}
+
+/// One process of a [`Launch`]: a workload's arguments, the model's, and its replica number.
+/// Addresses (`--listen`, `--next`, `--expert-addrs`, `--stage-addrs`) come at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Process {
+    pub name: String,
+    pub role: WorkerRole,
+    pub replica: usize,
+    pub args: Vec<String>,
+}
+
+const DEFAULT_MODEL: &str = "synthetic:gpt4-mini";
+
+impl Launch {
+    /// From the flags: a layout of `--stages` and `--expert-shards`, the other flags as given.
+    pub fn from_flags(args: &LocalArgs) -> Result<Self> {
+        let model = match &args.model {
+            Some(m) => m.clone(),
+            None => DEFAULT_MODEL.parse()?,
+        };
+        let cfg = model.open()?.config().clone();
+        let shape = moe_plan::ModelShape {
+            num_layers: cfg.num_hidden_layers,
+            num_experts: cfg.num_local_experts,
+            top_k: cfg.num_experts_per_tok,
+        };
+        let plan = moe_plan::plan(shape, args.stages, args.expert_shards).map_err(|e| match e {
+            moe_plan::PlanError::Invalid { field, message } => {
+                let flag = match field {
+                    "stages" => "--stages",
+                    "expertShards" => "--expert-shards",
+                    f => f,
+                };
+                Error::invalid(flag, message)
+            }
+        })?;
+        let gateways = usize::from(args.gateways);
+        if args.max_sequences < gateways {
+            return Err(Error::invalid(
+                "--max-sequences",
+                format!(
+                    "{} cannot be shared among {gateways} gateways (each needs at least 1)",
+                    args.max_sequences
+                ),
+            ));
+        }
+        let count = |n: usize, flag: &str| {
+            i32::try_from(n).map_err(|_| Error::invalid(flag, format!("{n} is too large")))
+        };
+        let max = count(args.max_sequences, "--max-sequences")?;
+        let share = moe_plan::gateway_share(args.max_sequences, gateways) as i32;
+        Ok(Self {
+            name: "local".into(),
+            model,
+            tokenizer: args.tokenizer.clone(),
+            plaintext: args.plaintext,
+            stages: plan.stages.len(),
+            expert_shards: plan.expert_shards.len(),
+            workloads: moe_api::workers::layout_workloads(
+                "local",
+                &plan,
+                i32::from(args.expert_replicas),
+                i32::from(args.gateways),
+                max,
+                share,
+                None,
+            ),
+            notes: Vec::new(),
+        })
+    }
+
+    /// From a manifest: planned by the operator's function, with the operator's workloads.
+    pub fn from_manifest(md: &moe_api::MoEDeployment, args: &LocalArgs) -> Result<Self> {
+        let spec = &md.spec;
+        let plan = moe_api::planning::plan(spec).map_err(api_error)?;
+        let workloads = moe_api::workers::workloads(md, &plan).map_err(api_error)?;
+        let name = moe_api::workers::checked_name(md).map_err(api_error)?;
+        let source = &spec.model.source;
+        let model = match (&args.model, &source.synthetic, &source.host_path) {
+            (Some(m), _, _) => m.clone(),
+            (None, Some(s), _) => ModelArg::Synthetic {
+                preset: s.preset.clone(),
+                seed: u64::try_from(s.seed).map_err(|_| {
+                    Error::invalid("spec.model.source.synthetic.seed", "must not be negative")
+                })?,
+            },
+            (None, None, Some(h)) => ModelArg::Dir(PathBuf::from(&h.path)),
+            (None, None, None) => {
+                return Err(Error::invalid(
+                    "spec.model.source",
+                    match &source.pvc {
+                        Some(p) => format!(
+                            "the PersistentVolumeClaim `{}` cannot be read outside the cluster: \
+                             pass --model with a folder holding the same checkpoint",
+                            p.claim_name
+                        ),
+                        None => "no source: give synthetic, hostPath or pvc".to_string(),
+                    },
+                ));
+            }
+        };
+        // The plan is made from the spec's architecture (or the preset's); the model must
+        // have that shape, or the stages would load layers it does not have.
+        let cfg = model.open()?.config().clone();
+        let m = &plan.model;
+        for (field, planned, has, key) in [
+            (
+                "numLayers",
+                m.num_layers,
+                cfg.num_hidden_layers,
+                "num_hidden_layers",
+            ),
+            (
+                "numExperts",
+                m.num_experts,
+                cfg.num_local_experts,
+                "num_local_experts",
+            ),
+            (
+                "topK",
+                m.top_k,
+                cfg.num_experts_per_tok,
+                "num_experts_per_tok",
+            ),
+            ("hiddenSize", m.hidden_size, cfg.hidden_size, "hidden_size"),
+            ("vocabSize", m.vocab_size, cfg.vocab_size, "vocab_size"),
+        ] {
+            if planned != has {
+                return Err(Error::invalid(
+                    format!("spec.model.architecture.{field}"),
+                    format!("the plan has {planned}, but the model `{model}` has {key} = {has}"),
+                ));
+            }
+        }
+        let mut notes = Vec::new();
+        let a = &spec.experts;
+        if a.max_replicas > a.min_replicas {
+            notes.push(format!(
+                "expert shards run their {} minReplicas; the autoscaler (up to {}) runs in the \
+                 operator",
+                a.min_replicas, a.max_replicas
+            ));
+        }
+        if let Some(k) = &spec.serving.api_key_secret {
+            notes.push(format!(
+                "serving.apiKeySecret `{}` is a Secret in the cluster: the gateways require the \
+                 key in MOE_API_KEY here{}",
+                k.name,
+                if std::env::var_os("MOE_API_KEY").is_some() {
+                    ""
+                } else {
+                    ", which is unset, so they are open"
+                }
+            ));
+        }
+        notes.push(format!(
+            "placement ({} × {} per pod) and resources are the cluster's; here every process \
+             computes on this machine's CPU",
+            spec.placement.gpus_per_pod, spec.placement.gpu_product
+        ));
+        Ok(Self {
+            name,
+            model,
+            tokenizer: args
+                .tokenizer
+                .clone()
+                .or_else(|| spec.model.tokenizer.clone()),
+            plaintext: args.plaintext || spec.serving.plaintext,
+            stages: plan.stages.len(),
+            expert_shards: plan.expert_shards.len(),
+            workloads,
+            notes,
+        })
+    }
+
+    /// Every process, in the order they start: expert-shard replicas, stages from the last,
+    /// gateways.
+    pub fn processes(&self) -> Vec<Process> {
+        let mut model = vec!["--model".to_string(), self.model.to_string()];
+        if let Some(t) = &self.tokenizer {
+            model.extend(["--tokenizer".to_string(), t.clone()]);
+        }
+        let mut out = Vec::new();
+        let by_role = |role: WorkerRole| self.workloads.iter().filter(move |w| w.role == role);
+        let stages: Vec<&Workload> = by_role(WorkerRole::Stage).collect();
+        let ordered = by_role(WorkerRole::Expert)
+            .chain(stages.into_iter().rev())
+            .chain(by_role(WorkerRole::Gateway));
+        for w in ordered {
+            let n = usize::try_from(w.replicas.max(1)).unwrap_or(1);
+            for r in 0..n {
+                let mut args = w.args.clone();
+                args.splice(1..1, model.iter().cloned());
+                let name = match (w.role, n) {
+                    (WorkerRole::Stage, _) | (_, 1) => w.name.clone(),
+                    _ => format!("{} replica {r}", w.name),
+                };
+                match w.role {
+                    WorkerRole::Expert => args.extend(["--replica".to_string(), r.to_string()]),
+                    WorkerRole::Gateway => args.extend(["--index".to_string(), r.to_string()]),
+                    WorkerRole::Stage => {}
+                }
+                out.push(Process {
+                    name,
+                    role: w.role,
+                    replica: r,
+                    args,
+                });
+            }
+        }
+        out
+    }
+}
+
+fn api_error(e: moe_api::Error) -> Error {
+    match e {
+        moe_api::Error::Invalid { field, message } => Error::invalid(field, message),
+        other => Error::invalid("--file", other.to_string()),
+    }
 }
 
 /// A role's command line; `--listen` is appended per start.
@@ -115,15 +375,6 @@ struct RoleSpec {
 struct Running {
     spec: RoleSpec,
     child: Child,
-}
-
-fn model_args(m: &LocalArgs) -> Vec<String> {
-    let mut v = vec!["--model".to_string(), m.model.to_string()];
-    if let Some(t) = &m.tokenizer {
-        v.push("--tokenizer".into());
-        v.push(t.clone());
-    }
-    v
 }
 
 /// Starts one child and waits for the `listening on ADDR` line it prints once bound.
@@ -213,36 +464,32 @@ async fn gateway_ready(addr: &str) -> bool {
 }
 
 pub async fn run(args: LocalArgs) -> Result<()> {
-    let src = args.model.open()?;
-    let cfg = src.config().clone();
-    let shape = moe_plan::ModelShape {
-        num_layers: cfg.num_hidden_layers,
-        num_experts: cfg.num_local_experts,
-        top_k: cfg.num_experts_per_tok,
-    };
-    let plan = moe_plan::plan(shape, args.stages, args.expert_shards).map_err(|e| match e {
-        moe_plan::PlanError::Invalid { field, message } => {
-            let flag = match field {
-                "stages" => "--stages",
-                "expertShards" => "--expert-shards",
-                f => f,
-            };
-            Error::invalid(flag, message)
+    let launch = match &args.file {
+        Some(path) => {
+            let md = moe_api::read_manifest(path).map_err(api_error)?;
+            Launch::from_manifest(&md, &args)?
         }
-    })?;
-    let gateways = usize::from(args.gateways);
-    if args.max_sequences < gateways {
-        return Err(Error::invalid(
-            "--max-sequences",
-            format!(
-                "{} cannot be shared among {gateways} gateways (each needs at least 1)",
-                args.max_sequences
-            ),
-        ));
+        None => Launch::from_flags(&args)?,
+    };
+    if args.dry_run {
+        println!(
+            "{}: {} stages, {} expert shards, model {}",
+            launch.name, launch.stages, launch.expert_shards, launch.model
+        );
+        for p in launch.processes() {
+            println!("{}: moe-worker {}", p.name, p.args.join(" "));
+        }
+        for n in &launch.notes {
+            println!("note: {n}");
+        }
+        return Ok(());
+    }
+    for n in &launch.notes {
+        eprintln!("moe-serve: {n}");
     }
     // Mutual TLS unless asked otherwise: a CA of this launcher's own, in a folder that goes
     // when it stops.
-    let made = match (&args.tls_dir, args.plaintext) {
+    let made = match (&args.tls_dir, launch.plaintext) {
         (None, false) => Some(crate::serve::tls::TempCerts::new()?),
         _ => None,
     };
@@ -251,10 +498,10 @@ pub async fn run(args: LocalArgs) -> Result<()> {
             .tls_dir
             .clone()
             .or_else(|| made.as_ref().map(|m| m.dir.clone())),
-        plaintext: args.plaintext,
+        plaintext: launch.plaintext,
     };
     let mut children: Vec<Running> = Vec::new();
-    let result = start_and_serve(&args, &plan, &tls, &mut children).await;
+    let result = start_and_serve(&args, &launch, &tls, &mut children).await;
     stop_all(&mut children).await;
     drop(made);
     result
@@ -262,131 +509,78 @@ pub async fn run(args: LocalArgs) -> Result<()> {
 
 async fn start_and_serve(
     args: &LocalArgs,
-    plan: &moe_plan::Plan,
+    launch: &Launch,
     tls: &crate::serve::tls::TlsArgs,
     children: &mut Vec<Running>,
 ) -> Result<()> {
-    let model = [model_args(args), crate::serve::tls::child_args(tls)].concat();
+    let tls_args = crate::serve::tls::child_args(tls);
     let started = Instant::now();
     let mut expert_addrs = Vec::new();
-    for (s, replica) in plan
-        .expert_shards
-        .iter()
-        .flat_map(|s| (0..args.expert_replicas).map(move |r| (s, r)))
-    {
-        let experts: Vec<String> = s.experts.iter().map(|e| e.to_string()).collect();
-        let mut spec = RoleSpec {
-            name: format!(
-                "expert shard {} replica {replica} ({})",
-                s.index,
-                s.describe()
-            ),
-            args: [
-                vec!["expert".to_string()],
-                model.clone(),
-                vec![
-                    "--layers".into(),
-                    format!("{}..{}", s.layer_start, s.layer_end),
-                    "--experts".into(),
-                    experts.join(","),
-                    "--index".into(),
-                    s.index.to_string(),
-                    "--replica".into(),
-                    replica.to_string(),
-                ],
-            ]
-            .concat(),
-            addr: None,
-            threads: args.child_threads,
-        };
-        let child = spawn(&mut spec, "127.0.0.1:0").await?;
-        expert_addrs.push(spec.addr.clone().unwrap_or_default());
-        children.push(Running { spec, child });
-    }
+    // Stages start from the last, so each knows the address of the next.
     let mut next: Option<String> = None;
-    let mut stage_addrs = vec![String::new(); plan.stages.len()];
-    for s in plan.stages.iter().rev() {
-        let mut a = [
-            vec!["stage".to_string()],
-            model.clone(),
-            vec![
-                "--layers".into(),
-                format!("{}..{}", s.layer_start, s.layer_end),
-                "--index".into(),
-                s.index.to_string(),
-                "--expert-addrs".into(),
-                expert_addrs.join(","),
-                "--startup-timeout-s".into(),
-                args.startup_timeout_s.to_string(),
-                "--max-sequences".into(),
-                args.max_sequences.to_string(),
-            ],
-        ]
-        .concat();
-        if let Some(n) = &next {
-            a.push("--next".into());
-            a.push(n.clone());
-        }
+    let mut stage_addrs: Vec<String> = Vec::new();
+    let mut endpoints = Vec::new();
+    for p in launch.processes() {
+        let mut a = [p.args.clone(), tls_args.clone()].concat();
+        let listen = match p.role {
+            WorkerRole::Expert => "127.0.0.1:0".to_string(),
+            WorkerRole::Stage => {
+                if !expert_addrs.is_empty() {
+                    a.extend(["--expert-addrs".to_string(), expert_addrs.join(",")]);
+                }
+                if let Some(n) = &next {
+                    a.extend(["--next".to_string(), n.clone()]);
+                }
+                a.extend([
+                    "--startup-timeout-s".to_string(),
+                    args.startup_timeout_s.to_string(),
+                ]);
+                "127.0.0.1:0".to_string()
+            }
+            WorkerRole::Gateway => {
+                a.extend([
+                    "--stage-addrs".to_string(),
+                    stage_addrs.join(","),
+                    "--max-queue".into(),
+                    args.max_queue.to_string(),
+                    "--step-timeout-ms".into(),
+                    args.step_timeout_ms.to_string(),
+                ]);
+                if let Some(m) = args.micro_batches {
+                    a.extend(["--micro-batches".to_string(), m.to_string()]);
+                }
+                let i = p.replica;
+                let port = match args.http_port {
+                    0 => 0,
+                    port => u16::try_from(i)
+                        .ok()
+                        .and_then(|i| port.checked_add(i))
+                        .ok_or_else(|| {
+                            Error::invalid(
+                                "--http-port",
+                                format!("{port} + {i} is past the last port"),
+                            )
+                        })?,
+                };
+                SocketAddr::from(([127, 0, 0, 1], port)).to_string()
+            }
+        };
         let mut spec = RoleSpec {
-            name: format!(
-                "stage {} (layers {}..{})",
-                s.index, s.layer_start, s.layer_end
-            ),
+            name: p.name.clone(),
             args: a,
             addr: None,
             threads: args.child_threads,
         };
-        let child = spawn(&mut spec, "127.0.0.1:0").await?;
-        next = spec.addr.clone();
-        stage_addrs[s.index] = spec.addr.clone().unwrap_or_default();
-        children.push(Running { spec, child });
-    }
-    // Each gateway's share of the stages' capacity: together they never admit more sequences
-    // than a stage holds.
-    let gateways = usize::from(args.gateways);
-    let share = moe_plan::gateway_share(args.max_sequences, gateways);
-    let mut endpoints = Vec::new();
-    for i in 0..gateways {
-        let mut g = [
-            vec!["gateway".to_string()],
-            model.clone(),
-            vec![
-                "--stage-addrs".into(),
-                stage_addrs.join(","),
-                "--max-sequences".into(),
-                share.to_string(),
-                "--max-queue".into(),
-                args.max_queue.to_string(),
-                "--step-timeout-ms".into(),
-                args.step_timeout_ms.to_string(),
-                "--index".into(),
-                i.to_string(),
-            ],
-        ]
-        .concat();
-        if let Some(m) = args.micro_batches {
-            g.push("--micro-batches".into());
-            g.push(m.to_string());
-        }
-        let mut spec = RoleSpec {
-            name: if gateways == 1 {
-                "gateway".into()
-            } else {
-                format!("gateway {i}")
-            },
-            args: g,
-            addr: None,
-            threads: args.child_threads,
-        };
-        let port = match args.http_port {
-            0 => 0,
-            p => p.checked_add(i as u16).ok_or_else(|| {
-                Error::invalid("--http-port", format!("{p} + {i} is past the last port"))
-            })?,
-        };
-        let listen = SocketAddr::from(([127, 0, 0, 1], port)).to_string();
         let child = spawn(&mut spec, &listen).await?;
-        endpoints.push(spec.addr.clone().unwrap_or_default());
+        let addr = spec.addr.clone().unwrap_or_default();
+        match p.role {
+            WorkerRole::Expert => expert_addrs.push(addr),
+            WorkerRole::Stage => {
+                stage_addrs.insert(0, addr.clone());
+                next = Some(addr);
+            }
+            WorkerRole::Gateway => endpoints.push(addr),
+        }
         children.push(Running { spec, child });
     }
     let http = endpoints.first().cloned().unwrap_or_default();
@@ -417,10 +611,11 @@ async fn start_and_serve(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     println!(
-        "moe-serve ready: {} over {} stages and {} expert shards ({} processes) in {:.1}s",
-        args.model,
-        plan.stages.len(),
-        plan.expert_shards.len(),
+        "moe-serve ready: {} ({}) over {} stages and {} expert shards ({} processes) in {:.1}s",
+        launch.name,
+        launch.model,
+        launch.stages,
+        launch.expert_shards,
         children.len(),
         started.elapsed().as_secs_f64()
     );
@@ -448,8 +643,8 @@ async fn start_and_serve(
             "{prompt}{}\n[{} tokens through the gateway, {} stages and {} expert shards in {:.2}s]",
             v["choices"][0]["text"].as_str().unwrap_or(""),
             v["usage"]["completion_tokens"],
-            plan.stages.len(),
-            plan.expert_shards.len(),
+            launch.stages,
+            launch.expert_shards,
             t.elapsed().as_secs_f64()
         );
         let _ = std::io::stdout().flush();

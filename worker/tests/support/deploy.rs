@@ -44,27 +44,35 @@ impl Deployment {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Self {
-        let marker = marker();
-        let mut cmd = Command::new(BIN);
-        cmd.args([
-            "--threads",
-            "1",
-            "local",
+        let (stages, shards) = (stages.to_string(), shards.to_string());
+        let mut args = vec![
             "--model",
             model,
-            "--http-port",
-            "0",
-        ])
-        .args([
             "--stages",
-            &stages.to_string(),
+            &stages,
             "--expert-shards",
-            &shards.to_string(),
-        ])
-        .args(extra)
-        .env("MOE_TEST_MARKER", &marker)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
+            &shards,
+        ];
+        args.extend(extra);
+        Self::launch(model, &args, env)
+    }
+
+    /// `moe-worker local -f MANIFEST`.
+    pub fn start_manifest(manifest: &std::path::Path, extra: &[&str]) -> Self {
+        let path = manifest.to_str().expect("utf-8 path");
+        let mut args = vec!["-f", path];
+        args.extend(extra);
+        Self::launch(path, &args, &[])
+    }
+
+    fn launch(what: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let marker = marker();
+        let mut cmd = Command::new(BIN);
+        cmd.args(["--threads", "1", "local", "--http-port", "0"])
+            .args(args)
+            .env("MOE_TEST_MARKER", &marker)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -92,7 +100,7 @@ impl Deployment {
             Err(_) => {
                 let _ = child.kill();
                 let status = child.wait().ok();
-                panic!("deployment of {model} did not become ready ({status:?})");
+                panic!("deployment of {what} did not become ready ({status:?})");
             }
         };
         Self {
