@@ -132,29 +132,51 @@ fn newest_source(workspace: &Path) -> Option<std::time::SystemTime> {
 /// `apt-get download` and cached by version outside the clone; the host is not changed.
 pub fn runc_bin() -> Result<PathBuf> {
     static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    BIN.get_or_init(|| fetch_runc().map_err(|e| format!("{e:#}")))
-        .clone()
-        .map_err(anyhow::Error::msg)
+    BIN.get_or_init(|| {
+        debian_binary("runc", &["usr/sbin/runc", "usr/bin/runc"]).map_err(|e| format!("{e:#}"))
+    })
+    .clone()
+    .map_err(anyhow::Error::msg)
 }
 
-fn fetch_runc() -> Result<PathBuf> {
+/// Debian's statically linked busybox (`busybox-static`), the harness's own test image.
+pub fn busybox_bin() -> Result<PathBuf> {
+    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BIN.get_or_init(|| {
+        debian_binary("busybox-static", &["bin/busybox", "usr/bin/busybox"])
+            .map_err(|e| format!("{e:#}"))
+    })
+    .clone()
+    .map_err(anyhow::Error::msg)
+}
+
+/// The file at the first of `paths` that `package` (the version apt offers) holds, cached
+/// under `moe-serve/<package>/<version>/` outside the clone.
+fn debian_binary(package: &str, paths: &[&str]) -> Result<PathBuf> {
     let policy = Command::new("apt-cache")
-        .args(["policy", "runc"])
+        .args(["policy", package])
         .output()
-        .context("apt-cache policy runc")?;
+        .with_context(|| format!("apt-cache policy {package}"))?;
     let policy = String::from_utf8_lossy(&policy.stdout);
     let version = policy
         .lines()
         .find_map(|l| l.trim().strip_prefix("Candidate: "))
         .filter(|v| *v != "(none)")
-        .context("apt offers no runc (apt-get update?)")?
+        .with_context(|| format!("apt offers no {package} (apt-get update?)"))?
         .to_string();
     let home = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
         .context("no cache folder")?;
-    let dir = home.join("moe-serve/runc").join(&version);
-    let bin = dir.join("runc");
+    // runc's cache kept its historical folder (`moe-serve/runc/<version>`).
+    let dir = home
+        .join("moe-serve")
+        .join(package)
+        .join(version.replace(':', "_"));
+    let name = Path::new(paths[0])
+        .file_name()
+        .context("a path names a file")?;
+    let bin = dir.join(name);
     if bin.exists() {
         return Ok(bin);
     }
@@ -169,7 +191,7 @@ fn fetch_runc() -> Result<PathBuf> {
     };
     run(Command::new("apt-get")
         .current_dir(&tmp)
-        .args(["download", &format!("runc={version}")]))?;
+        .args(["download", &format!("{package}={version}")]))?;
     let deb = std::fs::read_dir(&tmp)?
         .flatten()
         .map(|e| e.path())
@@ -180,9 +202,10 @@ fn fetch_runc() -> Result<PathBuf> {
         .arg(&deb)
         .arg(tmp.join("x")))?;
     std::fs::create_dir_all(&dir)?;
-    std::fs::rename(tmp.join("x/usr/sbin/runc"), &bin)
-        .or_else(|_| std::fs::rename(tmp.join("x/usr/bin/runc"), &bin))
-        .context("the runc package holds no runc binary")?;
+    let found = paths
+        .iter()
+        .find(|p| std::fs::rename(tmp.join("x").join(p), &bin).is_ok());
     let _ = std::fs::remove_dir_all(&tmp);
+    found.with_context(|| format!("the {package} package holds none of {paths:?}"))?;
     Ok(bin)
 }

@@ -35,6 +35,9 @@ pub struct ClusterConfig {
     /// Run containers from their images (pulled from a registry) under runc, instead of as
     /// processes of the workspace's binaries.
     pub oci_runtime: bool,
+    /// The nodes log in to the cluster's registry themselves (as a kubelet with the node's
+    /// `config.json`), so pods without `imagePullSecrets` pull from it too.
+    pub node_registry_login: bool,
 }
 
 impl Default for ClusterConfig {
@@ -43,8 +46,9 @@ impl Default for ClusterConfig {
             nodes: 3,
             gpus_per_node: 8,
             bin_dirs: vec![workspace_bin_dir()],
-            host_commands: true,
-            oci_runtime: false,
+            host_commands: false,
+            oci_runtime: true,
+            node_registry_login: true,
         }
     }
 }
@@ -731,6 +735,13 @@ current-context: moe-e2e
                     state: dir.join("runc-state"),
                     store: dir.join("images"),
                     registry_ca: ca_cert_pem.clone().into_bytes(),
+                    node_credentials: config.node_registry_login.then(|| {
+                        moe_oci::registry::Credentials {
+                            username: registry.username.clone(),
+                            password: registry.password.clone(),
+                        }
+                    }),
+                    node_registry: registry.host.clone(),
                 })
             } else {
                 None

@@ -91,3 +91,61 @@ pub async fn pull_secret(cluster: &crate::Cluster, ns: &str, password: &str) -> 
     }
     Ok(())
 }
+
+/// A busybox image (Debian's `busybox-static`: `/bin/busybox` and a link per applet, `sh`,
+/// `sleep`, `httpd`, `wget`, ...) pushed to `cluster`'s registry, by digest: what the harness's
+/// own tests run. Built and pushed once per registry (the nodes log in to it themselves).
+pub async fn busybox(cluster: &crate::Cluster) -> Result<String> {
+    use moe_oci::{Image, ImageConfig, LayerBuilder};
+    static PUSHED: tokio::sync::Mutex<BTreeMap<String, String>> =
+        tokio::sync::Mutex::const_new(BTreeMap::new());
+    let reg = cluster.registry();
+    // A later cluster may get the same address: its registry is a new one (new password).
+    let key = format!("{}:{}", reg.host, reg.password);
+    let mut pushed = PUSHED.lock().await;
+    if let Some(r) = pushed.get(&key) {
+        return Ok(r.clone());
+    }
+    let bin = tokio::task::spawn_blocking(crate::binaries::busybox_bin).await??;
+    let list = Command::new(&bin).arg("--list").output()?;
+    let mut l = LayerBuilder::new();
+    let err = |e: moe_oci::Error| anyhow::anyhow!("{e}");
+    l.dir("bin", 0o755, 0, 0).map_err(err)?;
+    l.dir("tmp", 0o1777, 0, 0).map_err(err)?;
+    l.file("bin/busybox", std::fs::read(&bin)?, 0o755)
+        .map_err(err)?;
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        let applet = applet.trim();
+        if !applet.is_empty() && applet != "busybox" && !applet.contains('/') {
+            l.symlink(&format!("bin/{applet}"), "busybox")
+                .map_err(err)?;
+        }
+    }
+    let layer = l.build(0, "busybox-static").map_err(err)?;
+    let image = Image::new(
+        &ImageConfig {
+            entrypoint: Vec::new(),
+            cmd: vec!["sh".into()],
+            env: vec!["PATH=/bin".into()],
+            user: String::new(),
+            working_dir: "/".into(),
+            labels: BTreeMap::new(),
+            created: 0,
+        },
+        vec![layer],
+    )
+    .map_err(err)?;
+    let client = moe_oci::registry::Registry::new(
+        &reg.host,
+        Some(&std::fs::read(cluster.ca_cert())?),
+        Some(moe_oci::registry::Credentials {
+            username: reg.username.clone(),
+            password: reg.password.clone(),
+        }),
+    )
+    .map_err(err)?;
+    let digest = client.push("e2e/busybox", &image, "1").await.map_err(err)?;
+    let reference = format!("{}/e2e/busybox@{digest}", reg.host);
+    pushed.insert(key, reference.clone());
+    Ok(reference)
+}

@@ -21,6 +21,7 @@ async fn cluster() -> &'static (Cluster, String) {
             nodes: 1,
             oci_runtime: true,
             host_commands: false,
+            node_registry_login: false,
             ..ClusterConfig::default()
         })
         .await

@@ -23,6 +23,9 @@ pub struct Runc {
     pub store: PathBuf,
     /// PEM CAs the node trusts for registries (the cluster CA).
     pub registry_ca: Vec<u8>,
+    /// The node's own login to `node_registry`, used when no pull secret has one for it.
+    pub node_credentials: Option<Credentials>,
+    pub node_registry: String,
 }
 
 /// A pulled image.
@@ -105,7 +108,12 @@ impl Runc {
         }
         let creds = docker_configs
             .iter()
-            .find_map(|json| Credentials::from_docker_config(json, &r.registry));
+            .find_map(|json| Credentials::from_docker_config(json, &r.registry))
+            .or_else(|| {
+                (r.registry == self.node_registry)
+                    .then(|| self.node_credentials.clone())
+                    .flatten()
+            });
         let client = Registry::new(&r.registry, Some(&self.registry_ca), creds)
             .map_err(|e| pull_err(e.to_string()))?;
         let (manifest, digest) = client
