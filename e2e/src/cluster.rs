@@ -14,9 +14,9 @@ use kube::api::{Api, DeleteParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use tokio::process::Child;
 
-use crate::binaries::{k8s_bin_dir, workspace_bin_dir};
+use crate::binaries::k8s_bin_dir;
 use crate::net::{PodNetwork, Slot, state_root};
-use crate::node::{Images, NodeAgent, NodeAgentConfig};
+use crate::node::{NodeAgent, NodeAgentConfig};
 use crate::pki::{self, PkiFiles};
 use crate::process::{self, tail};
 
@@ -27,14 +27,6 @@ pub struct ClusterConfig {
     pub nodes: usize,
     /// `nvidia.com/gpu` capacity of each node.
     pub gpus_per_node: u32,
-    /// Folders where pods find the binary an image stands for (default: this build's
-    /// `target/debug` or `target/release`).
-    pub bin_dirs: Vec<PathBuf>,
-    /// Let pods run host commands (`/bin/sh`, `sleep`, `python3`) named by `command[0]`.
-    pub host_commands: bool,
-    /// Run containers from their images (pulled from a registry) under runc, instead of as
-    /// processes of the workspace's binaries.
-    pub oci_runtime: bool,
     /// The nodes log in to the cluster's registry themselves (as a kubelet with the node's
     /// `config.json`), so pods without `imagePullSecrets` pull from it too.
     pub node_registry_login: bool,
@@ -45,9 +37,6 @@ impl Default for ClusterConfig {
         ClusterConfig {
             nodes: 3,
             gpus_per_node: 8,
-            bin_dirs: vec![workspace_bin_dir()],
-            host_commands: false,
-            oci_runtime: true,
             node_registry_login: true,
         }
     }
@@ -722,29 +711,21 @@ current-context: moe-e2e
         NodeAgentConfig {
             nodes: nodes.clone(),
             gpus_per_node: config.gpus_per_node,
-            images: Images {
-                bin_dirs: config.bin_dirs.clone(),
-                host_commands: config.host_commands,
-            },
             network: network.clone(),
             api_host: host_ip.to_string(),
             api_port,
-            runtime: if config.oci_runtime {
-                Some(crate::node::runtime::Runc {
-                    bin: tokio::task::spawn_blocking(crate::binaries::runc_bin).await??,
-                    state: dir.join("runc-state"),
-                    store: dir.join("images"),
-                    registry_ca: ca_cert_pem.clone().into_bytes(),
-                    node_credentials: config.node_registry_login.then(|| {
-                        moe_oci::registry::Credentials {
-                            username: registry.username.clone(),
-                            password: registry.password.clone(),
-                        }
-                    }),
-                    node_registry: registry.host.clone(),
-                })
-            } else {
-                None
+            runtime: crate::node::runtime::Runc {
+                bin: tokio::task::spawn_blocking(crate::binaries::runc_bin).await??,
+                state: dir.join("runc-state"),
+                store: dir.join("images"),
+                registry_ca: ca_cert_pem.clone().into_bytes(),
+                node_credentials: config.node_registry_login.then(|| {
+                    moe_oci::registry::Credentials {
+                        username: registry.username.clone(),
+                        password: registry.password.clone(),
+                    }
+                }),
+                node_registry: registry.host.clone(),
             },
             ca_cert_pem,
             run_dir: dir.to_path_buf(),

@@ -97,7 +97,6 @@ pub async fn cluster() -> &'static Cluster {
             let start = async {
                 // Worker pods pull with the chart's imagePullSecrets, not a node login.
                 let cluster = Cluster::start_with(crate::ClusterConfig {
-                    oci_runtime: true,
                     node_registry_login: false,
                     ..crate::ClusterConfig::default()
                 })

@@ -145,7 +145,7 @@ fn web_deployment(ns: &str, image: &str) -> Result<Deployment> {
 }
 
 #[tokio::test]
-async fn deployment_pods_run_as_processes_with_their_own_address() -> Result<()> {
+async fn deployment_pods_run_from_their_image_with_their_own_address() -> Result<()> {
     let cluster = Cluster::shared().await;
     let client = cluster.client().await?;
     let ns = cluster.namespace("web").await?;

@@ -19,8 +19,6 @@ async fn cluster() -> &'static (Cluster, String) {
     C.get_or_init(|| async {
         let cluster = Cluster::start_with(ClusterConfig {
             nodes: 1,
-            oci_runtime: true,
-            host_commands: false,
             node_registry_login: false,
             ..ClusterConfig::default()
         })

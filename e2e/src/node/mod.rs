@@ -13,7 +13,6 @@
 //! links env vars, no projected/downwardAPI volumes; tokens are not refreshed (they last a day).
 
 pub mod env;
-pub mod image;
 mod pod;
 pub mod probe;
 pub mod runtime;
@@ -38,7 +37,6 @@ use kube::runtime::watcher;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-pub use image::Images;
 
 use crate::net::PodNetwork;
 
@@ -51,7 +49,6 @@ pub struct NodeAgentConfig {
     /// Node names (`gpu-node-0`, ...).
     pub nodes: Vec<String>,
     pub gpus_per_node: u32,
-    pub images: Images,
     pub network: Arc<PodNetwork>,
     /// The API server as pods reach it (`KUBERNETES_SERVICE_HOST`/`_PORT`).
     pub api_host: String,
@@ -61,22 +58,20 @@ pub struct NodeAgentConfig {
     /// Pod files live under `<run_dir>/pods/<namespace>/<pod>/`: `<container>.log`, and per pod
     /// uid the service-account folder and volumes.
     pub run_dir: PathBuf,
-    /// Run containers from their images under runc; `None`: as processes of the workspace's
-    /// binaries (see [`Images`]).
-    pub runtime: Option<runtime::Runc>,
+    /// Runs containers from their images.
+    pub runtime: runtime::Runc,
 }
 
 /// What every pod task shares.
 #[derive(Debug)]
 struct AgentShared {
-    images: Images,
     network: Arc<PodNetwork>,
     host_ip: Ipv4Addr,
     api_host: String,
     api_port: u16,
     ca_cert_pem: String,
     run_dir: PathBuf,
-    runtime: Option<runtime::Runc>,
+    runtime: runtime::Runc,
     /// `<run_dir>/logs/node-agent.log`.
     log: std::sync::Mutex<Option<std::fs::File>>,
 }
@@ -108,7 +103,6 @@ impl NodeAgent {
             register_node(&client, name, &config, host_ip).await?;
         }
         let shared = Arc::new(AgentShared {
-            images: config.images.clone(),
             network: config.network.clone(),
             host_ip,
             api_host: config.api_host.clone(),

@@ -23,7 +23,7 @@ use tokio::sync::{Notify, watch};
 
 use super::AgentShared;
 use super::env::{self, EnvSources, ObjectData};
-use super::image::CONTAINER_PATH;
+use super::runtime::CONTAINER_PATH;
 use super::probe::{self, Counter, Target, Timing};
 use crate::net::PodNetns;
 use crate::process::{self, signal_group};
@@ -726,7 +726,8 @@ async fn run_container(
             Ended::Stopped(None) => (137, Some(9), "Error".into(), None),
             Ended::ProbeFailed(why) => (137, Some(9), "Error".into(), Some(why.clone())),
         };
-        if let (Some(rc), Some(rt)) = (&runc, &run.shared.runtime) {
+        if let Some(rc) = &runc {
+            let rt = &run.shared.runtime;
             let _ = child.wait().await;
             if rt.finish(rc).await {
                 reason = "OOMKilled".into();
@@ -873,112 +874,18 @@ async fn start_process(
         .map(|a| env::expand(a, &env))
         .collect();
     let image = c.image.clone().unwrap_or_default();
-    if let Some(rt) = &shared.runtime {
-        return start_runc(
-            run,
-            rt,
-            c,
-            mounts,
-            restarts,
-            env.vars(),
-            &command,
-            &args,
-            &image,
-        )
-        .await;
-    }
-    let program = shared
-        .images
-        .resolve(&image, &command, &args)
-        .map_err(|e| ("ErrImagePull", e))?;
-
-    // The mounts, then exec: `sh -c SCRIPT PROGRAM ARGS...` runs SCRIPT with $0=PROGRAM.
-    let mut script = String::from("set -e\n");
-    // A mount over a folder that holds another mount's source (an emptyDir at /tmp while the
-    // pods' volumes live under /tmp) goes last, or it would hide that source.
-    let mine: Vec<&Mount> = mounts
-        .iter()
-        .filter(|m| m.container.as_ref().is_none_or(|n| *n == c.name))
-        // A hostPath at its own path: the process already sees it.
-        .filter(|m| m.source != Path::new(&m.target))
-        .collect();
-    let hides = |m: &Mount| {
-        mine.iter()
-            .any(|o| !std::ptr::eq(*o, m) && o.source.starts_with(&m.target))
-    };
-    let ordered = mine
-        .iter()
-        .filter(|m| !hides(m))
-        .chain(mine.iter().filter(|m| hides(m)));
-    for m in ordered {
-        let (src, dst) = (
-            shell_quote(&m.source.to_string_lossy()),
-            shell_quote(&m.target),
-        );
-        if m.source.is_dir() {
-            script.push_str(&format!("mkdir -p {dst}\n"));
-        } else {
-            script.push_str(&format!(
-                "mkdir -p \"$(dirname {dst})\"; [ -e {dst} ] || : > {dst}\n"
-            ));
-        }
-        script.push_str(&format!("mount --bind {src} {dst}\n"));
-    }
-    if let Some(wd) = &c.working_dir {
-        script.push_str(&format!("mkdir -p {q}; cd {q}\n", q = shell_quote(wd)));
-    }
-    script.push_str("exec \"$0\" \"$@\"\n");
-
-    let mut cmd = match &run.netns {
-        // `ip netns exec` also gives the process a mount namespace of its own.
-        Some(ns) => {
-            let mut cmd = tokio::process::Command::new("ip");
-            cmd.args(["netns", "exec", &ns.name]);
-            cmd
-        }
-        None => {
-            let mut cmd = tokio::process::Command::new("unshare");
-            cmd.args(["--mount", "--propagation", "slave", "--"]);
-            cmd
-        }
-    };
-    cmd.args(["/bin/sh", "-c", &script])
-        .arg(&program.path)
-        .args(&program.args)
-        .env_clear()
-        .envs(env.vars().iter().map(|(k, v)| (k, v)))
-        .current_dir("/")
-        .stdin(std::process::Stdio::null());
-    tokio::fs::create_dir_all(&run.log_dir)
-        .await
-        .map_err(|e| ("RunContainerError", e.to_string()))?;
-    let log = run.log_dir.join(format!("{}.log", c.name));
-    let header = format!(
-        "=== {} start {} (restart {restarts}, pod uid {}): {} {:?}\n",
-        Timestamp::now(),
-        c.name,
-        run.pod.metadata.uid.as_deref().unwrap_or(""),
-        program.path.display(),
-        program.args
-    );
-    append(&log, &header);
-    let (out, err) =
-        process::log_file(&log).map_err(|e| ("RunContainerError", format!("{e:#}")))?;
-    cmd.stdout(out).stderr(err);
-    process::supervise(&mut cmd);
-    let child = cmd.spawn().map_err(|e| {
-        (
-            "RunContainerError",
-            format!("starting {}: {e}", program.path.display()),
-        )
-    })?;
-    Ok(Started {
-        pid: child.id().unwrap_or_default(),
-        child,
-        env: env.vars().to_vec(),
-        runc: None,
-        image_id: None,
-    })
+    start_runc(
+        run,
+        &shared.runtime,
+        c,
+        mounts,
+        restarts,
+        env.vars(),
+        &command,
+        &args,
+        &image,
+    )
+    .await
 }
 
 /// The Docker configs of the pod's `imagePullSecrets` (`kubernetes.io/dockerconfigjson`).
@@ -1141,10 +1048,6 @@ fn append(path: &Path, text: &str) {
     {
         let _ = f.write_all(text.as_bytes());
     }
-}
-
-fn shell_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "'\\''"))
 }
 
 /// Runs the container's probes for as long as it runs: the startup probe first, then

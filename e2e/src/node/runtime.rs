@@ -13,6 +13,9 @@ use k8s_openapi::api::core::v1::{Container, PodSpec};
 use moe_oci::registry::{Credentials, Reference, Registry};
 use serde_json::{Value, json};
 
+/// The `PATH` a container sees when its image sets none (a typical image's).
+pub const CONTAINER_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
 /// The runtime's binary and folders.
 #[derive(Debug, Clone)]
 pub struct Runc {
