@@ -8,7 +8,7 @@ use crate::error::{Error, Result};
 const GIB: u64 = 1 << 30;
 
 /// Architectures of `moe-worker`'s synthetic presets, so that a synthetic source needs no
-/// `architecture` in the spec. Must match worker/src/synthetic.rs.
+/// `architecture` in the spec. Must match engine/src/synthetic.rs.
 fn preset(name: &str) -> Option<ModelDims> {
     // (vocab, hidden, intermediate, layers, heads, kv heads, experts, top-k, context)
     let (v, h, i, l, heads, kv, e, k, ctx) = match name {

@@ -3,7 +3,7 @@
 
 Builds tiny random Mixtral checkpoints (plus a tiny byte-level BPE tokenizer)
 and records reference logits / greedy continuations computed by HF
-transformers into worker/tests/golden/<name>/.
+transformers into engine/tests/golden/<name>/.
 
 Deterministic and idempotent: every output folder is wiped and rebuilt from
 fixed seeds.  Run from the repo root with:
@@ -38,7 +38,7 @@ transformers.utils.logging.disable_progress_bar()
 torch.set_num_threads(1)  # small models; keeps results bit-stable and the machine quiet
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-GOLDEN_DIR = REPO_ROOT / "worker" / "tests" / "golden"
+GOLDEN_DIR = REPO_ROOT / "engine" / "tests" / "golden"
 
 N_NEW_TOKENS = 8
 MIN_MARGIN = 0.05  # smallest accepted top1-top2 logit gap over greedy steps

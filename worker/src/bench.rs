@@ -116,7 +116,7 @@ pub fn run_engine(args: EngineRunArgs) -> Result<()> {
     let t0 = Instant::now();
     let src = Checkpoint::open(&args.model)?;
     let vocab = src.config().vocab_size as u64;
-    let model = crate::cli::load_full(&src)?;
+    let model = crate::load::load_full(&src)?;
     let load_s = t0.elapsed().as_secs_f64();
     let mut engine = Engine::new(
         model,

@@ -1,7 +1,7 @@
 //! Command-line interface of `moe-worker`. Errors end the process with one line that names
 //! what is wrong, never a backtrace.
 
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -9,11 +9,9 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::engine::{Engine, EngineOptions};
 use crate::error::{Error, Result};
-use crate::model::{LoadProgress, Model};
+use crate::load::{ModelArgs, load_full};
 use crate::sampling::SamplingParams;
-use crate::source::ModelArg;
 use crate::synthetic;
-use crate::weights::{ShardSpec, WeightSource};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -57,17 +55,6 @@ pub enum Command {
     /// Make a deployment's worker CA and certificates (the operator issues its own).
     #[command(subcommand)]
     Certs(crate::serve::tls::CertsCommand),
-}
-
-#[derive(Debug, Args)]
-pub struct ModelArgs {
-    /// A checkpoint folder, or synthetic:PRESET[:SEED].
-    #[arg(long, env = "MOE_MODEL")]
-    pub model: ModelArg,
-
-    /// Tokenizer override: a tokenizer.json path, or cl100k_base.
-    #[arg(long)]
-    pub tokenizer: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -221,42 +208,6 @@ fn serve(fut: impl std::future::Future<Output = Result<()>>) -> Result<()> {
         .build()
         .map_err(|e| Error::peer("runtime", e.to_string()))?;
     rt.block_on(fut)
-}
-
-/// Loads a whole model, showing progress on a terminal for large ones.
-pub fn load_full(src: &dyn WeightSource) -> Result<Model> {
-    let spec = ShardSpec::full(src.config());
-    load_with_progress(src, spec)
-}
-
-pub fn load_with_progress(src: &dyn WeightSource, spec: ShardSpec) -> Result<Model> {
-    let show = std::io::stderr().is_terminal();
-    let started = std::time::Instant::now();
-    let mut last = 0.0f64;
-    let mut shown = false;
-    let mut progress = |p: LoadProgress| {
-        let elapsed = started.elapsed().as_secs_f64();
-        let big = p.bytes_total > 256 << 20;
-        if show && big && (elapsed - last > 0.2 || p.tensors_done == p.tensors_total) {
-            last = elapsed;
-            shown = true;
-            eprint!(
-                "\rloading weights: {:>5}/{} tensors, {:>7.1}/{:.1} MB",
-                p.tensors_done,
-                p.tensors_total,
-                p.bytes_done as f64 / 1e6,
-                p.bytes_total as f64 / 1e6
-            );
-            let _ = std::io::stderr().flush();
-        }
-    };
-    let model = Model::load(src, spec, &mut progress);
-    if shown {
-        eprintln!();
-    }
-    let model = model?;
-    tracing::info!(source = %src.describe(), secs = started.elapsed().as_secs_f64(), "weights loaded");
-    Ok(model)
 }
 
 fn generate(args: GenerateArgs) -> Result<()> {

@@ -1,19 +1,13 @@
-//! moe-serve worker: a Mixtral-family Mixture-of-Experts inference engine that loads in
-//! parts (layer ranges, expert sets), plus the roles that serve those parts.
+//! moe-serve worker: the roles that serve parts of a Mixture-of-Experts model (gateway,
+//! pipeline stage, expert shard), the `local` launcher, and the CLI. The inference engine is
+//! `moe-engine`, re-exported here under its module names.
 
 pub mod bench;
 pub mod cli;
-pub mod config;
-pub mod engine;
-pub mod error;
-pub mod kernels;
-pub mod model;
-pub mod sampling;
+pub mod load;
 pub mod serve;
-pub mod source;
-pub mod synthetic;
+pub use moe_engine::{
+    Error, Result, config, engine, error, kernels, model, sampling, source, synthetic, tokenizer,
+    weights,
+};
 pub use moe_telemetry as telemetry;
-pub mod tokenizer;
-pub mod weights;
-
-pub use error::{Error, Result};

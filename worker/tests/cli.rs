@@ -24,7 +24,7 @@ fn generate_json(args: &[&str]) -> serde_json::Value {
 
 fn golden(name: &str) -> String {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/golden")
+        .join("../engine/tests/golden")
         .join(name)
         .display()
         .to_string()

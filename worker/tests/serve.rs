@@ -11,7 +11,7 @@ use deploy::{Deployment, generate_ids};
 use serde_json::{Value, json};
 
 fn golden_dirs() -> Vec<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../engine/tests/golden");
     let mut dirs: Vec<_> = std::fs::read_dir(&root)
         .expect("golden folder")
         .map(|e| e.expect("entry").path())
@@ -109,7 +109,7 @@ fn golden_manifest(dir: &Path, extra_spec: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_manifest_runs_locally_with_the_workloads_the_operator_would_create() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/tiny-gqa-top2");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../engine/tests/golden/tiny-gqa-top2");
     let tmp = tempfile::tempdir().expect("tmp");
     let manifest = tmp.path().join("golden.yaml");
     std::fs::write(&manifest, golden_manifest(&dir, "")).expect("write");
@@ -150,7 +150,7 @@ async fn a_manifest_runs_locally_with_the_workloads_the_operator_would_create() 
 
 #[test]
 fn a_manifest_that_cannot_run_here_is_refused_naming_the_field() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/tiny-gqa-top2");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../engine/tests/golden/tiny-gqa-top2");
     let tmp = tempfile::tempdir().expect("tmp");
     let run = |yaml: String, extra: &[&str]| {
         let manifest = tmp.path().join("m.yaml");

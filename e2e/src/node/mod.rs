@@ -37,7 +37,6 @@ use kube::runtime::watcher;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-
 use crate::net::PodNetwork;
 
 /// The GPU product label every fake node carries.

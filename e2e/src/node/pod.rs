@@ -23,8 +23,8 @@ use tokio::sync::{Notify, watch};
 
 use super::AgentShared;
 use super::env::{self, EnvSources, ObjectData};
-use super::runtime::CONTAINER_PATH;
 use super::probe::{self, Counter, Target, Timing};
+use super::runtime::CONTAINER_PATH;
 use crate::net::PodNetns;
 use crate::process::{self, signal_group};
 

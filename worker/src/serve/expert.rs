@@ -18,8 +18,8 @@ use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
 use super::{LoadCounters, PartArgs, bind, to_status};
-use crate::cli::load_with_progress;
 use crate::error::{Error, Result};
+use crate::load::load_with_progress;
 use crate::model::{Model, MoeScratch};
 use crate::weights::ShardSpec;
 

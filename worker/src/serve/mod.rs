@@ -55,7 +55,7 @@ pub struct ServerArgs {
 #[derive(Debug, clap::Args)]
 pub struct PartArgs {
     #[command(flatten)]
-    pub model: crate::cli::ModelArgs,
+    pub model: crate::load::ModelArgs,
 
     #[command(flatten)]
     pub server: ServerArgs,

@@ -21,9 +21,9 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 pub use metrics::{ExpertTotals, Metrics};
 pub use pipeline::Pipeline;
 
-use crate::cli::{ModelArgs, load_with_progress};
 use crate::engine::{BatchLimits, Batcher, EngineOptions, FinishReason, SeqId};
 use crate::error::{Error, Result};
+use crate::load::{ModelArgs, load_with_progress};
 use crate::model::{Model, Scratch};
 use crate::sampling::SamplingParams;
 use crate::serve::{DEFAULT_MAX_MESSAGE_BYTES, parse_addrs, shutdown_signal};

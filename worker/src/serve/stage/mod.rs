@@ -32,8 +32,8 @@ use relay::Downstream;
 
 use super::expert::shard_info;
 use super::{LoadCounters, PartArgs, bind, discovery, remaining, to_status};
-use crate::cli::load_with_progress;
 use crate::error::{Error, Result};
+use crate::load::load_with_progress;
 use crate::model::{Chunk, KvCache, LocalExperts, Model, MoeScratch, Scratch};
 use crate::weights::ShardSpec;
 

@@ -4,9 +4,9 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use moe_worker::model::{Chunk, ExpertCompute, LocalExperts, Model, MoeScratch, Routing, Scratch};
-use moe_worker::synthetic::{self, Synthetic};
-use moe_worker::weights::{Checkpoint, ShardSpec, WeightSource};
+use moe_engine::model::{Chunk, ExpertCompute, LocalExperts, Model, MoeScratch, Routing, Scratch};
+use moe_engine::synthetic::{self, Synthetic};
+use moe_engine::weights::{Checkpoint, ShardSpec, WeightSource};
 
 /// Exports `tiny` with roughly one expert per safetensors file.
 fn sharded_tiny(dir: &Path) {
@@ -101,7 +101,7 @@ impl ExpertCompute for Shards<'_> {
         routing: &Routing,
         x: &[f32],
         out: &mut [f32],
-    ) -> moe_worker::Result<()> {
+    ) -> moe_engine::Result<()> {
         out.fill(0.0);
         let mut partial = vec![0f32; out.len()];
         for part in &self.parts {

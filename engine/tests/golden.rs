@@ -3,11 +3,11 @@
 
 use std::path::{Path, PathBuf};
 
-use moe_worker::engine::{Engine, EngineOptions};
-use moe_worker::model::{Chunk, ExpertCompute, LocalExperts, Model, MoeScratch, Routing, Scratch};
-use moe_worker::sampling::{SamplingParams, argmax};
-use moe_worker::tokenizer::Tokenizer;
-use moe_worker::weights::{Checkpoint, ShardSpec, WeightSource};
+use moe_engine::engine::{Engine, EngineOptions};
+use moe_engine::model::{Chunk, ExpertCompute, LocalExperts, Model, MoeScratch, Routing, Scratch};
+use moe_engine::sampling::{SamplingParams, argmax};
+use moe_engine::tokenizer::Tokenizer;
+use moe_engine::weights::{Checkpoint, ShardSpec, WeightSource};
 use serde_json::Value;
 
 const TOLERANCE: f32 = 1e-4;
@@ -72,7 +72,7 @@ fn load(dir: &Path) -> Model {
 }
 
 /// Runs `tokens` through the model at positions `cache.len()..`, returning logits of every row.
-fn forward_all(model: &Model, cache: &mut moe_worker::model::KvCache, tokens: &[u32]) -> Vec<f32> {
+fn forward_all(model: &Model, cache: &mut moe_engine::model::KvCache, tokens: &[u32]) -> Vec<f32> {
     let (mut hidden, mut logits, mut s, mut moe) = (
         Vec::new(),
         Vec::new(),
@@ -215,7 +215,7 @@ impl ExpertCompute for Recording<'_> {
         routing: &Routing,
         x: &[f32],
         out: &mut [f32],
-    ) -> moe_worker::Result<()> {
+    ) -> moe_engine::Result<()> {
         self.seen.push((layer, routing.clone()));
         self.inner.compute(layer, routing, x, out)
     }

@@ -53,9 +53,10 @@ impl KvCache {
         self.len += n;
     }
 
-    /// Counts `n` more positions without computing them (tests of cache bookkeeping).
-    #[cfg(test)]
-    pub(crate) fn advance_for_test(&mut self, n: usize) {
+    /// Counts `n` more positions without computing them (tests of cache bookkeeping, here
+    /// and in the stage's KV-cache table).
+    #[doc(hidden)]
+    pub fn advance_for_test(&mut self, n: usize) {
         self.reserve(self.len + n);
         self.len += n;
     }
