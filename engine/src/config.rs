@@ -114,10 +114,38 @@ fn token_ids(v: Option<&Value>, name: &str) -> Result<Vec<u32>> {
 
 impl ModelConfig {
     /// Reads `config.json` from a checkpoint folder.
+    /// Stop tokens also come from `generation_config.json` when there is one (chat models
+    /// list their end-of-turn tokens there), after those of `config.json`.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("config.json");
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        Self::from_json(&text).map_err(|e| e.in_file(&path))
+        let mut cfg = Self::from_json(&text).map_err(|e| e.in_file(&path))?;
+        let gen_path = dir.join("generation_config.json");
+        match std::fs::read_to_string(&gen_path) {
+            Ok(text) => {
+                let v: Value = serde_json::from_str(&text).map_err(|e| {
+                    Error::config("generation_config.json", format!("invalid JSON: {e}"))
+                        .in_file(&gen_path)
+                })?;
+                let ids = token_ids(v.get("eos_token_id"), "eos_token_id")
+                    .map_err(|e| e.in_file(&gen_path))?;
+                for id in ids {
+                    if id as usize >= cfg.vocab_size {
+                        return Err(Error::config(
+                            "eos_token_id",
+                            format!("{id} is outside the vocabulary ({})", cfg.vocab_size),
+                        )
+                        .in_file(&gen_path));
+                    }
+                    if !cfg.eos_token_ids.contains(&id) {
+                        cfg.eos_token_ids.push(id);
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(&gen_path, e)),
+        }
+        Ok(cfg)
     }
 
     /// Parses a Hugging Face `config.json` (transformers 4.x or 5.x style).
@@ -440,5 +468,30 @@ mod tests {
         let attn = 32 * (32 + 16 + 16) + 32 * 32;
         let layer = attn + 2 * 32 + 4 * 32 + 4 * 3 * 32 * 64;
         assert_eq!(c.total_params(), (2 * 100 * 32 + 32 + 2 * layer) as u64);
+    }
+
+    #[test]
+    fn generation_config_adds_its_stop_tokens() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut cfg: Value = serde_json::from_str(V4).expect("json");
+        cfg["eos_token_id"] = 2.into();
+        std::fs::write(dir.path().join("config.json"), cfg.to_string()).expect("write");
+        assert_eq!(
+            ModelConfig::from_dir(dir.path())
+                .expect("cfg")
+                .eos_token_ids,
+            [2]
+        );
+        let gen_path = dir.path().join("generation_config.json");
+        std::fs::write(&gen_path, r#"{"eos_token_id": [7, 2]}"#).expect("write");
+        assert_eq!(
+            ModelConfig::from_dir(dir.path())
+                .expect("cfg")
+                .eos_token_ids,
+            [2, 7]
+        );
+        std::fs::write(&gen_path, r#"{"eos_token_id": 999999}"#).expect("write");
+        let e = ModelConfig::from_dir(dir.path()).expect_err("outside");
+        assert!(e.to_string().contains("generation_config.json"), "{e}");
     }
 }

@@ -3,6 +3,7 @@
 //! sampling and continuous batching. It has no async runtime and no networking: the worker's
 //! roles (`moe-worker`) serve these parts over gRPC.
 
+pub mod chat;
 pub mod config;
 pub mod engine;
 pub mod error;

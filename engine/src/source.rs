@@ -76,4 +76,13 @@ impl ModelArg {
             }
         }
     }
+
+    /// The checkpoint's chat template, if it has one (synthetic models use the gateway's
+    /// built-in template).
+    pub fn chat_template(&self) -> Result<Option<crate::chat::ChatTemplate>> {
+        match self {
+            Self::Dir(d) => crate::chat::ChatTemplate::for_checkpoint(d),
+            Self::Synthetic { .. } => Ok(None),
+        }
+    }
 }

@@ -7,7 +7,7 @@ pub mod cli;
 pub mod load;
 pub mod serve;
 pub use moe_engine::{
-    Error, Result, config, engine, error, kernels, model, sampling, source, synthetic, tokenizer,
-    weights,
+    Error, Result, chat, config, engine, error, kernels, model, sampling, source, synthetic,
+    tokenizer, weights,
 };
 pub use moe_telemetry as telemetry;

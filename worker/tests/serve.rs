@@ -914,3 +914,49 @@ fn the_gateway_closes_connections_that_do_not_send_their_headers() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_renders_the_checkpoints_own_template_as_transformers_does() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../engine/tests/golden/tiny-gqa-top2");
+    let fixture: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("chat.json")).expect("chat.json"))
+            .expect("json");
+    let d = Deployment::start(dir.to_str().expect("utf-8"), 1, 1, &[]);
+    for case in fixture["cases"].as_array().expect("cases") {
+        let body = json!({"messages": case["messages"], "max_tokens": 4, "temperature": 0});
+        let (status, chat) = post(&d.base, "/v1/chat/completions", body).await;
+        match case.get("ids") {
+            Some(ids) => {
+                // The prompt is transformers' ids: the same ids as a completion prompt give
+                // the same tokens.
+                assert_eq!(status, 200, "{}: {chat}", case["name"]);
+                let ids = self::ids(ids);
+                assert_eq!(
+                    chat["usage"]["prompt_tokens"],
+                    ids.len(),
+                    "{}",
+                    case["name"]
+                );
+                let body = json!({"prompt": ids, "max_tokens": 4, "temperature": 0});
+                let (status, plain) = post(&d.base, "/v1/completions", body).await;
+                assert_eq!(status, 200, "{plain}");
+                assert_eq!(
+                    self::ids(&chat["choices"][0]["token_ids"]),
+                    self::ids(&plain["choices"][0]["token_ids"]),
+                    "{}",
+                    case["name"]
+                );
+            }
+            None => {
+                assert_eq!(status, 400, "{}: {chat}", case["name"]);
+                let msg = chat["error"]["message"].as_str().unwrap_or_default();
+                assert!(
+                    msg.contains(case["error"].as_str().expect("error")),
+                    "{}: {msg}",
+                    case["name"]
+                );
+            }
+        }
+    }
+    d.stop();
+}

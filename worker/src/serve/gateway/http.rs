@@ -396,6 +396,32 @@ struct Request {
     presence_penalty: Option<f32>,
     frequency_penalty: Option<f32>,
     logit_bias: Option<std::collections::HashMap<String, f32>>,
+    /// Functions the model may call, given to the chat template as transformers does.
+    tools: Option<Vec<Tool>>,
+}
+
+/// A tool of a chat request (`{"type": "function", "function": {...}}`): the function's
+/// schema stays as sent, for the template to show the model.
+#[derive(Debug, Deserialize, serde::Serialize)]
+struct Tool {
+    #[serde(rename = "type")]
+    kind: ToolKind,
+    function: ToolFunction,
+}
+
+#[derive(Debug, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+enum ToolKind {
+    Function,
+}
+
+#[derive(Debug, Deserialize, serde::Serialize)]
+struct ToolFunction {
+    name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    description: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    parameters: Option<Value>,
 }
 
 struct Prepared {
@@ -586,9 +612,14 @@ fn encode(sh: &Shared, text: &str, field: &str) -> Result<Vec<u32>, ApiError> {
         .map_err(|e| ApiError::bad(field, e.to_string()))
 }
 
-/// Renders chat messages with the built-in template: one `<|role|>` header per message, then
-/// an open assistant turn.
-fn read_messages(sh: &Shared, messages: Option<Vec<Message>>) -> Result<Vec<u32>, ApiError> {
+/// Renders chat messages with the checkpoint's template as transformers would (its markers
+/// are special tokens, as `apply_chat_template` tokenizes them), or else with the built-in
+/// one: a `<|role|>` header per message, then an open assistant turn, tokenized as plain text.
+fn read_messages(
+    sh: &Shared,
+    messages: Option<Vec<Message>>,
+    tools: Option<Vec<Tool>>,
+) -> Result<Vec<u32>, ApiError> {
     let msgs = messages.ok_or_else(|| ApiError::bad("messages", "is required"))?;
     if msgs.is_empty() {
         return Err(ApiError::bad(
@@ -596,7 +627,7 @@ fn read_messages(sh: &Shared, messages: Option<Vec<Message>>) -> Result<Vec<u32>
             "must contain at least one message",
         ));
     }
-    let mut text = String::new();
+    let mut turns = Vec::with_capacity(msgs.len());
     for (i, m) in msgs.into_iter().enumerate() {
         let content = match m.content {
             Some(Content::Text(s)) => s,
@@ -612,7 +643,36 @@ fn read_messages(sh: &Shared, messages: Option<Vec<Message>>) -> Result<Vec<u32>
                 ));
             }
         };
-        text.push_str(&format!("<|{}|>\n{content}\n", m.role.as_str()));
+        turns.push((m.role, content));
+    }
+    if let Some(template) = &sh.chat_template {
+        let messages: Value = turns
+            .iter()
+            .map(|(role, content)| json!({"role": role.as_str(), "content": content}))
+            .collect();
+        let tools = tools
+            .map(serde_json::to_value)
+            .transpose()
+            .map_err(|e| ApiError::bad("tools", e.to_string()))?;
+        let text = template
+            .render(&messages, tools.as_ref(), true)
+            .map_err(ApiError::from_engine)?;
+        let tok = sh.tokenizer.as_ref().ok_or_else(|| {
+            ApiError::bad("messages", "this model has no tokenizer: send token ids")
+        })?;
+        return tok
+            .encode(&text, None)
+            .map_err(|e| ApiError::bad("messages", e.to_string()));
+    }
+    if tools.is_some() {
+        return Err(ApiError::bad(
+            "tools",
+            "this model has no chat template that can show tools to it",
+        ));
+    }
+    let mut text = String::new();
+    for (role, content) in turns {
+        text.push_str(&format!("<|{}|>\n{content}\n", role.as_str()));
     }
     text.push_str("<|assistant|>\n");
     encode(sh, &text, "messages")
@@ -901,7 +961,7 @@ async fn generate(sh: Arc<Shared>, body: Bytes, kind: Kind) -> Result<Response, 
         let mut request = parse_body(&body)?;
         let prompt = match kind {
             Kind::Text => read_prompt(&parsing, request.prompt.take())?,
-            Kind::Chat => read_messages(&parsing, request.messages.take())?,
+            Kind::Chat => read_messages(&parsing, request.messages.take(), request.tools.take())?,
         };
         Ok::<_, ApiError>((request, prompt))
     })

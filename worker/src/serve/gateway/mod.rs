@@ -119,6 +119,8 @@ pub struct Shared {
     pub api_key: Option<String>,
     pub cfg: crate::config::ModelConfig,
     pub tokenizer: Option<Tokenizer>,
+    /// The checkpoint's chat template; `None`: the built-in one.
+    pub chat_template: Option<moe_engine::chat::ChatTemplate>,
     pub metrics: Metrics,
     pub ready: AtomicBool,
     head: Model,
@@ -509,6 +511,16 @@ pub async fn run(args: GatewayArgs) -> Result<()> {
     if args.max_sequences == 0 {
         return Err(Error::invalid("max-sequences", "must be at least 1"));
     }
+    // A template that does not compile stops the gateway here, naming its file.
+    let chat_template = args.model.model.chat_template()?;
+    tracing::info!(
+        template = if chat_template.is_some() {
+            "checkpoint"
+        } else {
+            "built-in"
+        },
+        "chat template"
+    );
     let spec = ShardSpec::head(&cfg);
     let head = tokio::task::spawn_blocking(move || load_with_progress(src.as_ref(), spec))
         .await
@@ -530,6 +542,7 @@ pub async fn run(args: GatewayArgs) -> Result<()> {
         pipeline: Pipeline::new(&addrs, cfg.hidden_size, args.max_message_bytes, owner)?,
         cfg,
         tokenizer,
+        chat_template,
         metrics: Metrics::new(),
         ready: AtomicBool::new(false),
         head,
