@@ -4,6 +4,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod checkpoint;
 pub mod crd;
 pub mod error;
 pub mod planning;

@@ -28,9 +28,10 @@ pub enum Command {
     Run(crate::run::RunArgs),
     /// Print the MoEDeployment CustomResourceDefinition as YAML.
     Crd,
-    /// Print the plan for a MoEDeployment manifest: stages, expert shards, memory, GPUs.
+    /// Print the plan for a MoEDeployment manifest, or for a checkpoint folder (its
+    /// config.json; default parallelism): stages, expert shards, memory, GPUs.
     Plan {
-        /// The manifest (YAML or JSON).
+        /// The manifest (YAML or JSON), or a Hugging Face checkpoint folder.
         #[arg(short = 'f', long = "filename")]
         file: PathBuf,
         #[arg(short, long, value_enum, default_value_t = Output::Table)]
@@ -60,6 +61,9 @@ pub enum Command {
 pub enum Output {
     Table,
     Json,
+    /// The MoEDeployment that was planned, as YAML (for a checkpoint folder: a manifest to
+    /// edit and apply).
+    Manifest,
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -97,9 +101,20 @@ pub fn run(cli: Cli) -> Result<()> {
             );
         }
         Command::Plan { file, output } => {
-            let moe = read_manifest(&file)?;
+            let moe = if file.is_dir() {
+                moe_api::checkpoint::deployment(&file)?
+            } else {
+                read_manifest(&file)?
+            };
             let plan = planning::plan(&moe.spec)?;
             match output {
+                Output::Manifest => print!(
+                    "{}",
+                    serde_yaml::to_string(&moe).map_err(|e| Error::Encode {
+                        what: "manifest",
+                        message: e.to_string(),
+                    })?
+                ),
                 Output::Table => print!("{}", plan_table(&moe, &plan)),
                 Output::Json => println!(
                     "{}",

@@ -91,3 +91,42 @@ fn a_spec_that_cannot_fit_is_rejected_with_the_reason() {
     let e = plan(&moe.spec).unwrap_err().to_string();
     assert!(e.starts_with("spec.model.architecture:"), "{e}");
 }
+
+/// `plan -f DIR` plans a checkpoint folder from its config.json: the architecture it reads is
+/// the one the engine loads (the local launcher checks the plan against the loaded model),
+/// and the manifest it prints runs with `moe-worker local -f`.
+#[test]
+fn a_checkpoint_folder_plans_from_its_config() {
+    use clap::Parser;
+    let golden = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../engine/tests/golden");
+    for name in ["tiny-gqa-top2", "tiny-mha-top3"] {
+        let dir = golden.join(name);
+        let md = moe_api::checkpoint::deployment(&dir).unwrap();
+        assert_eq!(md.metadata.name.as_deref(), Some(name));
+        let plan = moe_operator::planning::plan(&md.spec).unwrap();
+        let cfg = moe_worker::config::ModelConfig::from_dir(&dir).unwrap();
+        assert_eq!(plan.model.num_layers, cfg.num_hidden_layers);
+        assert_eq!(plan.model.head_dim, cfg.head_dim);
+        assert_eq!(plan.model.num_key_value_heads, cfg.num_key_value_heads);
+        assert_eq!(plan.model.intermediate_size, cfg.intermediate_size);
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("m.yaml");
+        std::fs::write(&path, serde_yaml::to_string(&md).unwrap()).unwrap();
+        let cli = moe_worker::cli::Cli::try_parse_from([
+            "moe-worker",
+            "local",
+            "-f",
+            path.to_str().unwrap(),
+        ])
+        .unwrap();
+        let moe_worker::cli::Command::Local(args) = cli.command else {
+            panic!("not local");
+        };
+        let launch = moe_worker::serve::local::Launch::from_manifest(
+            &moe_operator::cli::read_manifest(&path).unwrap(),
+            &args,
+        )
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(launch.stages, 1);
+    }
+}
