@@ -8,6 +8,7 @@ use std::path::Path;
 
 use minijinja::value::{Kwargs, Value, ValueKind};
 use minijinja::{Environment, ErrorKind};
+use serde::Serialize;
 use serde_json::Value as Json;
 
 use crate::error::{Error, Result};
@@ -15,6 +16,11 @@ use crate::error::{Error, Result};
 /// Work one render may do (MiniJinja fuel): far above any real template on any real
 /// conversation, so that a template looping on user input cannot hang the gateway.
 const FUEL: u64 = 5_000_000;
+
+/// A JSON value that keeps the key order of the text it was read from (MiniJinja's value,
+/// whose maps keep insertion order): what a request's tools are read into, so that `tojson`
+/// writes their keys in the order the client sent them, as transformers would.
+pub type OrderedJson = Value;
 
 /// A compiled chat template and the special tokens it refers to.
 pub struct ChatTemplate {
@@ -128,13 +134,14 @@ impl ChatTemplate {
         })
     }
 
-    /// The prompt text for `messages` (a JSON array of `{role, content, ...}`), with `tools`
-    /// when given. A refusal of the template (`raise_exception`) or a render error is an
-    /// invalid `messages` error carrying the template's message.
-    pub fn render(
+    /// The prompt text for `messages` (a list of `{role, content, ...}`), with `tools` when
+    /// given (maps keep their order: read them into [`OrderedJson`]). A refusal of the template
+    /// (`raise_exception`) or a render error is an invalid `messages` error carrying the
+    /// template's message.
+    pub fn render<M: Serialize + ?Sized, T: Serialize + ?Sized>(
         &self,
-        messages: &Json,
-        tools: Option<&Json>,
+        messages: &M,
+        tools: Option<&T>,
         add_generation_prompt: bool,
     ) -> Result<String> {
         let name = if tools.is_some() && self.has_tool_template {
@@ -168,80 +175,19 @@ fn raise_exception(message: String) -> std::result::Result<Value, minijinja::Err
     Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
 }
 
-/// `strftime_now(format)`: the current UTC time (`%Y %m %d %H %M %S %B %b %-d %j`, `%%`).
-fn strftime_now(format: String) -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    strftime(&format, secs)
+/// `strftime_now(format)`: the current time (UTC, as in a container) in Python's `strftime`
+/// format.
+fn strftime_now(format: String) -> std::result::Result<String, minijinja::Error> {
+    strftime(&format, jiff::Timestamp::now())
 }
 
-fn strftime(format: &str, unix: u64) -> String {
-    const MONTHS: [&str; 12] = [
-        "January",
-        "February",
-        "March",
-        "April",
-        "May",
-        "June",
-        "July",
-        "August",
-        "September",
-        "October",
-        "November",
-        "December",
-    ];
-    let days = (unix / 86_400) as i64;
-    let rem = unix % 86_400;
-    // Howard Hinnant's civil-from-days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
-    let cumulative = [0, 31, 59, 90, 120, 151, 181, 212, 243, 273, 304, 334];
-    let yday = cumulative[(m - 1) as usize] + d + i64::from(leap && m > 2);
-    let mut out = String::new();
-    let mut chars = format.chars();
-    while let Some(c) = chars.next() {
-        if c != '%' {
-            out.push(c);
-            continue;
-        }
-        match chars.next() {
-            Some('Y') => out.push_str(&y.to_string()),
-            Some('m') => out.push_str(&format!("{m:02}")),
-            Some('d') => out.push_str(&format!("{d:02}")),
-            Some('H') => out.push_str(&format!("{:02}", rem / 3600)),
-            Some('M') => out.push_str(&format!("{:02}", rem / 60 % 60)),
-            Some('S') => out.push_str(&format!("{:02}", rem % 60)),
-            Some('B') => out.push_str(MONTHS[(m - 1) as usize]),
-            Some('b') => out.push_str(&MONTHS[(m - 1) as usize][..3]),
-            Some('j') => out.push_str(&format!("{yday:03}")),
-            Some('-') => match chars.next() {
-                Some('d') => out.push_str(&d.to_string()),
-                Some('m') => out.push_str(&m.to_string()),
-                Some(o) => {
-                    out.push_str("%-");
-                    out.push(o);
-                }
-                None => out.push_str("%-"),
-            },
-            Some('%') => out.push('%'),
-            Some(o) => {
-                out.push('%');
-                out.push(o);
-            }
-            None => out.push('%'),
-        }
-    }
-    out
+fn strftime(format: &str, t: jiff::Timestamp) -> std::result::Result<String, minijinja::Error> {
+    jiff::fmt::strtime::format(format, t).map_err(|e| {
+        minijinja::Error::new(
+            ErrorKind::InvalidOperation,
+            format!("strftime_now({format:?}): {e}"),
+        )
+    })
 }
 
 /// `tojson` as transformers defines it: `json.dumps(x, ensure_ascii=False, indent=indent)`
@@ -330,15 +276,19 @@ fn py_json(
 mod tests {
     use super::*;
 
-    fn render(src: &str, messages: Json) -> Result<String> {
-        ChatTemplate::new(src, None, "<s>", "</s>", "test")?.render(&messages, None, true)
+    fn render(src: &str, messages: impl Serialize) -> Result<String> {
+        ChatTemplate::new(src, None, "<s>", "</s>", "test")?.render(&messages, None::<&Json>, true)
     }
 
     #[test]
     fn tojson_writes_what_python_json_dumps_writes() {
         let out = render(
             "{{ messages[0] | tojson }}|{{ [] | tojson }}|{{ {'a': [1, 2.5, none, true]} | tojson(indent=2) }}",
-            serde_json::json!([{"role": "user", "content": "caf\u{e9} \"q\" <b>"}]),
+            // Read from text, keys keep its order.
+            serde_json::from_str::<OrderedJson>(
+                r#"[{"role": "user", "content": "caf\u00e9 \"q\" <b>"}]"#,
+            )
+            .expect("json"),
         )
         .expect("render");
         assert_eq!(
@@ -369,11 +319,16 @@ mod tests {
     #[test]
     fn strftime_formats_dates() {
         // 2024-02-29 13:05:09 UTC, a leap day.
-        let t = 1_709_211_909;
+        let t = jiff::Timestamp::from_second(1_709_211_909).expect("time");
         assert_eq!(
-            strftime("%Y-%m-%d %H:%M:%S %B %b %-d %j %%", t),
+            strftime("%Y-%m-%d %H:%M:%S %B %b %-d %j %%", t).expect("format"),
             "2024-02-29 13:05:09 February Feb 29 060 %"
         );
-        assert_eq!(strftime("%d %B %Y", 0), "01 January 1970");
+        assert_eq!(
+            strftime("%d %B %Y", jiff::Timestamp::UNIX_EPOCH).expect("format"),
+            "01 January 1970"
+        );
+        let today = render("{{ strftime_now('%Y') }}", serde_json::json!([])).expect("now");
+        assert!(today.parse::<i32>().is_ok_and(|y| y >= 2026), "{today}");
     }
 }

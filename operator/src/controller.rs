@@ -464,7 +464,7 @@ async fn reconcile_inner(md: &MoEDeployment, ctx: &Context) -> Result<Action, Re
     // the spec changes.
     let plan = match resources::checked_name(md).and_then(|_| Ok(planning::plan(&md.spec)?)) {
         Ok(plan) => plan,
-        Err(e @ Error::Invalid { .. }) => {
+        Err(e @ Error::Api(moe_api::Error::Invalid { .. })) => {
             let next = status::invalid(&prev, generation, e.to_string(), Timestamp::now());
             for t in status::transitions(&prev, &next) {
                 publish(ctx, md, t).await;

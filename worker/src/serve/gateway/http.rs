@@ -398,6 +398,8 @@ struct Request {
     logit_bias: Option<std::collections::HashMap<String, f32>>,
     /// Functions the model may call, given to the chat template as transformers does.
     tools: Option<Vec<Tool>>,
+    /// Chat: open an assistant turn after the messages (vLLM's extension; default true).
+    add_generation_prompt: Option<bool>,
 }
 
 /// A tool of a chat request (`{"type": "function", "function": {...}}`): the function's
@@ -420,8 +422,9 @@ struct ToolFunction {
     name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     description: Option<String>,
+    /// Keys in the order sent (the template's `tojson` writes them so).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    parameters: Option<Value>,
+    parameters: Option<moe_engine::chat::OrderedJson>,
 }
 
 struct Prepared {
@@ -619,6 +622,7 @@ fn read_messages(
     sh: &Shared,
     messages: Option<Vec<Message>>,
     tools: Option<Vec<Tool>>,
+    add_generation_prompt: bool,
 ) -> Result<Vec<u32>, ApiError> {
     let msgs = messages.ok_or_else(|| ApiError::bad("messages", "is required"))?;
     if msgs.is_empty() {
@@ -650,12 +654,8 @@ fn read_messages(
             .iter()
             .map(|(role, content)| json!({"role": role.as_str(), "content": content}))
             .collect();
-        let tools = tools
-            .map(serde_json::to_value)
-            .transpose()
-            .map_err(|e| ApiError::bad("tools", e.to_string()))?;
         let text = template
-            .render(&messages, tools.as_ref(), true)
+            .render(&messages, tools.as_ref(), add_generation_prompt)
             .map_err(ApiError::from_engine)?;
         let tok = sh.tokenizer.as_ref().ok_or_else(|| {
             ApiError::bad("messages", "this model has no tokenizer: send token ids")
@@ -674,7 +674,9 @@ fn read_messages(
     for (role, content) in turns {
         text.push_str(&format!("<|{}|>\n{content}\n", role.as_str()));
     }
-    text.push_str("<|assistant|>\n");
+    if add_generation_prompt {
+        text.push_str("<|assistant|>\n");
+    }
     encode(sh, &text, "messages")
 }
 
@@ -961,7 +963,15 @@ async fn generate(sh: Arc<Shared>, body: Bytes, kind: Kind) -> Result<Response, 
         let mut request = parse_body(&body)?;
         let prompt = match kind {
             Kind::Text => read_prompt(&parsing, request.prompt.take())?,
-            Kind::Chat => read_messages(&parsing, request.messages.take(), request.tools.take())?,
+            Kind::Chat => {
+                let open_turn = request.add_generation_prompt.unwrap_or(true);
+                read_messages(
+                    &parsing,
+                    request.messages.take(),
+                    request.tools.take(),
+                    open_turn,
+                )?
+            }
         };
         Ok::<_, ApiError>((request, prompt))
     })
