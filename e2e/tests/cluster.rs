@@ -554,12 +554,24 @@ async fn a_cluster_of_its_own_stops_everything_on_drop() -> Result<()> {
         },
     )
     .await?;
-    let p = pods.get("reader").await?;
-    let cs = p
-        .status
-        .and_then(|s| s.container_statuses)
-        .unwrap_or_default();
-    let pid = cs.first().and_then(container_pid).context("reader pid")?;
+    // The container writes its log as soon as runc starts it; its status (with the pid) is
+    // posted a moment later.
+    let pid = until(
+        "the reader's status to show its process",
+        Duration::from_secs(30),
+        || {
+            let pods = pods.clone();
+            async move {
+                let p = pods.get("reader").await?;
+                let cs = p
+                    .status
+                    .and_then(|s| s.container_statuses)
+                    .unwrap_or_default();
+                Ok(cs.first().and_then(container_pid))
+            }
+        },
+    )
+    .await?;
     assert!(pid_alive(pid));
 
     let bridge = cluster.bridge();
