@@ -195,6 +195,22 @@ fn a_manifest_that_cannot_run_here_is_refused_naming_the_field() {
         8,
         "{text}"
     );
+    // A checkpoint folder plans from its config.json, as `moe-operator plan -f DIR` does.
+    let out = std::process::Command::new(deploy::BIN)
+        .args(["local", "--dry-run", "-f"])
+        .arg(&dir)
+        .output()
+        .expect("dry run");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.starts_with("tiny-gqa-top2: 1 stages"), "{text}");
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.starts_with("tiny-gqa-top2-"))
+            .count(),
+        3,
+        "{text}"
+    );
     let e = run(golden.replace("expert: 2", "expert: 9"), &[]);
     assert!(e.contains("spec.parallelism.expert"), "{e}");
     let e = run(golden.replace("name: golden", "name: Golden"), &[]);

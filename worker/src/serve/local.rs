@@ -28,7 +28,7 @@ pub struct LocalArgs {
     /// function and start exactly the stages, expert shards (`minReplicas` each) and gateways
     /// (`replicas`) the operator would create, with the same settings. Its model is read from
     /// `spec.model.source` (synthetic, or a hostPath folder on this machine) unless --model
-    /// is given.
+    /// is given. A checkpoint folder plans as `moe-operator plan -f DIR` does.
     #[arg(
         short = 'f',
         long,
@@ -466,7 +466,13 @@ async fn gateway_ready(addr: &str) -> bool {
 pub async fn run(args: LocalArgs) -> Result<()> {
     let launch = match &args.file {
         Some(path) => {
-            let md = moe_api::read_manifest(path).map_err(api_error)?;
+            // A checkpoint folder plans as `moe-operator plan -f DIR` does.
+            let md = if path.is_dir() {
+                moe_api::checkpoint::deployment(path)
+            } else {
+                moe_api::read_manifest(path)
+            }
+            .map_err(api_error)?;
             Launch::from_manifest(&md, &args)?
         }
         None => Launch::from_flags(&args)?,
