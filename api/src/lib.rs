@@ -29,6 +29,16 @@ pub fn read_manifest(path: &Path) -> Result<MoEDeployment> {
     })
 }
 
+/// The `MoEDeployment` of `path`: a manifest file ([`read_manifest`]), or a checkpoint folder
+/// ([`checkpoint::deployment`]: its `config.json`, default parallelism).
+pub fn read_deployment(path: &Path) -> Result<MoEDeployment> {
+    if path.is_dir() {
+        checkpoint::deployment(path)
+    } else {
+        read_manifest(path)
+    }
+}
+
 /// [`read_manifest`] on text; the error says what is wrong without the path.
 pub fn parse_manifest(text: &str) -> std::result::Result<MoEDeployment, String> {
     use serde::Deserialize;

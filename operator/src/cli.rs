@@ -101,11 +101,7 @@ pub fn run(cli: Cli) -> Result<()> {
             );
         }
         Command::Plan { file, output } => {
-            let moe = if file.is_dir() {
-                moe_api::checkpoint::deployment(&file)?
-            } else {
-                read_manifest(&file)?
-            };
+            let moe = moe_api::read_deployment(&file)?;
             let plan = planning::plan(&moe.spec)?;
             match output {
                 Output::Manifest => print!(

@@ -467,12 +467,7 @@ pub async fn run(args: LocalArgs) -> Result<()> {
     let launch = match &args.file {
         Some(path) => {
             // A checkpoint folder plans as `moe-operator plan -f DIR` does.
-            let md = if path.is_dir() {
-                moe_api::checkpoint::deployment(path)
-            } else {
-                moe_api::read_manifest(path)
-            }
-            .map_err(api_error)?;
+            let md = moe_api::read_deployment(path).map_err(api_error)?;
             Launch::from_manifest(&md, &args)?
         }
         None => Launch::from_flags(&args)?,

@@ -650,9 +650,17 @@ fn read_messages(
         turns.push((m.role, content));
     }
     if let Some(template) = &sh.chat_template {
-        let messages: Value = turns
+        #[derive(serde::Serialize)]
+        struct Turn<'a> {
+            role: &'static str,
+            content: &'a str,
+        }
+        let messages: Vec<Turn> = turns
             .iter()
-            .map(|(role, content)| json!({"role": role.as_str(), "content": content}))
+            .map(|(role, content)| Turn {
+                role: role.as_str(),
+                content,
+            })
             .collect();
         let text = template
             .render(&messages, tools.as_ref(), add_generation_prompt)
