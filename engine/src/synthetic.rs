@@ -6,7 +6,7 @@ use std::path::Path;
 
 use rayon::prelude::*;
 
-use crate::config::{DType, ModelConfig};
+use crate::config::{Arch, DType, ModelConfig};
 use crate::error::{Error, Result};
 use crate::tokenizer::TokenizerKind;
 use crate::weights::{Weight, WeightSource, names};
@@ -63,6 +63,7 @@ fn shape(
         bos_token_id: Some(1),
         eos_token_ids: vec![2],
         dtype: DType::F32,
+        arch: Arch::mixtral(hidden / heads, inter),
     }
 }
 
@@ -252,6 +253,9 @@ pub fn all_tensors(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     let spec = crate::weights::ShardSpec::full(cfg);
     let src = Synthetic::new(cfg.clone(), 0);
     crate::model::Model::tensor_plan(cfg, &spec, &src)
+        .into_iter()
+        .map(|r| (r.name, r.shape))
+        .collect()
 }
 
 /// Writes a synthetic model as a Hugging Face checkpoint: `config.json`, safetensors

@@ -178,6 +178,16 @@ pub trait WeightSource: Send + Sync {
     /// Loads one tensor as f32, checking its shape.
     fn load(&self, name: &str, shape: &[usize]) -> Result<Weight>;
 
+    /// Loads entry `index` of a tensor's first dimension (one expert of a fused expert
+    /// tensor), `shape` being the whole tensor's; the result has shape `shape[1..]`.
+    fn load_slice(&self, name: &str, shape: &[usize], index: usize) -> Result<Weight> {
+        let _ = (shape, index);
+        Err(Error::tensor(
+            name,
+            format!("{} holds no fused tensors", self.describe()),
+        ))
+    }
+
     /// Whether the source has the tensor (used for optional tensors such as a tied LM head).
     fn contains(&self, name: &str) -> bool;
 
@@ -343,6 +353,17 @@ impl WeightSource for Checkpoint {
     }
 
     fn load(&self, name: &str, shape: &[usize]) -> Result<Weight> {
+        self.load_part(name, shape, None)
+    }
+
+    fn load_slice(&self, name: &str, shape: &[usize], index: usize) -> Result<Weight> {
+        self.load_part(name, shape, Some(index))
+    }
+}
+
+impl Checkpoint {
+    /// Loads a whole tensor of `shape`, or entry `index` of its first dimension.
+    fn load_part(&self, name: &str, shape: &[usize], index: Option<usize>) -> Result<Weight> {
         let file = self.file_for(name)?;
         let info = file
             .tensors
@@ -358,15 +379,15 @@ impl WeightSource for Checkpoint {
             ));
         }
         let (begin, end) = info.data_offsets;
-        let range = file.data_start + begin..file.data_start + end;
-        let elems: usize = shape.iter().product();
-        let bytes = file
-            .map
-            .get(range.clone())
-            .ok_or_else(|| Error::tensor(name, "data offsets point outside the file"))?;
         let elem_size = match info.dtype {
             Dtype::F32 => 4,
             Dtype::F16 | Dtype::BF16 => 2,
+            Dtype::U8 if name.ends_with("_blocks") || name.ends_with("_scales") => {
+                return Err(Error::tensor(
+                    name,
+                    "MXFP4-quantized experts are not supported yet; use a bf16 checkpoint",
+                ));
+            }
             other => {
                 return Err(Error::tensor(
                     name,
@@ -374,18 +395,44 @@ impl WeightSource for Checkpoint {
                 ));
             }
         };
-        if bytes.len() != elems * elem_size {
+        let elems: usize = shape.iter().product();
+        if end - begin != elems * elem_size {
             return Err(Error::tensor(
                 name,
                 format!(
                     "holds {} bytes, expected {}",
-                    bytes.len(),
+                    end - begin,
                     elems * elem_size
                 ),
             ));
         }
+        let (range, out_shape) = match index {
+            None => (
+                file.data_start + begin..file.data_start + end,
+                shape.to_vec(),
+            ),
+            Some(i) => {
+                let rows = shape.first().copied().unwrap_or(0);
+                if i >= rows {
+                    return Err(Error::tensor(
+                        name,
+                        format!("entry {i} is outside its first dimension ({rows})"),
+                    ));
+                }
+                let part = shape[1..].iter().product::<usize>() * elem_size;
+                let at = file.data_start + begin + i * part;
+                (at..at + part, shape[1..].to_vec())
+            }
+        };
+        let bytes = file
+            .map
+            .get(range.clone())
+            .ok_or_else(|| Error::tensor(name, "data offsets point outside the file"))?;
         if let Ok(mut loaded) = self.loaded.lock() {
-            loaded.push(name.to_string());
+            loaded.push(match index {
+                None => name.to_string(),
+                Some(i) => format!("{name}[{i}]"),
+            });
         }
         let weight = match info.dtype {
             Dtype::F32
@@ -397,7 +444,7 @@ impl WeightSource for Checkpoint {
                         map: file.map.clone(),
                         range,
                     },
-                    shape: shape.to_vec(),
+                    shape: out_shape,
                 }
             }
             Dtype::F32 => Weight::owned(
@@ -405,21 +452,21 @@ impl WeightSource for Checkpoint {
                     .chunks_exact(4)
                     .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
                     .collect(),
-                shape.to_vec(),
+                out_shape,
             ),
             Dtype::F16 => Weight::owned(
                 bytes
                     .chunks_exact(2)
                     .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
                     .collect(),
-                shape.to_vec(),
+                out_shape,
             ),
             _ => Weight::owned(
                 bytes
                     .chunks_exact(2)
                     .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
                     .collect(),
-                shape.to_vec(),
+                out_shape,
             ),
         };
         Ok(weight)

@@ -17,7 +17,7 @@ fn sharded_tiny(dir: &Path) {
 fn owned_names(model_spec: &ShardSpec, ckpt: &Checkpoint) -> BTreeSet<String> {
     Model::tensor_plan(ckpt.config(), model_spec, ckpt)
         .into_iter()
-        .map(|(n, _)| n)
+        .map(|r| r.name)
         .collect()
 }
 

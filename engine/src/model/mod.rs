@@ -1,44 +1,117 @@
-//! The Mixtral-family decoder, loadable in parts (a layer range, a set of experts) so that
-//! pipeline stages and expert shards each hold only what they own.
+//! The decoder of every family the engine serves, loadable in parts (a layer range, a set
+//! of experts) so that pipeline stages and expert shards each hold only what they own.
+//!
+//! A stage owns, per layer, the attention, the norms and what runs for every token next to
+//! it: the router, shared experts, or the dense MLP of a layer without experts. Routed
+//! experts are owned by expert shards (or by the stage itself in a single process).
 
 mod attention;
+mod layout;
 mod moe;
 
 use std::collections::BTreeSet;
 
 pub use attention::KvCache;
+pub use layout::TensorRef;
 pub use moe::{ExpertCompute, Routing, gather, scatter_add};
 
-use crate::config::ModelConfig;
+use crate::config::{Activation, ModelConfig, QkNorm};
 use crate::error::{Error, Result};
 use crate::kernels::{self, MatMul};
-use crate::weights::{ShardSpec, Weight, WeightSource, names};
+use crate::weights::{ShardSpec, Weight, WeightSource};
 
-/// Attention, norms and router of one layer (what a pipeline stage owns).
+/// `y = x · Wᵀ (+ b)`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub w: Weight,
+    pub b: Option<Weight>,
+}
+
+/// A SwiGLU MLP (dense layers, shared experts): `down · (silu(gate · x) ⊙ (up · x))`.
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    pub gate: Weight,
+    pub up: Weight,
+    pub down: Weight,
+}
+
+/// The query path of multi-head latent attention.
+#[derive(Debug, Clone)]
+pub enum MlaQuery {
+    Direct(Weight),
+    /// `q_b · rms_norm(q_a · x)`.
+    Lora {
+        a: Weight,
+        norm: Weight,
+        b: Weight,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub enum Attn {
+    /// Grouped-query attention with the families' options (biases, QK-norm, sinks).
+    Gqa {
+        q: Linear,
+        k: Linear,
+        v: Linear,
+        o: Linear,
+        q_norm: Option<Weight>,
+        k_norm: Option<Weight>,
+        sinks: Option<Weight>,
+    },
+    /// Multi-head latent attention (DeepSeek): the cache holds the normalised latent and the
+    /// rotary key; queries are absorbed into the latent space.
+    Mla {
+        q: MlaQuery,
+        kv_a: Weight,
+        kv_a_norm: Weight,
+        kv_b: Weight,
+        o: Weight,
+    },
+}
+
+/// What runs after attention on the stage itself.
+#[derive(Debug, Clone)]
+pub enum StageFfn {
+    /// A layer without experts.
+    Dense(Mlp),
+    /// An MoE layer: the router (the routed experts run wherever they are owned) and the
+    /// shared expert that runs for every token, with its gate.
+    Moe {
+        router: Linear,
+        correction_bias: Option<Weight>,
+        shared: Option<Mlp>,
+        shared_gate: Option<Weight>,
+    },
+}
+
+/// Attention, norms, router and shared or dense MLP of one layer (what a pipeline stage
+/// owns).
 #[derive(Debug)]
 pub struct LayerAttention {
     pub input_norm: Weight,
-    pub q: Weight,
-    pub k: Weight,
-    pub v: Weight,
-    pub o: Weight,
+    pub attn: Attn,
     pub post_norm: Weight,
-    pub router: Weight,
+    pub ffn: StageFfn,
 }
 
-/// One SwiGLU expert: `w2 · (silu(w1 · x) ⊙ (w3 · x))`.
+/// One routed expert: `w2 · act(w1 · x + b1, w3 · x + b3) + b2`.
 #[derive(Debug)]
 pub struct Expert {
     pub w1: Weight,
     pub w3: Weight,
     pub w2: Weight,
+    pub b1: Option<Weight>,
+    pub b3: Option<Weight>,
+    pub b2: Option<Weight>,
 }
 
 #[derive(Debug)]
 pub struct Layer {
     pub index: usize,
     pub attention: Option<LayerAttention>,
-    /// Indexed by expert id; `None` where this part does not own the expert.
+    /// Indexed by expert id; `None` where this part does not own the expert (and in layers
+    /// without experts).
     pub experts: Vec<Option<Expert>>,
 }
 
@@ -82,6 +155,9 @@ pub struct Scratch {
     rope: attention::RopeRows,
     row_chunk: Vec<usize>,
     head_rows: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    shared: Vec<f32>,
 }
 
 fn resize(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
@@ -104,127 +180,44 @@ impl Model {
             tensors_done: 0,
             tensors_total: plan.len(),
             bytes_done: 0,
-            bytes_total: plan
-                .iter()
-                .map(|(_, s)| s.iter().product::<usize>() as u64 * 4)
-                .sum(),
+            bytes_total: plan.iter().map(|r| r.elements() as u64 * 4).sum(),
         };
         progress(done);
         let mut loaded = std::collections::HashMap::with_capacity(plan.len());
-        for (name, shape) in plan {
-            let w = src.load(&name, &shape)?;
+        for r in plan {
+            let w = match r.index {
+                None => src.load(&r.name, &r.shape)?,
+                Some(i) => src.load_slice(&r.name, &r.shape, i)?,
+            };
             if w.is_mapped() {
                 std::hint::black_box(w.prefault());
             }
             done.tensors_done += 1;
-            done.bytes_done += shape.iter().product::<usize>() as u64 * 4;
+            done.bytes_done += r.elements() as u64 * 4;
             progress(done);
-            loaded.insert(name, w);
+            loaded.insert(r, w);
         }
-        let mut take = |name: &str| {
-            loaded
-                .remove(name)
-                .ok_or_else(|| Error::tensor(name, "missing from the load plan"))
-        };
-
-        let embed = if spec.embeddings || (spec.head && cfg.tie_word_embeddings) {
-            Some(take(names::EMBED)?)
-        } else {
-            None
-        };
-        let mut layers = Vec::with_capacity(spec.layers.len());
-        for li in spec.layers.clone() {
-            let attention = if spec.attention {
-                let l = |rest: &str| names::layer(li, rest);
-                Some(LayerAttention {
-                    input_norm: take(&l("input_layernorm.weight"))?,
-                    q: take(&l("self_attn.q_proj.weight"))?,
-                    k: take(&l("self_attn.k_proj.weight"))?,
-                    v: take(&l("self_attn.v_proj.weight"))?,
-                    o: take(&l("self_attn.o_proj.weight"))?,
-                    post_norm: take(&l("post_attention_layernorm.weight"))?,
-                    router: take(&names::router(li))?,
-                })
-            } else {
-                None
-            };
-            let mut experts = Vec::with_capacity(cfg.num_local_experts);
-            for e in 0..cfg.num_local_experts {
-                experts.push(if spec.owns_expert(li, e) {
-                    Some(Expert {
-                        w1: take(&names::expert(li, e, "w1"))?,
-                        w3: take(&names::expert(li, e, "w3"))?,
-                        w2: take(&names::expert(li, e, "w2"))?,
-                    })
-                } else {
-                    None
-                });
-            }
-            layers.push(Layer {
-                index: li,
-                attention,
-                experts,
-            });
-        }
-        let (final_norm, lm_head) = if spec.head {
-            let norm = take(names::FINAL_NORM)?;
-            let head = if cfg.tie_word_embeddings && !src.contains(names::LM_HEAD) {
-                embed.clone()
-            } else {
-                Some(take(names::LM_HEAD)?)
-            };
-            (Some(norm), head)
-        } else {
-            (None, None)
-        };
-        let embed = if spec.embeddings { embed } else { None };
+        let parts = layout::Layout::new(&cfg, src).parts(&spec, &mut layout::Loaded(loaded))?;
         Ok(Self {
             cfg,
             spec,
-            embed,
-            layers,
-            final_norm,
-            lm_head,
+            embed: parts.embed,
+            layers: parts.layers,
+            final_norm: parts.final_norm,
+            lm_head: parts.lm_head,
         })
     }
 
-    /// The (name, shape) of every tensor `spec` owns, in load order.
+    /// Every tensor `spec` owns, in load order.
     pub fn tensor_plan(
         cfg: &ModelConfig,
         spec: &ShardSpec,
         src: &dyn WeightSource,
-    ) -> Vec<(String, Vec<usize>)> {
-        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-        let mut plan = Vec::new();
-        if spec.embeddings || (spec.head && cfg.tie_word_embeddings) {
-            plan.push((names::EMBED.to_string(), vec![cfg.vocab_size, h]));
-        }
-        for li in spec.layers.clone() {
-            if spec.attention {
-                let l = |rest: &str| names::layer(li, rest);
-                plan.push((l("input_layernorm.weight"), vec![h]));
-                plan.push((l("self_attn.q_proj.weight"), vec![cfg.q_dim(), h]));
-                plan.push((l("self_attn.k_proj.weight"), vec![cfg.kv_dim(), h]));
-                plan.push((l("self_attn.v_proj.weight"), vec![cfg.kv_dim(), h]));
-                plan.push((l("self_attn.o_proj.weight"), vec![h, cfg.q_dim()]));
-                plan.push((l("post_attention_layernorm.weight"), vec![h]));
-                plan.push((names::router(li), vec![cfg.num_local_experts, h]));
-            }
-            for e in 0..cfg.num_local_experts {
-                if spec.owns_expert(li, e) {
-                    plan.push((names::expert(li, e, "w1"), vec![i, h]));
-                    plan.push((names::expert(li, e, "w3"), vec![i, h]));
-                    plan.push((names::expert(li, e, "w2"), vec![h, i]));
-                }
-            }
-        }
-        if spec.head {
-            plan.push((names::FINAL_NORM.to_string(), vec![h]));
-            if !cfg.tie_word_embeddings || src.contains(names::LM_HEAD) {
-                plan.push((names::LM_HEAD.to_string(), vec![cfg.vocab_size, h]));
-            }
-        }
-        plan
+    ) -> Vec<TensorRef> {
+        let mut planner = layout::Planner::default();
+        // Planning fetches nothing, so it cannot fail.
+        let _ = layout::Layout::new(cfg, src).parts(spec, &mut planner);
+        planner.refs
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -255,7 +248,8 @@ impl Model {
 
     /// A KV cache for this part's layers with room for `capacity` positions.
     pub fn new_cache(&self, capacity: usize) -> KvCache {
-        KvCache::new(self.layers.len(), self.cfg.kv_dim(), capacity)
+        let (k, v) = self.cfg.kv_cache_dims();
+        KvCache::new(self.layers.len(), k, v, capacity)
     }
 
     /// Checks token ids against the vocabulary.
@@ -289,8 +283,8 @@ impl Model {
     }
 
     /// Runs every owned layer over `hidden` in place. `chunks` describe the batch rows (one
-    /// per sequence, in row order) and `caches` the matching sequences' KV caches; experts
-    /// are computed by `experts` (this model itself when it owns them).
+    /// per sequence, in row order) and `caches` the matching sequences' KV caches; routed
+    /// experts are computed by `experts` (this model itself when it owns them).
     pub fn forward_layers(
         &self,
         hidden: &mut [f32],
@@ -300,7 +294,7 @@ impl Model {
         s: &mut Scratch,
     ) -> Result<()> {
         let cfg = &self.cfg;
-        let (h, qd, kvd) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim());
+        let h = cfg.hidden_size;
         let rows: usize = chunks.iter().map(|c| c.len).sum();
         if hidden.len() != rows * h || chunks.len() != caches.len() {
             return Err(Error::invalid(
@@ -336,72 +330,228 @@ impl Model {
             s.row_chunk.extend(std::iter::repeat_n(ci, c.len));
         }
         s.rope.prepare(cfg, chunks);
+        let eps = cfg.rms_norm_eps as f32;
 
         for (li, layer) in self.layers.iter().enumerate() {
-            let attn = layer
+            let la = layer
                 .attention
                 .as_ref()
                 .ok_or_else(|| Error::invalid("model part", "this part does not own attention"))?;
-            let eps = cfg.rms_norm_eps as f32;
             rms_norm(
                 hidden,
-                attn.input_norm.as_slice(),
+                la.input_norm.as_slice(),
                 eps,
                 resize(&mut s.normed, rows * h),
             );
-            {
-                let (q, k, v) = (resize(&mut s.q, rows * qd), &mut s.k, &mut s.v);
-                let (k, v) = (resize(k, rows * kvd), resize(v, rows * kvd));
-                kernels::matmul_many(&mut [
-                    MatMul::new(&s.normed, attn.q.as_slice(), q, rows, qd, h),
-                    MatMul::new(&s.normed, attn.k.as_slice(), k, rows, kvd, h),
-                    MatMul::new(&s.normed, attn.v.as_slice(), v, rows, kvd, h),
-                ]);
+            match &la.attn {
+                Attn::Gqa {
+                    q,
+                    k,
+                    v,
+                    o,
+                    q_norm,
+                    k_norm,
+                    sinks,
+                } => {
+                    let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
+                    {
+                        let (qo, ko, vo) = (&mut s.q, &mut s.k, &mut s.v);
+                        let (qo, ko, vo) = (
+                            resize(qo, rows * qd),
+                            resize(ko, rows * kvd),
+                            resize(vo, rows * kvd),
+                        );
+                        kernels::matmul_many(&mut [
+                            MatMul::new(&s.normed, q.w.as_slice(), qo, rows, qd, h),
+                            MatMul::new(&s.normed, k.w.as_slice(), ko, rows, kvd, h),
+                            MatMul::new(&s.normed, v.w.as_slice(), vo, rows, kvd, h),
+                        ]);
+                    }
+                    add_bias(&mut s.q, q.b.as_ref());
+                    add_bias(&mut s.k, k.b.as_ref());
+                    add_bias(&mut s.v, v.b.as_ref());
+                    let norm_width = match cfg.arch.attention.qk_norm {
+                        QkNorm::None => None,
+                        QkNorm::PerHead => Some((cfg.head_dim, cfg.head_dim)),
+                        QkNorm::Whole => Some((qd, kvd)),
+                    };
+                    if let (Some((qw, kw)), Some(qn), Some(kn)) = (norm_width, q_norm, k_norm) {
+                        rms_norm_in_place(&mut s.q, qn.as_slice(), qw, eps);
+                        rms_norm_in_place(&mut s.k, kn.as_slice(), kw, eps);
+                    }
+                    if let Some(c) = cfg.arch.attention.clip_qkv {
+                        let c = c as f32;
+                        for x in s.q.iter_mut().chain(s.k.iter_mut()).chain(s.v.iter_mut()) {
+                            *x = x.clamp(-c, c);
+                        }
+                    }
+                    attention::attend(
+                        cfg,
+                        li,
+                        layer.index,
+                        chunks,
+                        caches,
+                        &s.row_chunk,
+                        &s.rope,
+                        sinks.as_ref().map(Weight::as_slice),
+                        &mut s.q,
+                        &mut s.k,
+                        &s.v,
+                        resize(&mut s.attn, rows * qd),
+                    );
+                    kernels::matmul(
+                        &s.attn,
+                        o.w.as_slice(),
+                        resize(&mut s.proj, rows * h),
+                        rows,
+                        h,
+                        qd,
+                    );
+                    add_bias(&mut s.proj, o.b.as_ref());
+                }
+                Attn::Mla {
+                    q,
+                    kv_a,
+                    kv_a_norm,
+                    kv_b,
+                    o,
+                } => {
+                    let m = cfg.arch.attention.mla.as_ref().ok_or_else(|| {
+                        Error::Internal("latent attention without its config".into())
+                    })?;
+                    let qd = cfg.num_attention_heads * m.qk_head_dim();
+                    match q {
+                        MlaQuery::Direct(w) => kernels::matmul(
+                            &s.normed,
+                            w.as_slice(),
+                            resize(&mut s.q, rows * qd),
+                            rows,
+                            qd,
+                            h,
+                        ),
+                        MlaQuery::Lora { a, norm, b } => {
+                            let r = norm.as_slice().len();
+                            kernels::matmul(
+                                &s.normed,
+                                a.as_slice(),
+                                resize(&mut s.k, rows * r),
+                                rows,
+                                r,
+                                h,
+                            );
+                            rms_norm_in_place(&mut s.k, norm.as_slice(), r, MLA_NORM_EPS);
+                            kernels::matmul(
+                                &s.k,
+                                b.as_slice(),
+                                resize(&mut s.q, rows * qd),
+                                rows,
+                                qd,
+                                r,
+                            );
+                        }
+                    }
+                    let cw = m.kv_lora_rank + m.qk_rope_head_dim;
+                    kernels::matmul(
+                        &s.normed,
+                        kv_a.as_slice(),
+                        resize(&mut s.v, rows * cw),
+                        rows,
+                        cw,
+                        h,
+                    );
+                    for row in s.v.chunks_exact_mut(cw) {
+                        let (lat, _) = row.split_at_mut(m.kv_lora_rank);
+                        rms_norm_in_place(lat, kv_a_norm.as_slice(), m.kv_lora_rank, MLA_NORM_EPS);
+                    }
+                    let od = cfg.attn_out_dim();
+                    attention::attend_latent(
+                        cfg,
+                        m,
+                        li,
+                        chunks,
+                        caches,
+                        &s.row_chunk,
+                        &s.rope,
+                        kv_b.as_slice(),
+                        &mut s.q,
+                        &mut s.v,
+                        resize(&mut s.attn, rows * od),
+                    );
+                    kernels::matmul(
+                        &s.attn,
+                        o.as_slice(),
+                        resize(&mut s.proj, rows * h),
+                        rows,
+                        h,
+                        od,
+                    );
+                }
             }
-            attention::attend(
-                cfg,
-                li,
-                chunks,
-                caches,
-                &s.row_chunk,
-                &s.rope,
-                &mut s.q,
-                &mut s.k,
-                &s.v,
-                resize(&mut s.attn, rows * qd),
-            );
-            kernels::matmul(
-                &s.attn,
-                attn.o.as_slice(),
-                resize(&mut s.proj, rows * h),
-                rows,
-                h,
-                qd,
-            );
             for (x, d) in hidden.iter_mut().zip(&s.proj) {
                 *x += d;
             }
 
             rms_norm(
                 hidden,
-                attn.post_norm.as_slice(),
+                la.post_norm.as_slice(),
                 eps,
                 resize(&mut s.normed, rows * h),
             );
-            let ne = cfg.num_local_experts;
-            kernels::matmul(
-                &s.normed,
-                attn.router.as_slice(),
-                resize(&mut s.router_logits, rows * ne),
-                rows,
-                ne,
-                h,
-            );
-            s.routing
-                .route(&s.router_logits, rows, ne, cfg.num_experts_per_tok);
-            let out = resize(&mut s.proj, rows * h);
-            experts.compute(layer.index, &s.routing, &s.normed, out)?;
-            for (x, d) in hidden.iter_mut().zip(out.iter()) {
+            match &la.ffn {
+                StageFfn::Dense(mlp) => {
+                    mlp_forward(
+                        mlp,
+                        &s.normed,
+                        rows,
+                        h,
+                        &mut s.gate,
+                        &mut s.up,
+                        resize(&mut s.proj, rows * h),
+                    );
+                }
+                StageFfn::Moe {
+                    router,
+                    correction_bias,
+                    shared,
+                    shared_gate,
+                } => {
+                    let ne = cfg.num_local_experts;
+                    kernels::matmul(
+                        &s.normed,
+                        router.w.as_slice(),
+                        resize(&mut s.router_logits, rows * ne),
+                        rows,
+                        ne,
+                        h,
+                    );
+                    add_bias(&mut s.router_logits, router.b.as_ref());
+                    s.routing.route_with(
+                        &cfg.arch.router,
+                        &s.router_logits,
+                        correction_bias.as_ref().map(Weight::as_slice),
+                        rows,
+                        ne,
+                        cfg.num_experts_per_tok,
+                    );
+                    let out = resize(&mut s.proj, rows * h);
+                    experts.compute(layer.index, &s.routing, &s.normed, out)?;
+                    if let Some(mlp) = shared {
+                        let sh = resize(&mut s.shared, rows * h);
+                        mlp_forward(mlp, &s.normed, rows, h, &mut s.gate, &mut s.up, sh);
+                        if let Some(g) = shared_gate {
+                            for (r, row) in sh.chunks_exact_mut(h).enumerate() {
+                                let z = kernels::dot(&s.normed[r * h..(r + 1) * h], g.as_slice());
+                                let gate = 1.0 / (1.0 + (-z).exp());
+                                row.iter_mut().for_each(|x| *x *= gate);
+                            }
+                        }
+                        for (o, x) in s.proj.iter_mut().zip(&s.shared) {
+                            *o += x;
+                        }
+                    }
+                }
+            }
+            for (x, d) in hidden.iter_mut().zip(&s.proj) {
                 *x += d;
             }
         }
@@ -448,33 +598,88 @@ impl Model {
 
     /// Bytes of weights this part holds (f32).
     pub fn weight_bytes(&self) -> u64 {
-        let n = |w: &Weight| w.as_slice().len() as u64 * 4;
         let mut total = 0;
+        self.visit_weights(&mut |w| total += w.as_slice().len() as u64 * 4);
+        total
+    }
+
+    /// Calls `f` on every weight this part holds.
+    fn visit_weights(&self, f: &mut dyn FnMut(&Weight)) {
         for w in [&self.embed, &self.final_norm, &self.lm_head]
             .into_iter()
             .flatten()
         {
-            total += n(w);
+            f(w);
         }
+        let linear = |l: &Linear, f: &mut dyn FnMut(&Weight)| {
+            f(&l.w);
+            l.b.iter().for_each(|b| f(b));
+        };
+        let mlp = |m: &Mlp, f: &mut dyn FnMut(&Weight)| {
+            [&m.gate, &m.up, &m.down].into_iter().for_each(|w| f(w));
+        };
         for l in &self.layers {
             if let Some(a) = &l.attention {
-                for w in [
-                    &a.input_norm,
-                    &a.q,
-                    &a.k,
-                    &a.v,
-                    &a.o,
-                    &a.post_norm,
-                    &a.router,
-                ] {
-                    total += n(w);
+                f(&a.input_norm);
+                f(&a.post_norm);
+                match &a.attn {
+                    Attn::Gqa {
+                        q,
+                        k,
+                        v,
+                        o,
+                        q_norm,
+                        k_norm,
+                        sinks,
+                    } => {
+                        for x in [q, k, v, o] {
+                            linear(x, f);
+                        }
+                        for w in [q_norm, k_norm, sinks].into_iter().flatten() {
+                            f(w);
+                        }
+                    }
+                    Attn::Mla {
+                        q,
+                        kv_a,
+                        kv_a_norm,
+                        kv_b,
+                        o,
+                    } => {
+                        match q {
+                            MlaQuery::Direct(w) => f(w),
+                            MlaQuery::Lora { a, norm, b } => {
+                                [a, norm, b].into_iter().for_each(|w| f(w));
+                            }
+                        }
+                        [kv_a, kv_a_norm, kv_b, o].into_iter().for_each(|w| f(w));
+                    }
+                }
+                match &a.ffn {
+                    StageFfn::Dense(m) => mlp(m, f),
+                    StageFfn::Moe {
+                        router,
+                        correction_bias,
+                        shared,
+                        shared_gate,
+                    } => {
+                        linear(router, f);
+                        for w in [correction_bias, shared_gate].into_iter().flatten() {
+                            f(w);
+                        }
+                        if let Some(m) = shared {
+                            mlp(m, f);
+                        }
+                    }
                 }
             }
             for e in l.experts.iter().flatten() {
-                total += n(&e.w1) + n(&e.w2) + n(&e.w3);
+                [&e.w1, &e.w3, &e.w2].into_iter().for_each(|w| f(w));
+                for b in [&e.b1, &e.b3, &e.b2].into_iter().flatten() {
+                    f(b);
+                }
             }
         }
-        total
     }
 
     pub fn owns_head(&self) -> bool {
@@ -544,7 +749,52 @@ impl ExpertCompute for LocalExperts<'_> {
 
 pub use moe::MoeScratch;
 
-/// `out = x / rms(x) * weight`, row by row, as transformers' MixtralRMSNorm (f32).
+/// DeepSeek's latent norms (`q_a_layernorm`, `kv_a_layernorm`) use their class default.
+const MLA_NORM_EPS: f32 = 1e-6;
+
+fn add_bias(y: &mut [f32], b: Option<&Weight>) {
+    if let Some(b) = b {
+        let b = b.as_slice();
+        for row in y.chunks_exact_mut(b.len()) {
+            for (x, v) in row.iter_mut().zip(b) {
+                *x += v;
+            }
+        }
+    }
+}
+
+/// RMS-normalises every `width`-wide piece of `x` in place with `weight`.
+fn rms_norm_in_place(x: &mut [f32], weight: &[f32], width: usize, eps: f32) {
+    for xr in x.chunks_exact_mut(width) {
+        let ms = xr.iter().map(|v| v * v).sum::<f32>() / width as f32;
+        let inv = 1.0 / (ms + eps).sqrt();
+        for (v, w) in xr.iter_mut().zip(weight) {
+            *v = w * (*v * inv);
+        }
+    }
+}
+
+/// A SwiGLU MLP over `rows` rows of `x` into `out`.
+fn mlp_forward(
+    m: &Mlp,
+    x: &[f32],
+    rows: usize,
+    h: usize,
+    gate: &mut Vec<f32>,
+    up: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let inter = m.gate.shape()[0];
+    let (g, u) = (resize(gate, rows * inter), resize(up, rows * inter));
+    kernels::matmul_many(&mut [
+        MatMul::new(x, m.gate.as_slice(), g, rows, inter, h),
+        MatMul::new(x, m.up.as_slice(), u, rows, inter, h),
+    ]);
+    moe::activate(Activation::Silu, g, u);
+    kernels::matmul(g, m.down.as_slice(), out, rows, h, inter);
+}
+
+/// `out = x / rms(x) * weight`, row by row, as transformers' RMSNorm (f32).
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let h = weight.len();
     for (xr, or) in x.chunks_exact(h).zip(out.chunks_exact_mut(h)) {

@@ -1,9 +1,10 @@
-//! Routing (softmax over experts, top-k, renormalised weights, as transformers' Mixtral)
-//! and the local SwiGLU experts. The router is separate from the experts: a stage routes,
-//! and whoever owns an expert computes it.
+//! Routing (every family's: softmax or sigmoid scores, selection bias, group-limited top-k,
+//! renormalisation and scaling, as transformers computes them) and the local experts. The
+//! router is separate from the experts: a stage routes, and whoever owns an expert computes
+//! it.
 
 use super::Layer;
-use crate::config::ModelConfig;
+use crate::config::{Activation, GroupScore, ModelConfig, RouterConfig, Scoring};
 use crate::error::{Error, Result};
 use crate::kernels::{self, MatMul};
 
@@ -36,42 +37,125 @@ pub struct Routing {
 }
 
 impl Routing {
-    /// Routes `rows` rows from their router logits (`rows × num_experts`).
+    /// Routes `rows` rows from their router logits (`rows × num_experts`) as Mixtral does:
+    /// softmax, top-k, renormalised.
     pub fn route(&mut self, logits: &[f32], rows: usize, num_experts: usize, top_k: usize) {
+        self.route_with(
+            &RouterConfig::mixtral(),
+            logits,
+            None,
+            rows,
+            num_experts,
+            top_k,
+        );
+    }
+
+    /// Routes `rows` rows from their router logits (`rows × num_experts`, router bias
+    /// included) by `cfg`. `correction` is added to the scores to choose experts only.
+    /// Ties go to the lower expert id.
+    pub fn route_with(
+        &mut self,
+        cfg: &RouterConfig,
+        logits: &[f32],
+        correction: Option<&[f32]>,
+        rows: usize,
+        num_experts: usize,
+        top_k: usize,
+    ) {
         self.rows = rows;
         self.top_k = top_k;
         self.experts.clear();
         self.weights.clear();
         let mut probs = std::mem::take(&mut self.probs);
-        probs.resize(num_experts, 0.0);
+        probs.resize(2 * num_experts, 0.0);
+        let (scores, choice) = probs.split_at_mut(num_experts);
         let mut picked: Vec<usize> = Vec::with_capacity(top_k);
+        let group_size = num_experts / cfg.groups.max(1);
+        let mut group_scores = vec![0.0f32; cfg.groups.max(1)];
+        let mut groups_kept: Vec<usize> = Vec::with_capacity(cfg.topk_groups);
         for r in 0..rows {
             let l = &logits[r * num_experts..(r + 1) * num_experts];
-            let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0.0;
-            for (p, &x) in probs.iter_mut().zip(l) {
-                *p = (x - max).exp();
-                sum += *p;
+            match cfg.scoring {
+                Scoring::Softmax => {
+                    let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mut sum = 0.0;
+                    for (p, &x) in scores.iter_mut().zip(l) {
+                        *p = (x - max).exp();
+                        sum += *p;
+                    }
+                    for p in scores.iter_mut() {
+                        *p /= sum;
+                    }
+                }
+                Scoring::Sigmoid => {
+                    for (p, &x) in scores.iter_mut().zip(l) {
+                        *p = 1.0 / (1.0 + (-x).exp());
+                    }
+                }
+                Scoring::TopKThenSoftmax => scores.copy_from_slice(l),
             }
-            for p in probs.iter_mut() {
-                *p /= sum;
+            choice.copy_from_slice(scores);
+            if let Some(b) = correction {
+                for (c, b) in choice.iter_mut().zip(b) {
+                    *c += b;
+                }
             }
-            picked.clear();
-            for _ in 0..top_k {
-                // Highest probability not yet picked; ties go to the lower expert id.
-                let best = (0..num_experts)
-                    .filter(|e| !picked.contains(e))
-                    .fold(None, |b: Option<usize>, e| match b {
-                        Some(b) if probs[b] >= probs[e] => Some(b),
-                        _ => Some(e),
-                    })
-                    .unwrap_or(0);
-                picked.push(best);
+            if cfg.groups > 1 {
+                for (g, gs) in group_scores.iter_mut().enumerate() {
+                    let members = &choice[g * group_size..(g + 1) * group_size];
+                    *gs = match cfg.group_score {
+                        GroupScore::Max => {
+                            members.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+                        }
+                        GroupScore::TopTwoSum => {
+                            let (mut a, mut b) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+                            for &x in members {
+                                if x > a {
+                                    (a, b) = (x, a);
+                                } else if x > b {
+                                    b = x;
+                                }
+                            }
+                            a + b
+                        }
+                    };
+                }
+                top_indices(&group_scores, cfg.topk_groups, &mut groups_kept);
+                for (e, c) in choice.iter_mut().enumerate() {
+                    if !groups_kept.contains(&(e / group_size)) {
+                        *c = f32::NEG_INFINITY;
+                    }
+                }
             }
-            let total: f32 = picked.iter().map(|&e| probs[e]).sum();
+            top_indices(choice, top_k, &mut picked);
+            let start = self.weights.len();
             for &e in &picked {
                 self.experts.push(e as u32);
-                self.weights.push(probs[e] / total);
+                self.weights.push(scores[e]);
+            }
+            let w = &mut self.weights[start..];
+            match cfg.scoring {
+                Scoring::TopKThenSoftmax => {
+                    let max = w.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mut sum = 0.0;
+                    for x in w.iter_mut() {
+                        *x = (*x - max).exp();
+                        sum += *x;
+                    }
+                    w.iter_mut().for_each(|x| *x /= sum);
+                }
+                _ if cfg.renormalize => {
+                    let mut total: f32 = w.iter().sum();
+                    if cfg.scoring == Scoring::Sigmoid {
+                        total += 1e-20;
+                    }
+                    w.iter_mut().for_each(|x| *x /= total);
+                }
+                _ => {}
+            }
+            if cfg.scale != 1.0 {
+                let s = cfg.scale as f32;
+                w.iter_mut().for_each(|x| *x *= s);
             }
         }
         self.probs = probs;
@@ -135,6 +219,21 @@ impl Routing {
     /// Tokens routed to each expert in this batch.
     pub fn counts(&self) -> impl Iterator<Item = usize> + '_ {
         self.offsets.windows(2).map(|w| w[1] - w[0])
+    }
+}
+
+/// The indices of the `k` largest values, largest first; ties go to the lower index.
+fn top_indices(values: &[f32], k: usize, picked: &mut Vec<usize>) {
+    picked.clear();
+    for _ in 0..k.min(values.len()) {
+        let best = (0..values.len())
+            .filter(|i| !picked.contains(i))
+            .fold(None, |b: Option<usize>, i| match b {
+                Some(b) if values[b] >= values[i] => Some(b),
+                _ => Some(i),
+            })
+            .unwrap_or(0);
+        picked.push(best);
     }
 }
 
@@ -268,7 +367,7 @@ pub(super) fn ffn_groups(
     s.up.resize(total * inter, 0.0);
     s.down.resize(total * h, 0.0);
     let offsets = std::mem::take(&mut s.offsets);
-    swiglu_grouped(layer, &offsets, h, inter, x, s);
+    swiglu_grouped(cfg.arch.activation, layer, &offsets, h, inter, x, s);
     s.offsets = offsets;
     Ok(())
 }
@@ -277,6 +376,7 @@ pub(super) fn ffn_groups(
 /// to the same rows of `s.down`. Gate and up projections of every active expert run in one
 /// parallel region, then every down projection in another.
 fn swiglu_grouped(
+    act: Activation,
     layer: &Layer,
     offsets: &[usize],
     h: usize,
@@ -311,9 +411,20 @@ fn swiglu_grouped(
         kernels::matmul_many(&mut jobs);
     }
     let end = offsets.last().copied().unwrap_or(0);
-    for (g, u) in s.gate[..end * inter].iter_mut().zip(&s.up[..end * inter]) {
-        *g = *g / (1.0 + (-*g).exp()) * u;
+    for (ex, a, b) in active() {
+        let rows = |v: &mut [f32], bias: &Option<crate::weights::Weight>| {
+            if let Some(bias) = bias {
+                for row in v[a * inter..b * inter].chunks_exact_mut(inter) {
+                    for (x, b) in row.iter_mut().zip(bias.as_slice()) {
+                        *x += b;
+                    }
+                }
+            }
+        };
+        rows(&mut s.gate, &ex.b1);
+        rows(&mut s.up, &ex.b3);
     }
+    activate(act, &mut s.gate[..end * inter], &s.up[..end * inter]);
     let mut jobs = Vec::new();
     let mut down = s.down.as_mut_slice();
     let mut consumed = 0;
@@ -333,6 +444,35 @@ fn swiglu_grouped(
         ));
     }
     kernels::matmul_many(&mut jobs);
+    for (ex, a, b) in active() {
+        if let Some(bias) = &ex.b2 {
+            for row in s.down[a * h..b * h].chunks_exact_mut(h) {
+                for (x, b) in row.iter_mut().zip(bias.as_slice()) {
+                    *x += b;
+                }
+            }
+        }
+    }
+}
+
+/// `gate = act(gate, up)` elementwise.
+pub(super) fn activate(act: Activation, gate: &mut [f32], up: &[f32]) {
+    match act {
+        Activation::Silu => {
+            for (g, u) in gate.iter_mut().zip(up) {
+                *g = *g / (1.0 + (-*g).exp()) * u;
+            }
+        }
+        Activation::ClampedSwiglu { alpha, limit } => {
+            let (alpha, limit) = (alpha as f32, limit as f32);
+            for (g, u) in gate.iter_mut().zip(up) {
+                let x = g.min(limit);
+                let u = u.clamp(-limit, limit);
+                let glu = x / (1.0 + (-x * alpha).exp());
+                *g = (u + 1.0) * glu;
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -238,7 +238,7 @@ mod tests {
     struct Model;
     impl Model {
         fn new_cache(&self, capacity: usize) -> KvCache {
-            KvCache::new(1, 4, capacity)
+            KvCache::new(1, 4, 4, capacity)
         }
     }
 
