@@ -712,11 +712,16 @@ impl ModelConfig {
             .ok_or_else(|| Error::config("dtype", format!("unsupported dtype `{dtype_name}`")))?;
 
         // Routed experts and their width.
-        let experts_key = match family {
-            Mixtral | GptOss => "num_local_experts",
-            Qwen2Moe | Qwen3Moe | Olmoe => "num_experts",
-            DeepseekV2 | DeepseekV3 | Glm4Moe => "n_routed_experts",
-        };
+        // transformers writes the count under the family's own name or the attribute name.
+        const EXPERT_KEYS: [&str; 3] = ["num_local_experts", "num_experts", "n_routed_experts"];
+        let experts_key = EXPERT_KEYS
+            .into_iter()
+            .find(|k| field(obj, k).is_some())
+            .unwrap_or(match family {
+                Mixtral | GptOss => "num_local_experts",
+                Qwen2Moe | Qwen3Moe | Olmoe => "num_experts",
+                DeepseekV2 | DeepseekV3 | Glm4Moe => "n_routed_experts",
+            });
         let num_local_experts = match family {
             Mixtral => usize_field(obj, experts_key)?.unwrap_or(8),
             _ => required_usize(obj, experts_key)?,
@@ -1196,8 +1201,18 @@ impl ModelConfig {
                 / n
     }
 
+    /// Layers with routed experts.
+    pub fn moe_layer_count(&self) -> usize {
+        self.num_hidden_layers - self.dense_layers()
+    }
+
+    /// (layer, expert) pairs of routed experts in the whole model.
+    pub fn routed_expert_count(&self) -> usize {
+        self.moe_layer_count() * self.num_local_experts
+    }
+
     fn moe_layers(&self) -> u64 {
-        (self.num_hidden_layers - self.dense_layers()) as u64
+        self.moe_layer_count() as u64
     }
 
     fn embedding_params(&self) -> u64 {

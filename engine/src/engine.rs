@@ -305,7 +305,7 @@ impl Engine {
         let whole = model.owns_embeddings()
             && model.owns_head()
             && model.layers().len() == cfg.num_hidden_layers
-            && model.owned_experts().len() == cfg.num_hidden_layers * cfg.num_local_experts;
+            && model.owned_experts().len() == cfg.routed_expert_count();
         if !whole {
             return Err(Error::invalid(
                 "model part",

@@ -434,7 +434,7 @@ fn release(shared: &Arc<Shared>, ids: Vec<SeqId>, slots: Vec<tokio::sync::OwnedS
 /// Reads every stage's routed-token counters (without resetting them) into the Prometheus
 /// metrics, every `every`. The imbalance gauge is updated only when every stage answered.
 async fn poll_expert_stats(shared: Arc<Shared>, every: Duration) {
-    let pairs = shared.cfg.num_hidden_layers * shared.cfg.num_local_experts;
+    let pairs = shared.cfg.routed_expert_count();
     let mut totals = ExpertTotals::default();
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
