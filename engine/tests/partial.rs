@@ -209,3 +209,110 @@ fn a_stage_with_expert_shards_computes_what_the_whole_model_computes() {
             .contains("expert 1")
     );
 }
+
+fn golden_dirs() -> Vec<std::path::PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
+    let mut dirs: Vec<_> = std::fs::read_dir(&root)
+        .expect("golden folder")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.join("config.json").exists())
+        .collect();
+    dirs.sort();
+    dirs
+}
+
+/// Every family's checkpoint split as a deployment splits it — two pipeline stages (dense
+/// layers and shared experts on the stage) and two expert shards that each load only their
+/// experts, fused expert tensors included — computes what the whole model computes.
+#[test]
+fn every_family_split_into_stages_and_expert_shards_computes_the_whole_model() {
+    let dirs = golden_dirs();
+    assert!(dirs.len() >= 9, "golden checkpoints: {dirs:?}");
+    for dir in dirs {
+        let name = dir.file_name().expect("name").to_string_lossy().to_string();
+        let ckpt = Checkpoint::open(&dir).expect("open");
+        let cfg = ckpt.config().clone();
+        let n = cfg.num_hidden_layers;
+        let whole = Model::load(&ckpt, ShardSpec::full(&cfg), &mut |_| {}).expect("whole");
+
+        let split = n / 2;
+        let stages: Vec<Model> = [0..split, split..n]
+            .into_iter()
+            .map(|r| {
+                let spec = ShardSpec::stage(&cfg, r, false);
+                let names = owned_names(&spec, &ckpt);
+                assert!(
+                    names.iter().all(|t| !t.contains(".experts.")),
+                    "{name}: a stage loads no routed expert: {names:?}"
+                );
+                Model::load(&ckpt, spec, &mut |_| {}).expect("stage")
+            })
+            .collect();
+        let even: Vec<usize> = (0..cfg.num_local_experts).step_by(2).collect();
+        let odd: Vec<usize> = (1..cfg.num_local_experts).step_by(2).collect();
+        let shards: Vec<Model> = [even, odd]
+            .into_iter()
+            .map(|experts| {
+                let fresh = Checkpoint::open(&dir).expect("open");
+                let spec = ShardSpec::experts(0..n, experts.clone());
+                let part = Model::load(&fresh, spec, &mut |_| {}).expect("shard");
+                for t in fresh.loaded_tensors() {
+                    // Per-expert names (`experts.3.`) or a fused tensor's entry (`[3]`).
+                    let e: usize = t
+                        .split_once(".experts.")
+                        .and_then(|(_, rest)| rest.split('.').next()?.parse().ok())
+                        .or_else(|| t.rsplit_once('[')?.1.trim_end_matches(']').parse().ok())
+                        .unwrap_or_else(|| panic!("{name}: a shard loaded `{t}`"));
+                    assert!(experts.contains(&e), "{name}: shard of {experts:?} loaded {t}");
+                }
+                let moe_layers = (0..n).filter(|&l| cfg.is_moe_layer(l)).count();
+                assert_eq!(part.owned_experts().len(), moe_layers * experts.len(), "{name}");
+                part
+            })
+            .collect();
+
+        let prompt: Vec<u32> = (0..11)
+            .map(|i| (i * 37 + 5) % cfg.vocab_size as u32)
+            .collect();
+        let chunk = [Chunk {
+            start: 0,
+            len: prompt.len(),
+        }];
+        let mut moe = MoeScratch::default();
+        let (mut hidden, mut want, mut s) = (Vec::new(), Vec::new(), Scratch::default());
+        whole.embed(&prompt, &mut hidden).expect("embed");
+        let mut cache = whole.new_cache(prompt.len());
+        let mut local = LocalExperts {
+            model: &whole,
+            scratch: &mut moe,
+        };
+        whole
+            .forward_layers(&mut hidden, &chunk, &mut [&mut cache], &mut local, &mut s)
+            .expect("whole forward");
+        whole
+            .logits(&hidden, &[prompt.len() - 1], &mut want, &mut s)
+            .expect("logits");
+
+        let mut via = Shards {
+            parts: shards.iter().collect(),
+            scratch: MoeScratch::default(),
+        };
+        let (mut hidden, mut got) = (Vec::new(), Vec::new());
+        stages[0].embed(&prompt, &mut hidden).expect("embed");
+        for stage in &stages {
+            let mut cache = stage.new_cache(prompt.len());
+            stage
+                .forward_layers(&mut hidden, &chunk, &mut [&mut cache], &mut via, &mut s)
+                .expect("stage forward");
+        }
+        stages[1]
+            .logits(&hidden, &[prompt.len() - 1], &mut got, &mut s)
+            .expect("logits");
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-5, "{name}: split vs whole: max diff {worst}");
+    }
+}
