@@ -123,6 +123,12 @@ pub struct ModelSpec {
 #[x_kube(validation = Rule::new("!has(self.headDim) || self.headDim % 2 == 0")
     .message("spec.model.architecture.headDim must be even (rotary embeddings rotate pairs)")
     .field_path(".headDim"))]
+#[x_kube(validation = Rule::new("!has(self.denseLayers) || self.denseLayers.all(l, l >= 0 && l < self.numLayers)")
+    .message("spec.model.architecture.denseLayers must list layers below numLayers")
+    .field_path(".denseLayers"))]
+#[x_kube(validation = Rule::new("!has(self.denseLayers) || size(self.denseLayers) == 0 || has(self.denseIntermediateSize)")
+    .message("spec.model.architecture.denseIntermediateSize is required with denseLayers")
+    .field_path(".denseIntermediateSize"))]
 #[serde(rename_all = "camelCase")]
 pub struct Architecture {
     #[schemars(range(min = 1, max = 1024))]
@@ -150,6 +156,44 @@ pub struct Architecture {
     pub max_position_embeddings: i32,
     #[serde(default)]
     pub tie_word_embeddings: bool,
+    /// `config.json`'s `model_type` (informational: the workers read the checkpoint's own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_type: Option<String>,
+    /// Layers with a dense MLP instead of routed experts (DeepSeek's and GLM's first layers,
+    /// Qwen's `mlp_only_layers`); they run on the stage, next to attention.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1024))]
+    pub dense_layers: Vec<i32>,
+    /// Width of a dense layer's MLP (where experts use `intermediateSize`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1048576))]
+    pub dense_intermediate_size: Option<i32>,
+    /// Total width of the shared experts every MoE layer runs for every token (Qwen2-MoE,
+    /// DeepSeek, GLM); they run on the stage, next to attention.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1048576))]
+    pub shared_expert_intermediate_size: Option<i32>,
+    /// Multi-head latent attention (DeepSeek-V2/V3): sizes its projections and its
+    /// compressed KV cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latent_attention: Option<LatentAttention>,
+}
+
+/// Multi-head latent attention's widths, as `config.json` names them.
+#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct LatentAttention {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65536))]
+    pub q_lora_rank: Option<i32>,
+    #[schemars(range(min = 1, max = 65536))]
+    pub kv_lora_rank: i32,
+    #[schemars(range(min = 1, max = 4096))]
+    pub qk_nope_head_dim: i32,
+    #[schemars(range(min = 1, max = 4096))]
+    pub qk_rope_head_dim: i32,
+    #[schemars(range(min = 1, max = 4096))]
+    pub v_head_dim: i32,
 }
 
 /// Where the weights come from: exactly one of the fields.

@@ -1,6 +1,6 @@
 //! From a `MoEDeployment` spec to the sized plan: the same `moe-plan` code the data plane runs.
 
-use moe_plan::{ModelDims, SizedPlan, SizingRequest};
+use moe_plan::{LatentDims, LayerSet, ModelDims, SizedPlan, SizingRequest, Variant};
 
 use crate::crd::{Architecture, MoEDeploymentSpec};
 use crate::error::{Error, Result};
@@ -31,6 +31,7 @@ fn preset(name: &str) -> Option<ModelDims> {
         vocab_size: v,
         max_position_embeddings: ctx,
         tie_word_embeddings: false,
+        variant: Variant::PLAIN,
     })
 }
 
@@ -56,12 +57,36 @@ fn dims(a: &Architecture) -> ModelDims {
         vocab_size: count(a.vocab_size),
         max_position_embeddings: count(a.max_position_embeddings),
         tie_word_embeddings: a.tie_word_embeddings,
+        variant: Variant {
+            // Negative or too-large indices: the schema refuses them; the planner names the
+            // field for any that reach it.
+            dense_layers: LayerSet::of(
+                a.dense_layers
+                    .iter()
+                    .map(|&l| usize::try_from(l).unwrap_or(usize::MAX)),
+            ),
+            dense_intermediate_size: a.dense_intermediate_size.map_or(0, count),
+            shared_expert_intermediate_size: a.shared_expert_intermediate_size.map_or(0, count),
+            latent_attention: a.latent_attention.as_ref().map(|m| LatentDims {
+                q_lora_rank: m.q_lora_rank.map(count),
+                kv_lora_rank: count(m.kv_lora_rank),
+                qk_nope_head_dim: count(m.qk_nope_head_dim),
+                qk_rope_head_dim: count(m.qk_rope_head_dim),
+                v_head_dim: count(m.v_head_dim),
+            }),
+        },
     }
 }
 
 /// The model's dimensions: from the spec, or from the synthetic preset.
 pub fn model_dims(spec: &MoEDeploymentSpec) -> Result<ModelDims> {
     if let Some(a) = &spec.model.architecture {
+        if let Some(l) = a.dense_layers.iter().find(|&&l| l < 0 || l >= a.num_layers) {
+            return Err(Error::invalid(
+                "spec.model.architecture.denseLayers",
+                format!("layer {l} does not exist (numLayers {})", a.num_layers),
+            ));
+        }
         return Ok(dims(a));
     }
     match &spec.model.source.synthetic {

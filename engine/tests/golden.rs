@@ -264,3 +264,41 @@ fn router_picks_the_experts_and_weights_transformers_picks() {
     assert_eq!(routing.experts, want_experts);
     assert_close(&routing.weights, &want_weights, "router weights");
 }
+
+/// Elements of every tensor in a checkpoint folder's safetensors files.
+fn stored_parameters(dir: &Path) -> u64 {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir).expect("dir") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|e| e == "safetensors") {
+            let bytes = std::fs::read(&path).expect("read");
+            let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).expect("header");
+            total += meta
+                .tensors()
+                .values()
+                .map(|t| t.shape.iter().product::<usize>() as u64)
+                .sum::<u64>();
+        }
+    }
+    total
+}
+
+#[test]
+fn parameter_counts_equal_the_stored_tensors() {
+    for dir in golden_dirs() {
+        let cfg = Checkpoint::open(&dir).expect("open").config().clone();
+        assert_eq!(
+            cfg.total_params(),
+            stored_parameters(&dir),
+            "{}: config-derived parameter count vs the checkpoint's tensors",
+            dir.display()
+        );
+        let whole = load(&dir);
+        assert_eq!(
+            whole.weight_bytes(),
+            cfg.total_params() * 4,
+            "{}: loaded weights",
+            dir.display()
+        );
+    }
+}

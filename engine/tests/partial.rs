@@ -263,10 +263,17 @@ fn every_family_split_into_stages_and_expert_shards_computes_the_whole_model() {
                         .and_then(|(_, rest)| rest.split('.').next()?.parse().ok())
                         .or_else(|| t.rsplit_once('[')?.1.trim_end_matches(']').parse().ok())
                         .unwrap_or_else(|| panic!("{name}: a shard loaded `{t}`"));
-                    assert!(experts.contains(&e), "{name}: shard of {experts:?} loaded {t}");
+                    assert!(
+                        experts.contains(&e),
+                        "{name}: shard of {experts:?} loaded {t}"
+                    );
                 }
                 let moe_layers = (0..n).filter(|&l| cfg.is_moe_layer(l)).count();
-                assert_eq!(part.owned_experts().len(), moe_layers * experts.len(), "{name}");
+                assert_eq!(
+                    part.owned_experts().len(),
+                    moe_layers * experts.len(),
+                    "{name}"
+                );
                 part
             })
             .collect();

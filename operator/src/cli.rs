@@ -203,6 +203,37 @@ pub fn plan_table(moe: &MoEDeployment, plan: &SizedPlan) -> String {
         params(plan.total_parameters),
         params(plan.active_parameters_per_token)
     );
+    let v = &m.variant;
+    let dense: Vec<usize> = v.dense_layers.iter().collect();
+    if !dense.is_empty() {
+        let _ = writeln!(
+            out,
+            "dense layers {} (MLP {} wide) run on their stages, next to attention",
+            ranges(&dense),
+            v.dense_intermediate_size
+        );
+    }
+    if v.shared_expert_intermediate_size > 0 {
+        let _ = writeln!(
+            out,
+            "shared experts ({} wide per MoE layer) run on the stages for every token; routed experts on {}",
+            v.shared_expert_intermediate_size,
+            if plan.expert_shards.is_empty() {
+                "the stages"
+            } else {
+                "the expert shards"
+            }
+        );
+    }
+    if let Some(la) = v.latent_attention {
+        let _ = writeln!(
+            out,
+            "latent attention: the KV cache holds {} values per token and layer (latent {} + rotary key {})",
+            la.kv_lora_rank + la.qk_rope_head_dim,
+            la.kv_lora_rank,
+            la.qk_rope_head_dim
+        );
+    }
     let _ = writeln!(
         out,
         "\n{:<13} {:>5} {:>9} {:>9} {:>9} {:>12} {:>12} {:>5}",

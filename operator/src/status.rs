@@ -371,6 +371,7 @@ mod tests {
             vocab_size: 512,
             max_position_embeddings: 2048,
             tie_word_embeddings: false,
+            variant: Default::default(),
         };
         moe_plan::size(&SizingRequest {
             model,

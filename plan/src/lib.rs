@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 
 mod sizing;
 pub use sizing::{
-    ModelDims, PodSizing, SizedExpertShard, SizedPlan, SizedStage, SizingRequest,
-    USABLE_GPU_MEMORY_FRACTION, size,
+    LatentDims, LayerSet, ModelDims, PodSizing, SizedExpertShard, SizedPlan, SizedStage,
+    SizingRequest, USABLE_GPU_MEMORY_FRACTION, Variant, size,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

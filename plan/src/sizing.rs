@@ -12,7 +12,74 @@ pub const USABLE_GPU_MEMORY_FRACTION: f64 = 0.9;
 
 const GIB: u64 = 1 << 30;
 
-/// The widths of a Mixtral-family decoder: what parameter counts and memory follow from.
+/// A set of layer indices below [`crate::MAX_LAYERS`] (fixed size, so dimensions stay `Copy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct LayerSet([u64; 16]);
+
+impl LayerSet {
+    pub const EMPTY: Self = Self([0; 16]);
+
+    /// The set of `layers`; indices at or past `MAX_LAYERS` are dropped (the planner refuses
+    /// such models by their layer count first).
+    pub fn of(layers: impl IntoIterator<Item = usize>) -> Self {
+        let mut s = Self::EMPTY;
+        for l in layers {
+            if l < 1024 {
+                s.0[l / 64] |= 1 << (l % 64);
+            }
+        }
+        s
+    }
+
+    pub fn contains(&self, layer: usize) -> bool {
+        layer < 1024 && self.0[layer / 64] & (1 << (layer % 64)) != 0
+    }
+
+    pub fn count_in(&self, range: std::ops::Range<usize>) -> usize {
+        range.filter(|&l| self.contains(l)).count()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..1024).filter(|&l| self.contains(l))
+    }
+}
+
+/// Multi-head latent attention (DeepSeek): its projections and its compressed KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LatentDims {
+    pub q_lora_rank: Option<usize>,
+    pub kv_lora_rank: usize,
+    pub qk_nope_head_dim: usize,
+    pub qk_rope_head_dim: usize,
+    pub v_head_dim: usize,
+}
+
+/// What distinguishes families beyond the Mixtral shape, for sizing: layers with a dense MLP
+/// instead of experts, shared experts that run for every token, latent attention. Dense
+/// MLPs and shared experts run on the stage next to attention; routed experts on expert
+/// shards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Variant {
+    pub dense_layers: LayerSet,
+    pub dense_intermediate_size: usize,
+    /// Total width of the shared experts of an MoE layer (0: none).
+    pub shared_expert_intermediate_size: usize,
+    pub latent_attention: Option<LatentDims>,
+}
+
+impl Variant {
+    /// Every layer routed, no shared experts, grouped-query attention (Mixtral's shape).
+    pub const PLAIN: Self = Self {
+        dense_layers: LayerSet::EMPTY,
+        dense_intermediate_size: 0,
+        shared_expert_intermediate_size: 0,
+        latent_attention: None,
+    };
+}
+
+/// The widths of a Mixture-of-Experts decoder: what parameter counts and memory follow from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ModelDims {
@@ -27,6 +94,8 @@ pub struct ModelDims {
     pub vocab_size: usize,
     pub max_position_embeddings: usize,
     pub tie_word_embeddings: bool,
+    #[serde(default)]
+    pub variant: Variant,
 }
 
 impl ModelDims {
@@ -43,13 +112,73 @@ impl ModelDims {
         mul(&[3, self.hidden_size as u64, self.intermediate_size as u64])
     }
 
-    /// One layer's attention, two norms and router.
-    pub fn layer_shared_params(&self) -> u64 {
+    pub fn is_moe_layer(&self, layer: usize) -> bool {
+        !self.variant.dense_layers.contains(layer)
+    }
+
+    /// Layers with routed experts among `range`.
+    pub fn moe_layers_in(&self, range: std::ops::Range<usize>) -> usize {
+        range.len() - self.variant.dense_layers.count_in(range)
+    }
+
+    /// One layer's attention and two norms.
+    pub fn attention_params(&self) -> u64 {
         let h = self.hidden_size as u64;
-        let q = mul(&[self.num_attention_heads as u64, self.head_dim as u64]);
-        let kv = mul(&[self.num_key_value_heads as u64, self.head_dim as u64]);
-        let attention = add(&[mul(&[h, add(&[q, kv, kv])]), mul(&[q, h])]);
-        add(&[attention, mul(&[2, h]), mul(&[self.num_experts as u64, h])])
+        let heads = self.num_attention_heads as u64;
+        let attention = match self.variant.latent_attention {
+            Some(m) => {
+                let qk = (m.qk_nope_head_dim + m.qk_rope_head_dim) as u64;
+                let q = match m.q_lora_rank {
+                    Some(r) => add(&[mul(&[h, r as u64]), r as u64, mul(&[r as u64, heads, qk])]),
+                    None => mul(&[h, heads, qk]),
+                };
+                add(&[
+                    q,
+                    mul(&[h, (m.kv_lora_rank + m.qk_rope_head_dim) as u64]),
+                    m.kv_lora_rank as u64,
+                    mul(&[
+                        m.kv_lora_rank as u64,
+                        heads,
+                        (m.qk_nope_head_dim + m.v_head_dim) as u64,
+                    ]),
+                    mul(&[heads, m.v_head_dim as u64, h]),
+                ])
+            }
+            None => {
+                let q = mul(&[heads, self.head_dim as u64]);
+                let kv = mul(&[self.num_key_value_heads as u64, self.head_dim as u64]);
+                add(&[mul(&[h, add(&[q, kv, kv])]), mul(&[q, h])])
+            }
+        };
+        add(&[attention, mul(&[2, h])])
+    }
+
+    /// What a stage holds for `layer` besides attention: the router and shared experts of an
+    /// MoE layer, or the dense MLP.
+    pub fn stage_ffn_params(&self, layer: usize) -> u64 {
+        let h = self.hidden_size as u64;
+        if !self.is_moe_layer(layer) {
+            return mul(&[3, h, self.variant.dense_intermediate_size as u64]);
+        }
+        add(&[
+            mul(&[self.num_experts as u64, h]),
+            mul(&[3, h, self.variant.shared_expert_intermediate_size as u64]),
+        ])
+    }
+
+    /// Everything a stage holds for the layers of `range`.
+    pub fn stage_params(&self, range: std::ops::Range<usize>) -> u64 {
+        range.fold(0, |acc, l| {
+            add(&[acc, self.attention_params(), self.stage_ffn_params(l)])
+        })
+    }
+
+    /// One layer's attention, two norms and router (an MoE layer's, shared experts included).
+    pub fn layer_shared_params(&self) -> u64 {
+        let first_moe = (0..self.num_layers)
+            .find(|&l| self.is_moe_layer(l))
+            .unwrap_or(0);
+        add(&[self.attention_params(), self.stage_ffn_params(first_moe)])
     }
 
     pub fn embedding_params(&self) -> u64 {
@@ -68,39 +197,46 @@ impl ModelDims {
         } else {
             self.embedding_params()
         };
-        let per_layer = add(&[
-            self.layer_shared_params(),
-            mul(&[self.num_experts as u64, self.expert_params()]),
+        let routed = mul(&[
+            self.moe_layers_in(0..self.num_layers) as u64,
+            self.num_experts as u64,
+            self.expert_params(),
         ]);
         add(&[
             self.embedding_params(),
             untied_head,
             self.hidden_size as u64,
-            mul(&[self.num_layers as u64, per_layer]),
+            self.stage_params(0..self.num_layers),
+            routed,
         ])
     }
 
     /// Parameters read to produce one token: shared weights, top-k experts per layer, the whole
     /// LM head (the embedding row read is negligible).
     pub fn active_params_per_token(&self) -> u64 {
-        let per_layer = add(&[
-            self.layer_shared_params(),
-            mul(&[self.top_k as u64, self.expert_params()]),
-        ]);
         add(&[
             self.head_params(),
-            mul(&[self.num_layers as u64, per_layer]),
+            self.stage_params(0..self.num_layers),
+            mul(&[
+                self.moe_layers_in(0..self.num_layers) as u64,
+                self.top_k as u64,
+                self.expert_params(),
+            ]),
         ])
     }
 
-    /// Bytes of K and V one token keeps in one layer.
+    /// Bytes of K and V one token keeps in one layer (latent attention: its compressed
+    /// latent and rotary key).
     pub fn kv_bytes_per_token_layer(&self, dtype_bytes: u64) -> u64 {
-        mul(&[
-            2,
-            self.num_key_value_heads as u64,
-            self.head_dim as u64,
-            dtype_bytes,
-        ])
+        match self.variant.latent_attention {
+            Some(m) => mul(&[(m.kv_lora_rank + m.qk_rope_head_dim) as u64, dtype_bytes]),
+            None => mul(&[
+                2,
+                self.num_key_value_heads as u64,
+                self.head_dim as u64,
+                dtype_bytes,
+            ]),
+        }
     }
 
     fn check(&self) -> Result<(), PlanError> {
@@ -134,6 +270,27 @@ impl ModelDims {
                     "{} does not divide numAttentionHeads {}",
                     self.num_key_value_heads, self.num_attention_heads
                 ),
+            ));
+        }
+        let v = &self.variant;
+        if let Some(l) = v.dense_layers.iter().find(|&l| l >= self.num_layers) {
+            return Err(invalid(
+                "model.denseLayers",
+                format!("layer {l} does not exist (numLayers {})", self.num_layers),
+            ));
+        }
+        if v.dense_layers.iter().next().is_some() && v.dense_intermediate_size == 0 {
+            return Err(invalid(
+                "model.denseIntermediateSize",
+                "must be at least 1 when the model has dense layers",
+            ));
+        }
+        if let Some(m) = v.latent_attention
+            && (m.kv_lora_rank == 0 || m.qk_rope_head_dim == 0 || m.v_head_dim == 0)
+        {
+            return Err(invalid(
+                "model.latentAttention",
+                "kvLoraRank, qkRopeHeadDim and vHeadDim must be at least 1",
             ));
         }
         Ok(())
@@ -280,11 +437,15 @@ pub fn size(req: &SizingRequest) -> Result<SizedPlan, PlanError> {
     let mut stages = Vec::with_capacity(layout.stages.len());
     for s in &layout.stages {
         let layers = (s.layer_end - s.layer_start) as u64;
-        let mut params = mul(&[layers, m.layer_shared_params()]);
+        let mut params = m.stage_params(s.layer_start..s.layer_end);
         if experts_in_stages {
             params = add(&[
                 params,
-                mul(&[layers, m.num_experts as u64, m.expert_params()]),
+                mul(&[
+                    m.moe_layers_in(s.layer_start..s.layer_end) as u64,
+                    m.num_experts as u64,
+                    m.expert_params(),
+                ]),
             ]);
         }
         // As the worker loads them: the first stage embeds, the last holds the head too.
@@ -383,7 +544,7 @@ pub fn size(req: &SizingRequest) -> Result<SizedPlan, PlanError> {
 
 fn shard_params(m: &ModelDims, s: &ExpertShardPlan) -> u64 {
     mul(&[
-        (s.layer_end - s.layer_start) as u64,
+        m.moe_layers_in(s.layer_start..s.layer_end) as u64,
         s.experts.len() as u64,
         m.expert_params(),
     ])
@@ -504,6 +665,7 @@ mod tests {
         vocab_size: 100_352,
         max_position_embeddings: 8192,
         tie_word_embeddings: false,
+        variant: Variant::PLAIN,
     };
 
     fn a100(model: ModelDims) -> SizingRequest {
@@ -599,6 +761,7 @@ mod tests {
                     vocab_size: 16,
                     max_position_embeddings: 16,
                     tie_word_embeddings: false,
+                    variant: Default::default(),
                 };
                 let cell = model.expert_params() * 4;
                 for cells_per_pod in 1..=(layers * experts + 1) as u64 {
@@ -644,6 +807,7 @@ mod tests {
             vocab_size: 1 << 22,
             max_position_embeddings: 1 << 22,
             tie_word_embeddings: false,
+            variant: Default::default(),
         };
         let started = std::time::Instant::now();
         let mut outcomes = Vec::new();
@@ -788,6 +952,7 @@ mod tests {
             vocab_size: 512,
             max_position_embeddings: 2048,
             tie_word_embeddings: false,
+            variant: Default::default(),
         };
         let mut req = a100(tiny);
         req.stages = 2;
