@@ -482,6 +482,19 @@ pub struct MoEDeploymentStatus {
     /// What the operator's expert autoscaler last saw and decided (driver `operator`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscaling: Option<AutoscalingStatus>,
+    /// The architecture the operator read from the checkpoint's `config.json` (when the spec
+    /// names a volume and no `model.architecture`), and the source it was read from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<ModelStatus>,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelStatus {
+    /// Which `spec.model.source` (and worker image) this was read from.
+    pub source: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub architecture: Option<Architecture>,
 }
 
 #[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, PartialEq, Default)]

@@ -102,7 +102,8 @@ pub fn model_dims(spec: &MoEDeploymentSpec) -> Result<ModelDims> {
         }),
         None => Err(Error::invalid(
             "spec.model.architecture",
-            "required for a checkpoint source: the operator does not read config.json yet",
+            "required to plan a checkpoint on a volume here (`moe-operator plan -f DIR` reads a \
+             checkpoint folder's config.json; in a cluster the operator reads it from the volume)",
         )),
     }
 }

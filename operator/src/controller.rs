@@ -25,7 +25,7 @@ use crate::crd::{AutoscalingDriver, MoEDeployment, MoEDeploymentStatus};
 use crate::metrics::Metrics;
 use crate::resources::{self, Children, LABEL_DEPLOYMENT};
 use crate::status::{self, Observed, Part};
-use crate::{Error, autoscale, pki, planning};
+use crate::{Error, autoscale, inspect, pki, planning};
 
 /// The one field manager of every write.
 pub const MANAGER: &str = "moe-operator";
@@ -179,6 +179,7 @@ fn short_kind<K: Resource<DynamicType = ()>>() -> &'static str {
         "RoleBinding" => "RoleBinding",
         "NetworkPolicy" => "NetworkPolicy",
         "Secret" => "Secret",
+        "Job" => "Job",
         _ => "object",
     }
 }
@@ -459,13 +460,51 @@ async fn reconcile_inner(md: &MoEDeployment, ctx: &Context) -> Result<Action, Re
     let generation = md.metadata.generation.unwrap_or(0);
     let prev = md.status.clone().unwrap_or_default();
 
+    // The architecture: from the spec, or read from the checkpoint by a Job.
+    let read = match inspect::resolve(&ctx.client, md, &ctx.config).await? {
+        inspect::Resolution::FromSpec => None,
+        inspect::Resolution::Read(m) => Some(m),
+        inspect::Resolution::Pending {
+            reason,
+            message,
+            requeue,
+        } => {
+            let next =
+                status::architecture_pending(&prev, generation, reason, message, Timestamp::now());
+            for t in status::transitions(&prev, &next) {
+                publish(ctx, md, t).await;
+            }
+            if next != prev {
+                write_status(&ctx.client, md, &next).await?;
+            }
+            return Ok(Action::requeue(requeue));
+        }
+    };
+    let with_read;
+    let md = match &read {
+        Some(m) => {
+            let mut copy = md.clone();
+            copy.spec.model.architecture = m.architecture.clone();
+            with_read = copy;
+            &with_read
+        }
+        None => md,
+    };
+
     // Validate: the API server's schema and CEL rules catch most mistakes; what needs the
     // planner (memory, GPU fit, presets) is caught here and reported, without retrying until
     // the spec changes.
     let plan = match resources::checked_name(md).and_then(|_| Ok(planning::plan(&md.spec)?)) {
         Ok(plan) => plan,
         Err(e @ Error::Api(moe_api::Error::Invalid { .. })) => {
-            let next = status::invalid(&prev, generation, e.to_string(), Timestamp::now());
+            let mut next = status::invalid(&prev, generation, e.to_string(), Timestamp::now());
+            status::with_model(
+                &mut next,
+                &prev,
+                read.as_ref(),
+                generation,
+                Timestamp::now(),
+            );
             for t in status::transitions(&prev, &next) {
                 publish(ctx, md, t).await;
             }
@@ -567,6 +606,13 @@ async fn reconcile_inner(md: &MoEDeployment, ctx: &Context) -> Result<Action, Re
         }
         None => {}
     }
+    status::with_model(
+        &mut next,
+        &prev,
+        read.as_ref(),
+        generation,
+        Timestamp::now(),
+    );
     for t in status::transitions(&prev, &next) {
         publish(ctx, md, t).await;
     }

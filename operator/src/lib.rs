@@ -8,6 +8,7 @@ pub mod bench;
 pub mod cli;
 pub mod controller;
 pub mod error;
+pub mod inspect;
 pub mod leader;
 pub mod metrics;
 pub mod pki;

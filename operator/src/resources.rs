@@ -63,7 +63,7 @@ pub const HTTP_PORT: i32 = 8000;
 /// gRPC probes (which cannot present the deployment's client certificate).
 pub const HEALTH_PORT: i32 = 50052;
 /// Non-root user the workers run as.
-const RUN_AS: i64 = 65532;
+pub const RUN_AS: i64 = 65532;
 /// Where a PersistentVolumeClaim's checkpoint is mounted.
 const MODEL_MOUNT: &str = "/models";
 
@@ -341,7 +341,13 @@ fn gateway_service(cx: &Ctx) -> Service {
 
 /// `--model` for the worker, and the volume that holds the checkpoint.
 fn model_arg(cx: &Ctx) -> (String, Option<(Volume, VolumeMount)>) {
-    let source = &cx.md.spec.model.source;
+    model_source(cx.md)
+}
+
+/// `--model` for a worker of `md`, and the volume that holds the checkpoint (none for a
+/// synthetic model).
+pub fn model_source(md: &MoEDeployment) -> (String, Option<(Volume, VolumeMount)>) {
+    let source = &md.spec.model.source;
     if let Some(s) = &source.synthetic {
         return (format!("synthetic:{}:{}", s.preset, s.seed), None);
     }

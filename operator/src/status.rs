@@ -248,6 +248,79 @@ pub fn compute(
         total_parameters: i64::try_from(plan.total_parameters).ok(),
         active_parameters_per_token: i64::try_from(plan.active_parameters_per_token).ok(),
         autoscaling: None,
+        model: prev.model.clone(),
+    }
+}
+
+/// The status while the architecture is being read from the checkpoint (`reason`
+/// `ReadingCheckpoint`) or could not be (`CheckpointUnreadable`): not ready, and
+/// `ArchitectureKnown=False` with the reason.
+pub fn architecture_pending(
+    prev: &MoEDeploymentStatus,
+    generation: i64,
+    reason: &str,
+    message: String,
+    now: Timestamp,
+) -> MoEDeploymentStatus {
+    let failed = reason != "ReadingCheckpoint";
+    let mut conditions = vec![
+        condition(READY, false, reason, message.clone(), generation),
+        condition(PROGRESSING, !failed, reason, message.clone(), generation),
+        condition(DEGRADED, failed, reason, message.clone(), generation),
+        condition(
+            crate::inspect::CONDITION,
+            false,
+            reason,
+            message,
+            generation,
+        ),
+    ];
+    carry_transitions(&prev.conditions, &mut conditions, now);
+    MoEDeploymentStatus {
+        observed_generation: Some(generation),
+        conditions,
+        ..prev.clone()
+    }
+}
+
+/// Records in `status` the architecture read from the checkpoint (`None`: the spec gives it).
+pub fn with_model(
+    status: &mut MoEDeploymentStatus,
+    prev: &MoEDeploymentStatus,
+    model: Option<&crate::crd::ModelStatus>,
+    generation: i64,
+    now: Timestamp,
+) {
+    status.model = model.cloned();
+    status
+        .conditions
+        .retain(|c| c.type_ != crate::inspect::CONDITION);
+    if let Some(m) = model {
+        let what = m
+            .architecture
+            .as_ref()
+            .map(|a| {
+                format!(
+                    "{}{} layers × {} experts, top-{}",
+                    a.model_type
+                        .as_deref()
+                        .map(|t| format!("{t}: "))
+                        .unwrap_or_default(),
+                    a.num_layers,
+                    a.num_experts,
+                    a.top_k
+                )
+            })
+            .unwrap_or_default();
+        let mut c = vec![condition(
+            crate::inspect::CONDITION,
+            true,
+            "ReadFromCheckpoint",
+            format!("read from the checkpoint's config.json: {what}"),
+            generation,
+        )];
+        carry_transitions(&prev.conditions, &mut c, now);
+        status.conditions.extend(c);
     }
 }
 

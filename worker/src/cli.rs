@@ -52,6 +52,9 @@ pub enum Command {
     Stage(crate::serve::stage::StageArgs),
     /// Serve an expert shard (a set of experts over a layer range).
     Expert(crate::serve::expert::ExpertArgs),
+    /// Print what a checkpoint folder's config.json says (spec.model.architecture), after
+    /// checking the engine can serve it; the operator runs this in a Job on the volume.
+    Inspect(crate::inspect::InspectArgs),
     /// Make a deployment's worker CA and certificates (the operator issues its own).
     #[command(subcommand)]
     Certs(crate::serve::tls::CertsCommand),
@@ -197,6 +200,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Stage(args) => serve(crate::serve::stage::run(args)),
         Command::Expert(args) => serve(crate::serve::expert::run(args)),
         Command::Certs(c) => crate::serve::tls::certs(c),
+        Command::Inspect(args) => crate::inspect::run(args),
     }
 }
 

@@ -500,6 +500,29 @@ async fn prepare_volumes(run: &PodRun) -> Result<Vec<Mount>> {
             });
         }
     }
+    // Each container's termination message file, as the kubelet mounts it.
+    let term_dir = run.dir.join("termination");
+    tokio::fs::create_dir_all(&term_dir).await?;
+    for c in spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(spec.containers.iter())
+    {
+        let file = term_dir.join(&c.name);
+        tokio::fs::write(&file, b"").await?;
+        // Written by the container's own user.
+        std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o666))?;
+        mounts.push(Mount {
+            source: file,
+            target: c
+                .termination_message_path
+                .clone()
+                .unwrap_or_else(|| "/dev/termination-log".into()),
+            container: Some(c.name.clone()),
+            read_only: false,
+        });
+    }
     if spec.automount_service_account_token != Some(false) {
         let sa_dir = run.dir.join("serviceaccount");
         write_service_account(run, &sa_dir).await?;
@@ -726,6 +749,7 @@ async fn run_container(
             Ended::Stopped(None) => (137, Some(9), "Error".into(), None),
             Ended::ProbeFailed(why) => (137, Some(9), "Error".into(), Some(why.clone())),
         };
+        let message = message.or_else(|| termination_message(run, c, code));
         if let Some(rc) = &runc {
             let rt = &run.shared.runtime;
             let _ = child.wait().await;
@@ -785,6 +809,33 @@ async fn run_container(
         runs += 1;
         run.update_container(init, index, |r| r.restart_count += 1);
     }
+}
+
+/// What the kubelet reports as a terminated container's message: its termination message
+/// file (at most 4096 bytes), or with `FallbackToLogsOnError` and a failure, its log's tail.
+fn termination_message(run: &PodRun, c: &Container, code: i32) -> Option<String> {
+    const MAX: usize = 4096;
+    let clip = |text: &str| -> Option<String> {
+        let text = text.trim();
+        if text.is_empty() {
+            return None;
+        }
+        let mut start = text.len().saturating_sub(MAX);
+        while !text.is_char_boundary(start) {
+            start += 1;
+        }
+        Some(text[start..].to_string())
+    };
+    let file = run.dir.join("termination").join(&c.name);
+    if let Some(m) = std::fs::read_to_string(file).ok().as_deref().and_then(clip) {
+        return Some(m);
+    }
+    if code != 0 && c.termination_message_policy.as_deref() == Some("FallbackToLogsOnError") {
+        let log = std::fs::read_to_string(run.log_dir.join(format!("{}.log", c.name))).ok()?;
+        let lines: Vec<&str> = log.lines().collect();
+        return clip(&lines[lines.len().saturating_sub(80)..].join("\n"));
+    }
+    None
 }
 
 async fn wait_stop(stop: &mut StopSignal) -> Duration {
