@@ -1070,3 +1070,139 @@ async fn two_gateways_share_the_pipeline_over_mutual_tls() -> Result<()> {
     cluster.helm(&["uninstall", "moe", "-n", &ns, "--wait"])?;
     Ok(())
 }
+
+/// A MoEDeployment that names a checkpoint folder and no architecture: the operator reads its
+/// config.json with a Job on the volume (Qwen3-MoE's golden checkpoint: 4 layers, two of them
+/// dense), records it in status, plans from it and serves transformers' greedy tokens; a
+/// folder without config.json is reported by the `ArchitectureKnown` condition, naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_reads_the_architecture_from_the_checkpoint() -> Result<()> {
+    let cluster = moe::cluster().await;
+    let ns = cluster.namespace("moe-inspect").await?;
+    let client = cluster.client().await?;
+    moe::install_operator(cluster, &ns, &[]).await?;
+    let golden = moe::repo_root().join("engine/tests/golden/qwen3-moe");
+    let golden = std::fs::canonicalize(&golden)?;
+    let dir = std::env::temp_dir().join(format!("moe-inspect-{}", std::process::id()));
+    let empty = dir.join("no-checkpoint");
+    std::fs::create_dir_all(&empty)?;
+    std::fs::set_permissions(&empty, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let manifest = |name: &str, path: &std::path::Path| {
+        format!(
+            "apiVersion: serving.moe.dev/v1alpha1\nkind: MoEDeployment\nmetadata:\n  name: {name}\n\
+             spec:\n  model:\n    source:\n      hostPath:\n        path: {}\n    dtype: f32\n\
+             \x20 parallelism:\n    pipeline: 2\n    expert: 2\n  placement:\n    gpusPerPod: 1\n\
+             \x20 serving:\n    maxConcurrentSequences: 2\n  resources:\n    requests:\n      \
+             cpu: 100m\n      memory: 128Mi\n    limits:\n      memory: 1Gi\n",
+            path.display()
+        )
+    };
+    for (name, path) in [("qwen", golden.as_path()), ("empty", empty.as_path())] {
+        let file = dir.join(format!("{name}.yaml"));
+        std::fs::write(&file, manifest(name, path))?;
+        cluster.kubectl(&["-n", &ns, "apply", "-f", &file.to_string_lossy()])?;
+    }
+
+    let md = moe::wait_ready(&client, &ns, "qwen", READY)
+        .await
+        .map_err(|e| e.context(moe::diagnostics(cluster, &ns)))?;
+    let st = md.status.clone().context("status")?;
+    let arch = st
+        .model
+        .as_ref()
+        .and_then(|m| m.architecture.clone())
+        .context("status.model.architecture")?;
+    assert_eq!(
+        (
+            arch.num_layers,
+            arch.num_experts,
+            arch.top_k,
+            arch.dense_layers.clone()
+        ),
+        (4, 8, 2, vec![0, 2]),
+        "{arch:?}"
+    );
+    assert_eq!(arch.model_type.as_deref(), Some("qwen3_moe"));
+    let known = moe::condition(&md, "ArchitectureKnown").context("condition")?;
+    assert_eq!(
+        (known.0.as_str(), known.1.as_str()),
+        ("True", "ReadFromCheckpoint")
+    );
+    assert_eq!((st.stages, st.expert_shards), (2, 2));
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(golden.join("expected.json"))?)?;
+    let base = moe::gateway_url(&client, &ns, "qwen").await?;
+    for case in expected["cases"]
+        .as_array()
+        .context("cases")?
+        .iter()
+        .take(2)
+    {
+        let ids = |v: &serde_json::Value| -> Vec<u32> {
+            v.as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|x| x.as_u64())
+                        .map(|x| x as u32)
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let want = ids(&case["greedy_ids"]);
+        let got = moe::complete_ids(&base, &ids(&case["prompt_ids"]), want.len()).await?;
+        assert_eq!(got, want, "{}", case["name"]);
+    }
+    // Read once: the Job is gone and the architecture stays recorded.
+    let jobs: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(client.clone(), &ns);
+    until(
+        "the qwen inspect Job to be deleted",
+        Duration::from_secs(60),
+        || {
+            let jobs = jobs.clone();
+            async move {
+                let left: Vec<String> = jobs
+                    .list(&ListParams::default())
+                    .await?
+                    .items
+                    .iter()
+                    .map(|j| j.name_any())
+                    .filter(|n| n.starts_with("qwen-inspect-"))
+                    .collect();
+                if left.is_empty() {
+                    Ok(Some(()))
+                } else {
+                    bail!("jobs {left:?}")
+                }
+            }
+        },
+    )
+    .await?;
+
+    let mds: Api<MoEDeployment> = Api::namespaced(client.clone(), &ns);
+    let (status, reason, message) = until(
+        "empty to report its unreadable checkpoint",
+        Duration::from_secs(180),
+        || {
+            let mds = mds.clone();
+            async move {
+                let md = mds.get("empty").await?;
+                match moe::condition(&md, "ArchitectureKnown") {
+                    Some(c) if c.1 == "CheckpointUnreadable" => Ok(Some(c)),
+                    c => bail!("ArchitectureKnown: {c:?}"),
+                }
+            }
+        },
+    )
+    .await
+    .map_err(|e| e.context(moe::diagnostics(cluster, &ns)))?;
+    assert_eq!(status, "False");
+    assert!(message.contains("config.json"), "{reason}: {message}");
+    let md = mds.get("empty").await?;
+    assert_eq!(
+        moe::condition(&md, "Ready").map(|c| c.0).as_deref(),
+        Some("False")
+    );
+    cluster.delete_namespace(&ns).await?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}

@@ -656,6 +656,19 @@ impl ModelConfig {
             )
         })?;
         use Family::*;
+        if let Some(q) = field(obj, "quantization_config") {
+            let method = q
+                .get("quant_method")
+                .and_then(Value::as_str)
+                .unwrap_or("unknown");
+            return Err(Error::config(
+                "quantization_config",
+                format!(
+                    "quantized checkpoints (`{method}`) are not supported yet: use the bf16 or \
+                     f32 weights (e.g. dequantized with transformers)"
+                ),
+            ));
+        }
         if let Some(act) = field(obj, "hidden_act").and_then(Value::as_str)
             && act != "silu"
             && act != "swish"
@@ -1325,6 +1338,78 @@ mod tests {
         assert!(v5.contains("rope_parameters") && !v5.contains("torch_dtype"));
         let back = ModelConfig::from_json(&v5).expect("parse 5.x");
         assert_eq!(back, c);
+    }
+
+    /// DeepSeek-V3's config.json as published (4.x style, trimmed): every routing and
+    /// attention field lands where the model reads it.
+    const DEEPSEEK_V3: &str = r#"{
+        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+        "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432,
+        "moe_intermediate_size": 2048, "num_hidden_layers": 61, "num_attention_heads": 128,
+        "num_key_value_heads": 128, "n_shared_experts": 1, "n_routed_experts": 256,
+        "routed_scaling_factor": 2.5, "kv_lora_rank": 512, "q_lora_rank": 1536,
+        "qk_rope_head_dim": 64, "v_head_dim": 128, "qk_nope_head_dim": 128,
+        "topk_method": "noaux_tc", "n_group": 8, "topk_group": 4, "num_experts_per_tok": 8,
+        "first_k_dense_replace": 3, "norm_topk_prob": true, "scoring_func": "sigmoid",
+        "hidden_act": "silu", "max_position_embeddings": 163840, "rms_norm_eps": 1e-06,
+        "rope_theta": 10000, "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40,
+        "mscale": 1.0, "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096,
+        "type": "yarn"}, "tie_word_embeddings": false, "torch_dtype": "bfloat16",
+        "bos_token_id": 0, "eos_token_id": 1
+    }"#;
+
+    #[test]
+    fn parses_the_families_as_published() {
+        let c = ModelConfig::from_json(DEEPSEEK_V3).expect("deepseek-v3");
+        assert_eq!(c.family(), Family::DeepseekV3);
+        assert_eq!((c.num_local_experts, c.intermediate_size), (256, 2048));
+        assert_eq!(c.arch.dense_intermediate_size, 18432);
+        assert_eq!(c.arch.shared_intermediate_size, 2048);
+        assert_eq!((c.dense_layers(), c.moe_layer_count()), (3, 58));
+        let r = &c.arch.router;
+        assert_eq!(
+            (r.scoring, r.groups, r.topk_groups, r.scale, r.renormalize),
+            (Scoring::Sigmoid, 8, 4, 2.5, true)
+        );
+        let m = c.arch.attention.mla.as_ref().expect("mla");
+        assert_eq!(
+            (m.q_lora_rank, m.kv_lora_rank, m.qk_head_dim()),
+            (Some(1536), 512, 192)
+        );
+        assert_eq!(c.kv_cache_dims(), (576, 0));
+        let y = c.arch.rope.yarn.as_ref().expect("yarn");
+        assert_eq!(
+            (y.factor, y.mscale_all_dim, y.attention_factor),
+            (40.0, Some(1.0), 1.0)
+        );
+        assert!(c.arch.rope.interleaved);
+        // ~671B parameters, ~37B active, as DeepSeek reports (without the MTP layer).
+        let total = c.total_params() as f64;
+        assert!((total / 671e9 - 1.0).abs() < 0.02, "{total}");
+        let active = c.active_params_per_token() as f64;
+        assert!((active / 37.5e9 - 1.0).abs() < 0.06, "{active}");
+
+        // FP8 and MXFP4 checkpoints are refused by name, not failed on later.
+        let mut q: Value = serde_json::from_str(DEEPSEEK_V3).expect("json");
+        q["quantization_config"] = serde_json::json!({"quant_method": "fp8"});
+        let e = ModelConfig::from_json(&q.to_string())
+            .expect_err("fp8")
+            .to_string();
+        assert!(
+            e.contains("quantization_config") && e.contains("fp8"),
+            "{e}"
+        );
+
+        let bad = DEEPSEEK_V3.replace("\"n_group\": 8", "\"n_group\": 7");
+        let e = ModelConfig::from_json(&bad)
+            .expect_err("groups")
+            .to_string();
+        assert!(e.contains("n_group"), "{e}");
+        let bad = DEEPSEEK_V3.replace("deepseek_v3", "deepseek_v9");
+        let e = ModelConfig::from_json(&bad)
+            .expect_err("family")
+            .to_string();
+        assert!(e.contains("deepseek_v9") && e.contains("qwen3_moe"), "{e}");
     }
 
     #[test]

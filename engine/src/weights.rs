@@ -290,6 +290,27 @@ impl Checkpoint {
         self.loaded.lock().map(|l| l.clone()).unwrap_or_default()
     }
 
+    /// Opens every weights file of the checkpoint and reads its header: that they exist, are
+    /// readable and are safetensors (what a loader would find out only when it gets there).
+    pub fn check_files(&self) -> Result<()> {
+        let names: BTreeSet<&String> = self.index.values().collect();
+        for name in names {
+            let path = self.dir.join(name);
+            let mut f = File::open(&path).map_err(|e| Error::io(&path, e))?;
+            let mut len = [0u8; 8];
+            std::io::Read::read_exact(&mut f, &mut len).map_err(|e| Error::io(&path, e))?;
+            let n = u64::from_le_bytes(len);
+            let size = f.metadata().map_err(|e| Error::io(&path, e))?.len();
+            if n == 0 || n > size.saturating_sub(8) || n > 100 << 20 {
+                return Err(Error::checkpoint(
+                    &path,
+                    "not a valid safetensors file (header length)",
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Files opened so far.
     pub fn opened_files(&self) -> BTreeSet<String> {
         self.files

@@ -15,6 +15,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PropagationPolicy};
 use kube::{Client, Resource, ResourceExt};
 use serde::Deserialize;
@@ -294,24 +295,38 @@ pub async fn resolve(
         });
     }
     let report = pod_report(client, &ns, &name).await?;
-    // Done with the Job either way: a failed read is retried by a fresh one.
-    let _ = jobs
-        .delete(
-            &name,
-            &DeleteParams {
-                propagation_policy: Some(PropagationPolicy::Background),
-                ..DeleteParams::default()
-            },
-        )
-        .await;
     if succeeded
         && let Some(text) = &report
         && let Ok(found) = serde_json::from_str::<Inspected>(text)
     {
+        delete_job(&jobs, &name).await;
         return Ok(Resolution::Read(ModelStatus {
             source: key,
             architecture: Some(found.architecture),
         }));
+    }
+    // A failed Job stays as the record of the failure until the retry is due; then it goes
+    // and the next pass starts a fresh one.
+    let failed_at = status
+        .conditions
+        .iter()
+        .flatten()
+        .filter(|c| c.type_ == "Failed" || c.type_ == "Complete")
+        .filter_map(|c| c.last_transition_time.as_ref())
+        .map(|t| t.0)
+        .max()
+        .or(status.completion_time.as_ref().map(|t| t.0));
+    let age = failed_at
+        .map(|t| Timestamp::now().duration_since(t))
+        .and_then(|d| Duration::try_from(d).ok())
+        .unwrap_or(RETRY);
+    if age >= RETRY {
+        delete_job(&jobs, &name).await;
+        return Ok(Resolution::Pending {
+            reason: "ReadingCheckpoint",
+            message: format!("reading config.json from the model's volume again (Job {name})"),
+            requeue: POLL,
+        });
     }
     let why = report.unwrap_or_else(|| {
         status
@@ -329,8 +344,20 @@ pub async fn resolve(
              be read: {why}; retrying every {}s",
             RETRY.as_secs()
         ),
-        requeue: RETRY,
+        requeue: RETRY.saturating_sub(age).max(POLL),
     })
+}
+
+async fn delete_job(jobs: &Api<Job>, name: &str) {
+    let _ = jobs
+        .delete(
+            name,
+            &DeleteParams {
+                propagation_policy: Some(PropagationPolicy::Background),
+                ..DeleteParams::default()
+            },
+        )
+        .await;
 }
 
 #[cfg(test)]

@@ -384,6 +384,8 @@ def build(spec) -> None:
     }
     (out / "expected.json").write_text(json.dumps(expected, separators=(",", ":")) + "\n")
 
+    for f in out.iterdir():  # safetensors writes 0600; pods run as another user
+        f.chmod(0o644)
     total = mg.folder_size(out)
     keys = []
     for f in sorted(out.glob("*.safetensors")):

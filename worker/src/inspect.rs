@@ -29,6 +29,7 @@ pub struct InspectArgs {
 pub fn inspect(dir: &Path) -> Result<Value> {
     // The engine's own reading: a family it serves, a consistent config, weights present.
     let ckpt = moe_engine::weights::Checkpoint::open(dir)?;
+    ckpt.check_files()?;
     let path = dir.join("config.json");
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
     let cfg: Value = serde_json::from_str(&text)

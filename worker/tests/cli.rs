@@ -266,3 +266,62 @@ fn export_writes_a_checkpoint_the_engine_loads_back() {
         "exported checkpoint == in-memory synthetic model"
     );
 }
+
+/// `inspect` prints the architecture the operator plans from (and writes it to the
+/// termination log), or one line naming the missing or unreadable file.
+#[test]
+fn inspect_reports_the_architecture_or_names_what_is_missing() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let log = tmp.path().join("termination-log");
+    let dir = golden("deepseek-v3");
+    let out = worker(&[
+        "inspect",
+        "--model",
+        &dir,
+        "--termination-log",
+        &log.to_string_lossy(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let a = &v["architecture"];
+    assert_eq!(a["numLayers"], 3);
+    assert_eq!(a["denseLayers"], serde_json::json!([0]));
+    assert_eq!(a["latentAttention"]["kvLoraRank"], 32);
+    assert_eq!(v["modelType"], "deepseek_v3");
+    let logged: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&log).expect("log")).expect("json");
+    assert_eq!(logged, v);
+
+    // A shard missing from the folder is named before any worker would trip on it.
+    let copy = tmp.path().join("ckpt");
+    std::fs::create_dir(&copy).expect("mkdir");
+    for e in std::fs::read_dir(&dir).expect("dir") {
+        let p = e.expect("entry").path();
+        if !p
+            .to_string_lossy()
+            .ends_with("model-00002-of-00003.safetensors")
+        {
+            std::fs::copy(&p, copy.join(p.file_name().expect("name"))).expect("copy");
+        }
+    }
+    let out = worker(&[
+        "inspect",
+        "--model",
+        &copy.to_string_lossy(),
+        "--termination-log",
+        &log.to_string_lossy(),
+    ]);
+    fails_naming(&out, &["model-00002-of-00003.safetensors"]);
+    let logged = std::fs::read_to_string(&log).expect("log");
+    assert!(
+        logged.contains("model-00002-of-00003.safetensors"),
+        "{logged}"
+    );
+
+    let out = worker(&["inspect", "--model", &tmp.path().to_string_lossy()]);
+    fails_naming(&out, &["config.json"]);
+}
