@@ -267,6 +267,12 @@ impl Launch {
             ),
             ("hiddenSize", m.hidden_size, cfg.hidden_size, "hidden_size"),
             ("vocabSize", m.vocab_size, cfg.vocab_size, "vocab_size"),
+            (
+                "denseLayers",
+                m.variant.dense_layers.iter().count(),
+                cfg.dense_layers(),
+                "dense layers (first_k_dense_replace, decoder_sparse_step, mlp_only_layers)",
+            ),
         ] {
             if planned != has {
                 return Err(Error::invalid(
