@@ -42,10 +42,11 @@ def make_family(family, out):
     """Writes a random-weight checkpoint of `family` at the mini shape (f32)."""
     from transformers import AutoConfig
 
+    shape = {"num_key_value_heads": 2, **FAMILY_SHAPES[family]}
     cfg = AutoConfig.for_model(
         family, vocab_size=32000, hidden_size=512, num_hidden_layers=4, num_attention_heads=8,
-        num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=False,
-        bos_token_id=1, eos_token_id=2, **FAMILY_SHAPES[family])
+        max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=1,
+        eos_token_id=2, **shape)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():
