@@ -1080,7 +1080,14 @@ async fn the_operator_reads_the_architecture_from_the_checkpoint() -> Result<()>
     let cluster = moe::cluster().await;
     let ns = cluster.namespace("moe-inspect").await?;
     let client = cluster.client().await?;
-    moe::install_operator(cluster, &ns, &[]).await?;
+    // Cluster-wide aggregation roles are left to the one test that installs with them, so
+    // that releases in parallel tests do not collide.
+    moe::install_operator(
+        cluster,
+        &ns,
+        &["--set", "rbac.aggregateToDefaultRoles=false"],
+    )
+    .await?;
     let golden = moe::repo_root().join("engine/tests/golden/qwen3-moe");
     let golden = std::fs::canonicalize(&golden)?;
     let dir = std::env::temp_dir().join(format!("moe-inspect-{}", std::process::id()));

@@ -11,7 +11,7 @@ use std::time::Duration;
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, LocalObjectReference, Pod, PodSecurityContext, PodSpec,
-    PodTemplateSpec, ResourceRequirements, SeccompProfile, SecurityContext, Toleration,
+    PodTemplateSpec, ResourceRequirements, SeccompProfile, SecurityContext,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -93,26 +93,10 @@ pub fn job(md: &MoEDeployment, config: &resources::Config, name: &str) -> Option
     let mut labels: BTreeMap<String, String> = resources::common_labels(&md.name_any());
     labels.insert("app.kubernetes.io/component".into(), "inspect".into());
     let placement = &md.spec.placement;
-    // A hostPath exists on the nodes the workers run on: go where they go (GPU nodes are
-    // commonly tainted), without asking for a GPU.
-    let mut node_selector = placement.node_selector.clone();
-    let mut tolerations = placement.tolerations.clone();
-    if md.spec.model.source.host_path.is_some() {
-        node_selector
-            .entry("nvidia.com/gpu.product".into())
-            .or_insert_with(|| placement.gpu_product.clone());
-    }
-    if !tolerations
-        .iter()
-        .any(|t| t.key.as_deref() == Some("nvidia.com/gpu"))
-    {
-        tolerations.push(Toleration {
-            key: Some("nvidia.com/gpu".into()),
-            operator: Some("Exists".into()),
-            effect: Some("NoSchedule".into()),
-            ..Toleration::default()
-        });
-    }
+    // A hostPath exists on the nodes the workers run on: go where they go, without asking
+    // for a GPU.
+    let (node_selector, tolerations) =
+        resources::gpu_placement(md, md.spec.model.source.host_path.is_some());
     let small = |cpu: &str, mem: &str| {
         BTreeMap::from([
             ("cpu".to_string(), Quantity(cpu.into())),
@@ -191,7 +175,7 @@ pub fn job(md: &MoEDeployment, config: &resources::Config, name: &str) -> Option
                     }],
                     volumes: Some(vec![volume]),
                     node_selector: (!node_selector.is_empty()).then_some(node_selector),
-                    tolerations: Some(tolerations),
+                    tolerations: (!tolerations.is_empty()).then_some(tolerations),
                     affinity: placement.affinity.clone(),
                     ..PodSpec::default()
                 }),
@@ -263,6 +247,19 @@ pub async fn resolve(
     let name = job_name(&md.name_any(), &key);
     let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
     let Some(current) = jobs.get_opt(&name).await.map_err(kube_err("get", &name))? else {
+        // The cache may lag a status this operator wrote a moment ago: ask the API before
+        // reading again (or a Job made from stale status would be left behind).
+        let mds: Api<MoEDeployment> = Api::namespaced(client.clone(), &ns);
+        if let Some(fresh) = mds
+            .get_opt(&md.name_any())
+            .await
+            .map_err(kube_err("get", &md.name_any()))?
+            && let Some(m) = fresh.status.and_then(|s| s.model)
+            && m.source == key
+            && m.architecture.is_some()
+        {
+            return Ok(Resolution::Read(m));
+        }
         let Some(job) = job(md, config, &name) else {
             return Ok(Resolution::FromSpec);
         };

@@ -339,6 +339,35 @@ fn gateway_service(cx: &Ctx) -> Service {
     }
 }
 
+/// Node selector and tolerations of `md`'s pods: the spec's placement, plus, for pods that go
+/// to GPU nodes, the GPU product label and a toleration of the GPU taint (GPU nodes are
+/// commonly tainted so that only GPU workloads land there).
+pub fn gpu_placement(
+    md: &MoEDeployment,
+    on_gpu_nodes: bool,
+) -> (BTreeMap<String, String>, Vec<Toleration>) {
+    let placement = &md.spec.placement;
+    let mut node_selector = placement.node_selector.clone();
+    let mut tolerations = placement.tolerations.clone();
+    if on_gpu_nodes {
+        node_selector
+            .entry("nvidia.com/gpu.product".into())
+            .or_insert_with(|| placement.gpu_product.clone());
+        if !tolerations
+            .iter()
+            .any(|t| t.key.as_deref() == Some("nvidia.com/gpu"))
+        {
+            tolerations.push(Toleration {
+                key: Some("nvidia.com/gpu".into()),
+                operator: Some("Exists".into()),
+                effect: Some("NoSchedule".into()),
+                ..Toleration::default()
+            });
+        }
+    }
+    (node_selector, tolerations)
+}
+
 /// `--model` for the worker, and the volume that holds the checkpoint.
 fn model_arg(cx: &Ctx) -> (String, Option<(Volume, VolumeMount)>) {
     model_source(cx.md)
@@ -576,27 +605,8 @@ fn pod_template(
         ),
     };
 
-    let gpu = pod.gpus > 0;
     let placement = &cx.md.spec.placement;
-    let mut node_selector = placement.node_selector.clone();
-    let mut tolerations = placement.tolerations.clone();
-    if gpu {
-        node_selector
-            .entry("nvidia.com/gpu.product".into())
-            .or_insert_with(|| placement.gpu_product.clone());
-        // GPU nodes are commonly tainted so that only GPU workloads land there.
-        if !tolerations
-            .iter()
-            .any(|t| t.key.as_deref() == Some("nvidia.com/gpu"))
-        {
-            tolerations.push(Toleration {
-                key: Some("nvidia.com/gpu".into()),
-                operator: Some("Exists".into()),
-                effect: Some("NoSchedule".into()),
-                ..Toleration::default()
-            });
-        }
-    }
+    let (node_selector, tolerations) = gpu_placement(cx.md, pod.gpus > 0);
 
     PodTemplateSpec {
         metadata: Some(ObjectMeta {
