@@ -376,6 +376,22 @@ async fn write_status(
     Ok(())
 }
 
+/// Publishes the Events of the move from `prev` to `next` and writes `next` if it differs.
+async fn report(
+    ctx: &Context,
+    md: &MoEDeployment,
+    prev: &MoEDeploymentStatus,
+    next: &MoEDeploymentStatus,
+) -> Result<(), ReconcileError> {
+    for t in status::transitions(prev, next) {
+        publish(ctx, md, t).await;
+    }
+    if next != prev {
+        write_status(&ctx.client, md, next).await?;
+    }
+    Ok(())
+}
+
 async fn publish(ctx: &Context, md: &MoEDeployment, t: status::Transition) {
     let event = Event {
         type_: if t.warning {
@@ -471,12 +487,7 @@ async fn reconcile_inner(md: &MoEDeployment, ctx: &Context) -> Result<Action, Re
         } => {
             let next =
                 status::architecture_pending(&prev, generation, reason, message, Timestamp::now());
-            for t in status::transitions(&prev, &next) {
-                publish(ctx, md, t).await;
-            }
-            if next != prev {
-                write_status(&ctx.client, md, &next).await?;
-            }
+            report(ctx, md, &prev, &next).await?;
             return Ok(Action::requeue(requeue));
         }
     };
@@ -505,12 +516,7 @@ async fn reconcile_inner(md: &MoEDeployment, ctx: &Context) -> Result<Action, Re
                 generation,
                 Timestamp::now(),
             );
-            for t in status::transitions(&prev, &next) {
-                publish(ctx, md, t).await;
-            }
-            if next != prev {
-                write_status(&ctx.client, md, &next).await?;
-            }
+            report(ctx, md, &prev, &next).await?;
             warn!(error = %e, "invalid spec");
             return Ok(Action::await_change());
         }
@@ -613,12 +619,7 @@ async fn reconcile_inner(md: &MoEDeployment, ctx: &Context) -> Result<Action, Re
         generation,
         Timestamp::now(),
     );
-    for t in status::transitions(&prev, &next) {
-        publish(ctx, md, t).await;
-    }
-    if next != prev {
-        write_status(&ctx.client, md, &next).await?;
-    }
+    report(ctx, md, &prev, &next).await?;
     Ok(Action::requeue(RESYNC))
 }
 
