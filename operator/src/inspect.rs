@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, LocalObjectReference, Pod, PodSecurityContext, PodSpec,
-    PodTemplateSpec, ResourceRequirements, SeccompProfile, SecurityContext,
+    Container, Pod, PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements,
+    SeccompProfile,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -122,13 +122,7 @@ pub fn job(md: &MoEDeployment, config: &resources::Config, name: &str) -> Option
                 }),
                 spec: Some(PodSpec {
                     restart_policy: Some("Never".into()),
-                    image_pull_secrets: (!config.image_pull_secrets.is_empty()).then(|| {
-                        config
-                            .image_pull_secrets
-                            .iter()
-                            .map(|n| LocalObjectReference { name: n.clone() })
-                            .collect()
-                    }),
+                    image_pull_secrets: resources::pull_secrets(&config.image_pull_secrets),
                     automount_service_account_token: Some(false),
                     enable_service_links: Some(false),
                     security_context: Some(PodSecurityContext {
@@ -159,17 +153,7 @@ pub fn job(md: &MoEDeployment, config: &resources::Config, name: &str) -> Option
                             limits: Some(small("1", "256Mi")),
                             ..ResourceRequirements::default()
                         }),
-                        security_context: Some(SecurityContext {
-                            allow_privilege_escalation: Some(false),
-                            read_only_root_filesystem: Some(true),
-                            run_as_non_root: Some(true),
-                            privileged: Some(false),
-                            capabilities: Some(Capabilities {
-                                drop: Some(vec!["ALL".into()]),
-                                ..Capabilities::default()
-                            }),
-                            ..SecurityContext::default()
-                        }),
+                        security_context: Some(resources::container_security()),
                         volume_mounts: Some(vec![mount]),
                         ..Container::default()
                     }],
@@ -270,11 +254,7 @@ pub async fn resolve(
         )
         .await
         .map_err(kube_err("apply", &name))?;
-        return Ok(Resolution::Pending {
-            reason: "ReadingCheckpoint",
-            message: format!("reading config.json from the model's volume (Job {name})"),
-            requeue: POLL,
-        });
+        return Ok(reading(&name));
     };
     let status = current.status.unwrap_or_default();
     let failed = status.failed.unwrap_or(0) > 0
@@ -285,11 +265,7 @@ pub async fn resolve(
             .any(|c| c.type_ == "Failed" && c.status == "True");
     let succeeded = status.succeeded.unwrap_or(0) > 0;
     if !failed && !succeeded {
-        return Ok(Resolution::Pending {
-            reason: "ReadingCheckpoint",
-            message: format!("reading config.json from the model's volume (Job {name})"),
-            requeue: POLL,
-        });
+        return Ok(reading(&name));
     }
     let report = pod_report(client, &ns, &name).await?;
     if succeeded
@@ -319,11 +295,7 @@ pub async fn resolve(
         .unwrap_or(RETRY);
     if age >= RETRY {
         delete_job(&jobs, &name).await;
-        return Ok(Resolution::Pending {
-            reason: "ReadingCheckpoint",
-            message: format!("reading config.json from the model's volume again (Job {name})"),
-            requeue: POLL,
-        });
+        return Ok(reading(&name));
     }
     let why = report.unwrap_or_else(|| {
         status
@@ -343,6 +315,15 @@ pub async fn resolve(
         ),
         requeue: RETRY.saturating_sub(age).max(POLL),
     })
+}
+
+/// Waiting for Job `name` (running, or about to be started).
+fn reading(name: &str) -> Resolution {
+    Resolution::Pending {
+        reason: "ReadingCheckpoint",
+        message: format!("reading config.json from the model's volume (Job {name})"),
+        requeue: POLL,
+    }
 }
 
 async fn delete_job(jobs: &Api<Job>, name: &str) {

@@ -339,6 +339,34 @@ fn gateway_service(cx: &Ctx) -> Service {
     }
 }
 
+/// The pull secrets of a pod, by name (`None` when there are none).
+pub fn pull_secrets(
+    names: &[String],
+) -> Option<Vec<k8s_openapi::api::core::v1::LocalObjectReference>> {
+    (!names.is_empty()).then(|| {
+        names
+            .iter()
+            .map(|name| k8s_openapi::api::core::v1::LocalObjectReference { name: name.clone() })
+            .collect()
+    })
+}
+
+/// Every container of the operator's pods: non-root, read-only root, no privilege, no
+/// capabilities.
+pub fn container_security() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        privileged: Some(false),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            ..Capabilities::default()
+        }),
+        ..SecurityContext::default()
+    }
+}
+
 /// Node selector and tolerations of `md`'s pods: the spec's placement, plus, for pods that go
 /// to GPU nodes, the GPU product label and a toleration of the GPU taint (GPU nodes are
 /// commonly tainted so that only GPU workloads land there).
@@ -614,14 +642,7 @@ fn pod_template(
             ..ObjectMeta::default()
         }),
         spec: Some(PodSpec {
-            image_pull_secrets: (!cx.image_pull_secrets.is_empty()).then(|| {
-                cx.image_pull_secrets
-                    .iter()
-                    .map(|name| k8s_openapi::api::core::v1::LocalObjectReference {
-                        name: name.clone(),
-                    })
-                    .collect()
-            }),
+            image_pull_secrets: pull_secrets(cx.image_pull_secrets),
             service_account_name: Some(worker_account(&cx.name)),
             // Stages and gateways watch EndpointSlices to find their peers; expert shards talk
             // to nobody and get no token.
@@ -651,17 +672,7 @@ fn pod_template(
                 liveness_probe: Some(liveness),
                 startup_probe: Some(startup),
                 resources: Some(resources(cx, pod)),
-                security_context: Some(SecurityContext {
-                    allow_privilege_escalation: Some(false),
-                    read_only_root_filesystem: Some(true),
-                    run_as_non_root: Some(true),
-                    privileged: Some(false),
-                    capabilities: Some(Capabilities {
-                        drop: Some(vec!["ALL".into()]),
-                        ..Capabilities::default()
-                    }),
-                    ..SecurityContext::default()
-                }),
+                security_context: Some(container_security()),
                 volume_mounts: Some(mounts),
                 ..Container::default()
             }],

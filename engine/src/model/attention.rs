@@ -133,7 +133,7 @@ impl RopeRows {
     pub(super) fn prepare(&mut self, cfg: &ModelConfig, chunks: &[Chunk]) {
         let half = cfg.arch.rope.rotary_dim / 2;
         self.half = half;
-        self.interleaved = cfg.arch.attention.mla.is_some() && cfg.arch.rope.interleaved;
+        self.interleaved = cfg.arch.rope.interleaved;
         self.cos.clear();
         self.sin.clear();
         let inv = inverse_frequencies(cfg);

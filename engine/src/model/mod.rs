@@ -27,6 +27,15 @@ pub struct Linear {
     pub b: Option<Weight>,
 }
 
+impl Linear {
+    /// `y = x · Wᵀ + b` for `rows` rows of `x`.
+    fn apply(&self, x: &[f32], y: &mut [f32], rows: usize) {
+        let (n, k) = (self.w.shape()[0], self.w.shape()[1]);
+        kernels::matmul(x, self.w.as_slice(), y, rows, n, k);
+        add_bias(y, self.b.as_ref());
+    }
+}
+
 /// A SwiGLU MLP (dense layers, shared experts): `down · (silu(gate · x) ⊙ (up · x))`.
 #[derive(Debug, Clone)]
 pub struct Mlp {
@@ -399,15 +408,7 @@ impl Model {
                         &s.v,
                         resize(&mut s.attn, rows * qd),
                     );
-                    kernels::matmul(
-                        &s.attn,
-                        o.w.as_slice(),
-                        resize(&mut s.proj, rows * h),
-                        rows,
-                        h,
-                        qd,
-                    );
-                    add_bias(&mut s.proj, o.b.as_ref());
+                    o.apply(&s.attn, resize(&mut s.proj, rows * h), rows);
                 }
                 Attn::Mla {
                     q,
@@ -516,15 +517,7 @@ impl Model {
                     shared_gate,
                 } => {
                     let ne = cfg.num_local_experts;
-                    kernels::matmul(
-                        &s.normed,
-                        router.w.as_slice(),
-                        resize(&mut s.router_logits, rows * ne),
-                        rows,
-                        ne,
-                        h,
-                    );
-                    add_bias(&mut s.router_logits, router.b.as_ref());
+                    router.apply(&s.normed, resize(&mut s.router_logits, rows * ne), rows);
                     s.routing.route_with(
                         &cfg.arch.router,
                         &s.router_logits,

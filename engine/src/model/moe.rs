@@ -34,6 +34,15 @@ pub struct Routing {
     pub assignments: Vec<(u32, f32)>,
     probs: Vec<f32>,
     fill: Vec<usize>,
+    scratch: RouteScratch,
+}
+
+/// Buffers `route_with` reuses across layers (it runs per layer on the decode path).
+#[derive(Debug, Default, Clone)]
+struct RouteScratch {
+    picked: Vec<usize>,
+    group_scores: Vec<f32>,
+    groups_kept: Vec<usize>,
 }
 
 impl Routing {
@@ -69,10 +78,15 @@ impl Routing {
         let mut probs = std::mem::take(&mut self.probs);
         probs.resize(2 * num_experts, 0.0);
         let (scores, choice) = probs.split_at_mut(num_experts);
-        let mut picked: Vec<usize> = Vec::with_capacity(top_k);
+        let mut sc = std::mem::take(&mut self.scratch);
+        let RouteScratch {
+            picked,
+            group_scores,
+            groups_kept,
+        } = &mut sc;
         let group_size = num_experts / cfg.groups.max(1);
-        let mut group_scores = vec![0.0f32; cfg.groups.max(1)];
-        let mut groups_kept: Vec<usize> = Vec::with_capacity(cfg.topk_groups);
+        group_scores.clear();
+        group_scores.resize(cfg.groups.max(1), 0.0);
         for r in 0..rows {
             let l = &logits[r * num_experts..(r + 1) * num_experts];
             match cfg.scoring {
@@ -120,16 +134,16 @@ impl Routing {
                         }
                     };
                 }
-                top_indices(&group_scores, cfg.topk_groups, &mut groups_kept);
+                top_indices(group_scores, cfg.topk_groups, groups_kept);
                 for (e, c) in choice.iter_mut().enumerate() {
                     if !groups_kept.contains(&(e / group_size)) {
                         *c = f32::NEG_INFINITY;
                     }
                 }
             }
-            top_indices(choice, top_k, &mut picked);
+            top_indices(choice, top_k, picked);
             let start = self.weights.len();
-            for &e in &picked {
+            for &e in picked.iter() {
                 self.experts.push(e as u32);
                 self.weights.push(scores[e]);
             }
@@ -159,6 +173,7 @@ impl Routing {
             }
         }
         self.probs = probs;
+        self.scratch = sc;
         self.group(num_experts);
     }
 
@@ -204,6 +219,7 @@ impl Routing {
             assignments,
             probs: Vec::new(),
             fill: Vec::new(),
+            scratch: RouteScratch::default(),
         }
     }
 
