@@ -1,20 +1,192 @@
 //! CPU kernels for the hot spots: `y = x · Wᵀ` for linear layers stored as Hugging Face
 //! writes them (`W` is `[out, in]`, row-major), and the dot products of attention.
 //!
+//! Weights come in three formats ([`Mat`]): f32, bf16 (as stored in the checkpoint, widened
+//! in registers) and 8-bit blocks ([`Q8_BLOCK`] weights of a row share one f32 scale).
+//! Activations and accumulation are always f32, so a bf16 or 8-bit product equals the f32
+//! product of the widened (dequantised) weights up to summation order.
+//!
 //! Decode multiplies a handful of rows by large weight matrices, so it is bound by memory
 //! bandwidth: the small-batch path streams each weight row once for all input rows, splits
 //! the output rows of several matrices (q/k/v, or every active expert's gate/up) over the
-//! threads in one parallel region, and uses AVX-512 or AVX2 when the CPU has them. Larger
-//! batches (prefill) are compute-bound and go to the `gemm` crate's packed kernels.
+//! threads in one parallel region, and prefetches ahead of the loads. Larger batches
+//! (prefill) are compute-bound: weight blocks are widened into a per-thread f32 buffer and
+//! every input tile passes over them while they sit in L1.
+//!
+//! The instruction set is chosen once at run time ([`Isa`]): AVX-512, AVX2 with FMA, or a
+//! portable fallback; `MOE_KERNELS=avx512|avx2|portable` forces one (for comparisons and
+//! tests; a path the CPU lacks is refused and the best available one is used).
 #![allow(unsafe_code)]
 
 use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-/// At or above this many input rows a matrix goes to `gemm` (packed, compute-bound path),
-/// unless the CPU has AVX-512, whose register-tiled kernel here beats gemm's AVX2 one
-/// (gemm's AVX-512 kernels need a nightly compiler). `MOE_GEMM_MIN_ROWS` overrides.
+/// Weights per 8-bit block (one f32 scale each), along a row.
+pub const Q8_BLOCK: usize = 32;
+
+/// A weight matrix `[n, k]` (row-major) in one of the formats the kernels read.
+#[derive(Debug, Clone, Copy)]
+pub enum Mat<'a> {
+    F32(&'a [f32]),
+    /// bf16 bit patterns, as stored in safetensors (little-endian `u16`).
+    Bf16(&'a [u16]),
+    /// `q[r * k + c] * d[r * (k / Q8_BLOCK) + c / Q8_BLOCK]`.
+    Q8 {
+        q: &'a [i8],
+        d: &'a [f32],
+    },
+}
+
+impl Mat<'_> {
+    /// Whether this matrix holds at least `n × k` weights (and `k` fits the format).
+    fn holds(&self, n: usize, k: usize) -> bool {
+        match self {
+            Mat::F32(w) => w.len() >= n * k,
+            Mat::Bf16(w) => w.len() >= n * k,
+            Mat::Q8 { q, d } => {
+                k % Q8_BLOCK == 0 && q.len() >= n * k && d.len() >= n * (k / Q8_BLOCK)
+            }
+        }
+    }
+
+    /// Bytes read per weight (8-bit: the scales included).
+    pub fn bytes_per_weight(&self) -> f64 {
+        match self {
+            Mat::F32(_) => 4.0,
+            Mat::Bf16(_) => 2.0,
+            Mat::Q8 { .. } => 1.0 + 4.0 / Q8_BLOCK as f64,
+        }
+    }
+}
+
+/// The instruction set the kernels use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    Avx512,
+    Avx2,
+    Portable,
+}
+
+impl Isa {
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Avx512 => "avx512",
+            Isa::Avx2 => "avx2+fma",
+            Isa::Portable => "portable",
+        }
+    }
+
+    fn available(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            match self {
+                Isa::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
+                Isa::Avx2 => {
+                    std::arch::is_x86_feature_detected!("avx2")
+                        && std::arch::is_x86_feature_detected!("fma")
+                }
+                Isa::Portable => true,
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            self == Isa::Portable
+        }
+    }
+}
+
+/// The instruction set in use: the best the CPU has, unless `MOE_KERNELS` (or the older
+/// `MOE_NO_AVX512`) asks for a lesser one.
+pub fn isa() -> Isa {
+    static ISA: OnceLock<Isa> = OnceLock::new();
+    *ISA.get_or_init(|| {
+        let asked = match std::env::var("MOE_KERNELS").ok().as_deref() {
+            Some("avx512") => Some(Isa::Avx512),
+            Some("avx2") => Some(Isa::Avx2),
+            Some("portable" | "scalar") => Some(Isa::Portable),
+            _ if std::env::var_os("MOE_NO_AVX512").is_some() => Some(Isa::Avx2),
+            _ => None,
+        };
+        if let Some(i) = asked.filter(|i| i.available()) {
+            return i;
+        }
+        [Isa::Avx512, Isa::Avx2, Isa::Portable]
+            .into_iter()
+            .find(|i| i.available())
+            .unwrap_or(Isa::Portable)
+    })
+}
+
+/// The CPU's features that matter to the kernels, for benchmark reports.
+pub fn cpu_features() -> String {
+    let mut out = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        macro_rules! check {
+            ($($f:tt),*) => {$(
+                if std::arch::is_x86_feature_detected!($f) { out.push($f); }
+            )*};
+        }
+        check!(
+            "sse4.2",
+            "avx",
+            "avx2",
+            "fma",
+            "f16c",
+            "avx512f",
+            "avx512bw",
+            "avx512vl",
+            "avx512vnni",
+            "avx512bf16"
+        );
+    }
+    if out.is_empty() {
+        "none".into()
+    } else {
+        out.join(" ")
+    }
+}
+
+/// Rounds a float to the nearest bf16 (ties to even), as PyTorch does.
+pub fn to_bf16(v: f32) -> u16 {
+    half::bf16::from_f32(v).to_bits()
+}
+
+/// Widens a bf16 bit pattern.
+#[inline(always)]
+pub fn from_bf16(b: u16) -> f32 {
+    f32::from_bits((b as u32) << 16)
+}
+
+/// Quantises a row-major `[n, k]` matrix (`k` a multiple of [`Q8_BLOCK`]) into 8-bit values
+/// and one scale per block: `d = max|w| / 127`, `q = round(w / d)`.
+pub fn quantize_q8(w: impl Fn(usize) -> f32, n: usize, k: usize) -> (Vec<i8>, Vec<f32>) {
+    debug_assert_eq!(k % Q8_BLOCK, 0);
+    let blocks = n * k / Q8_BLOCK;
+    let mut q = vec![0i8; n * k];
+    let mut d = vec![0f32; blocks];
+    for (b, (qb, db)) in q.chunks_exact_mut(Q8_BLOCK).zip(d.iter_mut()).enumerate() {
+        let base = b * Q8_BLOCK;
+        let amax = (0..Q8_BLOCK)
+            .map(|i| w(base + i).abs())
+            .fold(0f32, f32::max);
+        let scale = amax / 127.0;
+        *db = scale;
+        if scale > 0.0 {
+            let inv = 1.0 / scale;
+            for (i, v) in qb.iter_mut().enumerate() {
+                *v = (w(base + i) * inv).round().clamp(-127.0, 127.0) as i8;
+            }
+        }
+    }
+    (q, d)
+}
+
+/// At or above this many input rows a product is compute-bound. Where the CPU has AVX-512
+/// the blocked kernel here handles it; otherwise f32 weights go to the `gemm` crate's packed
+/// kernels (its AVX-512 ones need a nightly compiler) and other formats to the blocked kernel.
+/// `MOE_GEMM_MIN_ROWS` overrides.
 fn gemm_min_rows() -> usize {
     static MIN: OnceLock<usize> = OnceLock::new();
     *MIN.get_or_init(|| {
@@ -24,13 +196,7 @@ fn gemm_min_rows() -> usize {
         {
             return n;
         }
-        #[cfg(target_arch = "x86_64")]
-        if std::env::var_os("MOE_NO_AVX512").is_none()
-            && std::arch::is_x86_feature_detected!("avx512f")
-        {
-            return usize::MAX;
-        }
-        16
+        if isa() == Isa::Avx512 { usize::MAX } else { 16 }
     })
 }
 
@@ -38,7 +204,7 @@ fn gemm_min_rows() -> usize {
 #[derive(Debug)]
 pub struct MatMul<'a> {
     pub x: &'a [f32],
-    pub w: &'a [f32],
+    pub w: Mat<'a>,
     pub y: &'a mut [f32],
     pub m: usize,
     pub n: usize,
@@ -46,19 +212,27 @@ pub struct MatMul<'a> {
 }
 
 impl<'a> MatMul<'a> {
-    pub fn new(x: &'a [f32], w: &'a [f32], y: &'a mut [f32], m: usize, n: usize, k: usize) -> Self {
+    pub fn new(x: &'a [f32], w: Mat<'a>, y: &'a mut [f32], m: usize, n: usize, k: usize) -> Self {
         assert!(
-            x.len() >= m * k && w.len() >= n * k && y.len() >= m * n,
+            x.len() >= m * k && w.holds(n, k) && y.len() >= m * n,
             "matmul operand sizes"
         );
         Self { x, w, y, m, n, k }
     }
 }
 
+/// Weight rows as the kernels read them: the format's pointers and its row length.
+#[derive(Clone, Copy)]
+enum WPtr {
+    F32(*const f32),
+    Bf16(*const u16),
+    Q8(*const i8, *const f32),
+}
+
 #[derive(Clone, Copy)]
 struct Raw {
     x: *const f32,
-    w: *const f32,
+    w: WPtr,
     y: *mut f32,
     m: usize,
     n: usize,
@@ -74,17 +248,30 @@ impl Raw {
     fn of(j: &mut MatMul<'_>) -> Self {
         Self {
             x: j.x.as_ptr(),
-            w: j.w.as_ptr(),
+            w: match j.w {
+                Mat::F32(w) => WPtr::F32(w.as_ptr()),
+                Mat::Bf16(w) => WPtr::Bf16(w.as_ptr()),
+                Mat::Q8 { q, d } => WPtr::Q8(q.as_ptr(), d.as_ptr()),
+            },
             y: j.y.as_mut_ptr(),
             m: j.m,
             n: j.n,
             k: j.k,
         }
     }
+
+    fn weight_bytes(&self) -> usize {
+        let per = match self.w {
+            WPtr::F32(_) => 4.0,
+            WPtr::Bf16(_) => 2.0,
+            WPtr::Q8(..) => 1.0 + 4.0 / Q8_BLOCK as f64,
+        };
+        (self.n as f64 * self.k as f64 * per) as usize
+    }
 }
 
 /// `y = x · wᵀ` for one matrix.
-pub fn matmul(x: &[f32], w: &[f32], y: &mut [f32], m: usize, n: usize, k: usize) {
+pub fn matmul(x: &[f32], w: Mat<'_>, y: &mut [f32], m: usize, n: usize, k: usize) {
     matmul_many(&mut [MatMul::new(x, w, y, m, n, k)]);
 }
 
@@ -94,8 +281,9 @@ pub fn matmul_many(jobs: &mut [MatMul<'_>]) {
     let (small, large): (Vec<_>, Vec<_>) = jobs
         .iter_mut()
         .map(Raw::of)
-        .partition(|j| j.m < gemm_min_rows());
+        .partition(|j| j.m < gemm_min_rows() || !matches!(j.w, WPtr::F32(_)));
     for j in large {
+        let WPtr::F32(w) = j.w else { continue };
         // SAFETY: pointers and sizes come from checked slices (see `MatMul::new`).
         unsafe {
             gemm::gemm(
@@ -109,7 +297,7 @@ pub fn matmul_many(jobs: &mut [MatMul<'_>]) {
                 j.x,
                 1,
                 j.k as isize,
-                j.w,
+                w,
                 j.k as isize,
                 1,
                 0.0,
@@ -129,7 +317,7 @@ pub fn matmul_many(jobs: &mut [MatMul<'_>]) {
         return;
     }
     let total_rows: usize = small.iter().map(|j| j.n).sum();
-    let bytes: usize = small.iter().map(|j| j.n * j.k * 4).sum();
+    let bytes: usize = small.iter().map(Raw::weight_bytes).sum();
     if threads == 1 || bytes < 64 * 1024 {
         for j in &small {
             rows_kernel(*j, 0, j.n);
@@ -182,8 +370,8 @@ fn stream_max_rows() -> usize {
     })
 }
 
-/// Floats ahead of use that streamed weight rows are prefetched (`MOE_PREFETCH` tunes). Rows
-/// of a quad are adjacent, so running past a row's end fetches the next quad's rows.
+/// Weights ahead of use that streamed rows are prefetched (`MOE_PREFETCH` tunes; counted in
+/// f32 weights, so narrower formats prefetch the same distance in bytes per weight row).
 fn prefetch_ahead() -> usize {
     static T: OnceLock<usize> = OnceLock::new();
     *T.get_or_init(|| {
@@ -194,54 +382,70 @@ fn prefetch_ahead() -> usize {
     })
 }
 
-type RowsFn = unsafe fn(Raw, usize, usize);
-
-fn rows_fn() -> RowsFn {
-    static CHOICE: OnceLock<RowsFn> = OnceLock::new();
-    *CHOICE.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::env::var_os("MOE_NO_AVX512").is_none()
-                && std::arch::is_x86_feature_detected!("avx512f")
-            {
-                return x86::rows_avx512 as RowsFn;
-            }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                return x86::rows_avx2 as RowsFn;
-            }
-        }
-        rows_scalar as RowsFn
-    })
+fn rows_kernel(j: Raw, r0: usize, r1: usize) {
+    // SAFETY: `j` is valid (see `Raw`), rows r0..r1 lie within 0..n, and `isa()` checked
+    // the instruction set.
+    unsafe { rows_with(isa(), j, r0, r1) }
 }
 
-fn rows_kernel(j: Raw, r0: usize, r1: usize) {
-    // SAFETY: `j` is valid (see `Raw`), and rows r0..r1 lie within 0..n.
-    unsafe { rows_fn()(j, r0, r1) }
+/// # Safety
+/// `j` is valid (see `Raw`), rows `r0..r1` lie within `0..n`, and the CPU has `isa`.
+unsafe fn rows_with(isa: Isa, j: Raw, r0: usize, r1: usize) {
+    // SAFETY: forwarded.
+    unsafe {
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => match j.w {
+                WPtr::F32(p) => x86::rows_avx512(j, x86::F32W(p), r0, r1),
+                WPtr::Bf16(p) => x86::rows_avx512(j, x86::Bf16W(p), r0, r1),
+                WPtr::Q8(q, d) => x86::rows_avx512(j, x86::Q8W(q, d), r0, r1),
+            },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => match j.w {
+                WPtr::F32(p) => x86::rows_avx2(j, x86::F32W(p), r0, r1),
+                WPtr::Bf16(p) => x86::rows_avx2(j, x86::Bf16W(p), r0, r1),
+                WPtr::Q8(q, d) => x86::rows_avx2(j, x86::Q8W(q, d), r0, r1),
+            },
+            _ => rows_portable(j, r0, r1),
+        }
+    }
+}
+
+/// One weight, widened (portable path and tails).
+///
+/// # Safety
+/// `r < n` and `c < k` of the matrix behind `w`.
+#[inline(always)]
+unsafe fn weight_at(w: WPtr, k: usize, r: usize, c: usize) -> f32 {
+    // SAFETY: forwarded caller guarantee.
+    unsafe {
+        match w {
+            WPtr::F32(p) => *p.add(r * k + c),
+            WPtr::Bf16(p) => from_bf16(*p.add(r * k + c)),
+            WPtr::Q8(q, d) => *q.add(r * k + c) as f32 * *d.add((r * k + c) / Q8_BLOCK),
+        }
+    }
 }
 
 /// Portable fallback: output rows `r0..r1` of every input row.
-unsafe fn rows_scalar(j: Raw, r0: usize, r1: usize) {
+unsafe fn rows_portable(j: Raw, r0: usize, r1: usize) {
+    let mut wr = vec![0f32; j.k];
     // SAFETY: the caller guarantees the operand extents.
-    let (x, w) = unsafe {
-        (
-            std::slice::from_raw_parts(j.x, j.m * j.k),
-            std::slice::from_raw_parts(j.w, j.n * j.k),
-        )
-    };
+    let x = unsafe { std::slice::from_raw_parts(j.x, j.m * j.k) };
     for r in r0..r1 {
-        let wr = &w[r * j.k..(r + 1) * j.k];
+        for (c, v) in wr.iter_mut().enumerate() {
+            // SAFETY: r < n, c < k.
+            *v = unsafe { weight_at(j.w, j.k, r, c) };
+        }
         for i in 0..j.m {
-            let xi = &x[i * j.k..(i + 1) * j.k];
-            let s = dot_scalar(xi, wr);
+            let s = dot_portable(&x[i * j.k..(i + 1) * j.k], &wr);
             // SAFETY: i < m and r < n.
             unsafe { *j.y.add(i * j.n + r) = s };
         }
     }
 }
 
-fn dot_scalar(a: &[f32], b: &[f32]) -> f32 {
+fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let chunks = a.len() / 8;
     for c in 0..chunks {
@@ -261,13 +465,13 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     debug_assert_eq!(a.len(), b.len());
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: feature checked above; slices have equal length.
+        if isa() != Isa::Portable {
+            // SAFETY: AVX2 and FMA are present wherever `isa()` is not portable; slices have
+            // equal length.
             return unsafe { x86::dot_avx2(a, b) };
         }
     }
-    dot_scalar(a, b)
+    dot_portable(a, b)
 }
 
 /// `y += alpha * x`.
@@ -279,29 +483,279 @@ pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::Raw;
+    use super::{Q8_BLOCK, Raw, from_bf16};
     use std::arch::x86_64::*;
 
-    /// Input rows per register tile (6 x 4 accumulators + 5 operands fit the 32 zmm registers).
-    const X_TILE: usize = 6;
+    /// A weight format as the SIMD kernels read it. `at` counts weights from the start of
+    /// the matrix (`row * k + column`).
+    pub(super) trait WFmt: Copy {
+        /// Bytes per weight (prefetch distances).
+        const BYTES: usize;
+        /// 16 weights from `at` (a multiple of 16 for 8-bit blocks), widened.
+        unsafe fn v16(self, at: usize) -> __m512;
+        /// 8 weights from `at` (a multiple of 8 for 8-bit blocks), widened.
+        unsafe fn v8(self, at: usize) -> __m256;
+        unsafe fn one(self, at: usize) -> f32;
+        fn addr(self, at: usize) -> *const i8;
+    }
+
+    #[derive(Clone, Copy)]
+    pub(super) struct F32W(pub *const f32);
+    #[derive(Clone, Copy)]
+    pub(super) struct Bf16W(pub *const u16);
+    #[derive(Clone, Copy)]
+    pub(super) struct Q8W(pub *const i8, pub *const f32);
+
+    impl WFmt for F32W {
+        const BYTES: usize = 4;
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn v16(self, at: usize) -> __m512 {
+            // SAFETY: caller keeps `at..at + 16` inside the matrix.
+            unsafe { _mm512_loadu_ps(self.0.add(at)) }
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn v8(self, at: usize) -> __m256 {
+            // SAFETY: as above.
+            unsafe { _mm256_loadu_ps(self.0.add(at)) }
+        }
+        #[inline(always)]
+        unsafe fn one(self, at: usize) -> f32 {
+            // SAFETY: as above.
+            unsafe { *self.0.add(at) }
+        }
+        #[inline(always)]
+        fn addr(self, at: usize) -> *const i8 {
+            self.0.wrapping_add(at) as *const i8
+        }
+    }
+
+    impl WFmt for Bf16W {
+        const BYTES: usize = 2;
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn v16(self, at: usize) -> __m512 {
+            // SAFETY: caller keeps `at..at + 16` inside the matrix.
+            unsafe {
+                let h = _mm256_loadu_si256(self.0.add(at) as *const __m256i);
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+            }
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn v8(self, at: usize) -> __m256 {
+            // SAFETY: as above.
+            unsafe {
+                let h = _mm_loadu_si128(self.0.add(at) as *const __m128i);
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+            }
+        }
+        #[inline(always)]
+        unsafe fn one(self, at: usize) -> f32 {
+            // SAFETY: as above.
+            from_bf16(unsafe { *self.0.add(at) })
+        }
+        #[inline(always)]
+        fn addr(self, at: usize) -> *const i8 {
+            self.0.wrapping_add(at) as *const i8
+        }
+    }
+
+    impl WFmt for Q8W {
+        const BYTES: usize = 1;
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn v16(self, at: usize) -> __m512 {
+            // SAFETY: caller keeps `at..at + 16` inside the matrix; its block's scale exists.
+            unsafe {
+                let q = _mm_loadu_si128(self.0.add(at) as *const __m128i);
+                let v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
+                _mm512_mul_ps(v, _mm512_set1_ps(*self.1.add(at / Q8_BLOCK)))
+            }
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn v8(self, at: usize) -> __m256 {
+            // SAFETY: as above.
+            unsafe {
+                let q = _mm_loadl_epi64(self.0.add(at) as *const __m128i);
+                let v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
+                _mm256_mul_ps(v, _mm256_set1_ps(*self.1.add(at / Q8_BLOCK)))
+            }
+        }
+        #[inline(always)]
+        unsafe fn one(self, at: usize) -> f32 {
+            // SAFETY: as above.
+            unsafe { *self.0.add(at) as f32 * *self.1.add(at / Q8_BLOCK) }
+        }
+        #[inline(always)]
+        fn addr(self, at: usize) -> *const i8 {
+            self.0.wrapping_add(at)
+        }
+    }
+
+    /// MX input rows by up to 4 weight rows over `klen` columns from `kb`.
+    #[derive(Clone, Copy)]
+    struct Tile<W> {
+        x: *const f32,
+        ldx: usize,
+        w: W,
+        /// Offset (in weights) of the first weight row's column `kb`.
+        w0: usize,
+        ldw: usize,
+        klen: usize,
+        rows: usize,
+        y: *mut f32,
+        ldy: usize,
+        /// Add to y (later k blocks) instead of storing.
+        add: bool,
+    }
+
+    impl<W: Copy> Tile<W> {
+        /// Offsets of the (up to) four weight rows; missing rows alias row 0 (results dropped).
+        fn rows4(&self) -> [usize; 4] {
+            let r = |q: usize| {
+                if self.rows > q {
+                    self.w0 + q * self.ldw
+                } else {
+                    self.w0
+                }
+            };
+            [r(0), r(1), r(2), r(3)]
+        }
+
+        /// Stores (or adds) the four sums of each input row.
+        ///
+        /// # Safety
+        /// `y` has `i + 1` rows of stride `ldy` with `rows` valid columns.
+        unsafe fn put(&self, i: usize, s: [f32; 4]) {
+            // SAFETY: forwarded caller guarantee.
+            unsafe {
+                let yr = self.y.add(i * self.ldy);
+                for (q, v) in s.iter().take(self.rows).enumerate() {
+                    *yr.add(q) = if self.add { *yr.add(q) + v } else { *v };
+                }
+            }
+        }
+    }
+
+    /// One instruction set's tile kernel.
+    trait Simd {
+        /// Input rows per register tile.
+        const X_TILE: usize;
+        unsafe fn tile<W: WFmt>(mx: usize, t: Tile<W>, prefetch: bool);
+        /// Widens `dst.len()` weights from `at` into `dst`.
+        unsafe fn widen<W: WFmt>(w: W, at: usize, dst: &mut [f32]);
+    }
+
+    struct Avx512;
+    struct Avx2;
+
+    impl Simd for Avx512 {
+        /// 6 x 4 accumulators + 5 operands fit the 32 zmm registers.
+        const X_TILE: usize = 6;
+        #[target_feature(enable = "avx512f")]
+        unsafe fn widen<W: WFmt>(w: W, at: usize, dst: &mut [f32]) {
+            let n = dst.len();
+            let mut c = 0;
+            // SAFETY: `at..at + n` lies inside the matrix.
+            unsafe {
+                while c + 16 <= n {
+                    _mm512_storeu_ps(dst.as_mut_ptr().add(c), w.v16(at + c));
+                    c += 16;
+                }
+                for (i, v) in dst.iter_mut().enumerate().skip(c) {
+                    *v = w.one(at + i);
+                }
+            }
+        }
+        unsafe fn tile<W: WFmt>(mx: usize, t: Tile<W>, prefetch: bool) {
+            // SAFETY: forwarded caller guarantees; `rows_avx512` checked the features.
+            unsafe {
+                match (mx, prefetch) {
+                    (1, true) => tile512::<1, true, W>(t),
+                    (2, true) => tile512::<2, true, W>(t),
+                    (3, true) => tile512::<3, true, W>(t),
+                    (4, true) => tile512::<4, true, W>(t),
+                    (5, true) => tile512::<5, true, W>(t),
+                    (_, true) => tile512::<6, true, W>(t),
+                    (1, false) => tile512::<1, false, W>(t),
+                    (2, false) => tile512::<2, false, W>(t),
+                    (3, false) => tile512::<3, false, W>(t),
+                    (4, false) => tile512::<4, false, W>(t),
+                    (5, false) => tile512::<5, false, W>(t),
+                    (_, false) => tile512::<6, false, W>(t),
+                }
+            }
+        }
+    }
+
+    impl Simd for Avx2 {
+        /// 3 x 4 accumulators, 3 inputs and one weight vector fill the 16 ymm registers.
+        const X_TILE: usize = 3;
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn widen<W: WFmt>(w: W, at: usize, dst: &mut [f32]) {
+            let n = dst.len();
+            let mut c = 0;
+            // SAFETY: `at..at + n` lies inside the matrix.
+            unsafe {
+                while c + 8 <= n {
+                    _mm256_storeu_ps(dst.as_mut_ptr().add(c), w.v8(at + c));
+                    c += 8;
+                }
+                for (i, v) in dst.iter_mut().enumerate().skip(c) {
+                    *v = w.one(at + i);
+                }
+            }
+        }
+        unsafe fn tile<W: WFmt>(mx: usize, t: Tile<W>, prefetch: bool) {
+            // SAFETY: forwarded caller guarantees; `rows_avx2` checked the features.
+            unsafe {
+                match (mx, prefetch) {
+                    (1, true) => tile256::<1, true, W>(t),
+                    (2, true) => tile256::<2, true, W>(t),
+                    (_, true) => tile256::<3, true, W>(t),
+                    (1, false) => tile256::<1, false, W>(t),
+                    (2, false) => tile256::<2, false, W>(t),
+                    (_, false) => tile256::<3, false, W>(t),
+                }
+            }
+        }
+    }
 
     thread_local! {
-        /// Per-thread copy of the current weight block (see `rows_avx512`).
+        /// Per-thread f32 copy of the current weight block (see `rows`).
         static PACKED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     }
 
+    /// # Safety
+    /// `j` is valid (see `Raw`), `w` is its weights, rows `r0..r1` lie within `0..n`, and
+    /// the CPU has AVX-512F.
+    pub(super) unsafe fn rows_avx512<W: WFmt>(j: Raw, w: W, r0: usize, r1: usize) {
+        // SAFETY: forwarded.
+        unsafe { rows::<Avx512, W>(j, w, r0, r1) }
+    }
+
+    /// # Safety
+    /// As `rows_avx512`, with AVX2 and FMA.
+    pub(super) unsafe fn rows_avx2<W: WFmt>(j: Raw, w: W, r0: usize, r1: usize) {
+        // SAFETY: forwarded.
+        unsafe { rows::<Avx2, W>(j, w, r0, r1) }
+    }
+
     /// Small batches stream whole weight rows (long sequential reads, bandwidth-bound).
-    /// Larger ones are blocked over k so that a block of weight rows and a tile of input
-    /// rows both stay in L1 while every input tile passes over the weight block.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn rows_avx512(j: Raw, r0: usize, r1: usize) {
+    /// Larger ones are blocked over k: a block of weight rows is widened into a per-thread
+    /// f32 buffer, and every input tile passes over it while it stays in L1.
+    unsafe fn rows<S: Simd, W: WFmt>(j: Raw, w: W, r0: usize, r1: usize) {
         // Streaming re-reads each input tile from L2 per weight quad: fine for short rows.
         if j.m <= super::stream_max_rows() || (j.m <= 64 && j.k <= 1024) {
             // SAFETY: forwarded caller guarantees.
-            unsafe { stream_rows(j, r0, r1) };
+            unsafe { stream_rows::<S, W>(j, w, r0, r1) };
             return;
         }
         let (kc, wb) = super::tuning();
+        let kc = kc.next_multiple_of(Q8_BLOCK);
         PACKED.with_borrow_mut(|packed| {
             packed.resize(kc * wb, 0.0);
             let mut kb = 0;
@@ -310,33 +764,31 @@ mod x86 {
                 let mut b = r0;
                 while b < r1 {
                     let be = (b + wb).min(r1);
-                    // Copy the block contiguously: weight rows are a power-of-two stride
-                    // apart in most models, which maps them onto a few L1 sets and thrashes.
+                    // Copy the block contiguously (and widened): weight rows are a
+                    // power-of-two stride apart in most models, which maps them onto a few
+                    // L1 sets and thrashes.
                     for r in b..be {
+                        let dst = &mut packed[(r - b) * klen..(r - b + 1) * klen];
                         // SAFETY: r < n and kb + klen <= k.
-                        let src =
-                            unsafe { std::slice::from_raw_parts(j.w.add(r * j.k + kb), klen) };
-                        packed[(r - b) * klen..(r - b + 1) * klen].copy_from_slice(src);
+                        unsafe { S::widen(w, r * j.k + kb, dst) };
                     }
                     // While computing on this block, fetch the next one into L2 a slice per
                     // input tile, so packing it does not wait on memory.
                     let (nb, nbe) = (be, (be + wb).min(r1));
-                    let lines_per_row = (klen * 4).div_ceil(64);
+                    let lines_per_row = (klen * W::BYTES).div_ceil(64);
                     let next_lines = (nbe - nb) * lines_per_row;
-                    let tiles = j.m.div_ceil(X_TILE);
+                    let tiles = j.m.div_ceil(S::X_TILE);
                     let mut i = 0;
                     while i < j.m {
-                        let mx = (j.m - i).min(X_TILE);
-                        let g = i / X_TILE;
+                        let mx = (j.m - i).min(S::X_TILE);
+                        let g = i / S::X_TILE;
                         for line in next_lines * g / tiles..next_lines * (g + 1) / tiles {
-                            let (row, off) =
-                                (nb + line / lines_per_row, (line % lines_per_row) * 16);
-                            // SAFETY: prefetch of an address inside w (row < n, off < klen).
-                            unsafe {
-                                _mm_prefetch::<_MM_HINT_T1>(
-                                    j.w.add(row * j.k + kb + off) as *const i8
-                                )
-                            };
+                            let (row, off) = (
+                                nb + line / lines_per_row,
+                                (line % lines_per_row) * 64 / W::BYTES,
+                            );
+                            // SAFETY: prefetches never fault.
+                            unsafe { _mm_prefetch::<_MM_HINT_T1>(w.addr(row * j.k + kb + off)) };
                         }
                         let mut r = b;
                         while r < be {
@@ -346,7 +798,8 @@ mod x86 {
                                 let t = Tile {
                                     x: j.x.add(i * j.k + kb),
                                     ldx: j.k,
-                                    w: packed.as_ptr().add((r - b) * klen),
+                                    w: F32W(packed.as_ptr()),
+                                    w0: (r - b) * klen,
                                     ldw: klen,
                                     klen,
                                     rows,
@@ -354,7 +807,7 @@ mod x86 {
                                     ldy: j.n,
                                     add: kb > 0,
                                 };
-                                dispatch(mx, t);
+                                S::tile(mx, t, false);
                             }
                             r += rows;
                         }
@@ -368,14 +821,14 @@ mod x86 {
     }
 
     /// Few input rows: stream whole weight rows in place, four at a time; every input tile
-    /// passes over the four rows while they are in L1, so each weight byte comes from memory once.
-    #[target_feature(enable = "avx512f")]
-    unsafe fn stream_rows(j: Raw, r0: usize, r1: usize) {
+    /// passes over the four rows while they are in L1, so each weight byte comes from memory
+    /// once.
+    unsafe fn stream_rows<S: Simd, W: WFmt>(j: Raw, w: W, r0: usize, r1: usize) {
         let mut r = r0;
         while r < r1 {
             let rows = (r1 - r).min(4);
             // Even input tiles (8 rows: 4 + 4, not 6 + 2).
-            let tile_rows = j.m.div_ceil(j.m.div_ceil(X_TILE));
+            let tile_rows = j.m.div_ceil(j.m.div_ceil(S::X_TILE));
             let mut i = 0;
             while i < j.m {
                 let mx = (j.m - i).min(tile_rows);
@@ -384,7 +837,8 @@ mod x86 {
                     let t = Tile {
                         x: j.x.add(i * j.k),
                         ldx: j.k,
-                        w: j.w.add(r * j.k),
+                        w,
+                        w0: r * j.k,
                         ldw: j.k,
                         klen: j.k,
                         rows,
@@ -392,11 +846,7 @@ mod x86 {
                         ldy: j.n,
                         add: false,
                     };
-                    if i == 0 {
-                        dispatch_streaming(mx, t)
-                    } else {
-                        dispatch(mx, t)
-                    }
+                    S::tile(mx, t, i == 0);
                 }
                 i += mx;
             }
@@ -404,55 +854,17 @@ mod x86 {
         }
     }
 
-    #[target_feature(enable = "avx512f")]
-    unsafe fn dispatch(mx: usize, t: Tile) {
-        // SAFETY: forwarded caller guarantees.
-        unsafe {
-            match mx {
-                1 => tile::<1, false>(t),
-                2 => tile::<2, false>(t),
-                3 => tile::<3, false>(t),
-                4 => tile::<4, false>(t),
-                5 => tile::<5, false>(t),
-                _ => tile::<6, false>(t),
-            }
-        }
-    }
-
-    #[target_feature(enable = "avx512f")]
-    unsafe fn dispatch_streaming(mx: usize, t: Tile) {
-        // SAFETY: forwarded caller guarantees; prefetches never fault.
-        unsafe {
-            match mx {
-                1 => tile::<1, true>(t),
-                2 => tile::<2, true>(t),
-                3 => tile::<3, true>(t),
-                4 => tile::<4, true>(t),
-                5 => tile::<5, true>(t),
-                _ => tile::<6, true>(t),
-            }
-        }
-    }
-
-    #[derive(Clone, Copy)]
-    struct Tile {
-        x: *const f32,
-        ldx: usize,
-        w: *const f32,
-        ldw: usize,
-        klen: usize,
-        rows: usize,
-        y: *mut f32,
-        ldy: usize,
-        /// Add to y (later k blocks) instead of storing.
-        add: bool,
-    }
-
     /// Sums each of four vectors: returns [Σa0, Σa1, Σa2, Σa3].
     #[target_feature(enable = "avx512f")]
-    fn reduce4(a0: __m512, a1: __m512, a2: __m512, a3: __m512) -> __m128 {
-        let t0 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
-        let t1 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
+    fn reduce4_512(a: [__m512; 4]) -> [f32; 4] {
+        let t0 = _mm512_add_ps(
+            _mm512_unpacklo_ps(a[0], a[1]),
+            _mm512_unpackhi_ps(a[0], a[1]),
+        );
+        let t1 = _mm512_add_ps(
+            _mm512_unpacklo_ps(a[2], a[3]),
+            _mm512_unpackhi_ps(a[2], a[3]),
+        );
         let u = _mm512_add_ps(
             _mm512_shuffle_ps::<0x44>(t0, t1),
             _mm512_shuffle_ps::<0xEE>(t0, t1),
@@ -460,34 +872,34 @@ mod x86 {
         let lo = _mm512_castps512_ps256(u);
         let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(u)));
         let s = _mm256_add_ps(lo, hi);
-        _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s))
+        let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
+        let mut out = [0f32; 4];
+        // SAFETY: `out` holds four floats.
+        unsafe { _mm_storeu_ps(out.as_mut_ptr(), s) };
+        out
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    fn reduce4_256(a: [__m256; 4]) -> [f32; 4] {
+        let t0 = _mm256_hadd_ps(a[0], a[1]);
+        let t1 = _mm256_hadd_ps(a[2], a[3]);
+        let u = _mm256_hadd_ps(t0, t1);
+        let s = _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps::<1>(u));
+        let mut out = [0f32; 4];
+        // SAFETY: `out` holds four floats.
+        unsafe { _mm_storeu_ps(out.as_mut_ptr(), s) };
+        out
     }
 
     /// `y[i, q] (+)= x[i] · w[q]` over `klen` for MX input rows and up to 4 weight rows.
     #[target_feature(enable = "avx512f")]
-    unsafe fn tile<const MX: usize, const PREFETCH: bool>(t: Tile) {
-        let Tile {
-            x,
-            ldx,
-            w,
-            ldw,
-            klen,
-            rows,
-            y,
-            ldy,
-            add,
-        } = t;
-        let ahead = super::prefetch_ahead();
-        // SAFETY (whole body): rows `0..MX` of x and `0..rows` of w hold klen floats from
-        // here; y has MX rows of stride ldy with `rows` valid columns. Missing weight rows
-        // alias row 0 and their results are dropped.
+    unsafe fn tile512<const MX: usize, const PREFETCH: bool, W: WFmt>(t: Tile<W>) {
+        let ahead = super::prefetch_ahead() * W::BYTES / 4;
+        let wp = t.rows4();
+        let (x, ldx, w, klen) = (t.x, t.ldx, t.w, t.klen);
+        // SAFETY (whole body): rows `0..MX` of x and the four weight rows hold klen values
+        // from here; y has MX rows of stride ldy with `rows` valid columns.
         unsafe {
-            let wp = [
-                w,
-                w.add(if rows > 1 { ldw } else { 0 }),
-                w.add(if rows > 2 { 2 * ldw } else { 0 }),
-                w.add(if rows > 3 { 3 * ldw } else { 0 }),
-            ];
             let mut acc = [[_mm512_setzero_ps(); 4]; MX];
             let kv = klen / 16 * 16;
             let mut c = 0;
@@ -496,14 +908,14 @@ mod x86 {
                     // Weight rows stream from memory once: fetch ahead of use so the loads
                     // below hit L1 (hardware prefetch alone falls behind with many streams).
                     for p in wp {
-                        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(c + ahead) as *const i8);
+                        _mm_prefetch::<_MM_HINT_T0>(w.addr(p + c + ahead));
                     }
                 }
                 let wv = [
-                    _mm512_loadu_ps(wp[0].add(c)),
-                    _mm512_loadu_ps(wp[1].add(c)),
-                    _mm512_loadu_ps(wp[2].add(c)),
-                    _mm512_loadu_ps(wp[3].add(c)),
+                    w.v16(wp[0] + c),
+                    w.v16(wp[1] + c),
+                    w.v16(wp[2] + c),
+                    w.v16(wp[3] + c),
                 ];
                 for (i, a) in acc.iter_mut().enumerate() {
                     let xv = _mm512_loadu_ps(x.add(i * ldx + c));
@@ -513,98 +925,69 @@ mod x86 {
                 }
                 c += 16;
             }
-            if kv < klen {
-                let mask: __mmask16 = ((1u32 << (klen - kv)) - 1) as u16;
-                let wv = [
-                    _mm512_maskz_loadu_ps(mask, wp[0].add(kv)),
-                    _mm512_maskz_loadu_ps(mask, wp[1].add(kv)),
-                    _mm512_maskz_loadu_ps(mask, wp[2].add(kv)),
-                    _mm512_maskz_loadu_ps(mask, wp[3].add(kv)),
-                ];
-                for (i, a) in acc.iter_mut().enumerate() {
-                    let xv = _mm512_maskz_loadu_ps(mask, x.add(i * ldx + kv));
+            for (i, a) in acc.iter().enumerate() {
+                let mut s = reduce4_512(*a);
+                for c in kv..klen {
+                    let xv = *x.add(i * ldx + c);
                     for q in 0..4 {
-                        a[q] = _mm512_fmadd_ps(wv[q], xv, a[q]);
+                        s[q] += w.one(wp[q] + c) * xv;
                     }
                 }
+                t.put(i, s);
+            }
+        }
+    }
+
+    /// The AVX2 tile: as `tile512`, 8 lanes and up to 3 input rows.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile256<const MX: usize, const PREFETCH: bool, W: WFmt>(t: Tile<W>) {
+        let ahead = super::prefetch_ahead() * W::BYTES / 4;
+        let wp = t.rows4();
+        let (x, ldx, w, klen) = (t.x, t.ldx, t.w, t.klen);
+        // SAFETY (whole body): as in `tile512`.
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); 4]; MX];
+            let kv = klen / 8 * 8;
+            let mut c = 0;
+            while c < kv {
+                if PREFETCH && c % 16 == 0 {
+                    for p in wp {
+                        _mm_prefetch::<_MM_HINT_T0>(w.addr(p + c + ahead));
+                    }
+                }
+                let mut xv = [_mm256_setzero_ps(); MX];
+                for (i, v) in xv.iter_mut().enumerate() {
+                    *v = _mm256_loadu_ps(x.add(i * ldx + c));
+                }
+                for q in 0..4 {
+                    let wv = w.v8(wp[q] + c);
+                    for i in 0..MX {
+                        acc[i][q] = _mm256_fmadd_ps(wv, xv[i], acc[i][q]);
+                    }
+                }
+                c += 8;
             }
             for (i, a) in acc.iter().enumerate() {
-                let sums = reduce4(a[0], a[1], a[2], a[3]);
-                let yr = y.add(i * ldy);
-                if rows == 4 {
-                    let v = if add {
-                        _mm_add_ps(_mm_loadu_ps(yr), sums)
-                    } else {
-                        sums
-                    };
-                    _mm_storeu_ps(yr, v);
-                } else {
-                    let mut s = [0f32; 4];
-                    _mm_storeu_ps(s.as_mut_ptr(), sums);
-                    for (q, v) in s.iter().take(rows).enumerate() {
-                        *yr.add(q) = if add { *yr.add(q) + v } else { *v };
+                let mut s = reduce4_256(*a);
+                for c in kv..klen {
+                    let xv = *x.add(i * ldx + c);
+                    for q in 0..4 {
+                        s[q] += w.one(wp[q] + c) * xv;
                     }
                 }
+                t.put(i, s);
             }
         }
     }
 
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum256(v: __m256) -> f32 {
+    fn hsum256(v: __m256) -> f32 {
         let lo = _mm256_castps256_ps128(v);
         let hi = _mm256_extractf128_ps::<1>(v);
         let s = _mm_add_ps(lo, hi);
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s));
         _mm_cvtss_f32(s)
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn rows_avx2(j: Raw, r0: usize, r1: usize) {
-        let k = j.k;
-        let kv = k / 8 * 8;
-        let mut r = r0;
-        while r < r1 {
-            let rows = (r1 - r).min(4);
-            // SAFETY (whole block): as in `rows_avx512`.
-            unsafe {
-                let w0 = j.w.add(r * k);
-                let w1 = if rows > 1 { j.w.add((r + 1) * k) } else { w0 };
-                let w2 = if rows > 2 { j.w.add((r + 2) * k) } else { w0 };
-                let w3 = if rows > 3 { j.w.add((r + 3) * k) } else { w0 };
-                for i in 0..j.m {
-                    let x = j.x.add(i * k);
-                    let (mut a0, mut a1, mut a2, mut a3) = (
-                        _mm256_setzero_ps(),
-                        _mm256_setzero_ps(),
-                        _mm256_setzero_ps(),
-                        _mm256_setzero_ps(),
-                    );
-                    let mut c = 0;
-                    while c < kv {
-                        let xv = _mm256_loadu_ps(x.add(c));
-                        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0.add(c)), xv, a0);
-                        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1.add(c)), xv, a1);
-                        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2.add(c)), xv, a2);
-                        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3.add(c)), xv, a3);
-                        c += 8;
-                    }
-                    let mut s = [hsum256(a0), hsum256(a1), hsum256(a2), hsum256(a3)];
-                    for t in kv..k {
-                        let xt = *x.add(t);
-                        s[0] += *w0.add(t) * xt;
-                        s[1] += *w1.add(t) * xt;
-                        s[2] += *w2.add(t) * xt;
-                        s[3] += *w3.add(t) * xt;
-                    }
-                    let y = j.y.add(i * j.n + r);
-                    for (q, v) in s.iter().take(rows).enumerate() {
-                        *y.add(q) = *v;
-                    }
-                }
-            }
-            r += rows;
-        }
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -659,28 +1042,92 @@ mod tests {
             .collect()
     }
 
+    /// The matrix in each format, with its widened (dequantised) f32 values.
+    struct Formats {
+        f32: Vec<f32>,
+        bf16: Vec<u16>,
+        bf16_wide: Vec<f32>,
+        q: Vec<i8>,
+        d: Vec<f32>,
+        q8_wide: Vec<f32>,
+    }
+
+    fn formats(w: Vec<f32>, n: usize, k: usize) -> Formats {
+        let bf16: Vec<u16> = w.iter().map(|&v| to_bf16(v)).collect();
+        let bf16_wide = bf16.iter().map(|&b| from_bf16(b)).collect();
+        let (q, d, q8_wide) = if k % Q8_BLOCK == 0 {
+            let (q, d) = quantize_q8(|i| w[i], n, k);
+            let wide = (0..n * k).map(|i| q[i] as f32 * d[i / Q8_BLOCK]).collect();
+            (q, d, wide)
+        } else {
+            (Vec::new(), Vec::new(), Vec::new())
+        };
+        Formats {
+            f32: w,
+            bf16,
+            bf16_wide,
+            q,
+            d,
+            q8_wide,
+        }
+    }
+
+    fn close(got: &[f32], want: &[f32], what: &str) {
+        // Relative to the row's scale: sums of ±1 products cancel, so compare against the
+        // magnitude of the terms, not of the (possibly tiny) result.
+        for (a, b) in got.iter().zip(want) {
+            assert!(
+                (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                "{what}: {a} vs {b}"
+            );
+        }
+    }
+
+    const SHAPES: &[(usize, usize, usize)] = &[
+        (1, 1, 1),
+        (1, 7, 33),
+        (3, 130, 100),
+        (5, 257, 512),
+        (16, 64, 48),
+        (40, 33, 17),
+        (7, 70, 300),
+        (13, 9, 1000),
+        (1, 64, 64),
+        (2, 37, 96),
+        (9, 21, 256),
+        (70, 19, 544),
+    ];
+
+    /// Every format on every instruction set this CPU has, against the f64 product of the
+    /// widened weights (the 8-bit kernel must equal dequantise-then-f32 within 1e-4).
     #[test]
-    fn matches_naive_over_shapes() {
-        // Odd shapes exercise the row, k and input-row tails; m >= 16 reaches gemm where it is used.
-        for &(m, n, k) in &[
-            (1, 1, 1),
-            (1, 7, 33),
-            (3, 130, 100),
-            (5, 257, 512),
-            (16, 64, 48),
-            (40, 33, 17),
-            (7, 70, 300),
-            (13, 9, 1000),
-        ] {
-            let (x, w) = (data(m * k, 1), data(n * k, 2));
-            let mut y = vec![0f32; m * n];
-            matmul(&x, &w, &mut y, m, n, k);
-            let want = naive(&x, &w, m, n, k);
-            for (a, b) in y.iter().zip(&want) {
-                assert!(
-                    (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
-                    "{m}x{n}x{k}: {a} vs {b}"
-                );
+    fn every_format_and_path_matches_the_widened_product() {
+        let isas: Vec<Isa> = [Isa::Avx512, Isa::Avx2, Isa::Portable]
+            .into_iter()
+            .filter(|i| i.available())
+            .collect();
+        for &(m, n, k) in SHAPES {
+            let x = data(m * k, 1);
+            let f = formats(data(n * k, 2), n, k);
+            let mut cases: Vec<(&str, Mat<'_>, &[f32])> = vec![
+                ("f32", Mat::F32(&f.f32), &f.f32),
+                ("bf16", Mat::Bf16(&f.bf16), &f.bf16_wide),
+            ];
+            if k % Q8_BLOCK == 0 {
+                cases.push(("q8", Mat::Q8 { q: &f.q, d: &f.d }, &f.q8_wide));
+            }
+            for (name, mat, wide) in cases {
+                let want = naive(&x, wide, m, n, k);
+                let mut y = vec![0f32; m * n];
+                matmul(&x, mat, &mut y, m, n, k);
+                close(&y, &want, &format!("{name} {m}x{n}x{k} default"));
+                for &isa in &isas {
+                    let mut y = vec![f32::NAN; m * n];
+                    let mut job = MatMul::new(&x, mat, &mut y, m, n, k);
+                    // SAFETY: extents checked by MatMul::new; `isa` is available.
+                    unsafe { rows_with(isa, Raw::of(&mut job), 0, n) };
+                    close(&y, &want, &format!("{name} {m}x{n}x{k} {}", isa.name()));
+                }
             }
         }
     }
@@ -690,35 +1137,48 @@ mod tests {
         let (k, m) = (96, 2);
         let x = data(m * k, 3);
         let (w1, w2) = (data(300 * k, 4), data(45 * k, 5));
-        let (mut y1, mut y2) = (vec![0f32; m * 300], vec![0f32; m * 45]);
+        let f2 = formats(w2.clone(), 45, k);
+        let (mut y1, mut y2, mut y3) =
+            (vec![0f32; m * 300], vec![0f32; m * 45], vec![0f32; m * 45]);
         matmul_many(&mut [
-            MatMul::new(&x, &w1, &mut y1, m, 300, k),
-            MatMul::new(&x, &w2, &mut y2, m, 45, k),
+            MatMul::new(&x, Mat::F32(&w1), &mut y1, m, 300, k),
+            MatMul::new(&x, Mat::F32(&w2), &mut y2, m, 45, k),
+            MatMul::new(&x, Mat::Q8 { q: &f2.q, d: &f2.d }, &mut y3, m, 45, k),
         ]);
         assert_eq!(y1, {
             let mut y = vec![0f32; m * 300];
-            matmul(&x, &w1, &mut y, m, 300, k);
+            matmul(&x, Mat::F32(&w1), &mut y, m, 300, k);
             y
         });
-        let want = naive(&x, &w2, m, 45, k);
-        for (a, b) in y2.iter().zip(&want) {
-            assert!((a - b).abs() < 1e-4);
-        }
+        close(&y2, &naive(&x, &w2, m, 45, k), "f32");
+        close(&y3, &naive(&x, &f2.q8_wide, m, 45, k), "q8");
     }
 
     #[test]
-    fn scalar_and_simd_paths_agree() {
-        let (m, n, k) = (2, 9, 77);
-        let (x, w) = (data(m * k, 6), data(n * k, 7));
-        let mut y = vec![0f32; m * n];
-        let mut y_scalar = vec![0f32; m * n];
-        let mut job = MatMul::new(&x, &w, &mut y_scalar, m, n, k);
-        // SAFETY: extents checked by MatMul::new.
-        unsafe { rows_scalar(Raw::of(&mut job), 0, n) };
-        matmul(&x, &w, &mut y, m, n, k);
-        for (a, b) in y.iter().zip(&y_scalar) {
-            assert!((a - b).abs() < 1e-4);
+    fn quantisation_is_within_half_a_step_and_keeps_zero_blocks() {
+        let (n, k) = (3, 64);
+        let mut w = data(n * k, 9);
+        w[32..64].fill(0.0);
+        let (q, d) = quantize_q8(|i| w[i], n, k);
+        assert_eq!(d[1], 0.0);
+        for i in 0..n * k {
+            let step = d[i / Q8_BLOCK];
+            assert!(
+                (q[i] as f32 * step - w[i]).abs() <= 0.5 * step + 1e-7,
+                "weight {i}"
+            );
         }
-        assert!((dot(&x[..k], &w[..k]) - dot_scalar(&x[..k], &w[..k])).abs() < 1e-4);
+        assert_eq!(from_bf16(to_bf16(1.5)), 1.5);
+        assert_eq!(
+            to_bf16(1.0 + 1.0 / 512.0),
+            to_bf16(1.0),
+            "ties round to even"
+        );
+    }
+
+    #[test]
+    fn dot_matches_portable() {
+        let (a, b) = (data(77, 6), data(77, 7));
+        assert!((dot(&a, &b) - dot_portable(&a, &b)).abs() < 1e-4);
     }
 }

@@ -1,9 +1,10 @@
 //! Weights: memory-mapped safetensors checkpoints (single file or sharded) and the
 //! [`WeightSource`] abstraction a model part loads its own tensors from.
 //!
-//! f32 tensors are used in place from the mapping (no copy: peak memory stays near the
-//! checkpoint's size, and processes on one node share the page cache); f16/bf16 tensors are
-//! converted to f32 once at load.
+//! f32 and bf16 tensors are used in place from the mapping (no copy: peak memory stays near
+//! the checkpoint's size, and processes on one node share the page cache); f16 tensors are
+//! widened to f32 once at load. A model part may convert its matrices at load ([`Precision`]:
+//! bf16, or 8-bit experts), and always widens vectors (norms, biases) to f32.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
@@ -12,10 +13,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use memmap2::Mmap;
-use safetensors::{Dtype, SafeTensors};
+use safetensors::{Dtype as Stored, SafeTensors};
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use crate::kernels::{self, Mat};
 
 /// Which part of a model a process owns: a contiguous layer range and a set of experts
 /// within it. The ends of the model (embeddings; final norm and LM head) are owned when
@@ -117,7 +119,96 @@ impl ShardSpec {
     }
 }
 
-/// A read-only f32 tensor: a view into a checkpoint mapping, or owned memory.
+/// How a weight is held in memory (and read by the kernels).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dtype {
+    F32,
+    Bf16,
+    /// 8-bit blocks of [`kernels::Q8_BLOCK`] weights with one f32 scale each.
+    Q8,
+}
+
+impl Dtype {
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::F32 => "f32",
+            Dtype::Bf16 => "bf16",
+            Dtype::Q8 => "q8",
+        }
+    }
+
+    /// Bytes per weight (8-bit: scales included).
+    pub fn bytes_per_weight(self) -> f64 {
+        match self {
+            Dtype::F32 => 4.0,
+            Dtype::Bf16 => 2.0,
+            Dtype::Q8 => 1.0 + 4.0 / kernels::Q8_BLOCK as f64,
+        }
+    }
+}
+
+/// What a weight-format option asks for: keep the checkpoint's format (`auto`: f32 stays
+/// f32, bf16 stays bf16, f16 is widened to f32), or convert to one at load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DtypeChoice {
+    #[default]
+    Auto,
+    Is(Dtype),
+}
+
+impl std::str::FromStr for DtypeChoice {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "auto" | "" => DtypeChoice::Auto,
+            "f32" | "float32" => DtypeChoice::Is(Dtype::F32),
+            "bf16" | "bfloat16" => DtypeChoice::Is(Dtype::Bf16),
+            "q8" | "q8_0" | "int8" => DtypeChoice::Is(Dtype::Q8),
+            other => {
+                return Err(Error::invalid(
+                    "dtype",
+                    format!("`{other}` is not one of auto, f32, bf16, q8"),
+                ));
+            }
+        })
+    }
+}
+
+impl std::fmt::Display for DtypeChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DtypeChoice::Auto => f.write_str("auto"),
+            DtypeChoice::Is(d) => f.write_str(d.name()),
+        }
+    }
+}
+
+/// The formats a model part keeps its matrices in. Vectors (norms, biases) and the few
+/// matrices read outside the matrix kernels are always f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Precision {
+    /// Attention, routers, dense and shared MLPs, embeddings and the LM head.
+    pub weights: DtypeChoice,
+    /// Routed experts (`auto`: as `weights`).
+    pub experts: DtypeChoice,
+}
+
+impl Precision {
+    /// The format a matrix stored as `stored` is kept in.
+    pub fn matrix(&self, stored: Dtype, expert: bool) -> Dtype {
+        let choice = match (expert, self.experts) {
+            (true, DtypeChoice::Is(d)) => DtypeChoice::Is(d),
+            _ => self.weights,
+        };
+        match choice {
+            DtypeChoice::Auto => stored,
+            DtypeChoice::Is(d) => d,
+        }
+    }
+}
+
+/// A read-only tensor: a view into a checkpoint mapping (f32 or bf16 as stored), or owned
+/// memory (f32, bf16 or 8-bit blocks).
 #[derive(Clone)]
 pub struct Weight {
     data: WeightData,
@@ -126,17 +217,28 @@ pub struct Weight {
 
 #[derive(Clone)]
 enum WeightData {
-    Mapped { map: Arc<Mmap>, range: Range<usize> },
+    Mapped {
+        map: Arc<Mmap>,
+        range: Range<usize>,
+        dtype: Dtype,
+    },
     Owned(Arc<Vec<f32>>),
+    OwnedBf16(Arc<Vec<u16>>),
+    Q8 {
+        q: Arc<Vec<i8>>,
+        d: Arc<Vec<f32>>,
+    },
 }
 
 impl std::fmt::Debug for Weight {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let kind = match self.data {
-            WeightData::Mapped { .. } => "mapped",
-            WeightData::Owned(_) => "owned",
-        };
-        write!(f, "Weight({kind}, {:?})", self.shape)
+        let kind = if self.is_mapped() { "mapped" } else { "owned" };
+        write!(
+            f,
+            "Weight({kind} {}, {:?})",
+            self.dtype().name(),
+            self.shape
+        )
     }
 }
 
@@ -153,11 +255,151 @@ impl Weight {
         &self.shape
     }
 
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn dtype(&self) -> Dtype {
+        match &self.data {
+            WeightData::Mapped { dtype, .. } => *dtype,
+            WeightData::Owned(_) => Dtype::F32,
+            WeightData::OwnedBf16(_) => Dtype::Bf16,
+            WeightData::Q8 { .. } => Dtype::Q8,
+        }
+    }
+
+    /// Bytes the weight occupies in memory.
+    pub fn bytes(&self) -> u64 {
+        (self.len() as f64 * self.dtype().bytes_per_weight()).round() as u64
+    }
+
+    /// The values of an f32 weight.
+    ///
+    /// # Panics
+    /// If the weight is held in another format: vectors are always loaded as f32, and
+    /// matrices are read through [`Weight::mat`].
     pub fn as_slice(&self) -> &[f32] {
         match &self.data {
             // Alignment and length were checked when the view was made.
-            WeightData::Mapped { map, range } => bytemuck::cast_slice(&map[range.clone()]),
+            WeightData::Mapped {
+                map,
+                range,
+                dtype: Dtype::F32,
+            } => bytemuck::cast_slice(&map[range.clone()]),
             WeightData::Owned(v) => v,
+            _ => panic!(
+                "weight {:?} is held as {}; read it with mat() or convert it with to_f32()",
+                self.shape,
+                self.dtype().name()
+            ),
+        }
+    }
+
+    fn bf16_bits(&self) -> Option<&[u16]> {
+        match &self.data {
+            WeightData::Mapped {
+                map,
+                range,
+                dtype: Dtype::Bf16,
+            } => Some(bytemuck::cast_slice(&map[range.clone()])),
+            WeightData::OwnedBf16(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// The weight as the matrix kernels read it.
+    pub fn mat(&self) -> Mat<'_> {
+        match &self.data {
+            WeightData::Q8 { q, d } => Mat::Q8 { q, d },
+            _ => match self.bf16_bits() {
+                Some(b) => Mat::Bf16(b),
+                None => Mat::F32(self.as_slice()),
+            },
+        }
+    }
+
+    /// Element `i` (row-major), widened.
+    pub fn get(&self, i: usize) -> f32 {
+        match self.mat() {
+            Mat::F32(v) => v[i],
+            Mat::Bf16(v) => kernels::from_bf16(v[i]),
+            Mat::Q8 { q, d } => q[i] as f32 * d[i / kernels::Q8_BLOCK],
+        }
+    }
+
+    /// Row `r` of a matrix, widened into `out` (its length is the row's).
+    pub fn row_into(&self, r: usize, out: &mut [f32]) {
+        let k = out.len();
+        match self.mat() {
+            Mat::F32(v) => out.copy_from_slice(&v[r * k..(r + 1) * k]),
+            Mat::Bf16(v) => {
+                for (o, &b) in out.iter_mut().zip(&v[r * k..(r + 1) * k]) {
+                    *o = kernels::from_bf16(b);
+                }
+            }
+            Mat::Q8 { .. } => {
+                for (c, o) in out.iter_mut().enumerate() {
+                    *o = self.get(r * k + c);
+                }
+            }
+        }
+    }
+
+    /// This weight in `dtype`. Widening to f32 is exact; narrowing rounds (bf16: to nearest
+    /// even; 8-bit: per block, see [`kernels::quantize_q8`]). 8-bit needs a matrix whose
+    /// rows are whole blocks; anything else keeps its format.
+    pub fn convert(self, dtype: Dtype) -> Weight {
+        if self.dtype() == dtype || self.is_empty() {
+            return self;
+        }
+        let shape = self.shape.clone();
+        let n = self.len();
+        let converted = match dtype {
+            Dtype::F32 => Weight::owned((0..n).map(|i| self.get(i)).collect(), shape),
+            Dtype::Bf16 => Weight {
+                data: WeightData::OwnedBf16(Arc::new(
+                    (0..n).map(|i| kernels::to_bf16(self.get(i))).collect(),
+                )),
+                shape,
+            },
+            Dtype::Q8 => {
+                let k = shape.last().copied().unwrap_or(0);
+                if shape.len() != 2 || k % kernels::Q8_BLOCK != 0 {
+                    return self;
+                }
+                let (q, d) = kernels::quantize_q8(|i| self.get(i), shape[0], k);
+                Weight {
+                    data: WeightData::Q8 {
+                        q: Arc::new(q),
+                        d: Arc::new(d),
+                    },
+                    shape,
+                }
+            }
+        };
+        self.release();
+        converted
+    }
+
+    /// Drops the resident pages of a mapped weight that is no longer read (converted at
+    /// load), so they do not count against the process: the page cache keeps them for
+    /// other processes.
+    pub(crate) fn release(&self) {
+        if let WeightData::Mapped { map, range, .. } = &self.data {
+            const PAGE: usize = 4096;
+            let (a, b) = (range.start.next_multiple_of(PAGE), range.end / PAGE * PAGE);
+            if a < b {
+                // SAFETY: the mapping is read-only and private to this process: dropped
+                // pages read back from the file unchanged on the next access.
+                #[allow(unsafe_code)]
+                let _ = unsafe {
+                    map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, a, b - a)
+                };
+            }
         }
     }
 
@@ -167,7 +409,11 @@ impl Weight {
 
     /// Faults the tensor's pages in now, so the first request does not pay for it.
     pub fn prefault(&self) -> f32 {
-        self.as_slice().iter().step_by(1024).sum()
+        match self.mat() {
+            Mat::F32(v) => v.iter().step_by(1024).sum(),
+            Mat::Bf16(v) => v.iter().step_by(2048).map(|&b| kernels::from_bf16(b)).sum(),
+            Mat::Q8 { q, .. } => q.iter().step_by(4096).map(|&v| v as f32).sum(),
+        }
     }
 }
 
@@ -401,9 +647,9 @@ impl Checkpoint {
         }
         let (begin, end) = info.data_offsets;
         let elem_size = match info.dtype {
-            Dtype::F32 => 4,
-            Dtype::F16 | Dtype::BF16 => 2,
-            Dtype::U8 if name.ends_with("_blocks") || name.ends_with("_scales") => {
+            Stored::F32 => 4,
+            Stored::F16 | Stored::BF16 => 2,
+            Stored::U8 if name.ends_with("_blocks") || name.ends_with("_scales") => {
                 return Err(Error::tensor(
                     name,
                     "MXFP4-quantized experts are not supported yet; use a bf16 checkpoint",
@@ -455,40 +701,45 @@ impl Checkpoint {
                 Some(i) => format!("{name}[{i}]"),
             });
         }
+        let mapped = |dtype| Weight {
+            data: WeightData::Mapped {
+                map: file.map.clone(),
+                range: range.clone(),
+                dtype,
+            },
+            shape: out_shape.clone(),
+        };
+        let little = cfg!(target_endian = "little");
         let weight = match info.dtype {
-            Dtype::F32
-                if cfg!(target_endian = "little")
-                    && bytemuck::try_cast_slice::<u8, f32>(bytes).is_ok() =>
-            {
-                Weight {
-                    data: WeightData::Mapped {
-                        map: file.map.clone(),
-                        range,
-                    },
-                    shape: out_shape,
-                }
+            Stored::F32 if little && bytemuck::try_cast_slice::<u8, f32>(bytes).is_ok() => {
+                mapped(Dtype::F32)
             }
-            Dtype::F32 => Weight::owned(
+            Stored::BF16 if little && bytemuck::try_cast_slice::<u8, u16>(bytes).is_ok() => {
+                mapped(Dtype::Bf16)
+            }
+            Stored::F32 => Weight::owned(
                 bytes
                     .chunks_exact(4)
                     .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
                     .collect(),
                 out_shape,
             ),
-            Dtype::F16 => Weight::owned(
+            Stored::F16 => Weight::owned(
                 bytes
                     .chunks_exact(2)
                     .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
                     .collect(),
                 out_shape,
             ),
-            _ => Weight::owned(
-                bytes
-                    .chunks_exact(2)
-                    .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                    .collect(),
-                out_shape,
-            ),
+            _ => Weight {
+                data: WeightData::OwnedBf16(Arc::new(
+                    bytes
+                        .chunks_exact(2)
+                        .map(|b| u16::from_le_bytes([b[0], b[1]]))
+                        .collect(),
+                )),
+                shape: out_shape,
+            },
         };
         Ok(weight)
     }

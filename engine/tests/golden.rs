@@ -283,6 +283,19 @@ fn stored_parameters(dir: &Path) -> u64 {
     total
 }
 
+fn stored_bf16_matrices(dir: &Path) -> bool {
+    std::fs::read_dir(dir).expect("dir").any(|entry| {
+        let path = entry.expect("entry").path();
+        path.extension().is_some_and(|e| e == "safetensors") && {
+            let bytes = std::fs::read(&path).expect("read");
+            let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).expect("header");
+            meta.tensors()
+                .values()
+                .any(|t| t.dtype == safetensors::Dtype::BF16 && t.shape.len() == 2)
+        }
+    })
+}
+
 #[test]
 fn parameter_counts_equal_the_stored_tensors() {
     for dir in golden_dirs() {
@@ -295,10 +308,20 @@ fn parameter_counts_equal_the_stored_tensors() {
         );
         let whole = load(&dir);
         assert_eq!(
-            whole.weight_bytes(),
-            cfg.total_params() * 4,
+            whole.parameters(),
+            cfg.total_params(),
             "{}: loaded weights",
             dir.display()
         );
+        // Kept as stored: a bf16 checkpoint's matrices stay bf16 (vectors are widened).
+        let stored_bf16 = stored_bf16_matrices(&dir);
+        let by = whole.bytes_by_dtype();
+        assert_eq!(
+            by.contains_key("bf16"),
+            stored_bf16,
+            "{}: formats held {by:?}",
+            dir.display()
+        );
+        assert_eq!(whole.weight_bytes(), by.values().sum::<u64>());
     }
 }

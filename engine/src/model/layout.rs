@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use super::{Attn, Expert, Layer, LayerAttention, Linear, MlaQuery, Mlp, StageFfn};
 use crate::config::{Family, ModelConfig, QkNorm};
 use crate::error::{Error, Result};
-use crate::weights::{ShardSpec, Weight, WeightSource, names};
+use crate::weights::{Dtype, Precision, ShardSpec, Weight, WeightSource, names};
 
 /// One tensor a part loads: a whole tensor, or entry `index` of the first dimension of a
 /// fused tensor (one expert of `[experts, ...]`). `shape` is the whole tensor's.
@@ -45,33 +45,72 @@ enum ExpertLayout {
     GptOss,
 }
 
+/// How a tensor is read, which decides the format it is kept in ([`Precision`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Use {
+    /// Read element by element (norms, biases, gates, MLA's `kv_b`): always f32.
+    Vector,
+    /// A matrix of the matrix kernels (attention, routers, dense MLPs, embeddings, head).
+    Matrix,
+    /// A routed expert's matrix.
+    Expert,
+    /// Kept as stored: a fused tensor that the layout slices or transposes into others.
+    Source,
+}
+
+impl Use {
+    /// The format a tensor stored as `stored` is kept in.
+    pub fn dtype(self, stored: Dtype, precision: &Precision) -> Dtype {
+        match self {
+            Use::Vector => Dtype::F32,
+            Use::Source => stored,
+            Use::Matrix => precision.matrix(stored, false),
+            Use::Expert => precision.matrix(stored, true),
+        }
+    }
+}
+
 /// Gets a tensor, in the planning pass (records it, returns an empty weight) or the build
-/// pass (returns what was loaded).
+/// pass (returns what was loaded, already in its use's format).
 pub(super) trait Fetch {
-    fn get(&mut self, r: TensorRef) -> Result<Weight>;
+    fn get(&mut self, r: TensorRef, usage: Use) -> Result<Weight>;
+    /// A weight made from fetched ones stored as `from` (sliced, transposed), in `usage`'s
+    /// format.
+    fn derived(&mut self, w: Weight, from: Dtype, usage: Use) -> Weight;
 }
 
 /// The planning pass.
 #[derive(Default)]
 pub(super) struct Planner {
-    pub refs: Vec<TensorRef>,
+    pub refs: Vec<(TensorRef, Use)>,
 }
 
 impl Fetch for Planner {
-    fn get(&mut self, r: TensorRef) -> Result<Weight> {
-        self.refs.push(r);
+    fn get(&mut self, r: TensorRef, usage: Use) -> Result<Weight> {
+        self.refs.push((r, usage));
         Ok(Weight::owned(Vec::new(), vec![0]))
+    }
+
+    fn derived(&mut self, w: Weight, _: Dtype, _: Use) -> Weight {
+        w
     }
 }
 
 /// The build pass, over the loaded tensors.
-pub(super) struct Loaded(pub HashMap<TensorRef, Weight>);
+pub(super) struct Loaded {
+    pub tensors: HashMap<TensorRef, Weight>,
+    pub precision: Precision,
+}
 
 impl Fetch for Loaded {
-    fn get(&mut self, r: TensorRef) -> Result<Weight> {
-        self.0
+    fn get(&mut self, r: TensorRef, _: Use) -> Result<Weight> {
+        self.tensors
             .remove(&r)
             .ok_or_else(|| Error::tensor(&r.name, "missing from the load plan"))
+    }
+
+    fn derived(&mut self, w: Weight, from: Dtype, usage: Use) -> Weight {
+        w.convert(usage.dtype(from, &self.precision))
     }
 }
 
@@ -93,15 +132,14 @@ pub(super) struct Parts {
 
 /// Transposes a row-major `[rows, cols]` matrix, taking every `step`-th column from `first`.
 fn columns(w: &Weight, rows: usize, cols: usize, first: usize, step: usize) -> Weight {
-    let src = w.as_slice();
-    if src.is_empty() {
+    if w.is_empty() {
         return w.clone();
     }
     let picked = (cols - first).div_ceil(step);
     let mut out = vec![0.0; picked * rows];
     for r in 0..rows {
         for (j, c) in (first..cols).step_by(step).enumerate() {
-            out[j * rows + r] = src[r * cols + c];
+            out[j * rows + r] = w.get(r * cols + c);
         }
     }
     Weight::owned(out, vec![picked, rows])
@@ -122,11 +160,11 @@ fn every(w: &Weight, first: usize, step: usize) -> Weight {
 
 /// Rows `from..to` of a row-major matrix of width `cols`.
 fn rows(w: &Weight, from: usize, to: usize, cols: usize) -> Weight {
-    let src = w.as_slice();
-    if src.is_empty() {
+    if w.is_empty() {
         return w.clone();
     }
-    Weight::owned(src[from * cols..to * cols].to_vec(), vec![to - from, cols])
+    let v = (from * cols..to * cols).map(|i| w.get(i)).collect();
+    Weight::owned(v, vec![to - from, cols])
 }
 
 pub(super) struct Layout<'a> {
@@ -194,12 +232,12 @@ impl<'a> Layout<'a> {
     ) -> Result<Linear> {
         let b = if bias {
             let bn = name.replace(".weight", ".bias");
-            Some(f.get(whole(bn, vec![out]))?)
+            Some(f.get(whole(bn, vec![out]), Use::Vector)?)
         } else {
             None
         };
         Ok(Linear {
-            w: f.get(whole(name, vec![out, inp]))?,
+            w: f.get(whole(name, vec![out, inp]), Use::Matrix)?,
             b,
         })
     }
@@ -208,9 +246,9 @@ impl<'a> Layout<'a> {
         let h = self.cfg.hidden_size;
         let n = |p: &str| format!("{prefix}.{p}.weight");
         Ok(Mlp {
-            gate: f.get(whole(n("gate_proj"), vec![inter, h]))?,
-            up: f.get(whole(n("up_proj"), vec![inter, h]))?,
-            down: f.get(whole(n("down_proj"), vec![h, inter]))?,
+            gate: f.get(whole(n("gate_proj"), vec![inter, h]), Use::Matrix)?,
+            up: f.get(whole(n("up_proj"), vec![inter, h]), Use::Matrix)?,
+            down: f.get(whole(n("down_proj"), vec![h, inter]), Use::Matrix)?,
         })
     }
 
@@ -222,49 +260,73 @@ impl<'a> Layout<'a> {
         if let Some(m) = &a.mla {
             let heads = cfg.num_attention_heads;
             let q = match m.q_lora_rank {
-                None => MlaQuery::Direct(f.get(whole(
-                    l("self_attn.q_proj.weight"),
-                    vec![heads * m.qk_head_dim(), h],
-                ))?),
+                None => MlaQuery::Direct(f.get(
+                    whole(
+                        l("self_attn.q_proj.weight"),
+                        vec![heads * m.qk_head_dim(), h],
+                    ),
+                    Use::Matrix,
+                )?),
                 Some(r) => MlaQuery::Lora {
-                    a: f.get(whole(l("self_attn.q_a_proj.weight"), vec![r, h]))?,
-                    norm: f.get(whole(l("self_attn.q_a_layernorm.weight"), vec![r]))?,
-                    b: f.get(whole(
-                        l("self_attn.q_b_proj.weight"),
-                        vec![heads * m.qk_head_dim(), r],
-                    ))?,
+                    a: f.get(
+                        whole(l("self_attn.q_a_proj.weight"), vec![r, h]),
+                        Use::Matrix,
+                    )?,
+                    norm: f.get(
+                        whole(l("self_attn.q_a_layernorm.weight"), vec![r]),
+                        Use::Vector,
+                    )?,
+                    b: f.get(
+                        whole(
+                            l("self_attn.q_b_proj.weight"),
+                            vec![heads * m.qk_head_dim(), r],
+                        ),
+                        Use::Matrix,
+                    )?,
                 },
             };
             return Ok(Attn::Mla {
                 q,
-                kv_a: f.get(whole(
-                    l("self_attn.kv_a_proj_with_mqa.weight"),
-                    vec![m.kv_lora_rank + m.qk_rope_head_dim, h],
-                ))?,
-                kv_a_norm: f.get(whole(
-                    l("self_attn.kv_a_layernorm.weight"),
-                    vec![m.kv_lora_rank],
-                ))?,
-                kv_b: f.get(whole(
-                    l("self_attn.kv_b_proj.weight"),
-                    vec![heads * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank],
-                ))?,
-                o: f.get(whole(
-                    l("self_attn.o_proj.weight"),
-                    vec![h, heads * m.v_head_dim],
-                ))?,
+                kv_a: f.get(
+                    whole(
+                        l("self_attn.kv_a_proj_with_mqa.weight"),
+                        vec![m.kv_lora_rank + m.qk_rope_head_dim, h],
+                    ),
+                    Use::Matrix,
+                )?,
+                kv_a_norm: f.get(
+                    whole(l("self_attn.kv_a_layernorm.weight"), vec![m.kv_lora_rank]),
+                    Use::Vector,
+                )?,
+                kv_b: f.get(
+                    whole(
+                        l("self_attn.kv_b_proj.weight"),
+                        vec![heads * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank],
+                    ),
+                    Use::Vector,
+                )?,
+                o: f.get(
+                    whole(l("self_attn.o_proj.weight"), vec![h, heads * m.v_head_dim]),
+                    Use::Matrix,
+                )?,
             });
         }
         let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
         let (q_norm, k_norm) = match a.qk_norm {
             QkNorm::None => (None, None),
             QkNorm::PerHead => (
-                Some(f.get(whole(l("self_attn.q_norm.weight"), vec![cfg.head_dim]))?),
-                Some(f.get(whole(l("self_attn.k_norm.weight"), vec![cfg.head_dim]))?),
+                Some(f.get(
+                    whole(l("self_attn.q_norm.weight"), vec![cfg.head_dim]),
+                    Use::Vector,
+                )?),
+                Some(f.get(
+                    whole(l("self_attn.k_norm.weight"), vec![cfg.head_dim]),
+                    Use::Vector,
+                )?),
             ),
             QkNorm::Whole => (
-                Some(f.get(whole(l("self_attn.q_norm.weight"), vec![qd]))?),
-                Some(f.get(whole(l("self_attn.k_norm.weight"), vec![kvd]))?),
+                Some(f.get(whole(l("self_attn.q_norm.weight"), vec![qd]), Use::Vector)?),
+                Some(f.get(whole(l("self_attn.k_norm.weight"), vec![kvd]), Use::Vector)?),
             ),
         };
         Ok(Attn::Gqa {
@@ -275,7 +337,10 @@ impl<'a> Layout<'a> {
             q_norm,
             k_norm,
             sinks: if a.sinks {
-                Some(f.get(whole(l("self_attn.sinks"), vec![cfg.num_attention_heads]))?)
+                Some(f.get(
+                    whole(l("self_attn.sinks"), vec![cfg.num_attention_heads]),
+                    Use::Vector,
+                )?)
             } else {
                 None
             },
@@ -301,7 +366,10 @@ impl<'a> Layout<'a> {
         };
         let router = self.linear(f, router_name, ne, h, arch.router.bias)?;
         let correction_bias = if arch.router.correction_bias {
-            Some(f.get(whole(l("mlp.gate.e_score_correction_bias"), vec![ne]))?)
+            Some(f.get(
+                whole(l("mlp.gate.e_score_correction_bias"), vec![ne]),
+                Use::Vector,
+            )?)
         } else {
             None
         };
@@ -315,7 +383,10 @@ impl<'a> Layout<'a> {
             None
         };
         let shared_gate = if arch.shared_gate {
-            Some(f.get(whole(l("mlp.shared_expert_gate.weight"), vec![1, h]))?)
+            Some(f.get(
+                whole(l("mlp.shared_expert_gate.weight"), vec![1, h]),
+                Use::Vector,
+            )?)
         } else {
             None
         };
@@ -342,39 +413,65 @@ impl<'a> Layout<'a> {
             ExpertLayout::PerExpert => {
                 let (g, u, d) = self.expert_names(i, e);
                 Expert {
-                    w1: f.get(whole(g, vec![inter, h]))?,
-                    w3: f.get(whole(u, vec![inter, h]))?,
-                    w2: f.get(whole(d, vec![h, inter]))?,
+                    w1: f.get(whole(g, vec![inter, h]), Use::Expert)?,
+                    w3: f.get(whole(u, vec![inter, h]), Use::Expert)?,
+                    w2: f.get(whole(d, vec![h, inter]), Use::Expert)?,
                     b1: None,
                     b3: None,
                     b2: None,
                 }
             }
             ExpertLayout::Fused => {
-                let gu = f.get(slice(self.fused(i, "gate_up_proj"), vec![ne, 2 * inter, h]))?;
+                let gu = f.get(
+                    slice(self.fused(i, "gate_up_proj"), vec![ne, 2 * inter, h]),
+                    Use::Source,
+                )?;
+                let from = gu.dtype();
+                let (w1, w3) = (rows(&gu, 0, inter, h), rows(&gu, inter, 2 * inter, h));
+                gu.release();
                 Expert {
-                    w1: rows(&gu, 0, inter, h),
-                    w3: rows(&gu, inter, 2 * inter, h),
-                    w2: f.get(slice(self.fused(i, "down_proj"), vec![ne, h, inter]))?,
+                    w1: f.derived(w1, from, Use::Expert),
+                    w3: f.derived(w3, from, Use::Expert),
+                    w2: f.get(
+                        slice(self.fused(i, "down_proj"), vec![ne, h, inter]),
+                        Use::Expert,
+                    )?,
                     b1: None,
                     b3: None,
                     b2: None,
                 }
             }
             ExpertLayout::GptOss => {
-                let gu = f.get(slice(self.fused(i, "gate_up_proj"), vec![ne, h, 2 * inter]))?;
-                let gub = f.get(slice(
-                    self.fused(i, "gate_up_proj_bias"),
-                    vec![ne, 2 * inter],
-                ))?;
-                let down = f.get(slice(self.fused(i, "down_proj"), vec![ne, inter, h]))?;
+                let gu = f.get(
+                    slice(self.fused(i, "gate_up_proj"), vec![ne, h, 2 * inter]),
+                    Use::Source,
+                )?;
+                let gub = f.get(
+                    slice(self.fused(i, "gate_up_proj_bias"), vec![ne, 2 * inter]),
+                    Use::Vector,
+                )?;
+                let down = f.get(
+                    slice(self.fused(i, "down_proj"), vec![ne, inter, h]),
+                    Use::Source,
+                )?;
+                let from = gu.dtype();
+                let (w1, w3) = (
+                    columns(&gu, h, 2 * inter, 0, 2),
+                    columns(&gu, h, 2 * inter, 1, 2),
+                );
+                let w2 = columns(&down, inter, h, 0, 1);
+                gu.release();
+                down.release();
                 Expert {
-                    w1: columns(&gu, h, 2 * inter, 0, 2),
-                    w3: columns(&gu, h, 2 * inter, 1, 2),
-                    w2: columns(&down, inter, h, 0, 1),
+                    w1: f.derived(w1, from, Use::Expert),
+                    w3: f.derived(w3, from, Use::Expert),
+                    w2: f.derived(w2, from, Use::Expert),
                     b1: Some(every(&gub, 0, 2)),
                     b3: Some(every(&gub, 1, 2)),
-                    b2: Some(f.get(slice(self.fused(i, "down_proj_bias"), vec![ne, h]))?),
+                    b2: Some(f.get(
+                        slice(self.fused(i, "down_proj_bias"), vec![ne, h]),
+                        Use::Vector,
+                    )?),
                 }
             }
         })
@@ -385,7 +482,7 @@ impl<'a> Layout<'a> {
         let cfg = self.cfg;
         let (h, v) = (cfg.hidden_size, cfg.vocab_size);
         let embed = if spec.embeddings || (spec.head && cfg.tie_word_embeddings) {
-            Some(f.get(whole(names::EMBED.into(), vec![v, h]))?)
+            Some(f.get(whole(names::EMBED.into(), vec![v, h]), Use::Matrix)?)
         } else {
             None
         };
@@ -393,12 +490,15 @@ impl<'a> Layout<'a> {
         for i in spec.layers.clone() {
             let attention = if spec.attention {
                 Some(LayerAttention {
-                    input_norm: f.get(whole(self.layer(i, "input_layernorm.weight"), vec![h]))?,
+                    input_norm: f.get(
+                        whole(self.layer(i, "input_layernorm.weight"), vec![h]),
+                        Use::Vector,
+                    )?,
                     attn: self.attention(f, i)?,
-                    post_norm: f.get(whole(
-                        self.layer(i, "post_attention_layernorm.weight"),
-                        vec![h],
-                    ))?,
+                    post_norm: f.get(
+                        whole(self.layer(i, "post_attention_layernorm.weight"), vec![h]),
+                        Use::Vector,
+                    )?,
                     ffn: self.stage_ffn(f, i)?,
                 })
             } else {
@@ -419,11 +519,11 @@ impl<'a> Layout<'a> {
             });
         }
         let (final_norm, lm_head) = if spec.head {
-            let norm = f.get(whole(names::FINAL_NORM.into(), vec![h]))?;
+            let norm = f.get(whole(names::FINAL_NORM.into(), vec![h]), Use::Vector)?;
             let head = if cfg.tie_word_embeddings && !self.src.contains(names::LM_HEAD) {
                 embed.clone()
             } else {
-                Some(f.get(whole(names::LM_HEAD.into(), vec![v, h]))?)
+                Some(f.get(whole(names::LM_HEAD.into(), vec![v, h]), Use::Matrix)?)
             };
             (Some(norm), head)
         } else {

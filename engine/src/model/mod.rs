@@ -18,7 +18,7 @@ pub use moe::{ExpertCompute, Routing, gather, scatter_add};
 use crate::config::{Activation, ModelConfig, QkNorm};
 use crate::error::{Error, Result};
 use crate::kernels::{self, MatMul};
-use crate::weights::{ShardSpec, Weight, WeightSource};
+use crate::weights::{Precision, ShardSpec, Weight, WeightSource};
 
 /// `y = x · Wᵀ (+ b)`.
 #[derive(Debug, Clone)]
@@ -31,7 +31,7 @@ impl Linear {
     /// `y = x · Wᵀ + b` for `rows` rows of `x`.
     fn apply(&self, x: &[f32], y: &mut [f32], rows: usize) {
         let (n, k) = (self.w.shape()[0], self.w.shape()[1]);
-        kernels::matmul(x, self.w.as_slice(), y, rows, n, k);
+        kernels::matmul(x, self.w.mat(), y, rows, n, k);
         add_bias(y, self.b.as_ref());
     }
 }
@@ -175,29 +175,43 @@ fn resize(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
 }
 
 impl Model {
-    /// Loads the part of the model that `spec` owns, and nothing else.
+    /// Loads the part of the model that `spec` owns, and nothing else, in the checkpoint's
+    /// formats.
     pub fn load(
         src: &dyn WeightSource,
         spec: ShardSpec,
         progress: &mut dyn FnMut(LoadProgress),
     ) -> Result<Self> {
+        Self::load_with(src, spec, Precision::default(), progress)
+    }
+
+    /// Loads the part of the model that `spec` owns, keeping its matrices in the formats
+    /// `precision` asks for (converted tensor by tensor, so only one is ever held twice).
+    pub fn load_with(
+        src: &dyn WeightSource,
+        spec: ShardSpec,
+        precision: Precision,
+        progress: &mut dyn FnMut(LoadProgress),
+    ) -> Result<Self> {
         let cfg = src.config().clone();
         spec.check(&cfg)?;
         // The plan is the one list of owned tensors; loading follows it, then assembles.
-        let plan = Self::tensor_plan(&cfg, &spec, src);
+        let plan = Self::tensor_uses(&cfg, &spec, src);
         let mut done = LoadProgress {
             tensors_done: 0,
             tensors_total: plan.len(),
             bytes_done: 0,
-            bytes_total: plan.iter().map(|r| r.elements() as u64 * 4).sum(),
+            bytes_total: plan.iter().map(|(r, _)| r.elements() as u64 * 4).sum(),
         };
         progress(done);
         let mut loaded = std::collections::HashMap::with_capacity(plan.len());
-        for r in plan {
+        for (r, usage) in plan {
             let w = match r.index {
                 None => src.load(&r.name, &r.shape)?,
                 Some(i) => src.load_slice(&r.name, &r.shape, i)?,
             };
+            let dtype = usage.dtype(w.dtype(), &precision);
+            let w = w.convert(dtype);
             if w.is_mapped() {
                 std::hint::black_box(w.prefault());
             }
@@ -206,7 +220,13 @@ impl Model {
             progress(done);
             loaded.insert(r, w);
         }
-        let parts = layout::Layout::new(&cfg, src).parts(&spec, &mut layout::Loaded(loaded))?;
+        let parts = layout::Layout::new(&cfg, src).parts(
+            &spec,
+            &mut layout::Loaded {
+                tensors: loaded,
+                precision,
+            },
+        )?;
         Ok(Self {
             cfg,
             spec,
@@ -223,6 +243,18 @@ impl Model {
         spec: &ShardSpec,
         src: &dyn WeightSource,
     ) -> Vec<TensorRef> {
+        Self::tensor_uses(cfg, spec, src)
+            .into_iter()
+            .map(|(r, _)| r)
+            .collect()
+    }
+
+    /// Every tensor `spec` owns with how it is read, in load order.
+    fn tensor_uses(
+        cfg: &ModelConfig,
+        spec: &ShardSpec,
+        src: &dyn WeightSource,
+    ) -> Vec<(TensorRef, layout::Use)> {
         let mut planner = layout::Planner::default();
         // Planning fetches nothing, so it cannot fail.
         let _ = layout::Layout::new(cfg, src).parts(spec, &mut planner);
@@ -283,10 +315,10 @@ impl Model {
             .ok_or_else(|| Error::invalid("model part", "this part does not own the embeddings"))?;
         self.check_tokens(ids)?;
         let h = self.cfg.hidden_size;
-        let table = embed.as_slice();
         hidden.clear();
-        for &t in ids {
-            hidden.extend_from_slice(&table[t as usize * h..(t as usize + 1) * h]);
+        hidden.resize(ids.len() * h, 0.0);
+        for (&t, row) in ids.iter().zip(hidden.chunks_exact_mut(h)) {
+            embed.row_into(t as usize, row);
         }
         Ok(())
     }
@@ -371,9 +403,9 @@ impl Model {
                             resize(vo, rows * kvd),
                         );
                         kernels::matmul_many(&mut [
-                            MatMul::new(&s.normed, q.w.as_slice(), qo, rows, qd, h),
-                            MatMul::new(&s.normed, k.w.as_slice(), ko, rows, kvd, h),
-                            MatMul::new(&s.normed, v.w.as_slice(), vo, rows, kvd, h),
+                            MatMul::new(&s.normed, q.w.mat(), qo, rows, qd, h),
+                            MatMul::new(&s.normed, k.w.mat(), ko, rows, kvd, h),
+                            MatMul::new(&s.normed, v.w.mat(), vo, rows, kvd, h),
                         ]);
                     }
                     add_bias(&mut s.q, q.b.as_ref());
@@ -424,7 +456,7 @@ impl Model {
                     match q {
                         MlaQuery::Direct(w) => kernels::matmul(
                             &s.normed,
-                            w.as_slice(),
+                            w.mat(),
                             resize(&mut s.q, rows * qd),
                             rows,
                             qd,
@@ -434,7 +466,7 @@ impl Model {
                             let r = norm.as_slice().len();
                             kernels::matmul(
                                 &s.normed,
-                                a.as_slice(),
+                                a.mat(),
                                 resize(&mut s.k, rows * r),
                                 rows,
                                 r,
@@ -443,7 +475,7 @@ impl Model {
                             rms_norm_in_place(&mut s.k, norm.as_slice(), r, MLA_NORM_EPS);
                             kernels::matmul(
                                 &s.k,
-                                b.as_slice(),
+                                b.mat(),
                                 resize(&mut s.q, rows * qd),
                                 rows,
                                 qd,
@@ -454,7 +486,7 @@ impl Model {
                     let cw = m.kv_lora_rank + m.qk_rope_head_dim;
                     kernels::matmul(
                         &s.normed,
-                        kv_a.as_slice(),
+                        kv_a.mat(),
                         resize(&mut s.v, rows * cw),
                         rows,
                         cw,
@@ -478,14 +510,7 @@ impl Model {
                         &mut s.v,
                         resize(&mut s.attn, rows * od),
                     );
-                    kernels::matmul(
-                        &s.attn,
-                        o.as_slice(),
-                        resize(&mut s.proj, rows * h),
-                        rows,
-                        h,
-                        od,
-                    );
+                    kernels::matmul(&s.attn, o.mat(), resize(&mut s.proj, rows * h), rows, h, od);
                 }
             }
             for (x, d) in hidden.iter_mut().zip(&s.proj) {
@@ -585,15 +610,29 @@ impl Model {
         );
         let v = self.cfg.vocab_size;
         logits.resize(rows.len() * v, 0.0);
-        kernels::matmul(normed, head.as_slice(), logits, rows.len(), v, h);
+        kernels::matmul(normed, head.mat(), logits, rows.len(), v, h);
         Ok(())
     }
 
-    /// Bytes of weights this part holds (f32).
+    /// Bytes of weights this part holds (in their formats).
     pub fn weight_bytes(&self) -> u64 {
         let mut total = 0;
-        self.visit_weights(&mut |w| total += w.as_slice().len() as u64 * 4);
+        self.visit_weights(&mut |w| total += w.bytes());
         total
+    }
+
+    /// Parameters this part holds.
+    pub fn parameters(&self) -> u64 {
+        let mut total = 0;
+        self.visit_weights(&mut |w| total += w.len() as u64);
+        total
+    }
+
+    /// Bytes this part holds per format (f32, bf16, 8-bit).
+    pub fn bytes_by_dtype(&self) -> std::collections::BTreeMap<&'static str, u64> {
+        let mut by = std::collections::BTreeMap::new();
+        self.visit_weights(&mut |w| *by.entry(w.dtype().name()).or_default() += w.bytes());
+        by
     }
 
     /// Calls `f` on every weight this part holds.
@@ -780,11 +819,11 @@ fn mlp_forward(
     let inter = m.gate.shape()[0];
     let (g, u) = (resize(gate, rows * inter), resize(up, rows * inter));
     kernels::matmul_many(&mut [
-        MatMul::new(x, m.gate.as_slice(), g, rows, inter, h),
-        MatMul::new(x, m.up.as_slice(), u, rows, inter, h),
+        MatMul::new(x, m.gate.mat(), g, rows, inter, h),
+        MatMul::new(x, m.up.mat(), u, rows, inter, h),
     ]);
     moe::activate(Activation::Silu, g, u);
-    kernels::matmul(g, m.down.as_slice(), out, rows, h, inter);
+    kernels::matmul(g, m.down.mat(), out, rows, h, inter);
 }
 
 /// `out = x / rms(x) * weight`, row by row, as transformers' RMSNorm (f32).

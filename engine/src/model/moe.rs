@@ -421,8 +421,8 @@ fn swiglu_grouped(
             up = u_rest;
             consumed = b;
             let xe = &x[a * h..b * h];
-            jobs.push(MatMul::new(xe, ex.w1.as_slice(), g, m, inter, h));
-            jobs.push(MatMul::new(xe, ex.w3.as_slice(), u, m, inter, h));
+            jobs.push(MatMul::new(xe, ex.w1.mat(), g, m, inter, h));
+            jobs.push(MatMul::new(xe, ex.w3.mat(), u, m, inter, h));
         }
         kernels::matmul_many(&mut jobs);
     }
@@ -452,7 +452,7 @@ fn swiglu_grouped(
         consumed = b;
         jobs.push(MatMul::new(
             &s.gate[a * inter..b * inter],
-            ex.w2.as_slice(),
+            ex.w2.mat(),
             d,
             m,
             h,
