@@ -65,6 +65,7 @@ def main():
     ap.add_argument("--out")
     ap.add_argument("--model")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--prefill-tokens", type=int, default=128)
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--batch", type=int, default=8)
@@ -77,7 +78,8 @@ def main():
         return
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32, attn_implementation="eager")
+    dtype = getattr(torch, a.dtype)
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=dtype, attn_implementation="eager")
     model.eval()
     load_s = time.perf_counter() - t0
     vocab = model.config.vocab_size
@@ -116,7 +118,7 @@ def main():
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({
-        "engine": f"pytorch {torch.__version__} eager, transformers",
+        "engine": f"pytorch {torch.__version__} eager, transformers, {a.dtype}",
         "load_s": load_s,
         "prefill_tok_s": prefill,
         "decode_b1_tok_s": d1,

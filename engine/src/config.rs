@@ -1255,6 +1255,27 @@ impl ModelConfig {
             + self.moe_layers() * self.num_experts_per_tok as u64 * self.expert_params()
     }
 
+    /// The routed experts' share of [`Self::active_params_per_token`].
+    pub fn active_expert_params_per_token(&self) -> u64 {
+        self.moe_layers() * self.num_experts_per_tok as u64 * self.expert_params()
+    }
+
+    /// Bytes read to produce one token (batch 1) with matrices of `dense_bytes` per weight
+    /// and routed experts of `expert_bytes` per weight.
+    pub fn bytes_read_per_token(&self, dense_bytes: f64, expert_bytes: f64) -> f64 {
+        let experts = self.active_expert_params_per_token();
+        (self.active_params_per_token() - experts) as f64 * dense_bytes
+            + experts as f64 * expert_bytes
+    }
+
+    /// Bytes read by one decode step of `batch` sequences (see
+    /// [`Self::params_read_per_step`]) at the given bytes per weight.
+    pub fn bytes_read_per_step(&self, batch: usize, dense_bytes: f64, expert_bytes: f64) -> f64 {
+        let all = self.params_read_per_step(batch);
+        let experts = all - self.params_read_per_step(0);
+        (all - experts) * dense_bytes + experts * expert_bytes
+    }
+
     /// Parameters read by one decode step of `batch` sequences: shared weights plus the
     /// experts the batch touches, expected under uniform routing (each of `batch` tokens picks
     /// `top_k` of `E`, so an expert is untouched with probability ((E - k) / E)^batch).

@@ -183,10 +183,10 @@ pub fn quantize_q8(w: impl Fn(usize) -> f32, n: usize, k: usize) -> (Vec<i8>, Ve
     (q, d)
 }
 
-/// At or above this many input rows a product is compute-bound. Where the CPU has AVX-512
-/// the blocked kernel here handles it; otherwise f32 weights go to the `gemm` crate's packed
-/// kernels (its AVX-512 ones need a nightly compiler) and other formats to the blocked kernel.
-/// `MOE_GEMM_MIN_ROWS` overrides.
+/// At or above this many input rows an f32 product goes to the `gemm` crate's packed
+/// kernels, on CPUs where this module has no SIMD path (its own blocked kernels beat gemm's
+/// by 30% at prefill on AVX2 and more on AVX-512, and gemm's AVX-512 needs a nightly
+/// compiler). `MOE_GEMM_MIN_ROWS` overrides.
 fn gemm_min_rows() -> usize {
     static MIN: OnceLock<usize> = OnceLock::new();
     *MIN.get_or_init(|| {
@@ -196,7 +196,11 @@ fn gemm_min_rows() -> usize {
         {
             return n;
         }
-        if isa() == Isa::Avx512 { usize::MAX } else { 16 }
+        if isa() == Isa::Portable {
+            16
+        } else {
+            usize::MAX
+        }
     })
 }
 
@@ -370,16 +374,17 @@ fn stream_max_rows() -> usize {
     })
 }
 
-/// Weights ahead of use that streamed rows are prefetched (`MOE_PREFETCH` tunes; counted in
-/// f32 weights, so narrower formats prefetch the same distance in bytes per weight row).
-fn prefetch_ahead() -> usize {
-    static T: OnceLock<usize> = OnceLock::new();
-    *T.get_or_init(|| {
+/// Bytes ahead of use that a streamed weight row is prefetched: `default` (the format's
+/// best measured distance) unless `MOE_PREFETCH` (in f32 weights, for tuning) says otherwise.
+fn prefetch_bytes(default: usize) -> usize {
+    static T: OnceLock<Option<usize>> = OnceLock::new();
+    T.get_or_init(|| {
         std::env::var("MOE_PREFETCH")
             .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(2048)
+            .and_then(|v| v.parse::<usize>().ok())
+            .map(|n| n * 4)
     })
+    .unwrap_or(default)
 }
 
 fn rows_kernel(j: Raw, r0: usize, r1: usize) {
@@ -474,6 +479,52 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     dot_portable(a, b)
 }
 
+/// Multiply-adds per second this thread sustains with the kernels' instruction set, counted
+/// as 2 FLOPs each: many independent register FMAs for `seconds` (the compute peak that a
+/// prefill's share is measured against).
+pub fn fma_peak_flops(seconds: f64) -> f64 {
+    let start = std::time::Instant::now();
+    let mut flops = 0f64;
+    let mut sink = 0f32;
+    while start.elapsed().as_secs_f64() < seconds {
+        let n = 1 << 20;
+        #[cfg(target_arch = "x86_64")]
+        {
+            // SAFETY: each path runs only where `isa()` found its features.
+            let (s, per) = unsafe {
+                match isa() {
+                    Isa::Avx512 => (x86::fma_loop_512(n), 16),
+                    Isa::Avx2 => (x86::fma_loop_256(n), 8),
+                    Isa::Portable => (fma_loop_portable(n), 1),
+                }
+            };
+            sink += s;
+            flops += (n * x86::FMA_CHAINS * per * 2) as f64;
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            sink += fma_loop_portable(n);
+            flops += (n * 12 * 2) as f64;
+        }
+    }
+    std::hint::black_box(sink);
+    flops / start.elapsed().as_secs_f64()
+}
+
+fn fma_loop_portable(n: usize) -> f32 {
+    let mut acc = [1f32; 12];
+    let (a, b) = (
+        std::hint::black_box(0.999f32),
+        std::hint::black_box(0.001f32),
+    );
+    for _ in 0..n {
+        for v in acc.iter_mut() {
+            *v = v.mul_add(a, b);
+        }
+    }
+    acc.iter().sum()
+}
+
 /// `y += alpha * x`.
 pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
     for (yi, xi) in y.iter_mut().zip(x) {
@@ -491,6 +542,9 @@ mod x86 {
     pub(super) trait WFmt: Copy {
         /// Bytes per weight (prefetch distances).
         const BYTES: usize;
+        /// How far ahead streamed rows are prefetched, in bytes (measured on `mini`: f32 and
+        /// 8-bit rows gain up to 8 KiB, bf16 rows peak at 2-4 KiB).
+        const PREFETCH_BYTES: usize;
         /// 16 weights from `at` (a multiple of 16 for 8-bit blocks), widened.
         unsafe fn v16(self, at: usize) -> __m512;
         /// 8 weights from `at` (a multiple of 8 for 8-bit blocks), widened.
@@ -508,6 +562,7 @@ mod x86 {
 
     impl WFmt for F32W {
         const BYTES: usize = 4;
+        const PREFETCH_BYTES: usize = 8192;
         #[inline]
         #[target_feature(enable = "avx512f")]
         unsafe fn v16(self, at: usize) -> __m512 {
@@ -533,6 +588,7 @@ mod x86 {
 
     impl WFmt for Bf16W {
         const BYTES: usize = 2;
+        const PREFETCH_BYTES: usize = 4096;
         #[inline]
         #[target_feature(enable = "avx512f")]
         unsafe fn v16(self, at: usize) -> __m512 {
@@ -564,6 +620,7 @@ mod x86 {
 
     impl WFmt for Q8W {
         const BYTES: usize = 1;
+        const PREFETCH_BYTES: usize = 8192;
         #[inline]
         #[target_feature(enable = "avx512f")]
         unsafe fn v16(self, at: usize) -> __m512 {
@@ -894,7 +951,9 @@ mod x86 {
     /// `y[i, q] (+)= x[i] · w[q]` over `klen` for MX input rows and up to 4 weight rows.
     #[target_feature(enable = "avx512f")]
     unsafe fn tile512<const MX: usize, const PREFETCH: bool, W: WFmt>(t: Tile<W>) {
-        let ahead = super::prefetch_ahead() * W::BYTES / 4;
+        // The same distance in bytes for every format; one prefetch per cache line.
+        let ahead = super::prefetch_bytes(W::PREFETCH_BYTES) / W::BYTES;
+        let line = 64 / W::BYTES;
         let wp = t.rows4();
         let (x, ldx, w, klen) = (t.x, t.ldx, t.w, t.klen);
         // SAFETY (whole body): rows `0..MX` of x and the four weight rows hold klen values
@@ -904,7 +963,7 @@ mod x86 {
             let kv = klen / 16 * 16;
             let mut c = 0;
             while c < kv {
-                if PREFETCH {
+                if PREFETCH && c % line == 0 {
                     // Weight rows stream from memory once: fetch ahead of use so the loads
                     // below hit L1 (hardware prefetch alone falls behind with many streams).
                     for p in wp {
@@ -941,7 +1000,8 @@ mod x86 {
     /// The AVX2 tile: as `tile512`, 8 lanes and up to 3 input rows.
     #[target_feature(enable = "avx2,fma")]
     unsafe fn tile256<const MX: usize, const PREFETCH: bool, W: WFmt>(t: Tile<W>) {
-        let ahead = super::prefetch_ahead() * W::BYTES / 4;
+        let ahead = super::prefetch_bytes(W::PREFETCH_BYTES) / W::BYTES;
+        let line = 64 / W::BYTES;
         let wp = t.rows4();
         let (x, ldx, w, klen) = (t.x, t.ldx, t.w, t.klen);
         // SAFETY (whole body): as in `tile512`.
@@ -950,7 +1010,7 @@ mod x86 {
             let kv = klen / 8 * 8;
             let mut c = 0;
             while c < kv {
-                if PREFETCH && c % 16 == 0 {
+                if PREFETCH && c % line == 0 {
                     for p in wp {
                         _mm_prefetch::<_MM_HINT_T0>(w.addr(p + c + ahead));
                     }
@@ -978,6 +1038,41 @@ mod x86 {
                 t.put(i, s);
             }
         }
+    }
+
+    /// Independent FMA chains of the peak loops (enough to cover the FMA latency on two ports).
+    pub(super) const FMA_CHAINS: usize = 12;
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn fma_loop_512(n: usize) -> f32 {
+        let (a, b) = (_mm512_set1_ps(0.999), _mm512_set1_ps(0.001));
+        let mut acc = [_mm512_set1_ps(1.0); FMA_CHAINS];
+        for _ in 0..n {
+            for v in acc.iter_mut() {
+                *v = _mm512_fmadd_ps(*v, a, b);
+            }
+        }
+        let mut s = _mm512_setzero_ps();
+        for v in acc {
+            s = _mm512_add_ps(s, v);
+        }
+        _mm512_reduce_add_ps(s)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn fma_loop_256(n: usize) -> f32 {
+        let (a, b) = (_mm256_set1_ps(0.999), _mm256_set1_ps(0.001));
+        let mut acc = [_mm256_set1_ps(1.0); FMA_CHAINS];
+        for _ in 0..n {
+            for v in acc.iter_mut() {
+                *v = _mm256_fmadd_ps(*v, a, b);
+            }
+        }
+        let mut s = _mm256_setzero_ps();
+        for v in acc {
+            s = _mm256_add_ps(s, v);
+        }
+        hsum256(s)
     }
 
     #[target_feature(enable = "avx2,fma")]

@@ -267,6 +267,24 @@ pub fn export(
     shard_bytes: u64,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<()> {
+    export_as(preset, seed, dir, shard_bytes, false, progress)
+}
+
+/// As [`export`], in bf16 (each weight rounded to nearest even) when `bf16` is set: the
+/// format real checkpoints are published in.
+pub fn export_as(
+    preset: &Preset,
+    seed: u64,
+    dir: &Path,
+    shard_bytes: u64,
+    bf16: bool,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<()> {
+    let (elem, dtype) = if bf16 {
+        (2u64, safetensors::Dtype::BF16)
+    } else {
+        (4u64, safetensors::Dtype::F32)
+    };
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let cfg = &preset.config;
     let synth = preset.synthetic(seed);
@@ -276,7 +294,7 @@ pub fn export(
     let mut shards: Vec<Vec<(String, Vec<usize>)>> = vec![Vec::new()];
     let mut current = 0u64;
     for t in tensors {
-        let bytes = t.1.iter().product::<usize>() as u64 * 4;
+        let bytes = t.1.iter().product::<usize>() as u64 * elem;
         if current > 0 && current + bytes > shard_bytes {
             shards.push(Vec::new());
             current = 0;
@@ -300,11 +318,15 @@ pub fn export(
         let data: Vec<(String, Vec<usize>, Vec<u8>)> = shard
             .iter()
             .map(|(name, shape)| {
-                let bytes = synth
-                    .tensor(name, shape)
-                    .iter()
-                    .flat_map(|v| v.to_le_bytes())
-                    .collect::<Vec<u8>>();
+                let values = synth.tensor(name, shape);
+                let bytes: Vec<u8> = if bf16 {
+                    values
+                        .iter()
+                        .flat_map(|&v| crate::kernels::to_bf16(v).to_le_bytes())
+                        .collect()
+                } else {
+                    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+                };
                 done += 1;
                 progress(done, total);
                 (name.clone(), shape.clone(), bytes)
@@ -313,7 +335,7 @@ pub fn export(
         let views = data
             .iter()
             .map(|(name, shape, bytes)| {
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
+                safetensors::tensor::TensorView::new(dtype, shape.clone(), bytes)
                     .map(|v| (name.clone(), v))
                     .map_err(|e| Error::tensor(name, e.to_string()))
             })
@@ -323,7 +345,7 @@ pub fn export(
         safetensors::serialize_to_file(views, Some(meta), &path)
             .map_err(|e| Error::checkpoint(&path, format!("writing safetensors: {e}")))?;
         for (name, shape, _) in &data {
-            total_size += shape.iter().product::<usize>() as u64 * 4;
+            total_size += shape.iter().product::<usize>() as u64 * elem;
             weight_map.insert(name.clone(), serde_json::Value::from(file_name.clone()));
         }
     }
@@ -332,6 +354,13 @@ pub fn export(
         write_json(&dir.join("model.safetensors.index.json"), &index)?;
     }
     let mut config = cfg.to_hf_json();
+    if let Some(obj) = config.as_object_mut() {
+        obj.remove("torch_dtype");
+        obj.insert(
+            "dtype".into(),
+            if bf16 { "bfloat16" } else { "float32" }.into(),
+        );
+    }
     if preset.tokenizer == TokenizerKind::Cl100kBase
         && let Some(obj) = config.as_object_mut()
     {

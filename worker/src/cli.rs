@@ -254,7 +254,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         }
         other => other,
     })?;
-    let model = load_full(src.as_ref())?;
+    let model = load_full(src.as_ref(), args.model.precision.precision())?;
     let mut engine = Engine::new(model, EngineOptions::default())?;
     let started = std::time::Instant::now();
     let (ids, finish) = engine.generate(prompt_ids.clone(), params)?;

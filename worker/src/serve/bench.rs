@@ -496,7 +496,7 @@ pub fn local(args: LocalBenchArgs) -> Result<()> {
     };
 
     // Single process.
-    let model = crate::load::load_full(src.as_ref())?;
+    let model = crate::load::load_full(src.as_ref(), Default::default())?;
     let mut engine = Engine::new(model, EngineOptions::default())?;
     engine.generate(prompts[0].clone(), params.clone())?;
     let t = Instant::now();

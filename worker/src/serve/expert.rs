@@ -282,9 +282,11 @@ pub async fn run(args: ExpertArgs) -> Result<()> {
     let experts: BTreeSet<usize> = args.experts.iter().copied().collect();
     let spec = ShardSpec::experts(args.part.layers.clone(), experts);
     let name = args.part.model.model.to_string();
-    let model = tokio::task::spawn_blocking(move || load_with_progress(src.as_ref(), spec))
-        .await
-        .map_err(|e| Error::peer("expert", format!("load task: {e}")))??;
+    let precision = args.part.model.precision.precision();
+    let model =
+        tokio::task::spawn_blocking(move || load_with_progress(src.as_ref(), spec, precision))
+            .await
+            .map_err(|e| Error::peer("expert", format!("load task: {e}")))??;
     let model = Arc::new(model);
     let info = shard_info(&model, Role::Expert, args.part.index, &name);
     let limit = args.part.server.max_message_bytes;

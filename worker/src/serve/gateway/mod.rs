@@ -522,9 +522,11 @@ pub async fn run(args: GatewayArgs) -> Result<()> {
         "chat template"
     );
     let spec = ShardSpec::head(&cfg);
-    let head = tokio::task::spawn_blocking(move || load_with_progress(src.as_ref(), spec))
-        .await
-        .map_err(|e| Error::peer("gateway", format!("load task: {e}")))??;
+    let precision = args.model.precision.precision();
+    let head =
+        tokio::task::spawn_blocking(move || load_with_progress(src.as_ref(), spec, precision))
+            .await
+            .map_err(|e| Error::peer("gateway", format!("load task: {e}")))??;
     let lanes = args.micro_batches.unwrap_or(addrs.len().max(2)).max(1);
     let owner = pipeline::instance_name();
     tracing::info!(%owner, index = args.index, "gateway instance");

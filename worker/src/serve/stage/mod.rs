@@ -475,9 +475,11 @@ pub async fn run(args: StageArgs) -> Result<()> {
         ));
     }
     let name = args.part.model.model.to_string();
-    let model = tokio::task::spawn_blocking(move || load_with_progress(src.as_ref(), spec))
-        .await
-        .map_err(|e| Error::peer("stage", format!("load task: {e}")))??;
+    let precision = args.part.model.precision.precision();
+    let model =
+        tokio::task::spawn_blocking(move || load_with_progress(src.as_ref(), spec, precision))
+            .await
+            .map_err(|e| Error::peer("stage", format!("load task: {e}")))??;
     let limit = args.part.server.max_message_bytes;
     let experts = if expert_addrs.is_empty() {
         None
