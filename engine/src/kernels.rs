@@ -1045,8 +1045,9 @@ mod x86 {
 
     #[target_feature(enable = "avx512f")]
     pub(super) fn fma_loop_512(n: usize) -> f32 {
-        let (a, b) = (_mm512_set1_ps(0.999), _mm512_set1_ps(0.001));
-        let mut acc = [_mm512_set1_ps(1.0); FMA_CHAINS];
+        // Opaque operands, or the compiler folds the chains away.
+        let (a, b) = std::hint::black_box((_mm512_set1_ps(0.999), _mm512_set1_ps(0.001)));
+        let mut acc = std::hint::black_box([_mm512_set1_ps(0.5); FMA_CHAINS]);
         for _ in 0..n {
             for v in acc.iter_mut() {
                 *v = _mm512_fmadd_ps(*v, a, b);
@@ -1061,8 +1062,8 @@ mod x86 {
 
     #[target_feature(enable = "avx2,fma")]
     pub(super) fn fma_loop_256(n: usize) -> f32 {
-        let (a, b) = (_mm256_set1_ps(0.999), _mm256_set1_ps(0.001));
-        let mut acc = [_mm256_set1_ps(1.0); FMA_CHAINS];
+        let (a, b) = std::hint::black_box((_mm256_set1_ps(0.999), _mm256_set1_ps(0.001)));
+        let mut acc = std::hint::black_box([_mm256_set1_ps(0.5); FMA_CHAINS]);
         for _ in 0..n {
             for v in acc.iter_mut() {
                 *v = _mm256_fmadd_ps(*v, a, b);
