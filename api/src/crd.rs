@@ -104,6 +104,11 @@ pub struct ModelSpec {
     pub source: ModelSource,
     #[serde(default)]
     pub dtype: DType,
+    /// The format routed experts are kept in on the workers: as stored when unset, or `q8`
+    /// (8-bit blocks of 32 weights with one f32 scale, quantised at load: 1.125 bytes per
+    /// weight, counted by the planner), `bf16` or `f32`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expert_dtype: Option<ExpertDType>,
     /// `cl100k_base`, or a `tokenizer.json` path inside the source; defaults to the
     /// checkpoint's own `tokenizer.json`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -269,6 +274,44 @@ impl DType {
     }
 }
 
+/// The format routed experts are kept in.
+#[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ExpertDType {
+    F32,
+    Bf16,
+    Q8,
+}
+
+impl ExpertDType {
+    /// The worker's `--expert-dtype` value.
+    pub fn as_arg(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+            Self::Q8 => "q8",
+        }
+    }
+
+    /// Thousandths of a byte per weight.
+    pub fn millibytes(self) -> u64 {
+        match self {
+            Self::F32 => 4000,
+            Self::Bf16 => 2000,
+            Self::Q8 => 1125,
+        }
+    }
+}
+
+/// The element type of activations between workers.
+#[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum WireDType {
+    #[default]
+    F32,
+    Bf16,
+}
+
 #[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Parallelism {
@@ -424,6 +467,14 @@ pub struct Serving {
     /// operator issues from the deployment's own CA.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub plaintext: bool,
+    /// Element type of the activations workers send each other: `f32` (exact), or `bf16`
+    /// (half the bytes per hop; every value rounded to nearest, as bf16 engines compute).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub wire_dtype: WireDType,
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
 impl Default for Serving {
@@ -433,6 +484,7 @@ impl Default for Serving {
             max_concurrent_sequences: default_max_concurrent_sequences(),
             api_key_secret: None,
             plaintext: false,
+            wire_dtype: WireDType::F32,
         }
     }
 }

@@ -114,6 +114,7 @@ pub fn sizing_request(spec: &MoEDeploymentSpec) -> Result<SizingRequest> {
     Ok(SizingRequest {
         model,
         dtype_bytes: spec.model.dtype.bytes(),
+        expert_millibytes: spec.model.expert_dtype.map_or(0, |d| d.millibytes()),
         stages: count(spec.parallelism.pipeline),
         expert_shards: spec.parallelism.expert.map(count),
         tensor: count(spec.parallelism.tensor),

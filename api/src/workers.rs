@@ -139,7 +139,7 @@ pub struct Workload {
 pub fn workloads(md: &MoEDeployment, plan: &SizedPlan) -> Result<Vec<Workload>> {
     let name = checked_name(md)?;
     let gateways = md.spec.replicas.max(1);
-    Ok(layout_workloads(
+    let mut out = layout_workloads(
         &name,
         &plan.layout(),
         md.spec.experts.min_replicas.max(1),
@@ -147,7 +147,34 @@ pub fn workloads(md: &MoEDeployment, plan: &SizedPlan) -> Result<Vec<Workload>> 
         md.spec.serving.max_concurrent_sequences,
         gateway_max_sequences(md),
         Some(&name),
-    ))
+    );
+    add_precision_args(
+        &mut out,
+        md.spec.model.expert_dtype.map(|d| d.as_arg()),
+        md.spec.serving.wire_dtype,
+    );
+    Ok(out)
+}
+
+/// Tells the stages and expert shards the experts' format and the wire's element type
+/// (nothing when both are the defaults, so older workers keep working).
+pub fn add_precision_args(
+    workloads: &mut [Workload],
+    expert_dtype: Option<&str>,
+    wire: crate::crd::WireDType,
+) {
+    for w in workloads
+        .iter_mut()
+        .filter(|w| w.role != WorkerRole::Gateway)
+    {
+        if let Some(d) = expert_dtype {
+            w.args.extend(["--expert-dtype".to_string(), d.to_string()]);
+        }
+        if wire == crate::crd::WireDType::Bf16 {
+            w.args
+                .extend(["--wire-dtype".to_string(), "bf16".to_string()]);
+        }
+    }
 }
 
 /// The workloads of a layout: `expert_replicas` processes per expert shard, one per stage
@@ -202,6 +229,45 @@ mod tests {
         metadata: {name: tiny}\nspec:\n  model: {source: {synthetic: {preset: tiny}}}\n  \
         parallelism: {pipeline: 2, expert: 3}\n  replicas: 3\n  \
         experts: {minReplicas: 2, maxReplicas: 4}\n  serving: {maxConcurrentSequences: 10}\n";
+
+    #[test]
+    fn expert_and_wire_formats_reach_the_stages_and_shards_and_the_plan_counts_them() {
+        let plain = md(TINY);
+        let q8 = md(&TINY
+            .replace(
+                "model: {source: {synthetic: {preset: tiny}}}",
+                "model: {source: {synthetic: {preset: tiny}}, dtype: f32, expertDtype: q8}",
+            )
+            .replace("serving: {", "serving: {wireDtype: bf16, "));
+        let (p0, p1) = (
+            crate::planning::plan(&plain.spec).expect("plan"),
+            crate::planning::plan(&q8.spec).expect("plan"),
+        );
+        // The default (bf16) keeps 2 bytes per expert weight; 8-bit blocks 1.125.
+        let (a, b) = (p0.expert_shards[0].pod, p1.expert_shards[0].pod);
+        assert_eq!(a.parameters, b.parameters);
+        assert_eq!(b.weight_bytes, (a.parameters * 1125).div_ceil(1000));
+        assert_eq!(a.weight_bytes, a.parameters * 2);
+        // Stages keep their dense weights at spec.model.dtype (f32 here).
+        assert_eq!(p1.stages[0].pod.weight_bytes, p1.stages[0].pod.parameters * 4);
+        for w in workloads(&q8, &p1).expect("workloads") {
+            let has = |flag: &str, v: &str| w.args.windows(2).any(|p| p[0] == flag && p[1] == v);
+            let worker = w.role != WorkerRole::Gateway;
+            assert_eq!(has("--expert-dtype", "q8"), worker, "{w:?}");
+            assert_eq!(has("--wire-dtype", "bf16"), worker, "{w:?}");
+        }
+        for w in workloads(&plain, &p0).expect("workloads") {
+            assert!(
+                !w.args.iter().any(|a| a == "--expert-dtype" || a == "--wire-dtype"),
+                "{w:?}"
+            );
+        }
+        assert!(crate::parse_manifest(&TINY.replace(
+            "model: {source: {synthetic: {preset: tiny}}}",
+            "model: {source: {synthetic: {preset: tiny}}, expertDtype: q4}"
+        ))
+        .is_err());
+    }
 
     #[test]
     fn workloads_follow_the_plan_and_the_replica_counts() {

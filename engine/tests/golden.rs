@@ -325,3 +325,67 @@ fn parameter_counts_equal_the_stored_tensors() {
         assert_eq!(whole.weight_bytes(), by.values().sum::<u64>());
     }
 }
+
+fn load_as(dir: &Path, precision: moe_engine::weights::Precision) -> Model {
+    let ckpt = Checkpoint::open(dir).expect("open checkpoint");
+    Model::load_with(
+        &ckpt,
+        ShardSpec::full(ckpt.config()),
+        precision,
+        &mut |_| {},
+    )
+    .expect("load")
+}
+
+fn golden_prompts(dir: &Path) -> Vec<Vec<u32>> {
+    let v: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("expected.json")).expect("expected.json"),
+    )
+    .expect("json");
+    v["cases"]
+        .as_array()
+        .expect("cases")
+        .iter()
+        .map(|c| ids(&c["prompt_ids"]))
+        .collect()
+}
+
+/// bf16 weights and 8-bit experts against the checkpoint as stored: close (measured by the
+/// quality report), but not identical (the conversion really happened).
+#[test]
+fn cheaper_formats_stay_close_to_the_stored_weights() {
+    use moe_engine::weights::{Dtype, DtypeChoice, Precision};
+    for dir in golden_dirs() {
+        let reference = load(&dir);
+        let prompts = golden_prompts(&dir);
+        let stored_bf16 = stored_bf16_matrices(&dir);
+        let mut cases = vec![(
+            "q8 experts",
+            Precision {
+                experts: DtypeChoice::Is(Dtype::Q8),
+                ..Precision::default()
+            },
+        )];
+        if !stored_bf16 {
+            cases.push((
+                "bf16 weights",
+                Precision {
+                    weights: DtypeChoice::Is(Dtype::Bf16),
+                    ..Precision::default()
+                },
+            ));
+        }
+        for (what, precision) in cases {
+            let test = load_as(&dir, precision);
+            let q = moe_engine::quality::compare(&reference, &test, &prompts, 8).expect("compare");
+            eprintln!("{} {what}: {q:?}", dir.display());
+            assert!(q.positions > 0);
+            assert!(q.mean_kl > 0.0, "{}: {what} changed nothing", dir.display());
+            assert!(
+                q.mean_kl < 1e-2 && q.top1_agreement >= 0.9,
+                "{}: {what}: {q:?}",
+                dir.display()
+            );
+        }
+    }
+}

@@ -449,6 +449,7 @@ mod tests {
         moe_plan::size(&SizingRequest {
             model,
             dtype_bytes: 4,
+            expert_millibytes: 0,
             stages: 2,
             expert_shards: Some(2),
             tensor: 1,

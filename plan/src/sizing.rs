@@ -304,6 +304,10 @@ pub struct SizingRequest {
     pub model: ModelDims,
     /// Bytes per weight and per KV-cache element.
     pub dtype_bytes: u64,
+    /// Thousandths of a byte per routed-expert weight when experts are kept in another
+    /// format than `dtype_bytes` (8-bit blocks of 32 with an f32 scale: 1125); 0: the same.
+    #[serde(default)]
+    pub expert_millibytes: u64,
     pub stages: usize,
     /// `None`: the smallest count whose largest shard fits a pod. `Some(0)`: stages compute
     /// their own experts.
@@ -320,6 +324,15 @@ pub struct SizingRequest {
 }
 
 impl SizingRequest {
+    /// Bytes of `params` routed-expert weights.
+    pub fn expert_bytes(&self, params: u64) -> u64 {
+        if self.expert_millibytes == 0 {
+            mul(&[params, self.dtype_bytes])
+        } else {
+            mul(&[params, self.expert_millibytes]).div_ceil(1000)
+        }
+    }
+
     /// What one pod can fill: `gpus_per_pod` GPUs at the usable fraction of their memory.
     pub fn pod_capacity_bytes(&self) -> u64 {
         mul(&[self.gpus_per_pod as u64, self.usable_per_gpu()])
@@ -438,16 +451,15 @@ pub fn size(req: &SizingRequest) -> Result<SizedPlan, PlanError> {
     for s in &layout.stages {
         let layers = (s.layer_end - s.layer_start) as u64;
         let mut params = m.stage_params(s.layer_start..s.layer_end);
-        if experts_in_stages {
-            params = add(&[
-                params,
-                mul(&[
-                    m.moe_layers_in(s.layer_start..s.layer_end) as u64,
-                    m.num_experts as u64,
-                    m.expert_params(),
-                ]),
-            ]);
-        }
+        let expert_params = if experts_in_stages {
+            mul(&[
+                m.moe_layers_in(s.layer_start..s.layer_end) as u64,
+                m.num_experts as u64,
+                m.expert_params(),
+            ])
+        } else {
+            0
+        };
         // As the worker loads them: the first stage embeds, the last holds the head too.
         if s.layer_start == 0 {
             params = add(&[params, m.embedding_params()]);
@@ -461,7 +473,7 @@ pub fn size(req: &SizingRequest) -> Result<SizedPlan, PlanError> {
             req.context_tokens as u64,
             req.concurrent_sequences as u64,
         ]);
-        let pod = pod(req, params, kv).map_err(|need| {
+        let pod = pod(req, params, expert_params, kv).map_err(|need| {
             invalid(
                 "parallelism.pipeline",
                 format!(
@@ -488,7 +500,7 @@ pub fn size(req: &SizingRequest) -> Result<SizedPlan, PlanError> {
     let mut expert_shards = Vec::with_capacity(layout.expert_shards.len());
     for s in &layout.expert_shards {
         let params = shard_params(m, s);
-        let pod = pod(req, params, 0).map_err(|need| {
+        let pod = pod(req, 0, params, 0).map_err(|need| {
             invalid(
                 "parallelism.expert",
                 format!(
@@ -507,7 +519,7 @@ pub fn size(req: &SizingRequest) -> Result<SizedPlan, PlanError> {
         });
     }
 
-    let gateway = pod(req, m.head_params(), 0).map_err(|need| {
+    let gateway = pod(req, m.head_params(), 0, 0).map_err(|need| {
         invalid(
             "placement.gpusPerPod",
             format!(
@@ -550,10 +562,14 @@ fn shard_params(m: &ModelDims, s: &ExpertShardPlan) -> u64 {
     ])
 }
 
-/// The pod for `params` weights and `kv` cache bytes, or the bytes it would need when no pod
-/// is large enough.
-fn pod(req: &SizingRequest, params: u64, kv: u64) -> Result<PodSizing, u64> {
-    let weight_bytes = mul(&[params, req.dtype_bytes]);
+/// The pod for `params` weights (`expert_params` of them routed experts) and `kv` cache
+/// bytes, or the bytes it would need when no pod is large enough.
+fn pod(req: &SizingRequest, params: u64, expert_params: u64, kv: u64) -> Result<PodSizing, u64> {
+    let weight_bytes = add(&[
+        mul(&[params, req.dtype_bytes]),
+        req.expert_bytes(expert_params),
+    ]);
+    let params = add(&[params, expert_params]);
     let memory_bytes = add(&[weight_bytes, kv]);
     if memory_bytes > req.pod_capacity_bytes() {
         return Err(memory_bytes);
@@ -579,7 +595,7 @@ fn pod(req: &SizingRequest, params: u64, kv: u64) -> Result<PodSizing, u64> {
 /// cells_per_pod)` always does, so at most `experts + 1` counts are tried.
 fn automatic_expert_shards(req: &SizingRequest) -> Result<usize, PlanError> {
     let m = &req.model;
-    let cell = mul(&[m.expert_params(), req.dtype_bytes]).max(1);
+    let cell = req.expert_bytes(m.expert_params()).max(1);
     let capacity_bytes = req.pod_capacity_bytes();
     if cell > capacity_bytes {
         return Err(invalid(
@@ -672,6 +688,7 @@ mod tests {
         SizingRequest {
             model,
             dtype_bytes: 2,
+            expert_millibytes: 0,
             stages: 8,
             expert_shards: None,
             tensor: 1,
@@ -739,7 +756,7 @@ mod tests {
             plan(m.shape(), req.stages, n).is_ok_and(|p| {
                 p.expert_shards
                     .iter()
-                    .all(|s| shard_params(m, s) * req.dtype_bytes <= req.pod_capacity_bytes())
+                    .all(|s| req.expert_bytes(shard_params(m, s)) <= req.pod_capacity_bytes())
             })
         })
     }
@@ -768,6 +785,7 @@ mod tests {
                     let req = SizingRequest {
                         model,
                         dtype_bytes: 4,
+                        expert_millibytes: 0,
                         stages: 1,
                         expert_shards: None,
                         tensor: 1,
@@ -835,6 +853,7 @@ mod tests {
                     let req = SizingRequest {
                         model,
                         dtype_bytes: 4,
+                        expert_millibytes: 0,
                         stages: 1024.min(model.num_layers),
                         expert_shards,
                         tensor: 1,
@@ -860,6 +879,7 @@ mod tests {
                 ..huge
             },
             dtype_bytes: 4,
+            expert_millibytes: 0,
             stages: 1024,
             expert_shards: None,
             tensor: 1,

@@ -10,4 +10,6 @@ pub mod compute;
 pub mod tensor;
 pub mod wire;
 
-pub use tensor::{TensorError, decode_f32, encode_f32, encode_f32_owned};
+pub use tensor::{
+    TensorError, WireDtype, decode_f32, encode, encode_bf16, encode_f32, encode_f32_owned,
+};

@@ -26,6 +26,69 @@ pub enum TensorError {
     },
 }
 
+/// The element type activations travel in between workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WireDtype {
+    /// Exact: what the sender computed.
+    #[default]
+    F32,
+    /// Half the bytes per hop: each value rounded to the nearest bf16 (ties to even).
+    Bf16,
+}
+
+impl std::str::FromStr for WireDtype {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "float32" => Ok(Self::F32),
+            "bf16" | "bfloat16" => Ok(Self::Bf16),
+            other => Err(format!("`{other}` is not a wire dtype (f32 or bf16)")),
+        }
+    }
+}
+
+impl std::fmt::Display for WireDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+        })
+    }
+}
+
+impl WireDtype {
+    /// What a value becomes after a hop in this dtype (the single-process reference of a
+    /// deployment rounds where the deployment sends).
+    pub fn round(self, v: f32) -> f32 {
+        match self {
+            Self::F32 => v,
+            Self::Bf16 => half::bf16::from_f32(v).to_f32(),
+        }
+    }
+}
+
+/// Encodes an owned buffer in `wire` (f32 without copying on little-endian hosts).
+pub fn encode(data: Vec<f32>, shape: &[usize], wire: WireDtype) -> Tensor {
+    match wire {
+        WireDtype::F32 => encode_f32_owned(data, shape),
+        WireDtype::Bf16 => encode_bf16(&data, shape),
+    }
+}
+
+/// Encodes `data` (row-major, `shape`) as bf16 little-endian, rounding to nearest even.
+pub fn encode_bf16(data: &[f32], shape: &[usize]) -> Tensor {
+    debug_assert_eq!(data.len(), shape.iter().product::<usize>());
+    let mut bytes = Vec::with_capacity(data.len() * 2);
+    for &v in data {
+        bytes.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes());
+    }
+    Tensor {
+        dtype: Dtype::Bf16 as i32,
+        shape: shape.iter().map(|&d| d as u64).collect(),
+        data: Bytes::from(bytes),
+    }
+}
+
 /// Encodes `data` (row-major, `shape`) as f32 little-endian.
 pub fn encode_f32(data: &[f32], shape: &[usize]) -> Tensor {
     debug_assert_eq!(data.len(), shape.iter().product::<usize>());
@@ -155,6 +218,25 @@ pub(crate) fn widen<'a>(dtype: Dtype, runs: impl Iterator<Item = &'a [u8]>, out:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bf16_on_the_wire_halves_the_bytes_and_decodes_to_the_rounded_values() {
+        let data: Vec<f32> = (0..12).map(|i| i as f32 * 0.3137 - 1.7).collect();
+        let t = encode(data.clone(), &[3, 4], WireDtype::Bf16);
+        assert_eq!(t.data.len(), 24);
+        let mut out = Vec::new();
+        assert_eq!(decode_f32("x", Some(&t), Some(3), 4, &mut out), Ok(3));
+        for (o, v) in out.iter().zip(&data) {
+            assert_eq!(*o, WireDtype::Bf16.round(*v));
+            assert!((o - v).abs() <= v.abs() / 256.0, "{o} vs {v}");
+        }
+        assert_eq!(
+            encode(data.clone(), &[3, 4], WireDtype::F32),
+            encode_f32(&data, &[3, 4])
+        );
+        assert_eq!("BF16".parse::<WireDtype>(), Ok(WireDtype::Bf16));
+        assert!("fp8".parse::<WireDtype>().is_err());
+    }
 
     #[test]
     fn round_trip() {

@@ -59,6 +59,8 @@ pub struct BenchArgs {
 /// One way of running a preset: its checkpoint's format, our engine's options, PyTorch's dtype.
 struct Variant {
     label: &'static str,
+    /// Our engine's weight formats (the same as `engine_args`).
+    precision: crate::weights::Precision,
     bf16_checkpoint: bool,
     engine_args: &'static [&'static str],
     torch_dtype: Option<&'static str>,
@@ -66,9 +68,15 @@ struct Variant {
     bytes: (f64, f64),
 }
 
+const PRECISION_AUTO: crate::weights::Precision = crate::weights::Precision {
+    weights: crate::weights::DtypeChoice::Auto,
+    experts: crate::weights::DtypeChoice::Auto,
+};
+
 const VARIANTS: &[Variant] = &[
     Variant {
         label: "f32",
+        precision: PRECISION_AUTO,
         bf16_checkpoint: false,
         engine_args: &[],
         torch_dtype: Some("float32"),
@@ -76,6 +84,7 @@ const VARIANTS: &[Variant] = &[
     },
     Variant {
         label: "bf16",
+        precision: PRECISION_AUTO,
         bf16_checkpoint: true,
         engine_args: &[],
         torch_dtype: Some("bfloat16"),
@@ -83,6 +92,10 @@ const VARIANTS: &[Variant] = &[
     },
     Variant {
         label: "q8",
+        precision: crate::weights::Precision {
+            weights: crate::weights::DtypeChoice::Auto,
+            experts: crate::weights::DtypeChoice::Is(crate::weights::Dtype::Q8),
+        },
         bf16_checkpoint: true,
         engine_args: &["--expert-dtype", "q8"],
         torch_dtype: None,
@@ -284,6 +297,10 @@ fn checkpoint_size(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+const QUALITY_PROMPTS: usize = 8;
+const QUALITY_PROMPT_TOKENS: usize = 24;
+const QUALITY_CONTINUE: usize = 16;
+
 /// One benchmarked model and format.
 struct Row {
     name: String,
@@ -443,7 +460,70 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     let _ = std::fs::remove_file(&script);
 
+    // Quality of each cheaper format against the f32 checkpoint, on the same prompts.
+    let mut quality = Vec::new();
+    for name in &a.presets {
+        let tests: Vec<&&Variant> = variants.iter().filter(|v| v.label != "f32").collect();
+        if tests.is_empty() {
+            continue;
+        }
+        let f32_dir = root.join(name);
+        if !f32_dir.join("config.json").exists() {
+            synthetic::export_as(
+                &synthetic::preset(name)?,
+                0,
+                &f32_dir,
+                2 << 30,
+                false,
+                &mut |_, _| {},
+            )?;
+        }
+        let reference_src = Checkpoint::open(&f32_dir)?;
+        let reference = crate::load::load_full(&reference_src, PRECISION_AUTO)?;
+        let vocab = reference.config().vocab_size as u64;
+        let mut rng = 99u64;
+        let prompts: Vec<Vec<u32>> = (0..QUALITY_PROMPTS)
+            .map(|_| {
+                (0..QUALITY_PROMPT_TOKENS)
+                    .map(|_| {
+                        rng = synthetic::splitmix64(rng);
+                        (3 + rng % (vocab - 3)) as u32
+                    })
+                    .collect()
+            })
+            .collect();
+        for v in tests {
+            let src = Checkpoint::open(&root.join(format!("{name}-bf16")))?;
+            let test = crate::load::load_full(&src, v.precision)?;
+            eprintln!("{name} {}: quality against f32", v.label);
+            let q = crate::quality::compare(&reference, &test, &prompts, QUALITY_CONTINUE)?;
+            quality.push((format!("{name} {}", v.label), q));
+        }
+    }
+
     let f = |v: &Value, k: &str| v.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
+    if !quality.is_empty() {
+        println!();
+        println!(
+            "quality against the f32 checkpoint: {QUALITY_PROMPTS} random prompts of \
+             {QUALITY_PROMPT_TOKENS} tokens, each continued {QUALITY_CONTINUE} tokens greedily \
+             (teacher-forced on the f32 model's tokens)"
+        );
+        println!(
+            "{:<14} {:>10} {:>14} {:>14} {:>14} {:>16}",
+            "model", "positions", "top-1 agree", "mean KL", "max KL", "greedy agree"
+        );
+        for (name, q) in &quality {
+            println!(
+                "{name:<14} {:>10} {:>13.1}% {:>14.2e} {:>14.2e} {:>15.1}%",
+                q.positions,
+                100.0 * q.top1_agreement,
+                q.mean_kl,
+                q.max_kl,
+                100.0 * q.greedy_agreement
+            );
+        }
+    }
     println!();
     println!(
         "{:<14} {:<28} {:>12} {:>12} {:>12} {:>12}",

@@ -13,7 +13,7 @@ use moe_proto::v1::{
     LoadStatsResponse, Role, ShardInfo, Tensor,
 };
 use moe_proto::wire::ComputeRequest;
-use moe_proto::{TensorError, decode_f32, encode_f32_owned};
+use moe_proto::{TensorError, WireDtype, decode_f32, encode};
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
@@ -96,6 +96,8 @@ pub struct ExpertService {
     slots: Arc<tokio::sync::Semaphore>,
     waiting: std::sync::atomic::AtomicUsize,
     limits: CallLimits,
+    /// Element type of the outputs sent back.
+    wire: WireDtype,
 }
 
 /// Multiply-adds a call may take and still be computed inline (~0.1 ms on one core).
@@ -119,7 +121,14 @@ impl ExpertService {
             slots: Arc::new(tokio::sync::Semaphore::new(limits.concurrent.max(1))),
             waiting: Default::default(),
             limits,
+            wire: WireDtype::F32,
         }
+    }
+
+    /// Sends outputs in `wire` (bf16 halves the bytes back to the stage).
+    pub fn with_wire(mut self, wire: WireDtype) -> Self {
+        self.wire = wire;
+        self
     }
 
     /// A computation slot: at once when one is free, after a wait when fewer than the queue
@@ -216,7 +225,7 @@ impl ExpertService {
         self.load.record_batch(total, started.elapsed());
         self.load
             .record_experts(layer, groups.iter().map(|&(e, n)| (e, n)));
-        Ok(encode_f32_owned(out, &[total, h]))
+        Ok(encode(out, &[total, h], self.wire))
     }
 }
 
@@ -294,7 +303,8 @@ pub async fn run(args: ExpertArgs) -> Result<()> {
         concurrent: args.max_concurrent_calls.max(1),
         queued: args.max_queued_calls,
     };
-    let handler = Arc::new(ExpertService::new(model, info, limit, limits));
+    let handler =
+        Arc::new(ExpertService::new(model, info, limit, limits).with_wire(args.part.wire_dtype));
     let generated = ExpertServer::from_arc(handler.clone())
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);

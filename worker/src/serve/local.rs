@@ -59,6 +59,16 @@ pub struct LocalArgs {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
     pub child_threads: u16,
 
+    /// Routed experts' format in the stages and expert shards: auto (as stored), f32, bf16
+    /// or q8 (a manifest says `spec.model.expertDtype`).
+    #[arg(long, conflicts_with = "file")]
+    pub expert_dtype: Option<moe_engine::weights::DtypeChoice>,
+
+    /// Element type of activations between the processes: f32 or bf16 (a manifest says
+    /// `spec.serving.wireDtype`).
+    #[arg(long, conflicts_with = "file", default_value_t = moe_proto::WireDtype::F32)]
+    pub wire_dtype: moe_proto::WireDtype,
+
     /// Processes per expert shard; a stage spreads calls over them and fails over when one dies.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
     pub expert_replicas: u16,
@@ -192,6 +202,21 @@ impl Launch {
         };
         let max = count(args.max_sequences, "--max-sequences")?;
         let share = moe_plan::gateway_share(args.max_sequences, gateways) as i32;
+        let mut workloads = moe_api::workers::layout_workloads(
+            "local",
+            &plan,
+            i32::from(args.expert_replicas),
+            i32::from(args.gateways),
+            max,
+            share,
+            None,
+        );
+        let expert_dtype = args.expert_dtype.map(|d| d.to_string());
+        let wire = match args.wire_dtype {
+            moe_proto::WireDtype::F32 => moe_api::crd::WireDType::F32,
+            moe_proto::WireDtype::Bf16 => moe_api::crd::WireDType::Bf16,
+        };
+        moe_api::workers::add_precision_args(&mut workloads, expert_dtype.as_deref(), wire);
         Ok(Self {
             name: "local".into(),
             model,
@@ -199,15 +224,7 @@ impl Launch {
             plaintext: args.plaintext,
             stages: plan.stages.len(),
             expert_shards: plan.expert_shards.len(),
-            workloads: moe_api::workers::layout_workloads(
-                "local",
-                &plan,
-                i32::from(args.expert_replicas),
-                i32::from(args.gateways),
-                max,
-                share,
-                None,
-            ),
+            workloads,
             notes: Vec::new(),
         })
     }

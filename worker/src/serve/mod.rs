@@ -67,6 +67,11 @@ pub struct PartArgs {
     /// This stage's or shard's index in the plan (reported by Describe).
     #[arg(long, env = "MOE_INDEX", default_value_t = 0)]
     pub index: u32,
+
+    /// Element type of the activations this process sends (f32, or bf16: half the bytes
+    /// per hop, each value rounded to nearest). Receivers read either.
+    #[arg(long, env = "MOE_WIRE_DTYPE", default_value_t = moe_proto::WireDtype::F32)]
+    pub wire_dtype: moe_proto::WireDtype,
 }
 
 /// Parses `START..END`.

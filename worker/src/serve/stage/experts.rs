@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use moe_proto::compute::ComputeClient;
-use moe_proto::encode_f32_owned;
 use moe_proto::v1::expert_client::ExpertClient;
 use moe_proto::v1::{DescribeRequest, ExpertRequest, ExpertRows, ShardInfo};
+use moe_proto::{WireDtype, encode};
 use tonic::metadata::MetadataMap;
 use tonic::transport::Channel;
 use tonic::{Code, Request};
@@ -402,6 +402,7 @@ pub(super) struct RemoteExperts<'a> {
     pub(super) caller: &'a mut Option<Caller>,
     pub(super) timeout: Duration,
     pub(super) load: &'a LoadCounters,
+    pub(super) wire: WireDtype,
 }
 
 impl ExpertCompute for RemoteExperts<'_> {
@@ -455,7 +456,7 @@ impl ExpertCompute for RemoteExperts<'_> {
                         rows: n as u32,
                     })
                     .collect(),
-                input: Some(encode_f32_owned(gathered, &[rows, h])),
+                input: Some(encode(gathered, &[rows, h], self.wire)),
             };
             calls.push((gi, groups, group, req));
         }

@@ -20,7 +20,7 @@ use moe_proto::v1::{
     DescribeRequest, ForwardError, ForwardRequest, ForwardResponse, LoadStatsRequest,
     LoadStatsResponse, ReleaseRequest, ReleaseResponse, Role, ShardInfo,
 };
-use moe_proto::{decode_f32, encode_f32_owned};
+use moe_proto::{WireDtype, decode_f32, encode};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -96,6 +96,8 @@ struct Core {
     is_last: bool,
     next: Option<(String, discovery::Peer)>,
     max_message_bytes: usize,
+    /// Element type of the activations this stage sends (experts, next stage, gateway).
+    wire: WireDtype,
 }
 
 thread_local! {
@@ -242,6 +244,7 @@ impl Core {
                         caller,
                         timeout,
                         load: &self.load,
+                        wire: self.wire,
                     };
                     self.model
                         .forward_layers(&mut hidden, &chunks, &mut refs, &mut ex, scratch)
@@ -354,7 +357,7 @@ impl Stage for StageService {
                 };
                 let h = core.model.config().hidden_size;
                 let rows = hidden.len() / h.max(1);
-                let tensor = encode_f32_owned(hidden, &[rows, h]);
+                let tensor = encode(hidden, &[rows, h], core.wire);
                 let Some((next_name, peer)) = &core.next else {
                     let resp = ForwardResponse {
                         micro_batch_id: id,
@@ -516,6 +519,7 @@ pub async fn run(args: StageArgs) -> Result<()> {
         is_last,
         next,
         max_message_bytes: limit,
+        wire: args.part.wire_dtype,
     });
     tokio::spawn(evict_idle(
         core.clone(),
