@@ -249,7 +249,10 @@ mod tests {
         assert_eq!(b.weight_bytes, (a.parameters * 1125).div_ceil(1000));
         assert_eq!(a.weight_bytes, a.parameters * 2);
         // Stages keep their dense weights at spec.model.dtype (f32 here).
-        assert_eq!(p1.stages[0].pod.weight_bytes, p1.stages[0].pod.parameters * 4);
+        assert_eq!(
+            p1.stages[0].pod.weight_bytes,
+            p1.stages[0].pod.parameters * 4
+        );
         for w in workloads(&q8, &p1).expect("workloads") {
             let has = |flag: &str, v: &str| w.args.windows(2).any(|p| p[0] == flag && p[1] == v);
             let worker = w.role != WorkerRole::Gateway;
@@ -258,15 +261,19 @@ mod tests {
         }
         for w in workloads(&plain, &p0).expect("workloads") {
             assert!(
-                !w.args.iter().any(|a| a == "--expert-dtype" || a == "--wire-dtype"),
+                !w.args
+                    .iter()
+                    .any(|a| a == "--expert-dtype" || a == "--wire-dtype"),
                 "{w:?}"
             );
         }
-        assert!(crate::parse_manifest(&TINY.replace(
-            "model: {source: {synthetic: {preset: tiny}}}",
-            "model: {source: {synthetic: {preset: tiny}}, expertDtype: q4}"
-        ))
-        .is_err());
+        assert!(
+            crate::parse_manifest(&TINY.replace(
+                "model: {source: {synthetic: {preset: tiny}}}",
+                "model: {source: {synthetic: {preset: tiny}}, expertDtype: q4}"
+            ))
+            .is_err()
+        );
     }
 
     #[test]

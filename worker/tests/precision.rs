@@ -31,6 +31,7 @@ fn bf16(v: f32) -> f32 {
 struct RoundTrip<'a> {
     model: &'a Model,
     scratch: MoeScratch,
+    round: bool,
 }
 
 impl ExpertCompute for RoundTrip<'_> {
@@ -44,11 +45,16 @@ impl ExpertCompute for RoundTrip<'_> {
         let h = self.model.config().hidden_size;
         let (mut sent, mut groups) = (Vec::new(), Vec::new());
         gather(routing, |_| true, x, h, &mut sent, &mut groups);
-        sent.iter_mut().for_each(|v| *v = bf16(*v));
+        let r = |v: &mut f32| {
+            if self.round {
+                *v = bf16(*v)
+            }
+        };
+        sent.iter_mut().for_each(r);
         let mut back = Vec::new();
         self.model
             .expert_ffn(layer, &groups, &sent, &mut back, &mut self.scratch)?;
-        back.iter_mut().for_each(|v| *v = bf16(*v));
+        back.iter_mut().for_each(r);
         out.fill(0.0);
         let mut row = 0;
         for &(e, n) in &groups {
@@ -69,6 +75,23 @@ fn generate_rounded(
     prompt: &[u32],
     n: usize,
 ) -> Vec<u32> {
+    generate_rounded_with(dir, stages, precision, prompt, n, true)
+}
+
+/// As [`generate_rounded`], rounding only when `round` is set (else: f32 on the wire).
+fn generate_rounded_with(
+    dir: &Path,
+    stages: usize,
+    precision: Precision,
+    prompt: &[u32],
+    n: usize,
+    round: bool,
+) -> Vec<u32> {
+    let r = |v: &mut f32| {
+        if round {
+            *v = bf16(*v)
+        }
+    };
     let src = Checkpoint::open(dir).expect("open");
     let cfg = src.config().clone();
     let shape = moe_plan::ModelShape {
@@ -101,10 +124,11 @@ fn generate_rounded(
             let mut ex = RoundTrip {
                 model: m,
                 scratch: MoeScratch::default(),
+                round,
             };
             m.forward_layers(&mut hidden, &chunks, &mut [cache], &mut ex, &mut scratch)
                 .expect("forward");
-            hidden.iter_mut().for_each(|v| *v = bf16(*v));
+            hidden.iter_mut().for_each(r);
         }
         head.logits(&hidden, &[input.len() - 1], &mut logits, &mut scratch)
             .expect("logits");
@@ -135,11 +159,26 @@ async fn complete_ids(base: &str, prompt: &[u32], max_tokens: usize) -> Vec<u32>
         .collect()
 }
 
+/// The golden prompts, and 24 more of random ids.
 fn prompts(dir: &Path) -> Vec<Vec<u32>> {
     let v: Value = serde_json::from_str(
         &std::fs::read_to_string(dir.join("expected.json")).expect("expected.json"),
     )
     .expect("json");
+    let cfg: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("config.json")).expect("config.json"),
+    )
+    .expect("json");
+    let vocab = cfg["vocab_size"].as_u64().expect("vocab_size").max(4);
+    let mut x = 7u64;
+    let random = (0..24).map(|_| {
+        (0..6)
+            .map(|_| {
+                x = moe_worker::synthetic::splitmix64(x);
+                (3 + x % (vocab - 3)) as u32
+            })
+            .collect::<Vec<u32>>()
+    });
     v["cases"]
         .as_array()
         .expect("cases")
@@ -152,6 +191,7 @@ fn prompts(dir: &Path) -> Vec<Vec<u32>> {
                 .map(|t| t.as_u64().expect("id") as u32)
                 .collect()
         })
+        .chain(random)
         .collect()
 }
 
@@ -169,15 +209,24 @@ async fn bf16_on_the_wire_equals_one_process_rounding_where_the_deployment_sends
             precision.experts = d.parse().expect("dtype");
         }
         let d = Deployment::start(&model, 2, 2, &extra);
+        let n = 24;
+        let mut moved = 0;
         for prompt in prompts(&dir) {
-            let n = 6;
             let got = complete_ids(&d.base, &prompt, n).await;
             let want = generate_rounded(&dir, 2, precision, &prompt, n);
             assert_eq!(
                 got, want,
                 "{name}: deployment vs one process rounding as it sends"
             );
+            // The rounding is really there: somewhere it moves a greedy token of the
+            // unrounded computation (these tiny random models have small margins late).
+            let exact = generate_rounded_with(&dir, 2, precision, &prompt, n, false);
+            moved += usize::from(exact != want);
         }
         d.stop();
+        assert!(
+            moved > 0,
+            "{name}: bf16 on the wire changed no token of any prompt"
+        );
     }
 }
