@@ -281,6 +281,7 @@ pub fn matmul(x: &[f32], w: Mat<'_>, y: &mut [f32], m: usize, n: usize, k: usize
 
 /// Several independent products in one parallel region (no fork/join between them).
 pub fn matmul_many(jobs: &mut [MatMul<'_>]) {
+    let _t = crate::profile::time(crate::profile::Part::Matmul);
     let threads = rayon::current_num_threads();
     let (small, large): (Vec<_>, Vec<_>) = jobs
         .iter_mut()
@@ -322,6 +323,7 @@ pub fn matmul_many(jobs: &mut [MatMul<'_>]) {
     }
     let total_rows: usize = small.iter().map(|j| j.n).sum();
     let bytes: usize = small.iter().map(Raw::weight_bytes).sum();
+    crate::profile::add_bytes(bytes as u64);
     if threads == 1 || bytes < 64 * 1024 {
         for j in &small {
             rows_kernel(*j, 0, j.n);
@@ -542,8 +544,8 @@ mod x86 {
     pub(super) trait WFmt: Copy {
         /// Bytes per weight (prefetch distances).
         const BYTES: usize;
-        /// How far ahead streamed rows are prefetched, in bytes (measured on `mini`: f32 and
-        /// 8-bit rows gain up to 8 KiB, bf16 rows peak at 2-4 KiB).
+        /// How far ahead streamed rows are prefetched, in bytes (measured: 8 KiB for every
+        /// format on `base`; `mini` is flat between 4 and 16 KiB).
         const PREFETCH_BYTES: usize;
         /// 16 weights from `at` (a multiple of 16 for 8-bit blocks), widened.
         unsafe fn v16(self, at: usize) -> __m512;
@@ -588,7 +590,7 @@ mod x86 {
 
     impl WFmt for Bf16W {
         const BYTES: usize = 2;
-        const PREFETCH_BYTES: usize = 4096;
+        const PREFETCH_BYTES: usize = 8192;
         #[inline]
         #[target_feature(enable = "avx512f")]
         unsafe fn v16(self, at: usize) -> __m512 {

@@ -9,6 +9,7 @@ pub mod engine;
 pub mod error;
 pub mod kernels;
 pub mod model;
+pub mod profile;
 pub mod quality;
 pub mod sampling;
 pub mod source;

@@ -233,6 +233,29 @@ pub fn run_engine(args: EngineRunArgs) -> Result<()> {
     };
     let d1 = decode(1)?;
     let db = decode(a.batch)?;
+    // One more batch-1 pass with the probes on: where a token's time goes.
+    let breakdown = {
+        let seq = engine.add(ids(16), params(a.decode_tokens + 1))?;
+        engine.step()?;
+        crate::profile::enable(true);
+        let t = Instant::now();
+        for _ in 0..a.decode_tokens {
+            engine.step()?;
+        }
+        let total = t.elapsed().as_secs_f64();
+        crate::profile::enable(false);
+        engine.remove(seq);
+        let ([matmul, attention, routing], bytes) = crate::profile::report();
+        let per = |s: f64| 1e3 * s / a.decode_tokens as f64;
+        serde_json::json!({
+            "token_ms": per(total),
+            "matmul_ms": per(matmul),
+            "matmul_gb_s": bytes as f64 / matmul.max(1e-9) / 1e9,
+            "attention_ms": per(attention),
+            "routing_ms": per(routing),
+            "other_ms": per(total - matmul - attention - routing),
+        })
+    };
     let formats = engine.model().bytes_by_dtype();
     let out = serde_json::json!({
         "engine": "moe-serve",
@@ -242,6 +265,7 @@ pub fn run_engine(args: EngineRunArgs) -> Result<()> {
         "prefill_tok_s": prefill,
         "decode_b1_tok_s": d1,
         "decode_batch_tok_s": db,
+        "breakdown_b1": breakdown,
         "peak_rss_bytes": peak_rss_bytes(),
     });
     println!("{out}");
@@ -595,6 +619,20 @@ pub fn run(a: BenchArgs) -> Result<()> {
             100.0 * db / r.ceiling_batch,
             ""
         );
+        if let Some(b) = r.ours.get("breakdown_b1") {
+            let g = |k: &str| f(b, k);
+            println!(
+                "{name:<14} b1 token {:.2} ms = weights streamed {:.2} ms (at {:.1} GB/s, threads' \
+                 fork/join included) + attention {:.2} + routing {:.2} + other {:.2} (norms, \
+                 activations, gathers, sampling)",
+                g("token_ms"),
+                g("matmul_ms"),
+                g("matmul_gb_s"),
+                g("attention_ms"),
+                g("routing_ms"),
+                g("other_ms")
+            );
+        }
         if let Some(kernels) = r.ours.get("kernels").and_then(Value::as_str) {
             println!(
                 "{name:<14} kernels: {kernels}; formats held: {}",

@@ -8,7 +8,7 @@ pub mod inspect;
 pub mod load;
 pub mod serve;
 pub use moe_engine::{
-    Error, Result, chat, config, engine, error, kernels, model, quality, sampling, source,
+    Error, Result, chat, config, engine, error, kernels, model, profile, quality, sampling, source,
     synthetic, tokenizer, weights,
 };
 pub use moe_telemetry as telemetry;

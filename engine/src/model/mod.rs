@@ -426,20 +426,23 @@ impl Model {
                             *x = x.clamp(-c, c);
                         }
                     }
-                    attention::attend(
-                        cfg,
-                        li,
-                        layer.index,
-                        chunks,
-                        caches,
-                        &s.row_chunk,
-                        &s.rope,
-                        sinks.as_ref().map(Weight::as_slice),
-                        &mut s.q,
-                        &mut s.k,
-                        &s.v,
-                        resize(&mut s.attn, rows * qd),
-                    );
+                    {
+                        let _t = crate::profile::time(crate::profile::Part::Attention);
+                        attention::attend(
+                            cfg,
+                            li,
+                            layer.index,
+                            chunks,
+                            caches,
+                            &s.row_chunk,
+                            &s.rope,
+                            sinks.as_ref().map(Weight::as_slice),
+                            &mut s.q,
+                            &mut s.k,
+                            &s.v,
+                            resize(&mut s.attn, rows * qd),
+                        );
+                    }
                     o.apply(&s.attn, resize(&mut s.proj, rows * h), rows);
                 }
                 Attn::Mla {
@@ -497,19 +500,22 @@ impl Model {
                         rms_norm_in_place(lat, kv_a_norm.as_slice(), m.kv_lora_rank, MLA_NORM_EPS);
                     }
                     let od = cfg.attn_out_dim();
-                    attention::attend_latent(
-                        cfg,
-                        m,
-                        li,
-                        chunks,
-                        caches,
-                        &s.row_chunk,
-                        &s.rope,
-                        kv_b.as_slice(),
-                        &mut s.q,
-                        &mut s.v,
-                        resize(&mut s.attn, rows * od),
-                    );
+                    {
+                        let _t = crate::profile::time(crate::profile::Part::Attention);
+                        attention::attend_latent(
+                            cfg,
+                            m,
+                            li,
+                            chunks,
+                            caches,
+                            &s.row_chunk,
+                            &s.rope,
+                            kv_b.as_slice(),
+                            &mut s.q,
+                            &mut s.v,
+                            resize(&mut s.attn, rows * od),
+                        );
+                    }
                     kernels::matmul(&s.attn, o.mat(), resize(&mut s.proj, rows * h), rows, h, od);
                 }
             }
@@ -543,14 +549,17 @@ impl Model {
                 } => {
                     let ne = cfg.num_local_experts;
                     router.apply(&s.normed, resize(&mut s.router_logits, rows * ne), rows);
-                    s.routing.route_with(
-                        &cfg.arch.router,
-                        &s.router_logits,
-                        correction_bias.as_ref().map(Weight::as_slice),
-                        rows,
-                        ne,
-                        cfg.num_experts_per_tok,
-                    );
+                    {
+                        let _t = crate::profile::time(crate::profile::Part::Routing);
+                        s.routing.route_with(
+                            &cfg.arch.router,
+                            &s.router_logits,
+                            correction_bias.as_ref().map(Weight::as_slice),
+                            rows,
+                            ne,
+                            cfg.num_experts_per_tok,
+                        );
+                    }
                     let out = resize(&mut s.proj, rows * h);
                     experts.compute(layer.index, &s.routing, &s.normed, out)?;
                     if let Some(mlp) = shared {
