@@ -358,20 +358,26 @@ impl Weight {
         }
         let shape = self.shape.clone();
         let n = self.len();
+        let k = shape.last().copied().unwrap_or(0);
+        if dtype == Dtype::Q8 && (shape.len() != 2 || k % kernels::Q8_BLOCK != 0) {
+            return self;
+        }
+        let src = self.mat();
+        let at = |i: usize| match src {
+            Mat::F32(v) => v[i],
+            Mat::Bf16(v) => kernels::from_bf16(v[i]),
+            Mat::Q8 { q, d } => q[i] as f32 * d[i / kernels::Q8_BLOCK],
+        };
         let converted = match dtype {
-            Dtype::F32 => Weight::owned((0..n).map(|i| self.get(i)).collect(), shape),
+            Dtype::F32 => Weight::owned((0..n).map(at).collect(), shape),
             Dtype::Bf16 => Weight {
                 data: WeightData::OwnedBf16(Arc::new(
-                    (0..n).map(|i| kernels::to_bf16(self.get(i))).collect(),
+                    (0..n).map(|i| kernels::to_bf16(at(i))).collect(),
                 )),
                 shape,
             },
             Dtype::Q8 => {
-                let k = shape.last().copied().unwrap_or(0);
-                if shape.len() != 2 || k % kernels::Q8_BLOCK != 0 {
-                    return self;
-                }
-                let (q, d) = kernels::quantize_q8(|i| self.get(i), shape[0], k);
+                let (q, d) = kernels::quantize_q8(at, shape[0], k);
                 Weight {
                     data: WeightData::Q8 {
                         q: Arc::new(q),
