@@ -236,6 +236,8 @@ enum WPtr {
 #[derive(Clone, Copy)]
 struct Raw {
     x: *const f32,
+    /// The input rows packed k-major for the outer-product path, when prepared (null: none).
+    xp: *const f32,
     w: WPtr,
     y: *mut f32,
     m: usize,
@@ -252,6 +254,7 @@ impl Raw {
     fn of(j: &mut MatMul<'_>) -> Self {
         Self {
             x: j.x.as_ptr(),
+            xp: std::ptr::null(),
             w: match j.w {
                 Mat::F32(w) => WPtr::F32(w.as_ptr()),
                 Mat::Bf16(w) => WPtr::Bf16(w.as_ptr()),
@@ -321,6 +324,20 @@ pub fn matmul_many(jobs: &mut [MatMul<'_>]) {
     if small.is_empty() {
         return;
     }
+    // Inputs of the outer-product path are packed once here, not once per task.
+    #[cfg(target_arch = "x86_64")]
+    let mut small = small;
+    #[cfg(target_arch = "x86_64")]
+    let _packed: Vec<Vec<f32>> = small
+        .iter_mut()
+        .filter(|j| x86::uses_outer(j))
+        .map(|j| {
+            // SAFETY: x holds m rows of k values (checked by `MatMul::new`).
+            let p = unsafe { x86::pack_x(j.x, j.m, j.k) };
+            j.xp = p.as_ptr();
+            p
+        })
+        .collect();
     let total_rows: usize = small.iter().map(|j| j.n).sum();
     let bytes: usize = small.iter().map(Raw::weight_bytes).sum();
     crate::profile::add_bytes(bytes as u64);
@@ -348,6 +365,18 @@ pub fn matmul_many(jobs: &mut [MatMul<'_>]) {
             }
         }
     });
+}
+
+/// From this many input rows AVX-512 uses the outer-product kernel (`MOE_OUTER_MIN_ROWS`
+/// tunes; the dot-product tiles below it).
+fn outer_min_rows() -> usize {
+    static T: OnceLock<usize> = OnceLock::new();
+    *T.get_or_init(|| {
+        std::env::var("MOE_OUTER_MIN_ROWS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(32)
+    })
 }
 
 /// (k block, weight rows per block) of the blocked path; `MOE_KC`/`MOE_WB` override for tuning.
@@ -792,8 +821,141 @@ mod x86 {
     /// `j` is valid (see `Raw`), `w` is its weights, rows `r0..r1` lie within `0..n`, and
     /// the CPU has AVX-512F.
     pub(super) unsafe fn rows_avx512<W: WFmt>(j: Raw, w: W, r0: usize, r1: usize) {
+        // SAFETY: forwarded; the outer-product path needs AVX-512F only.
+        unsafe {
+            if !j.xp.is_null() {
+                outer512(j, w, r0, r1)
+            } else {
+                rows::<Avx512, W>(j, w, r0, r1)
+            }
+        }
+    }
+
+    /// Whether a product goes to the outer-product path (its inputs are then packed first).
+    pub(super) fn uses_outer(j: &Raw) -> bool {
+        super::isa() == super::Isa::Avx512 && j.m >= super::outer_min_rows()
+    }
+
+    /// The input rows k-major, per k block of `OP_KC` and panel of 32 rows:
+    /// `[block][panel][kk][lane]`, zero past `m`.
+    ///
+    /// # Safety
+    /// `x` holds `m × k` floats.
+    pub(super) unsafe fn pack_x(x: *const f32, m: usize, k: usize) -> Vec<f32> {
+        let panels = m.div_ceil(OP_NR);
+        let blocks = k.div_ceil(OP_KC);
+        let mut out = vec![0f32; blocks * panels * OP_KC * OP_NR];
         // SAFETY: forwarded.
-        unsafe { rows::<Avx512, W>(j, w, r0, r1) }
+        let x = unsafe { std::slice::from_raw_parts(x, m * k) };
+        for (i, row) in x.chunks_exact(k).enumerate() {
+            let (p, l) = (i / OP_NR, i % OP_NR);
+            for (b, part) in row.chunks(OP_KC).enumerate() {
+                let base = (b * panels + p) * OP_KC * OP_NR + l;
+                for (kk, v) in part.iter().enumerate() {
+                    out[base + kk * OP_NR] = *v;
+                }
+            }
+        }
+        out
+    }
+
+    /// Weight rows per outer-product tile, input rows per panel (two zmm), and the k block:
+    /// 12 x 2 accumulators, two input vectors and a broadcast fill 27 of the 32 registers.
+    const OP_MR: usize = 12;
+    const OP_NR: usize = 32;
+    const OP_KC: usize = 256;
+
+    /// Many input rows (prefill): outer products, BLIS style. The input rows were copied
+    /// k-major in panels of 32 once per product (`pack_x`); per k block and 12 weight rows,
+    /// the weights are widened row-major into a fixed-stride buffer; then every panel runs the
+    /// 12 x 32 micro-kernel — per column two vector loads and 12 broadcasts feed 24 FMAs, no
+    /// horizontal sums — and adds its transposed tile into y.
+    ///
+    /// # Safety
+    /// As `rows_avx512`.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn outer512<W: WFmt>(j: Raw, w: W, r0: usize, r1: usize) {
+        let panels = j.m.div_ceil(OP_NR);
+        PACKED.with_borrow_mut(|packed| {
+            packed.resize(OP_MR * OP_KC + panels * OP_MR * OP_NR, 0.0);
+            let (packed, tiles) = packed.split_at_mut(OP_MR * OP_KC);
+            // Weight rows outer, k blocks inner: each group of 12 rows streams from memory
+            // once, and its output tiles are summed in a contiguous buffer (`tiles`), written
+            // to y once at the end — y's rows are often a power of two apart, which maps a
+            // tile's 32 rows onto one L1 set.
+            let mut r = r0;
+            while r < r1 {
+                let rows = (r1 - r).min(OP_MR);
+                let mut kb = 0;
+                while kb < j.k {
+                    let klen = OP_KC.min(j.k - kb);
+                    for q in 0..rows {
+                        let dst = &mut packed[q * OP_KC..q * OP_KC + klen];
+                        // SAFETY: row r + q < n; kb + klen <= k.
+                        unsafe { Avx512::widen(w, (r + q) * j.k + kb, dst) };
+                    }
+                    for p in 0..panels {
+                        // SAFETY: `j.xp` is `pack_x` of this product's inputs (block kb /
+                        // OP_KC, panel p: klen x 32 floats); `packed` holds 12 rows of
+                        // OP_KC; tile p holds 12 x 32.
+                        unsafe {
+                            micro12x32(
+                                packed.as_ptr(),
+                                j.xp.add((kb / OP_KC * panels + p) * OP_KC * OP_NR),
+                                klen,
+                                tiles.as_mut_ptr().add(p * OP_MR * OP_NR),
+                                kb > 0,
+                            )
+                        };
+                    }
+                    kb += klen;
+                }
+                for p in 0..panels {
+                    let lanes = (j.m - p * OP_NR).min(OP_NR);
+                    let tile = &tiles[p * OP_MR * OP_NR..(p + 1) * OP_MR * OP_NR];
+                    for l in 0..lanes {
+                        // SAFETY: y row p*32 + l < m has columns r..r + rows < n.
+                        let yr = unsafe { j.y.add((p * OP_NR + l) * j.n + r) };
+                        for q in 0..rows {
+                            // SAFETY: as above.
+                            unsafe { *yr.add(q) = tile[q * OP_NR + l] };
+                        }
+                    }
+                }
+                r += rows;
+            }
+        });
+    }
+
+    /// `tile[q, l] (+)= Σ_kk xp[kk, l] · wp[q, kk]` for 12 weight rows and 32 input rows.
+    ///
+    /// # Safety
+    /// `wp` holds 12 rows of stride `OP_KC`, `xp` `klen` x 32 floats, `tile` 12 x 32.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn micro12x32(wp: *const f32, xp: *const f32, klen: usize, tile: *mut f32, add: bool) {
+        // SAFETY (whole body): see the function's contract.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); 2]; OP_MR];
+            for kk in 0..klen {
+                let b0 = _mm512_loadu_ps(xp.add(kk * OP_NR));
+                let b1 = _mm512_loadu_ps(xp.add(kk * OP_NR + 16));
+                for (q, a) in acc.iter_mut().enumerate() {
+                    let v = _mm512_set1_ps(*wp.add(q * OP_KC + kk));
+                    a[0] = _mm512_fmadd_ps(v, b0, a[0]);
+                    a[1] = _mm512_fmadd_ps(v, b1, a[1]);
+                }
+            }
+            for (q, a) in acc.iter().enumerate() {
+                let t = tile.add(q * OP_NR);
+                if add {
+                    _mm512_storeu_ps(t, _mm512_add_ps(_mm512_loadu_ps(t), a[0]));
+                    _mm512_storeu_ps(t.add(16), _mm512_add_ps(_mm512_loadu_ps(t.add(16)), a[1]));
+                } else {
+                    _mm512_storeu_ps(t, a[0]);
+                    _mm512_storeu_ps(t.add(16), a[1]);
+                }
+            }
+        }
     }
 
     /// # Safety
@@ -1194,6 +1356,8 @@ mod tests {
         (2, 37, 96),
         (9, 21, 256),
         (70, 19, 544),
+        (33, 25, 300),
+        (100, 40, 1100),
     ];
 
     /// Every format on every instruction set this CPU has, against the f64 product of the
