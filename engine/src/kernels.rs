@@ -367,15 +367,16 @@ pub fn matmul_many(jobs: &mut [MatMul<'_>]) {
     });
 }
 
-/// From this many input rows AVX-512 uses the outer-product kernel (`MOE_OUTER_MIN_ROWS`
-/// tunes; the dot-product tiles below it).
+/// From this many input rows AVX-512 uses the outer-product kernel for products of 2048+
+/// output columns (`MOE_OUTER_MIN_ROWS` tunes; the dot-product tiles below it; at 32 rows
+/// and k 512 the streaming tiles still win).
 fn outer_min_rows() -> usize {
     static T: OnceLock<usize> = OnceLock::new();
     *T.get_or_init(|| {
         std::env::var("MOE_OUTER_MIN_ROWS")
             .ok()
             .and_then(|v| v.parse().ok())
-            .unwrap_or(32)
+            .unwrap_or(48)
     })
 }
 
@@ -833,7 +834,7 @@ mod x86 {
 
     /// Whether a product goes to the outer-product path (its inputs are then packed first).
     pub(super) fn uses_outer(j: &Raw) -> bool {
-        super::isa() == super::Isa::Avx512 && j.m >= super::outer_min_rows()
+        super::isa() == super::Isa::Avx512 && j.m >= super::outer_min_rows() && j.n >= OP_MIN_N
     }
 
     /// The input rows k-major, per k block of `OP_KC` and panel of 32 rows:
@@ -864,6 +865,12 @@ mod x86 {
     const OP_MR: usize = 12;
     const OP_NR: usize = 32;
     const OP_KC: usize = 256;
+    /// Output columns (weight rows) from which the outer-product path pays: its packing and
+    /// tile stores are amortised over many weight rows. Measured (2 threads, f32): 128 x
+    /// 2816 x 1024 at 118 vs 74 GFMA/s, 128 x 32000 x 512 at 110 vs 76, 64 x 2816 x 1024 at
+    /// 105 vs 79; but 128 x 512 x 512 ties, 128 x 128 x 512 loses (37 vs 45), and inside the
+    /// presets' prefill (attention products of 128-1024 rows) bf16 lost 10-20%.
+    const OP_MIN_N: usize = 2048;
 
     /// Many input rows (prefill): outer products, BLIS style. The input rows were copied
     /// k-major in panels of 32 once per product (`pack_x`); per k block and 12 weight rows,
@@ -1358,6 +1365,9 @@ mod tests {
         (70, 19, 544),
         (33, 25, 300),
         (100, 40, 1100),
+        (50, 2100, 300),
+        (130, 2049, 70),
+        (64, 2048, 64),
     ];
 
     /// Every format on every instruction set this CPU has, against the f64 product of the
