@@ -348,7 +348,7 @@ pub fn matmul_many(jobs: &mut [MatMul<'_>]) {
         return;
     }
     // Chunks of 4 rows at least, several per thread so an unlucky thread can catch up.
-    let tasks = (threads * 4).min(total_rows.div_ceil(4));
+    let tasks = (threads * tasks_per_thread()).min(total_rows.div_ceil(4));
     let per_task = total_rows.div_ceil(tasks).next_multiple_of(4);
     let tasks = total_rows.div_ceil(per_task);
     (0..tasks).into_par_iter().for_each(|t| {
@@ -377,6 +377,18 @@ fn outer_min_rows() -> usize {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(48)
+    })
+}
+
+/// Tasks per thread a parallel region is split into (`MOE_TASKS_PER_THREAD` tunes).
+fn tasks_per_thread() -> usize {
+    static T: OnceLock<usize> = OnceLock::new();
+    *T.get_or_init(|| {
+        std::env::var("MOE_TASKS_PER_THREAD")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&n| n > 0)
+            .unwrap_or(4)
     })
 }
 
