@@ -45,7 +45,7 @@ impl Mat<'_> {
             Mat::F32(w) => w.len() >= n * k,
             Mat::Bf16(w) => w.len() >= n * k,
             Mat::Q8 { q, d } => {
-                k % Q8_BLOCK == 0 && q.len() >= n * k && d.len() >= n * (k / Q8_BLOCK)
+                k.is_multiple_of(Q8_BLOCK) && q.len() >= n * k && d.len() >= n * (k / Q8_BLOCK)
             }
         }
     }
@@ -1334,7 +1334,7 @@ mod tests {
     fn formats(w: Vec<f32>, n: usize, k: usize) -> Formats {
         let bf16: Vec<u16> = w.iter().map(|&v| to_bf16(v)).collect();
         let bf16_wide = bf16.iter().map(|&b| from_bf16(b)).collect();
-        let (q, d, q8_wide) = if k % Q8_BLOCK == 0 {
+        let (q, d, q8_wide) = if k.is_multiple_of(Q8_BLOCK) {
             let (q, d) = quantize_q8(|i| w[i], n, k);
             let wide = (0..n * k).map(|i| q[i] as f32 * d[i / Q8_BLOCK]).collect();
             (q, d, wide)
