@@ -148,12 +148,33 @@ pub fn workloads(md: &MoEDeployment, plan: &SizedPlan) -> Result<Vec<Workload>> 
         gateway_max_sequences(md),
         Some(&name),
     );
-    add_precision_args(
-        &mut out,
+    let extra = spec_precision_args(md);
+    for w in out.iter_mut().filter(|w| w.role != WorkerRole::Gateway) {
+        w.args.extend(extra.iter().cloned());
+    }
+    Ok(out)
+}
+
+/// What a MoEDeployment tells its stages and expert shards about formats (see
+/// [`precision_args`]).
+pub fn spec_precision_args(md: &MoEDeployment) -> Vec<String> {
+    precision_args(
         md.spec.model.expert_dtype.map(|d| d.as_arg()),
         md.spec.serving.wire_dtype,
-    );
-    Ok(out)
+    )
+}
+
+/// The arguments that tell a stage or expert shard the experts' format and the wire's
+/// element type (none when both are the defaults, so older workers keep working).
+pub fn precision_args(expert_dtype: Option<&str>, wire: crate::crd::WireDType) -> Vec<String> {
+    let mut args = Vec::new();
+    if let Some(d) = expert_dtype {
+        args.extend(["--expert-dtype".to_string(), d.to_string()]);
+    }
+    if wire == crate::crd::WireDType::Bf16 {
+        args.extend(["--wire-dtype".to_string(), "bf16".to_string()]);
+    }
+    args
 }
 
 /// Tells the stages and expert shards the experts' format and the wire's element type

@@ -739,12 +739,13 @@ pub fn gateway_args(md: &str, plan: &SizedPlan, max_sequences: i32) -> Vec<Strin
 fn stage(cx: &Ctx, s: usize) -> StatefulSet {
     let name = stage_name(&cx.name, s);
     let index = Some((LABEL_STAGE, s));
-    let args = stage_args(
+    let mut args = stage_args(
         &cx.name,
         cx.plan,
         s,
         cx.md.spec.serving.max_concurrent_sequences,
     );
+    args.extend(moe_api::workers::spec_precision_args(cx.md));
     StatefulSet {
         metadata: cx.meta(name.clone(), labels(&cx.name, WorkerRole::Stage, index)),
         spec: StatefulSetSpec {
@@ -765,7 +766,8 @@ fn stage(cx: &Ctx, s: usize) -> StatefulSet {
 
 fn expert_shard(cx: &Ctx, j: usize) -> Deployment {
     let index = Some((LABEL_SHARD, j));
-    let args = expert_args(cx.plan, j);
+    let mut args = expert_args(cx.plan, j);
+    args.extend(moe_api::workers::spec_precision_args(cx.md));
     Deployment {
         metadata: cx.meta(
             expert_name(&cx.name, j),

@@ -210,6 +210,33 @@ fn workers_speak_mutual_tls_unless_the_spec_opts_out() {
 }
 
 #[test]
+fn expert_and_wire_formats_reach_the_worker_processes() {
+    let mut md = example("tiny.yaml");
+    md.spec.model.expert_dtype = Some(moe_api::crd::ExpertDType::Q8);
+    md.spec.serving.wire_dtype = moe_api::crd::WireDType::Bf16;
+    let c = build(&md);
+    let q8 = moe_worker::weights::DtypeChoice::Is(moe_worker::weights::Dtype::Q8);
+    let stage = template_args(&c.stages[0].spec.template);
+    let moe_worker::cli::Command::Stage(s) = moe_worker::cli::Cli::try_parse_from(&stage)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .command
+    else {
+        panic!("not a stage: {stage:?}");
+    };
+    assert_eq!(s.part.model.precision.expert_dtype, q8);
+    assert_eq!(s.part.wire_dtype, "bf16".parse().expect("wire dtype"));
+    let expert = template_args(&c.expert_shards[0].spec.template);
+    let moe_worker::cli::Command::Expert(e) = moe_worker::cli::Cli::try_parse_from(&expert)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .command
+    else {
+        panic!("not an expert shard: {expert:?}");
+    };
+    assert_eq!(e.part.model.precision.expert_dtype, q8);
+    assert_eq!(e.part.wire_dtype, "bf16".parse().expect("wire dtype"));
+}
+
+#[test]
 fn pod_arguments_parse_with_the_worker_cli() {
     let md = example("tiny.yaml");
     let c = build(&md);
