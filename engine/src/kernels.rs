@@ -368,8 +368,9 @@ pub fn matmul_many(jobs: &mut [MatMul<'_>]) {
 }
 
 /// From this many input rows AVX-512 uses the outer-product kernel for products of 2048+
-/// output columns (`MOE_OUTER_MIN_ROWS` tunes; the dot-product tiles below it; at 32 rows
-/// and k 512 the streaming tiles still win).
+/// output columns (`MOE_OUTER_MIN_ROWS` tunes; the dot-product tiles below it). In
+/// isolation it wins from 32 rows (32x2816x1024: 95 vs 77 GFMA/s), but inside base's prefill
+/// at 32 (its experts' ~32-row products) bf16 lost 5% and f32 tied, so 48.
 fn outer_min_rows() -> usize {
     static T: OnceLock<usize> = OnceLock::new();
     *T.get_or_init(|| {
@@ -913,18 +914,40 @@ mod x86 {
                         // SAFETY: row r + q < n; kb + klen <= k.
                         unsafe { Avx512::widen(w, (r + q) * j.k + kb, dst) };
                     }
+                    // Fetch what the next block widens (the same rows further on, or the next
+                    // rows' start) into L2 while this one computes: these rows come from
+                    // memory once, in short runs the hardware prefetcher does not follow.
+                    let (nr, nk) = if kb + klen < j.k {
+                        (r, kb + klen)
+                    } else {
+                        (r + rows, 0)
+                    };
+                    let nrows = (r1.saturating_sub(nr)).min(OP_MR);
+                    let nlen = OP_KC.min(j.k - nk);
+                    for q in 0..nrows {
+                        let mut off = 0;
+                        while off < nlen {
+                            // Prefetches never fault (a safe intrinsic inside this function).
+                            _mm_prefetch::<_MM_HINT_T1>(w.addr((nr + q) * j.k + nk + off));
+                            off += 64 / W::BYTES;
+                        }
+                    }
                     for p in 0..panels {
-                        // SAFETY: `j.xp` is `pack_x` of this product's inputs (block kb /
-                        // OP_KC, panel p: klen x 32 floats); `packed` holds 12 rows of
-                        // OP_KC; tile p holds 12 x 32.
+                        let (xp, tile) = (
+                            // SAFETY: block kb / OP_KC, panel p of `pack_x`'s layout.
+                            unsafe { j.xp.add((kb / OP_KC * panels + p) * OP_KC * OP_NR) },
+                            // SAFETY: tile p of `panels` tiles of 12 x 32.
+                            unsafe { tiles.as_mut_ptr().add(p * OP_MR * OP_NR) },
+                        );
+                        // SAFETY: the panel holds klen x 32 floats, `packed` 12 rows of
+                        // OP_KC, the tile 12 x 32. A last panel of at most 16 rows runs the
+                        // half-width kernel (the rest would be padding).
                         unsafe {
-                            micro12x32(
-                                packed.as_ptr(),
-                                j.xp.add((kb / OP_KC * panels + p) * OP_KC * OP_NR),
-                                klen,
-                                tiles.as_mut_ptr().add(p * OP_MR * OP_NR),
-                                kb > 0,
-                            )
+                            if j.m - p * OP_NR <= OP_NR / 2 {
+                                micro12x16(packed.as_ptr(), xp, klen, tile, kb > 0)
+                            } else {
+                                micro12x32(packed.as_ptr(), xp, klen, tile, kb > 0)
+                            }
                         };
                     }
                     kb += klen;
@@ -944,6 +967,33 @@ mod x86 {
                 r += rows;
             }
         });
+    }
+
+    /// As `micro12x32` for the first 16 input rows of the panel only.
+    ///
+    /// # Safety
+    /// As `micro12x32`.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn micro12x16(wp: *const f32, xp: *const f32, klen: usize, tile: *mut f32, add: bool) {
+        // SAFETY (whole body): see the function's contract.
+        unsafe {
+            let mut acc = [_mm512_setzero_ps(); OP_MR];
+            for kk in 0..klen {
+                let b = _mm512_loadu_ps(xp.add(kk * OP_NR));
+                for (q, a) in acc.iter_mut().enumerate() {
+                    *a = _mm512_fmadd_ps(_mm512_set1_ps(*wp.add(q * OP_KC + kk)), b, *a);
+                }
+            }
+            for (q, a) in acc.iter().enumerate() {
+                let t = tile.add(q * OP_NR);
+                let v = if add {
+                    _mm512_add_ps(_mm512_loadu_ps(t), *a)
+                } else {
+                    *a
+                };
+                _mm512_storeu_ps(t, v);
+            }
+        }
     }
 
     /// `tile[q, l] (+)= Σ_kk xp[kk, l] · wp[q, kk]` for 12 weight rows and 32 input rows.
