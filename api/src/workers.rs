@@ -148,10 +148,7 @@ pub fn workloads(md: &MoEDeployment, plan: &SizedPlan) -> Result<Vec<Workload>> 
         gateway_max_sequences(md),
         Some(&name),
     );
-    let extra = spec_precision_args(md);
-    for w in out.iter_mut().filter(|w| w.role != WorkerRole::Gateway) {
-        w.args.extend(extra.iter().cloned());
-    }
+    add_worker_args(&mut out, &spec_precision_args(md));
     Ok(out)
 }
 
@@ -177,24 +174,14 @@ pub fn precision_args(expert_dtype: Option<&str>, wire: crate::crd::WireDType) -
     args
 }
 
-/// Tells the stages and expert shards the experts' format and the wire's element type
-/// (nothing when both are the defaults, so older workers keep working).
-pub fn add_precision_args(
-    workloads: &mut [Workload],
-    expert_dtype: Option<&str>,
-    wire: crate::crd::WireDType,
-) {
+/// Adds `args` to the stages and expert shards of `workloads` (the gateway computes
+/// neither experts nor activations it sends).
+pub fn add_worker_args(workloads: &mut [Workload], args: &[String]) {
     for w in workloads
         .iter_mut()
         .filter(|w| w.role != WorkerRole::Gateway)
     {
-        if let Some(d) = expert_dtype {
-            w.args.extend(["--expert-dtype".to_string(), d.to_string()]);
-        }
-        if wire == crate::crd::WireDType::Bf16 {
-            w.args
-                .extend(["--wire-dtype".to_string(), "bf16".to_string()]);
-        }
+        w.args.extend(args.iter().cloned());
     }
 }
 

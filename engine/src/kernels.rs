@@ -25,6 +25,9 @@ use rayon::prelude::*;
 /// Weights per 8-bit block (one f32 scale each), along a row.
 pub const Q8_BLOCK: usize = 32;
 
+/// Bytes an 8-bit weight takes, its share of the block's f32 scale included.
+pub const Q8_BYTES_PER_WEIGHT: f64 = 1.0 + 4.0 / Q8_BLOCK as f64;
+
 /// A weight matrix `[n, k]` (row-major) in one of the formats the kernels read.
 #[derive(Debug, Clone, Copy)]
 pub enum Mat<'a> {
@@ -55,7 +58,17 @@ impl Mat<'_> {
         match self {
             Mat::F32(_) => 4.0,
             Mat::Bf16(_) => 2.0,
-            Mat::Q8 { .. } => 1.0 + 4.0 / Q8_BLOCK as f64,
+            Mat::Q8 { .. } => Q8_BYTES_PER_WEIGHT,
+        }
+    }
+
+    /// Weight `i` (row-major), widened (dequantised).
+    #[inline]
+    pub fn get(&self, i: usize) -> f32 {
+        match self {
+            Mat::F32(v) => v[i],
+            Mat::Bf16(v) => from_bf16(v[i]),
+            Mat::Q8 { q, d } => q[i] as f32 * d[i / Q8_BLOCK],
         }
     }
 }
@@ -271,7 +284,7 @@ impl Raw {
         let per = match self.w {
             WPtr::F32(_) => 4.0,
             WPtr::Bf16(_) => 2.0,
-            WPtr::Q8(..) => 1.0 + 4.0 / Q8_BLOCK as f64,
+            WPtr::Q8(..) => Q8_BYTES_PER_WEIGHT,
         };
         (self.n as f64 * self.k as f64 * per) as usize
     }

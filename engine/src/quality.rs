@@ -43,7 +43,6 @@ fn kl(lp: &[f64], lq: &[f64]) -> f64 {
 struct Runner<'a> {
     model: &'a Model,
     cache: crate::model::KvCache,
-    pos: usize,
     scratch: Scratch,
     moe: MoeScratch,
 }
@@ -53,7 +52,6 @@ impl<'a> Runner<'a> {
         Self {
             model,
             cache: model.new_cache(capacity),
-            pos: 0,
             scratch: Scratch::default(),
             moe: MoeScratch::default(),
         }
@@ -64,7 +62,7 @@ impl<'a> Runner<'a> {
         let mut hidden = Vec::new();
         self.model.embed(ids, &mut hidden)?;
         let chunks = [Chunk {
-            start: self.pos,
+            start: self.cache.len(),
             len: ids.len(),
         }];
         let mut experts = LocalExperts {
@@ -78,7 +76,6 @@ impl<'a> Runner<'a> {
             &mut experts,
             &mut self.scratch,
         )?;
-        self.pos += ids.len();
         let rows: Vec<usize> = (0..ids.len()).collect();
         let mut logits = Vec::new();
         self.model
@@ -101,10 +98,12 @@ pub fn compare(
     for prompt in prompts {
         let cap = prompt.len() + continue_tokens + 1;
         let (mut r, mut t) = (Runner::new(reference, cap), Runner::new(test, cap));
-        let (mut rin, mut tin) = (prompt.clone(), prompt.clone());
+        // The test model follows the reference's tokens (teacher forcing), so every position
+        // compares the same context: one input for both.
+        let mut input = prompt.clone();
         let mut diverged = false;
         for step in 0..=continue_tokens {
-            let (rl, tl) = (r.feed(&rin)?, t.feed(&tin)?);
+            let (rl, tl) = (r.feed(&input)?, t.feed(&input)?);
             for (a, b) in rl.chunks_exact(vocab).zip(tl.chunks_exact(vocab)) {
                 let d = kl(&log_softmax(a), &log_softmax(b));
                 kl_sum += d;
@@ -122,10 +121,7 @@ pub fn compare(
             greedy_total += 1;
             diverged |= rn != tn;
             greedy_same += usize::from(!diverged);
-            // The test model follows the reference's tokens (teacher forcing), so every
-            // position above compares the same context.
-            rin = vec![rn];
-            tin = vec![rn];
+            input = vec![rn];
         }
     }
     let share = |a: usize, b: usize| if b == 0 { 1.0 } else { a as f64 / b as f64 };

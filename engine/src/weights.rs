@@ -142,7 +142,7 @@ impl Dtype {
         match self {
             Dtype::F32 => 4.0,
             Dtype::Bf16 => 2.0,
-            Dtype::Q8 => 1.0 + 4.0 / kernels::Q8_BLOCK as f64,
+            Dtype::Q8 => kernels::Q8_BYTES_PER_WEIGHT,
         }
     }
 }
@@ -292,7 +292,7 @@ impl Weight {
             } => bytemuck::cast_slice(&map[range.clone()]),
             WeightData::Owned(v) => v,
             _ => panic!(
-                "weight {:?} is held as {}; read it with mat() or convert it with to_f32()",
+                "weight {:?} is held as {}; read it with mat() or convert(Dtype::F32) it",
                 self.shape,
                 self.dtype().name()
             ),
@@ -322,28 +322,14 @@ impl Weight {
         }
     }
 
-    /// Element `i` (row-major), widened.
-    pub fn get(&self, i: usize) -> f32 {
-        match self.mat() {
-            Mat::F32(v) => v[i],
-            Mat::Bf16(v) => kernels::from_bf16(v[i]),
-            Mat::Q8 { q, d } => q[i] as f32 * d[i / kernels::Q8_BLOCK],
-        }
-    }
-
     /// Row `r` of a matrix, widened into `out` (its length is the row's).
     pub fn row_into(&self, r: usize, out: &mut [f32]) {
         let k = out.len();
         match self.mat() {
             Mat::F32(v) => out.copy_from_slice(&v[r * k..(r + 1) * k]),
-            Mat::Bf16(v) => {
-                for (o, &b) in out.iter_mut().zip(&v[r * k..(r + 1) * k]) {
-                    *o = kernels::from_bf16(b);
-                }
-            }
-            Mat::Q8 { .. } => {
+            m => {
                 for (c, o) in out.iter_mut().enumerate() {
-                    *o = self.get(r * k + c);
+                    *o = m.get(r * k + c);
                 }
             }
         }
@@ -363,11 +349,7 @@ impl Weight {
             return self;
         }
         let src = self.mat();
-        let at = |i: usize| match src {
-            Mat::F32(v) => v[i],
-            Mat::Bf16(v) => kernels::from_bf16(v[i]),
-            Mat::Q8 { q, d } => q[i] as f32 * d[i / kernels::Q8_BLOCK],
-        };
+        let at = |i: usize| src.get(i);
         let converted = match dtype {
             Dtype::F32 => Weight::owned((0..n).map(at).collect(), shape),
             Dtype::Bf16 => Weight {

@@ -216,24 +216,26 @@ fn expert_and_wire_formats_reach_the_worker_processes() {
     md.spec.serving.wire_dtype = moe_api::crd::WireDType::Bf16;
     let c = build(&md);
     let q8 = moe_worker::weights::DtypeChoice::Is(moe_worker::weights::Dtype::Q8);
-    let stage = template_args(&c.stages[0].spec.template);
-    let moe_worker::cli::Command::Stage(s) = moe_worker::cli::Cli::try_parse_from(&stage)
-        .unwrap_or_else(|e| panic!("{e}"))
-        .command
-    else {
-        panic!("not a stage: {stage:?}");
-    };
-    assert_eq!(s.part.model.precision.expert_dtype, q8);
-    assert_eq!(s.part.wire_dtype, "bf16".parse().expect("wire dtype"));
-    let expert = template_args(&c.expert_shards[0].spec.template);
-    let moe_worker::cli::Command::Expert(e) = moe_worker::cli::Cli::try_parse_from(&expert)
-        .unwrap_or_else(|e| panic!("{e}"))
-        .command
-    else {
-        panic!("not an expert shard: {expert:?}");
-    };
-    assert_eq!(e.part.model.precision.expert_dtype, q8);
-    assert_eq!(e.part.wire_dtype, "bf16".parse().expect("wire dtype"));
+    for template in [
+        &c.stages[0].spec.template,
+        &c.expert_shards[0].spec.template,
+    ] {
+        let args = template_args(template);
+        let part = match moe_worker::cli::Cli::try_parse_from(&args)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .command
+        {
+            moe_worker::cli::Command::Stage(s) => s.part,
+            moe_worker::cli::Command::Expert(e) => e.part,
+            _ => panic!("neither a stage nor an expert shard: {args:?}"),
+        };
+        assert_eq!(part.model.precision.expert_dtype, q8, "{args:?}");
+        assert_eq!(
+            part.wire_dtype,
+            "bf16".parse().expect("wire dtype"),
+            "{args:?}"
+        );
+    }
 }
 
 #[test]

@@ -59,13 +59,41 @@ pub struct BenchArgs {
 /// One way of running a preset: its checkpoint's format, our engine's options, PyTorch's dtype.
 struct Variant {
     label: &'static str,
-    /// Our engine's weight formats (the same as `engine_args`).
+    /// Our engine's weight formats.
     precision: crate::weights::Precision,
     bf16_checkpoint: bool,
-    engine_args: &'static [&'static str],
     torch_dtype: Option<&'static str>,
-    /// Bytes per weight read by decode: (dense matrices, routed experts).
-    bytes: (f64, f64),
+}
+
+impl Variant {
+    /// Bytes per weight decode reads: (dense matrices, routed experts).
+    fn bytes(&self) -> (f64, f64) {
+        use crate::weights::Dtype;
+        let stored = if self.bf16_checkpoint {
+            Dtype::Bf16
+        } else {
+            Dtype::F32
+        };
+        (
+            self.precision.matrix(stored, false).bytes_per_weight(),
+            self.precision.matrix(stored, true).bytes_per_weight(),
+        )
+    }
+}
+
+/// The folder of preset `name`'s checkpoint (f32, or its bf16 copy), written if missing.
+fn preset_checkpoint(root: &Path, name: &str, bf16: bool) -> Result<PathBuf> {
+    let dir = root.join(if bf16 {
+        format!("{name}-bf16")
+    } else {
+        name.to_string()
+    });
+    if !dir.join("config.json").exists() {
+        eprintln!("writing {name} checkpoint to {}", dir.display());
+        let preset = synthetic::preset(name)?;
+        synthetic::export_as(&preset, 0, &dir, 2 << 30, bf16, &mut |_, _| {})?;
+    }
+    Ok(dir)
 }
 
 const PRECISION_AUTO: crate::weights::Precision = crate::weights::Precision {
@@ -78,17 +106,13 @@ const VARIANTS: &[Variant] = &[
         label: "f32",
         precision: PRECISION_AUTO,
         bf16_checkpoint: false,
-        engine_args: &[],
         torch_dtype: Some("float32"),
-        bytes: (4.0, 4.0),
     },
     Variant {
         label: "bf16",
         precision: PRECISION_AUTO,
         bf16_checkpoint: true,
-        engine_args: &[],
         torch_dtype: Some("bfloat16"),
-        bytes: (2.0, 2.0),
     },
     Variant {
         label: "q8",
@@ -97,9 +121,7 @@ const VARIANTS: &[Variant] = &[
             experts: crate::weights::DtypeChoice::Is(crate::weights::Dtype::Q8),
         },
         bf16_checkpoint: true,
-        engine_args: &["--expert-dtype", "q8"],
         torch_dtype: None,
-        bytes: (2.0, 1.0 + 4.0 / crate::kernels::Q8_BLOCK as f64),
     },
 ];
 
@@ -384,15 +406,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     for name in &a.presets {
         let preset = synthetic::preset(name)?;
         for v in &variants {
-            let dir = root.join(if v.bf16_checkpoint {
-                format!("{name}-bf16")
-            } else {
-                name.clone()
-            });
-            if !dir.join("config.json").exists() {
-                eprintln!("writing {name} checkpoint to {}", dir.display());
-                synthetic::export_as(&preset, 0, &dir, 2 << 30, v.bf16_checkpoint, &mut |_, _| {})?;
-            }
+            let dir = preset_checkpoint(&root, name, v.bf16_checkpoint)?;
             models.push((
                 format!("{name} {}", v.label),
                 dir,
@@ -426,10 +440,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let mut rows = Vec::new();
     for (name, dir, cfg, v, preset) in models {
         let batch = a.workload.batch;
-        let read = cfg.bytes_read_per_token(v.bytes.0, v.bytes.1);
+        let (dense, expert) = v.bytes();
+        let read = cfg.bytes_read_per_token(dense, expert);
         let ceiling = bw / read;
-        let ceiling_batch =
-            bw / cfg.bytes_read_per_step(batch, v.bytes.0, v.bytes.1) * batch as f64;
+        let ceiling_batch = bw / cfg.bytes_read_per_step(batch, dense, expert) * batch as f64;
         let common = |c: &mut Command| {
             let w = &a.workload;
             c.arg("--prefill-tokens").arg(w.prefill_tokens.to_string());
@@ -443,7 +457,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             .arg("bench-engine")
             .arg("--model")
             .arg(&dir)
-            .args(v.engine_args);
+            .args(crate::load::PrecisionArgs::from(v.precision).to_args());
         common(&mut ours);
         eprintln!("{name}: moe-serve");
         let ours = run_json(ours, "engine benchmark")?;
@@ -491,18 +505,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         if tests.is_empty() {
             continue;
         }
-        let f32_dir = root.join(name);
-        if !f32_dir.join("config.json").exists() {
-            synthetic::export_as(
-                &synthetic::preset(name)?,
-                0,
-                &f32_dir,
-                2 << 30,
-                false,
-                &mut |_, _| {},
-            )?;
-        }
-        let reference_src = Checkpoint::open(&f32_dir)?;
+        let reference_src = Checkpoint::open(&preset_checkpoint(&root, name, false)?)?;
         let reference = crate::load::load_full(&reference_src, PRECISION_AUTO)?;
         let vocab = reference.config().vocab_size as u64;
         let mut rng = 99u64;
@@ -517,7 +520,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             })
             .collect();
         for v in tests {
-            let src = Checkpoint::open(&root.join(format!("{name}-bf16")))?;
+            let src = Checkpoint::open(&preset_checkpoint(&root, name, v.bf16_checkpoint)?)?;
             let test = crate::load::load_full(&src, v.precision)?;
             eprintln!("{name} {}: quality against f32", v.label);
             let q = crate::quality::compare(&reference, &test, &prompts, QUALITY_CONTINUE)?;

@@ -37,6 +37,15 @@ pub struct PrecisionArgs {
     pub expert_dtype: DtypeChoice,
 }
 
+impl From<Precision> for PrecisionArgs {
+    fn from(p: Precision) -> Self {
+        Self {
+            weight_dtype: p.weights,
+            expert_dtype: p.experts,
+        }
+    }
+}
+
 impl PrecisionArgs {
     pub fn precision(&self) -> Precision {
         Precision {

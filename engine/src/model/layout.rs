@@ -135,11 +135,11 @@ fn columns(w: &Weight, rows: usize, cols: usize, first: usize, step: usize) -> W
     if w.is_empty() {
         return w.clone();
     }
-    let picked = (cols - first).div_ceil(step);
+    let (src, picked) = (w.mat(), (cols - first).div_ceil(step));
     let mut out = vec![0.0; picked * rows];
     for r in 0..rows {
         for (j, c) in (first..cols).step_by(step).enumerate() {
-            out[j * rows + r] = w.get(r * cols + c);
+            out[j * rows + r] = src.get(r * cols + c);
         }
     }
     Weight::owned(out, vec![picked, rows])
@@ -163,7 +163,8 @@ fn rows(w: &Weight, from: usize, to: usize, cols: usize) -> Weight {
     if w.is_empty() {
         return w.clone();
     }
-    let v = (from * cols..to * cols).map(|i| w.get(i)).collect();
+    let src = w.mat();
+    let v = (from * cols..to * cols).map(|i| src.get(i)).collect();
     Weight::owned(v, vec![to - from, cols])
 }
 

@@ -216,7 +216,10 @@ impl Launch {
             moe_proto::WireDtype::F32 => moe_api::crd::WireDType::F32,
             moe_proto::WireDtype::Bf16 => moe_api::crd::WireDType::Bf16,
         };
-        moe_api::workers::add_precision_args(&mut workloads, expert_dtype.as_deref(), wire);
+        moe_api::workers::add_worker_args(
+            &mut workloads,
+            &moe_api::workers::precision_args(expert_dtype.as_deref(), wire),
+        );
         Ok(Self {
             name: "local".into(),
             model,
