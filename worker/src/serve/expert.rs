@@ -183,9 +183,55 @@ impl ExpertService {
         Ok(groups)
     }
 
-    /// One call, whichever path it came by: checks it, decodes its input with `input` (given
-    /// the row count), computes on a blocking thread, and returns the output tensor.
+    /// The shard's `/metrics`: calls running and waiting now, and its counters.
+    pub fn expose(&self, e: &mut super::metrics::Exposition) {
+        use super::metrics::Kind::Gauge;
+        use std::sync::atomic::Ordering;
+        e.single(
+            "moe_expert_shard_running_calls",
+            Gauge,
+            "Calls computing now",
+            self.limits
+                .concurrent
+                .max(1)
+                .saturating_sub(self.slots.available_permits()) as f64,
+        );
+        e.single(
+            "moe_expert_shard_waiting_calls",
+            Gauge,
+            "Calls waiting for a computation slot",
+            self.waiting.load(Ordering::SeqCst) as f64,
+        );
+        e.single(
+            "moe_expert_shard_call_slots",
+            Gauge,
+            "Calls computed at once (--max-concurrent-calls)",
+            self.limits.concurrent.max(1) as f64,
+        );
+        self.load.expose(e, "moe_expert_shard", "calls");
+    }
+
+    /// One call, whichever path it came by (see [`ExpertService::call`]), counted: refusals
+    /// for capacity and failures of accepted calls (a bad request is neither).
     async fn run(
+        &self,
+        metadata: &MetadataMap,
+        layer: u32,
+        experts: &[ExpertRows],
+        input: impl FnOnce(usize, usize) -> Result<Vec<f32>, TensorError>,
+    ) -> Result<Tensor, Status> {
+        let r = self.call(metadata, layer, experts, input).await;
+        match &r {
+            Err(s) if s.code() == tonic::Code::ResourceExhausted => self.load.record_rejected(),
+            Err(s) if s.code() != tonic::Code::InvalidArgument => self.load.record_failure(),
+            _ => {}
+        }
+        r
+    }
+
+    /// Checks a call, decodes its input with `input` (given the row count), computes on a
+    /// blocking thread, and returns the output tensor.
+    async fn call(
         &self,
         metadata: &MetadataMap,
         layer: u32,
@@ -283,6 +329,15 @@ impl ComputeHandler for ExpertService {
 pub async fn run(args: ExpertArgs) -> Result<()> {
     super::tls::init(&args.part.server.tls)?;
     let listener = bind(args.part.server.listen, "expert").await?;
+    let late = super::metrics::serve(
+        args.part.server.metrics_listen,
+        super::metrics::Identity {
+            role: "expert",
+            index: args.part.index,
+            model: args.part.model.model.to_string(),
+        },
+    )
+    .await?;
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
         .set_service_status("", tonic_health::ServingStatus::NotServing)
@@ -305,6 +360,10 @@ pub async fn run(args: ExpertArgs) -> Result<()> {
     };
     let handler =
         Arc::new(ExpertService::new(model, info, limit, limits).with_wire(args.part.wire_dtype));
+    {
+        let handler = handler.clone();
+        let _ = late.set(Box::new(move |e| handler.expose(e)));
+    }
     let generated = ExpertServer::from_arc(handler.clone())
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);

@@ -395,6 +395,8 @@ struct RoleSpec {
     args: Vec<String>,
     /// The address it listens on once known (reused on restart).
     addr: Option<String>,
+    /// Stages and expert shards serve `/metrics`: `Some(address once known)`.
+    metrics: Option<Option<String>>,
     threads: u16,
 }
 
@@ -413,6 +415,16 @@ async fn spawn(spec: &mut RoleSpec, listen: &str) -> Result<Child> {
         .arg("--listen")
         .arg(listen)
         .arg("--exit-with-stdin")
+        .args(
+            spec.metrics
+                .as_ref()
+                .map(|m| {
+                    let at = m.clone().unwrap_or_else(|| "127.0.0.1:0".into());
+                    ["--metrics-listen".to_string(), at]
+                })
+                .into_iter()
+                .flatten(),
+        )
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -450,6 +462,19 @@ async fn spawn(spec: &mut RoleSpec, listen: &str) -> Result<Child> {
             ));
         }
     };
+    if spec.metrics.is_some() {
+        // Printed right after the `listening on` line, before the weights load.
+        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line()).await;
+        let at = match line {
+            Ok(Ok(Some(l))) => l
+                .rsplit_once("metrics on http://")
+                .map(|(_, a)| a.trim().to_string()),
+            _ => None,
+        };
+        let at =
+            at.ok_or_else(|| Error::peer(spec.name.clone(), "did not print its metrics address"))?;
+        spec.metrics = Some(Some(at));
+    }
     // Keep draining stdout so the child never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     spec.addr = Some(addr);
@@ -596,6 +621,7 @@ async fn start_and_serve(
             name: p.name.clone(),
             args: a,
             addr: None,
+            metrics: (p.role != WorkerRole::Gateway).then_some(None),
             threads: args.child_threads,
         };
         let child = spawn(&mut spec, &listen).await?;
@@ -646,6 +672,20 @@ async fn start_and_serve(
         children.len(),
         started.elapsed().as_secs_f64()
     );
+    // Prometheus targets: every gateway's HTTP port and every other process's metrics port.
+    let targets: Vec<String> = children
+        .iter()
+        .filter_map(|r| {
+            let at = r
+                .spec
+                .metrics
+                .clone()
+                .flatten()
+                .or_else(|| r.spec.addr.clone())?;
+            Some(format!("{}=http://{at}/metrics", r.spec.name))
+        })
+        .collect();
+    println!("metrics: {}", targets.join(" "));
     println!("OpenAI endpoint: http://{http}/v1");
     if endpoints.len() > 1 {
         let all: Vec<String> = endpoints.iter().map(|e| format!("http://{e}/v1")).collect();

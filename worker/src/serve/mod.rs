@@ -6,6 +6,7 @@ pub mod discovery;
 pub mod expert;
 pub mod gateway;
 pub mod local;
+pub mod metrics;
 pub mod stage;
 pub mod tls;
 
@@ -48,6 +49,11 @@ pub struct ServerArgs {
     /// probes, which cannot present a client certificate.
     #[arg(long, env = "MOE_HEALTH_LISTEN")]
     pub health_listen: Option<SocketAddr>,
+
+    /// Serve Prometheus `/metrics` in plaintext on this address (port 0 picks one; the address
+    /// is printed after the `listening on` line).
+    #[arg(long, env = "MOE_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// What a stage and an expert shard are both told: the model, where to listen, which layers
@@ -355,6 +361,8 @@ struct LoadInner {
     rows: u64,
     busy: Duration,
     expert_wait: Duration,
+    failures: u64,
+    rejected: u64,
 }
 
 impl LoadCounters {
@@ -364,6 +372,78 @@ impl LoadCounters {
             g.rows += rows as u64;
             g.busy += busy;
         }
+    }
+
+    /// A micro-batch (stage) or call (expert) that failed after it was accepted.
+    pub fn record_failure(&self) {
+        if let Ok(mut g) = self.inner.lock() {
+            g.failures += 1;
+        }
+    }
+
+    /// A call refused for capacity (RESOURCE_EXHAUSTED).
+    pub fn record_rejected(&self) {
+        if let Ok(mut g) = self.inner.lock() {
+            g.rejected += 1;
+        }
+    }
+
+    /// Writes the counters as `PREFIX_*` families (`what`: "micro-batches" or "calls").
+    pub fn expose(&self, e: &mut metrics::Exposition, prefix: &str, what: &str) {
+        use metrics::Kind::Counter;
+        let Ok(g) = self.inner.lock() else { return };
+        let calls = if what == "calls" {
+            "calls"
+        } else {
+            "microbatches"
+        };
+        e.single(
+            &format!("{prefix}_{calls}_total"),
+            Counter,
+            &format!("{what} served"),
+            g.batches as f64,
+        );
+        e.single(
+            &format!("{prefix}_rows_total"),
+            Counter,
+            &format!("Rows (tokens) in the {what} served"),
+            g.rows as f64,
+        );
+        e.single(
+            &format!("{prefix}_busy_seconds_total"),
+            Counter,
+            &format!("Seconds spent computing {what}"),
+            g.busy.as_secs_f64(),
+        );
+        e.single(
+            &format!("{prefix}_failures_total"),
+            Counter,
+            &format!("{what} that failed after they were accepted"),
+            g.failures as f64,
+        );
+        e.single(
+            &format!("{prefix}_rejected_total"),
+            Counter,
+            &format!("{what} refused for capacity (RESOURCE_EXHAUSTED)"),
+            g.rejected as f64,
+        );
+        if what != "calls" {
+            e.single(
+                &format!("{prefix}_expert_wait_seconds_total"),
+                Counter,
+                "Of the busy seconds, the time spent waiting for expert shards (their compute and transport)",
+                g.expert_wait.as_secs_f64(),
+            );
+        }
+        let tokens: Vec<(u32, u32, u64)> =
+            g.experts.iter().map(|(&(l, x), &n)| (l, x, n)).collect();
+        drop(g);
+        metrics::expert_tokens(
+            e,
+            &format!("{prefix}_expert_tokens_total"),
+            "Tokens routed to each (layer, expert) by this process",
+            &tokens,
+        );
     }
 
     pub fn record_expert_wait(&self, d: Duration) {

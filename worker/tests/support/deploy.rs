@@ -15,6 +15,8 @@ pub struct Deployment {
     pub base: String,
     /// Every gateway's base URL (`--gateways N`), the first one first.
     pub bases: Vec<String>,
+    /// Every process's `/metrics` URL, by process name (`local-stage-0`, `local-gateway`, ...).
+    pub metrics: Vec<(String, String)>,
     marker: String,
 }
 
@@ -82,8 +84,15 @@ impl Deployment {
         std::thread::spawn(move || {
             // The endpoint lines come together, after every gateway is ready.
             let mut bases = Vec::new();
+            let mut metrics = Vec::new();
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(ep) = line.strip_prefix("OpenAI endpoint: ") {
+                if let Some(all) = line.strip_prefix("metrics: ") {
+                    metrics = all
+                        .split_whitespace()
+                        .filter_map(|t| t.split_once('='))
+                        .map(|(n, u)| (n.to_string(), u.to_string()))
+                        .collect();
+                } else if let Some(ep) = line.strip_prefix("OpenAI endpoint: ") {
                     bases = vec![ep.trim_end_matches("/v1").to_string()];
                 } else if let Some(all) = line.strip_prefix("gateway endpoints: ") {
                     bases = all
@@ -91,11 +100,11 @@ impl Deployment {
                         .map(|e| e.trim_end_matches("/v1").to_string())
                         .collect();
                 } else if line.starts_with("try: ") && !bases.is_empty() {
-                    let _ = tx.send(std::mem::take(&mut bases));
+                    let _ = tx.send((std::mem::take(&mut bases), std::mem::take(&mut metrics)));
                 }
             }
         });
-        let bases = match rx.recv_timeout(Duration::from_secs(240)) {
+        let (bases, metrics) = match rx.recv_timeout(Duration::from_secs(240)) {
             Ok(b) => b,
             Err(_) => {
                 let _ = child.kill();
@@ -107,6 +116,7 @@ impl Deployment {
             child,
             base: bases[0].clone(),
             bases,
+            metrics,
             marker,
         }
     }

@@ -45,12 +45,15 @@ pub struct Metrics {
     pub expert_load_imbalance: Gauge<f64, AtomicU64>,
     pub requests: Family<RequestLabel, Counter>,
     pub finish: Family<FinishLabel, Counter>,
+    pub admitted: Counter,
     pub prompt_tokens: Counter,
     pub generated_tokens: Counter,
     pub queue_depth: Gauge,
     pub lane_sequences: Family<LaneLabel, Gauge>,
     pub ready: Gauge,
     pub time_to_first_token: Histogram,
+    pub time_per_output_token: Histogram,
+    pub sequence_duration: Histogram,
     pub step_seconds: Histogram,
 }
 
@@ -60,12 +63,15 @@ impl Metrics {
         let m = Self {
             requests: Family::default(),
             finish: Family::default(),
+            admitted: Counter::default(),
             prompt_tokens: Counter::default(),
             generated_tokens: Counter::default(),
             queue_depth: Gauge::default(),
             lane_sequences: Family::default(),
             ready: Gauge::default(),
             time_to_first_token: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
+            time_per_output_token: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
+            sequence_duration: Histogram::new(exponential_buckets(0.01, 2.0, 16)),
             step_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             registry: Registry::default(),
             experts: Registry::default(),
@@ -90,8 +96,14 @@ impl Metrics {
             m.requests.clone(),
         );
         registry.register(
+            "sequences_admitted",
+            "Sequences a lane took from the queue (running = admitted - finished)",
+            m.admitted.clone(),
+        );
+        registry.register(
             "sequences_finished",
-            "Sequences finished, by reason",
+            "Sequences finished, by reason (stop, length, cancelled: the client went away, \
+             error: failed or timed out)",
             m.finish.clone(),
         );
         registry.register(
@@ -119,6 +131,16 @@ impl Metrics {
             "time_to_first_token_seconds",
             "Time from admission to the first token",
             m.time_to_first_token.clone(),
+        );
+        registry.register(
+            "time_per_output_token_seconds",
+            "Time between two tokens of one sequence (after its first)",
+            m.time_per_output_token.clone(),
+        );
+        registry.register(
+            "sequence_duration_seconds",
+            "Time from admission to the last token, of sequences that finished normally",
+            m.sequence_duration.clone(),
         );
         registry.register(
             "step_seconds",

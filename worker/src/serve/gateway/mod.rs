@@ -182,7 +182,8 @@ struct Running {
     events: mpsc::UnboundedSender<GenEvent>,
     span: tracing::Span,
     started: Instant,
-    first_token: bool,
+    /// When its last token was sent (`None`: none yet).
+    last_token: Option<Instant>,
     /// The sequence's admission slot, given back once the stages have released its KV
     /// caches (so the next sequence admitted always finds room on them).
     slot: tokio::sync::OwnedSemaphorePermit,
@@ -204,13 +205,7 @@ impl Drop for LaneSeqs {
         for _ in &ids {
             self.shared.metrics.finished("error");
         }
-        self.shared
-            .metrics
-            .lane_sequences
-            .get_or_create(&metrics::LaneLabel {
-                lane: self.index as u32,
-            })
-            .set(0);
+        set_lane_sequences(&self.shared, self.index, 0);
         if !ids.is_empty() && tokio::runtime::Handle::try_current().is_ok() {
             release(&self.shared, ids, slots);
         }
@@ -284,11 +279,7 @@ async fn lane(shared: Arc<Shared>, index: usize) {
             }
             release(&shared, gone, slots);
         }
-        shared
-            .metrics
-            .lane_sequences
-            .get_or_create(&metrics::LaneLabel { lane: index as u32 })
-            .set(batcher.len() as i64);
+        set_lane_sequences(&shared, index, batcher.len());
         let Some(step) = batcher.schedule() else {
             continue;
         };
@@ -354,19 +345,28 @@ async fn lane(shared: Arc<Shared>, index: usize) {
                     let Some(r) = running.get_mut(&ev.seq) else {
                         continue;
                     };
-                    if !r.first_token {
-                        r.first_token = true;
-                        shared
+                    let now = Instant::now();
+                    match r.last_token {
+                        None => shared
                             .metrics
                             .time_to_first_token
-                            .observe(r.started.elapsed().as_secs_f64());
+                            .observe((now - r.started).as_secs_f64()),
+                        Some(t) => shared
+                            .metrics
+                            .time_per_output_token
+                            .observe((now - t).as_secs_f64()),
                     }
+                    r.last_token = Some(now);
                     shared.metrics.generated_tokens.inc();
                     let _ = r.events.send(GenEvent::Token(ev.token));
                     if let Some(f) = ev.finish {
                         let _ = r.events.send(GenEvent::Done(f));
                         done.push(ev.seq);
                         shared.metrics.finished(f.as_str());
+                        shared
+                            .metrics
+                            .sequence_duration
+                            .observe(r.started.elapsed().as_secs_f64());
                     }
                 }
             }
@@ -387,7 +387,17 @@ async fn lane(shared: Arc<Shared>, index: usize) {
             slots.extend(running.remove(id).map(|r| r.slot));
         }
         release(&shared, done, slots);
+        // Set after every change, so an idle lane (which waits above without looping) reads 0.
+        set_lane_sequences(&shared, index, batcher.len());
     }
+}
+
+fn set_lane_sequences(shared: &Shared, index: usize, n: usize) {
+    shared
+        .metrics
+        .lane_sequences
+        .get_or_create(&metrics::LaneLabel { lane: index as u32 })
+        .set(n as i64);
 }
 
 fn admit(
@@ -397,17 +407,24 @@ fn admit(
     r: GenRequest,
     slot: tokio::sync::OwnedSemaphorePermit,
 ) {
+    if r.events.is_closed() {
+        // Its client went away while it queued: nothing runs for it.
+        shared.metrics.admitted.inc();
+        shared.metrics.finished("cancelled");
+        return;
+    }
     let id = SeqId(shared.next_seq.fetch_add(1, Ordering::Relaxed));
     shared.metrics.prompt_tokens.inc_by(r.prompt.len() as u64);
     match batcher.add(id, r.prompt, r.params) {
         Ok(()) => {
+            shared.metrics.admitted.inc();
             running.insert(
                 id,
                 Running {
                     events: r.events,
                     span: r.span,
                     started: Instant::now(),
-                    first_token: false,
+                    last_token: None,
                     slot,
                 },
             );

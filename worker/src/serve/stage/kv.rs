@@ -68,6 +68,11 @@ impl KvStore {
             .map_err(|_| Status::internal("KV cache store lock poisoned"))
     }
 
+    /// Most sequences it holds caches for.
+    pub fn capacity(&self) -> usize {
+        self.max_sequences
+    }
+
     /// Sequences holding a cache (including those in a micro-batch now).
     pub fn len(&self) -> usize {
         self.inner.lock().map(|g| g.count).unwrap_or(0)

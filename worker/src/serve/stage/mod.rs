@@ -139,6 +139,13 @@ fn compute_thread(core: Arc<Core>) -> std::io::Result<std::sync::mpsc::Sender<Jo
                     core.kv.finish(&msg.owner, &msg.seqs, None);
                     Err(Status::internal("the stage's computation panicked"))
                 });
+                match &result {
+                    Err(s) if s.code() == tonic::Code::ResourceExhausted => {
+                        core.load.record_rejected()
+                    }
+                    Err(_) => core.load.record_failure(),
+                    Ok(_) => {}
+                }
                 let _ = done.send((msg, result));
             }
         })?;
@@ -146,6 +153,31 @@ fn compute_thread(core: Arc<Core>) -> std::io::Result<std::sync::mpsc::Sender<Jo
 }
 
 impl Core {
+    /// The stage's `/metrics`: what it holds now, read from that state, and its counters.
+    fn expose(&self, e: &mut super::metrics::Exposition) {
+        use super::metrics::Kind::Gauge;
+        e.single(
+            "moe_stage_kv_sequences",
+            Gauge,
+            "Sequences holding a KV cache on this stage (including those in a micro-batch now)",
+            self.kv.len() as f64,
+        );
+        e.single(
+            "moe_stage_kv_capacity",
+            Gauge,
+            "Most sequences this stage holds KV caches for",
+            self.kv.capacity() as f64,
+        );
+        e.single(
+            "moe_stage_forward_streams",
+            Gauge,
+            "Forward streams open (one per gateway, or the previous stage)",
+            self.max_streams
+                .saturating_sub(self.streams.available_permits()) as f64,
+        );
+        self.load.expose(e, "moe_stage", "micro-batches");
+    }
+
     /// Runs a micro-batch through this stage's layers; returns the hidden states of every
     /// row, or (last stage) of each sequence's last row.
     fn run(&self, req: &ForwardRequest, caller: &mut Option<Caller>) -> Result<Vec<f32>, Status> {
@@ -459,6 +491,15 @@ async fn evict_idle(core: Arc<Core>, idle: Duration) {
 pub async fn run(args: StageArgs) -> Result<()> {
     super::tls::init(&args.part.server.tls)?;
     let listener = bind(args.part.server.listen, "stage").await?;
+    let late = super::metrics::serve(
+        args.part.server.metrics_listen,
+        super::metrics::Identity {
+            role: "stage",
+            index: args.part.index,
+            model: args.part.model.model.to_string(),
+        },
+    )
+    .await?;
     let src = args.part.model.model.open()?;
     let cfg = src.config().clone();
     let expert_addrs = discovery::parse_list(&args.expert_addrs)?;
@@ -521,6 +562,10 @@ pub async fn run(args: StageArgs) -> Result<()> {
         max_message_bytes: limit,
         wire: args.part.wire_dtype,
     });
+    {
+        let core = core.clone();
+        let _ = late.set(Box::new(move |e| core.expose(e)));
+    }
     tokio::spawn(evict_idle(
         core.clone(),
         Duration::from_secs(args.cache_idle_timeout_s),
