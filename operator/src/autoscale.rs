@@ -145,6 +145,27 @@ pub fn imbalance(loads: &[f64], replicas: &[i32]) -> f64 {
     max / (total / n as f64)
 }
 
+/// Whether the autoscaler has no replica left to give: the budget is used, or every shard
+/// whose load per replica is above the mean already has `max` replicas (more imbalance then
+/// cannot be scaled away).
+pub fn at_budget(p: &Params, loads: &[f64], replicas: &[i32], max: i32) -> bool {
+    let used: i64 = replicas.iter().map(|&r| i64::from(r)).sum();
+    if used >= i64::from(p.budget) {
+        return true;
+    }
+    let total: f64 = loads.iter().copied().map(clean).sum();
+    let n: i64 = replicas.iter().map(|&r| i64::from(r.max(1))).sum();
+    if total <= 0.0 || n == 0 {
+        return false;
+    }
+    let mean = total / n as f64;
+    loads
+        .iter()
+        .zip(replicas)
+        .filter(|&(&l, &r)| clean(l) / f64::from(r.max(1)) > mean)
+        .all(|(_, &r)| r >= max)
+}
+
 /// What the policy remembers between decisions.
 #[derive(Debug, Clone, Default)]
 pub struct State {

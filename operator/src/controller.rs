@@ -13,7 +13,7 @@ use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Client, Resource, ResourceExt};
@@ -43,6 +43,39 @@ pub struct Context {
     pub autoscale: Arc<autoscale::Store>,
     /// What recent reconciles applied, so that the next ones skip what has not changed.
     pub applied: AppliedCache,
+    /// Whether the cluster serves the PodMonitor API (looked up again every minute).
+    pub monitoring: ServedApi,
+}
+
+/// Whether an optional API (the Prometheus Operator's PodMonitor) is served, remembered for a
+/// minute: installing its CRD later is noticed without a discovery call per reconcile.
+#[derive(Debug, Default)]
+pub struct ServedApi(Mutex<Option<(bool, Instant)>>);
+
+impl ServedApi {
+    const TTL: Duration = Duration::from_secs(60);
+
+    pub async fn pod_monitors(&self, client: &Client) -> bool {
+        if let Some((served, at)) = *self.0.lock().unwrap_or_else(|e| e.into_inner())
+            && at.elapsed() < Self::TTL
+        {
+            return served;
+        }
+        let served = match client
+            .list_api_group_resources("monitoring.coreos.com/v1")
+            .await
+        {
+            Ok(list) => list.resources.iter().any(|r| r.name == "podmonitors"),
+            Err(kube::Error::Api(s)) if s.code == 404 => false,
+            Err(e) => {
+                // Unknown: try again on the next reconcile; nothing is applied meanwhile.
+                warn!(error = %e, "cannot tell whether the PodMonitor API is served");
+                return false;
+            }
+        };
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some((served, Instant::now()));
+        served
+    }
 }
 
 /// What the operator last applied for each `MoEDeployment` (by uid): a hash of every child's
@@ -436,6 +469,12 @@ async fn scaled_events(
             l.layer_start, l.layer_end, l.experts, was.replicas, now
         );
         info!(shard = j, from = was.replicas, to = now, "{note}");
+        ctx.metrics.observe_scaling(
+            &md.namespace().unwrap_or_default(),
+            &md.name_any(),
+            was.replicas,
+            now,
+        );
         // An Event's note holds at most 1 kB.
         let note: String = note.chars().take(1000).collect();
         let event = Event {
@@ -470,6 +509,8 @@ async fn reconcile_inner(md: &MoEDeployment, ctx: &Context) -> Result<Action, Re
         if let Some(uid) = md.uid() {
             ctx.applied.forget(&uid);
         }
+        ctx.metrics
+            .forget(&md.namespace().unwrap_or_default(), &md.name_any());
         return Ok(Action::await_change());
     }
     let ns = md.namespace().unwrap_or_default();
@@ -567,6 +608,24 @@ async fn reconcile_inner(md: &MoEDeployment, ctx: &Context) -> Result<Action, Re
         &mut hashes,
     )
     .await?;
+    // Only asked when the operator creates PodMonitors at all.
+    let monitors = children.pod_monitor.is_some() && ctx.monitoring.pod_monitors(&ctx.client).await;
+    if monitors && let Some(pm) = &children.pod_monitor {
+        let key = format!("PodMonitor/{}", pm.name_any());
+        let hash = desired_hash(pm);
+        if prev_applied.as_ref().and_then(|p| p.hashes.get(&key)) != Some(&hash) {
+            let api: Api<DynamicObject> =
+                Api::namespaced_with(ctx.client.clone(), &ns, &resources::pod_monitor_api());
+            api.patch(
+                &pm.name_any(),
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(pm),
+            )
+            .await
+            .map_err(kube_err("apply", "PodMonitor", &pm.name_any()))?;
+        }
+        hashes.insert(key, hash);
+    }
     let same_children = prev_applied.as_ref().is_some_and(|p| {
         p.hashes.keys().collect::<BTreeSet<_>>() == hashes.keys().collect::<BTreeSet<_>>()
     });
@@ -595,6 +654,36 @@ async fn reconcile_inner(md: &MoEDeployment, ctx: &Context) -> Result<Action, Re
     if let Some(d) = &decision {
         scaled_events(ctx, md, &plan, &prev, &replicas, d).await;
     }
+    ctx.metrics.observe_shards(
+        &ns,
+        &md.name_any(),
+        &crate::metrics::ShardsSeen {
+            desired: applied
+                .expert_shards
+                .iter()
+                .map(|d| d.spec.replicas.unwrap_or(1))
+                .collect(),
+            ready: applied
+                .expert_shards
+                .iter()
+                .map(|d| {
+                    d.status
+                        .as_ref()
+                        .and_then(|s| s.ready_replicas)
+                        .unwrap_or(0)
+                })
+                .collect(),
+            autoscaler: decision.as_ref().map(|d| {
+                let p = autoscale::Params::from_spec(&md.spec.experts, d.desired.len());
+                let (_, max) =
+                    autoscale::bounds(md.spec.experts.min_replicas, md.spec.experts.max_replicas);
+                (
+                    autoscale::imbalance(&d.tokens_per_second, &d.desired),
+                    autoscale::at_budget(&p, &d.tokens_per_second, &d.desired, max),
+                )
+            }),
+        },
+    );
     let endpoint = format!("{}.{ns}.svc:80", md.name_any());
     let mut next = status::compute(
         &prev,

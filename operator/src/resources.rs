@@ -62,6 +62,8 @@ pub const HTTP_PORT: i32 = 8000;
 /// Stages and expert shards serve `grpc.health.v1` alone in plaintext here, for the kubelet's
 /// gRPC probes (which cannot present the deployment's client certificate).
 pub const HEALTH_PORT: i32 = 50052;
+/// Plaintext `/metrics` of stages and expert shards (the gateway's are on its HTTP port).
+pub const METRICS_PORT: i32 = 9090;
 /// Non-root user the workers run as.
 pub const RUN_AS: i64 = 65532;
 /// Where a PersistentVolumeClaim's checkpoint is mounted.
@@ -80,7 +82,27 @@ pub struct Config {
     pub worker_image: String,
     /// Secrets (in each MoEDeployment's namespace) the worker pods pull their image with.
     pub image_pull_secrets: Vec<String>,
+    /// A PodMonitor per deployment (applied only where the cluster serves the API).
+    pub pod_monitor: Option<PodMonitorConfig>,
 }
+
+/// What every deployment's PodMonitor carries besides its selector and endpoints.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PodMonitorConfig {
+    /// Labels a Prometheus selects PodMonitors by (e.g. `release: kube-prometheus-stack`).
+    pub labels: BTreeMap<String, String>,
+    /// Scrape interval (`15s`); empty: Prometheus's own.
+    pub interval: String,
+}
+
+/// The target labels every worker sample gets from its pod, for dashboards and alerts to
+/// select one deployment, role, stage or expert shard (besides `namespace` and `pod`).
+pub const TARGET_LABELS: [(&str, &str); 4] = [
+    (LABEL_DEPLOYMENT, "moe_deployment"),
+    (LABEL_ROLE, "moe_role"),
+    (LABEL_STAGE, "moe_stage"),
+    (LABEL_SHARD, "moe_expert_shard"),
+];
 
 /// Every object one `MoEDeployment` owns, in the order they are applied: what others refer to
 /// comes first (identity, discovery Services), then the workloads, then policy.
@@ -97,6 +119,8 @@ pub struct Children {
     pub gateway: Deployment,
     pub pdbs: Vec<PodDisruptionBudget>,
     pub network_policy: NetworkPolicy,
+    /// `monitoring.coreos.com/v1` PodMonitor of every worker pod, when configured.
+    pub pod_monitor: Option<kube::api::DynamicObject>,
 }
 
 pub fn experts_service(md: &str) -> String {
@@ -245,7 +269,76 @@ pub fn build(md: &MoEDeployment, plan: &SizedPlan, config: &Config) -> Result<Ch
         gateway: gateway(&cx),
         pdbs,
         network_policy: network_policy(&cx),
+        pod_monitor: config
+            .pod_monitor
+            .as_ref()
+            .map(|c| pod_monitor(&cx, c))
+            .transpose()?,
     })
+}
+
+/// The PodMonitor API, for applying with a dynamic client.
+pub fn pod_monitor_api() -> kube::api::ApiResource {
+    kube::api::ApiResource {
+        group: "monitoring.coreos.com".into(),
+        version: "v1".into(),
+        api_version: "monitoring.coreos.com/v1".into(),
+        kind: "PodMonitor".into(),
+        plural: "podmonitors".into(),
+    }
+}
+
+pub fn pod_monitor_name(md: &str) -> String {
+    format!("{md}-workers")
+}
+
+/// One PodMonitor for every worker pod of the deployment: the gateways' `http` port and the
+/// stages' and expert shards' `metrics` port, with the pods' deployment, role, stage and shard
+/// labels as target labels (see [`TARGET_LABELS`]).
+fn pod_monitor(cx: &Ctx, c: &PodMonitorConfig) -> Result<kube::api::DynamicObject> {
+    let n = &cx.name;
+    let mut labels = common_labels(n);
+    labels.extend(c.labels.clone());
+    let relabelings: Vec<serde_json::Value> = TARGET_LABELS
+        .iter()
+        .map(|(pod_label, target)| {
+            serde_json::json!({
+                "action": "replace",
+                "sourceLabels": [format!("__meta_kubernetes_pod_label_{}", sanitize(pod_label))],
+                "targetLabel": target,
+            })
+        })
+        .collect();
+    let endpoint = |port: &str| {
+        let mut e = serde_json::json!({
+            "port": port,
+            "path": "/metrics",
+            "scheme": "http",
+            "relabelings": relabelings,
+        });
+        if !c.interval.is_empty() {
+            e["interval"] = c.interval.clone().into();
+        }
+        e
+    };
+    let mut obj = kube::api::DynamicObject::new(&pod_monitor_name(n), &pod_monitor_api())
+        .within(&cx.namespace);
+    obj.metadata = cx.meta(pod_monitor_name(n), labels);
+    obj.data = serde_json::json!({
+        "spec": {
+            "selector": {"matchLabels": {LABEL_DEPLOYMENT: n}},
+            "podMetricsEndpoints": [endpoint("http"), endpoint("metrics")],
+        }
+    });
+    Ok(obj)
+}
+
+/// A label name as Prometheus's Kubernetes discovery spells it in `__meta_*` labels.
+pub fn sanitize(label: &str) -> String {
+    label
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect()
 }
 
 fn config_map(cx: &Ctx) -> Result<ConfigMap> {
@@ -570,6 +663,8 @@ fn pod_template(
         args.extend([
             "--health-listen".to_string(),
             format!("0.0.0.0:{HEALTH_PORT}"),
+            "--metrics-listen".to_string(),
+            format!("0.0.0.0:{METRICS_PORT}"),
         ]);
     }
 
@@ -622,6 +717,12 @@ fn pod_template(
                 ContainerPort {
                     name: Some("health".into()),
                     container_port: HEALTH_PORT,
+                    protocol: Some("TCP".into()),
+                    ..ContainerPort::default()
+                },
+                ContainerPort {
+                    name: Some("metrics".into()),
+                    container_port: METRICS_PORT,
                     protocol: Some("TCP".into()),
                     ..ContainerPort::default()
                 },
@@ -887,13 +988,19 @@ fn network_policy(cx: &Ctx) -> NetworkPolicy {
                         ..NetworkPolicyPort::default()
                     }]),
                 },
+                // From anywhere: the gateways' HTTP (API and /metrics) and the others'
+                // /metrics (Prometheus runs in another namespace).
                 NetworkPolicyIngressRule {
                     from: None,
-                    ports: Some(vec![NetworkPolicyPort {
-                        port: Some(IntOrString::Int(HTTP_PORT)),
-                        protocol: Some("TCP".into()),
-                        ..NetworkPolicyPort::default()
-                    }]),
+                    ports: Some(
+                        [HTTP_PORT, METRICS_PORT]
+                            .map(|p| NetworkPolicyPort {
+                                port: Some(IntOrString::Int(p)),
+                                protocol: Some("TCP".into()),
+                                ..NetworkPolicyPort::default()
+                            })
+                            .to_vec(),
+                    ),
                 },
             ]),
         }),

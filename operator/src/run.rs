@@ -100,6 +100,31 @@ pub struct RunArgs {
     /// Time constant, in seconds, of the moving average of each expert shard's load.
     #[arg(long, env = "MOE_AUTOSCALE_SMOOTHING_S", default_value_t = 20)]
     pub autoscale_smoothing_s: u64,
+
+    /// Create a Prometheus Operator PodMonitor for each MoEDeployment's worker pods (only
+    /// where the cluster serves `monitoring.coreos.com/v1` PodMonitor).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1,
+          default_missing_value = "true", require_equals = true)]
+    pub pod_monitors: bool,
+
+    /// A label every PodMonitor carries, KEY=VALUE (repeat, or separate with commas), e.g.
+    /// `release=kube-prometheus-stack` for the Prometheus that selects by it.
+    #[arg(long = "pod-monitor-label", env = "MOE_POD_MONITOR_LABELS", value_delimiter = ',', value_parser = parse_label)]
+    pub pod_monitor_labels: Vec<(String, String)>,
+
+    /// Scrape interval of the PodMonitors (empty: Prometheus's own).
+    #[arg(long, env = "MOE_POD_MONITOR_INTERVAL", default_value = "15s")]
+    pub pod_monitor_interval: String,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}` is not KEY=VALUE"))?;
+    if k.is_empty() {
+        return Err(format!("`{s}`: the label name is empty"));
+    }
+    Ok((k.to_string(), v.to_string()))
 }
 
 #[derive(Clone)]
@@ -221,6 +246,10 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
         config: resources::Config {
             worker_image: args.worker_image.clone(),
             image_pull_secrets: args.image_pull_secrets.clone(),
+            pod_monitor: args.pod_monitors.then(|| resources::PodMonitorConfig {
+                labels: args.pod_monitor_labels.iter().cloned().collect(),
+                interval: args.pod_monitor_interval.clone(),
+            }),
         },
         recorder: Recorder::new(
             client.clone(),
@@ -232,6 +261,7 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
         metrics: metrics.clone(),
         autoscale: autoscale_store.clone(),
         applied: Default::default(),
+        monitoring: Default::default(),
     });
     let (mds, sts, deps): (Api<MoEDeployment>, Api<StatefulSet>, Api<Deployment>) =
         match &args.namespace {

@@ -49,6 +49,8 @@ struct World {
     ready: bool,
     /// An expert shard from an earlier, larger plan still exists.
     stale_shard: bool,
+    /// The operator creates PodMonitors, and the cluster serves their API.
+    monitoring: bool,
 }
 
 fn workload_status(obj: &Value) -> Value {
@@ -80,6 +82,20 @@ fn answer(world: World, seen: &Seen) -> (u16, Value) {
             obj["spec"] = serde_json::to_value(&tiny().spec).unwrap();
         }
         return (200, obj);
+    }
+    if *m == Method::GET && seen.path == "/apis/monitoring.coreos.com/v1" {
+        return (
+            200,
+            json!({
+                "kind": "APIResourceList",
+                "apiVersion": "v1",
+                "groupVersion": "monitoring.coreos.com/v1",
+                "resources": [{
+                    "name": "podmonitors", "singularName": "podmonitor", "namespaced": true,
+                    "kind": "PodMonitor", "verbs": ["get", "list", "watch", "create", "patch"],
+                }],
+            }),
+        );
     }
     if *m == Method::GET && seen.path.contains("/secrets/") {
         // No certificates yet: the operator issues them.
@@ -191,6 +207,9 @@ async fn reconcile_with(
         client: client.clone(),
         config: Config {
             worker_image: "ghcr.io/moe-serve/moe-worker:test".into(),
+            pod_monitor: world
+                .monitoring
+                .then(moe_operator::resources::PodMonitorConfig::default),
             ..Config::default()
         },
         recorder: Recorder::new(
@@ -203,6 +222,7 @@ async fn reconcile_with(
         metrics: Arc::new(Metrics::new()),
         autoscale: Default::default(),
         applied,
+        monitoring: Default::default(),
     });
     let result = controller::reconcile(Arc::new(md), ctx).await;
     // Dropping the last client ends the fake server.
@@ -272,6 +292,7 @@ async fn first_reconcile_applies_children_in_order_then_writes_status() {
         World {
             ready: false,
             stale_shard: false,
+            monitoring: false,
         },
     )
     .await;
@@ -325,6 +346,7 @@ async fn ready_workloads_give_a_ready_status_and_one_event() {
         World {
             ready: true,
             stale_shard: false,
+            monitoring: false,
         },
     )
     .await;
@@ -359,6 +381,7 @@ async fn a_removed_expert_shard_loses_its_deployment() {
         World {
             ready: false,
             stale_shard: true,
+            monitoring: false,
         },
     )
     .await;
@@ -385,6 +408,7 @@ async fn an_invalid_spec_is_reported_not_retried() {
         World {
             ready: false,
             stale_shard: false,
+            monitoring: false,
         },
     )
     .await;
@@ -416,6 +440,7 @@ async fn a_settled_deployment_writes_nothing_new() {
     let world = World {
         ready: true,
         stale_shard: false,
+        monitoring: false,
     };
     let (_, seen) = reconcile(tiny(), world).await;
     let status: moe_operator::crd::MoEDeploymentStatus =
@@ -435,6 +460,7 @@ async fn a_later_reconcile_applies_only_the_workloads_and_lists_nothing() {
     let world = World {
         ready: true,
         stale_shard: false,
+        monitoring: false,
     };
     let cache = AppliedCache::default();
     let (result, _) = reconcile_with(tiny(), world, cache.clone()).await;
@@ -463,4 +489,40 @@ async fn a_later_reconcile_applies_only_the_workloads_and_lists_nothing() {
         "{got:?}"
     );
     assert!(!got.iter().any(|l| l.contains("/roles/")), "{got:?}");
+}
+
+#[tokio::test]
+async fn a_pod_monitor_is_applied_where_its_api_is_served_and_not_asked_for_otherwise() {
+    let world = World {
+        ready: true,
+        stale_shard: false,
+        monitoring: true,
+    };
+    let (result, seen) = reconcile(tiny(), world).await;
+    result.unwrap();
+    let lines = lines(&seen);
+    let discovery = "GET /apis/monitoring.coreos.com/v1".to_string();
+    let apply = format!("PATCH /apis/monitoring.coreos.com/v1{NS}/podmonitors/tiny-workers");
+    assert!(lines.contains(&discovery), "{lines:#?}");
+    let at = lines.iter().position(|l| *l == apply).expect("applied");
+    let body = &seen[at].body;
+    assert_eq!(body["kind"], "PodMonitor");
+    assert_eq!(body["metadata"]["ownerReferences"][0]["uid"], UID);
+    assert!(seen[at].query.contains("fieldManager=moe-operator"));
+
+    // Not configured: no discovery call and no PodMonitor.
+    let (result, seen) = reconcile(
+        tiny(),
+        World {
+            monitoring: false,
+            ..world
+        },
+    )
+    .await;
+    result.unwrap();
+    let lines = self::lines(&seen);
+    assert!(
+        !lines.iter().any(|l| l.contains("monitoring.coreos.com")),
+        "{lines:#?}"
+    );
 }

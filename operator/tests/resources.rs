@@ -353,6 +353,7 @@ fn worker_pods_pull_with_the_configured_secrets() {
         &Config {
             worker_image: "registry.example.com/moe/moe-worker@sha256:abc".into(),
             image_pull_secrets: vec!["regcred".into()],
+            ..Config::default()
         },
     )
     .unwrap();
@@ -446,8 +447,9 @@ fn synthetic_presets_match_the_worker() {
 /// per-process replica numbers `moe-worker local` hands out. The rest as sorted flag-value
 /// pairs (the order of flags means nothing to the CLI).
 fn what_it_runs(args: &[String], role: &str) -> Vec<(String, String)> {
-    const PLACE: [&str; 9] = [
+    const PLACE: [&str; 10] = [
         "--listen",
+        "--metrics-listen",
         "--next",
         "--expert-addrs",
         "--stage-addrs",
@@ -537,4 +539,110 @@ fn moe_worker_local_runs_the_processes_the_operator_creates() {
         local.sort();
         assert_eq!(local, operator, "{:?}", md.spec);
     }
+}
+
+#[test]
+fn the_pod_monitor_scrapes_every_worker_pod_on_a_port_it_serves_metrics_on() {
+    let md = example("tiny.yaml");
+    let plan = planning::plan(&md.spec).unwrap();
+    let children = resources::build(
+        &md,
+        &plan,
+        &Config {
+            worker_image: "ghcr.io/moe-serve/moe-worker:test".into(),
+            pod_monitor: Some(resources::PodMonitorConfig {
+                labels: [("release".to_string(), "kps".to_string())].into(),
+                interval: "15s".into(),
+            }),
+            ..Config::default()
+        },
+    )
+    .unwrap();
+    let pm = children.pod_monitor.expect("configured");
+    assert_eq!(pm.metadata.name.as_deref(), Some("tiny-workers"));
+    assert_eq!(pm.metadata.namespace.as_deref(), Some("serving"));
+    assert_eq!(pm.metadata.labels.as_ref().unwrap()["release"], "kps");
+    let owner = &pm.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(owner.kind, "MoEDeployment");
+    let v = serde_json::to_value(&pm).unwrap();
+    assert_eq!(v["apiVersion"], "monitoring.coreos.com/v1");
+    assert_eq!(v["kind"], "PodMonitor");
+    let selector = v["spec"]["selector"]["matchLabels"].as_object().unwrap();
+    let endpoints = v["spec"]["podMetricsEndpoints"].as_array().unwrap();
+    let ports: Vec<&str> = endpoints
+        .iter()
+        .map(|e| e["port"].as_str().unwrap())
+        .collect();
+    assert!(
+        endpoints
+            .iter()
+            .all(|e| e["interval"] == "15s" && e["path"] == "/metrics")
+    );
+
+    // Every worker pod is selected and has exactly one of the endpoints' ports, and the worker
+    // process listens for /metrics on it.
+    let templates = children
+        .stages
+        .iter()
+        .map(|s| ("stage", s.spec.template.clone()))
+        .chain(
+            children
+                .expert_shards
+                .iter()
+                .map(|d| ("expert", d.spec.template.clone())),
+        )
+        .chain([("gateway", children.gateway.spec.template.clone())]);
+    for (role, t) in templates {
+        let labels = t.metadata.as_ref().unwrap().labels.clone().unwrap();
+        for (k, want) in selector {
+            assert_eq!(
+                Some(&labels[k]),
+                want.as_str().map(String::from).as_ref(),
+                "{role}"
+            );
+        }
+        let c = &t.spec.as_ref().unwrap().containers[0];
+        let named: Vec<_> = c
+            .ports
+            .as_ref()
+            .unwrap()
+            .iter()
+            .filter(|p| ports.contains(&p.name.as_deref().unwrap_or("")))
+            .collect();
+        assert_eq!(named.len(), 1, "{role}: {ports:?}");
+        let port = named[0].container_port;
+        let args = template_args(&t);
+        let listens = match role {
+            "gateway" => args.iter().any(|a| a.ends_with(&format!(":{port}"))),
+            _ => args
+                .windows(2)
+                .any(|w| w[0] == "--metrics-listen" && w[1] == format!("0.0.0.0:{port}")),
+        };
+        assert!(
+            listens,
+            "{role} does not serve /metrics on {port}: {args:?}"
+        );
+        // The target labels come from labels the pod has.
+        for e in endpoints {
+            for r in e["relabelings"].as_array().unwrap() {
+                let src = r["sourceLabels"][0].as_str().unwrap();
+                let pod_label = resources::TARGET_LABELS
+                    .iter()
+                    .find(|(_, t)| *t == r["targetLabel"])
+                    .unwrap()
+                    .0;
+                assert_eq!(
+                    src,
+                    format!(
+                        "__meta_kubernetes_pod_label_{}",
+                        resources::sanitize(pod_label)
+                    )
+                );
+            }
+        }
+        assert!(labels.contains_key(resources::LABEL_ROLE), "{role}");
+    }
+
+    // Without the option there is none.
+    assert!(build(&md).pod_monitor.is_none());
 }
