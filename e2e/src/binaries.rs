@@ -22,12 +22,32 @@ pub fn k8s_bin_dir() -> Result<PathBuf> {
 }
 
 fn run_build_script() -> Result<PathBuf> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("k8s/build.sh");
     // stderr is inherited, so the build's progress shows even when the test's output is captured.
-    let out = Command::new("bash")
-        .arg(&script)
-        .env("MOE_K8S_VERSION", K8S_VERSION)
-        .stderr(std::process::Stdio::inherit())
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("k8s/build.sh");
+    script_output_dir(&script, &[("MOE_K8S_VERSION", K8S_VERSION)])
+}
+
+/// The folder holding `prometheus` and `promtool`, built by `prometheus/build.sh` from the
+/// committed wrapper module when missing (about two minutes the first time). Built once per
+/// process.
+pub fn prometheus_bin_dir() -> Result<PathBuf> {
+    static DIR: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("prometheus/build.sh");
+        script_output_dir(&script, &[]).map_err(|e| format!("{e:#}"))
+    })
+    .clone()
+    .map_err(anyhow::Error::msg)
+}
+
+/// Runs a build script (stderr shown) and returns the folder it prints last.
+fn script_output_dir(script: &Path, env: &[(&str, &str)]) -> Result<PathBuf> {
+    let mut cmd = Command::new("bash");
+    cmd.arg(script).stderr(std::process::Stdio::inherit());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd
         .output()
         .with_context(|| format!("running {}", script.display()))?;
     if !out.status.success() {

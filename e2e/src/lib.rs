@@ -24,5 +24,7 @@ mod pki;
 mod process;
 pub mod wait;
 
-pub use binaries::{K8S_VERSION, k8s_bin_dir, workspace_bin_dir, workspace_binary};
+pub use binaries::{
+    K8S_VERSION, k8s_bin_dir, prometheus_bin_dir, workspace_bin_dir, workspace_binary,
+};
 pub use cluster::{Cluster, ClusterConfig, Registry};

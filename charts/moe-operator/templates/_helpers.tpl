@@ -121,3 +121,13 @@ monitoring.coreos.com/v1 ServiceMonitor, or serviceMonitor.force is set.
 true
 {{- end }}
 {{- end }}
+
+{{/*
+Non-empty when a PrometheusRule may be rendered: the cluster serves
+monitoring.coreos.com/v1 PrometheusRule, or prometheusRule.force is set.
+*/}}
+{{- define "moe-operator.prometheusRuleAPI" -}}
+{{- if or .Values.prometheusRule.force (.Capabilities.APIVersions.Has "monitoring.coreos.com/v1/PrometheusRule") -}}
+true
+{{- end }}
+{{- end }}

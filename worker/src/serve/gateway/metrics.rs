@@ -49,6 +49,8 @@ pub struct Metrics {
     pub prompt_tokens: Counter,
     pub generated_tokens: Counter,
     pub queue_depth: Gauge,
+    pub queue_capacity: Gauge,
+    pub max_sequences: Gauge,
     pub lane_sequences: Family<LaneLabel, Gauge>,
     pub ready: Gauge,
     pub time_to_first_token: Histogram,
@@ -67,6 +69,8 @@ impl Metrics {
             prompt_tokens: Counter::default(),
             generated_tokens: Counter::default(),
             queue_depth: Gauge::default(),
+            queue_capacity: Gauge::default(),
+            max_sequences: Gauge::default(),
             lane_sequences: Family::default(),
             ready: Gauge::default(),
             time_to_first_token: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
@@ -120,6 +124,16 @@ impl Metrics {
             "queue_depth",
             "Requests waiting for a lane",
             m.queue_depth.clone(),
+        );
+        registry.register(
+            "queue_capacity",
+            "Requests that may wait for a lane before new ones are refused with 429",
+            m.queue_capacity.clone(),
+        );
+        registry.register(
+            "max_sequences",
+            "Most sequences running at once, over all lanes",
+            m.max_sequences.clone(),
         );
         registry.register(
             "lane_sequences",

@@ -575,6 +575,11 @@ pub async fn run(args: GatewayArgs) -> Result<()> {
         head_us: AtomicU64::new(0),
         steps: AtomicU64::new(0),
     });
+    shared
+        .metrics
+        .queue_capacity
+        .set(args.max_queue.max(1) as i64);
+    shared.metrics.max_sequences.set(args.max_sequences as i64);
     for i in 0..lanes {
         tokio::spawn(supervise_lane(shared.clone(), i));
     }
