@@ -10,6 +10,10 @@
 # not embedded (the API is all the tests use). Idempotent, atomic (built into a temporary folder
 # and renamed), serialised by a lock; prints the bin folder as its last line on stdout.
 #
+# Also copies the Prometheus Operator's CRDs the tests install (PodMonitor, ServiceMonitor,
+# PrometheusRule) from its Go module (MOE_PROMETHEUS_OPERATOR_VERSION) into ../crds/ (next to
+# bin/).
+#
 # To move to another version: edit the require line (`go get github.com/prometheus/prometheus@V
 # && go mod tidy` in this folder) and commit go.mod and go.sum.
 set -euo pipefail
@@ -17,12 +21,24 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 VERSION="$(sed -n 's/^\tgithub.com\/prometheus\/prometheus \(v[^ ]*\).*$/\1/p' "$HERE/go.mod" | head -1)"
 [[ -n "$VERSION" ]] || { echo "no prometheus version in $HERE/go.mod" >&2; exit 1; }
+PO_VERSION="${MOE_PROMETHEUS_OPERATOR_VERSION:-v0.90.1}"
 CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/moe-serve/prometheus/$VERSION"
 BIN="$CACHE/bin"
+CRDS="$CACHE/crds"
 mkdir -p "$BIN"
 
 log() { printf '[prometheus-build %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-have_all() { [[ -x "$BIN/prometheus" && -x "$BIN/promtool" ]]; }
+CRD_FILES=(podmonitors servicemonitors prometheusrules)
+have_all() {
+    [[ -x "$BIN/prometheus" && -x "$BIN/promtool" ]] || return 1
+    local c
+    crds_current
+}
+crds_current() {
+    [[ "$(cat "$CRDS/.version" 2>/dev/null)" == "$PO_VERSION" ]] || return 1
+    local c
+    for c in "${CRD_FILES[@]}"; do [[ -s "$CRDS/monitoring.coreos.com_$c.yaml" ]] || return 1; done
+}
 
 if have_all; then
     echo "$BIN"
@@ -41,7 +57,22 @@ fi
 rm -rf "$CACHE"/tmp.*
 
 export CGO_ENABLED=0 GOFLAGS="-buildvcs=false" GOMAXPROCS="${GOMAXPROCS:-2}"
+if ! crds_current; then
+    log "fetching the Prometheus Operator $PO_VERSION CRDs"
+    dir="$(go mod download -json "github.com/prometheus-operator/prometheus-operator@$PO_VERSION" |
+        sed -n 's/^\t"Dir": "\(.*\)",$/\1/p')"
+    [[ -n "$dir" ]] || { log "cannot download github.com/prometheus-operator/prometheus-operator@$PO_VERSION"; exit 1; }
+    tmp="$(mktemp -d "$CACHE/tmp.XXXXXX")"
+    for c in "${CRD_FILES[@]}"; do cp "$dir/example/prometheus-operator-crd/monitoring.coreos.com_$c.yaml" "$tmp/"; done
+    chmod u+w "$tmp"/*
+    echo "$PO_VERSION" >"$tmp/.version"
+    rm -rf "$CRDS" && mv "$tmp" "$CRDS"
+fi
 start=$SECONDS
+if [[ -x "$BIN/prometheus" && -x "$BIN/promtool" ]]; then
+    echo "$BIN"
+    exit 0
+fi
 log "building prometheus and promtool $VERSION (about 2 minutes on 2 cores)"
 tmp="$(mktemp -d "$CACHE/tmp.XXXXXX")"
 (cd "$HERE" && go build -trimpath -ldflags "-s -w \
