@@ -388,6 +388,15 @@ pub struct ExpertsSpec {
     pub max_replicas: i32,
     #[serde(default)]
     pub autoscaling: Autoscaling,
+    /// Settings of single expert shards that differ from the deployment's (image, weights,
+    /// resources). Changing one shard's entry rolls only that shard's replicas, one at a time,
+    /// each drained before it stops; the other shards and the stages are untouched.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 1024),
+        extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["shard"])
+    )]
+    pub shards: Vec<ExpertShardOverride>,
 }
 
 impl Default for ExpertsSpec {
@@ -396,8 +405,29 @@ impl Default for ExpertsSpec {
             min_replicas: 1,
             max_replicas: 1,
             autoscaling: Autoscaling::default(),
+            shards: Vec::new(),
         }
     }
+}
+
+/// One expert shard's own settings.
+#[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ExpertShardOverride {
+    /// The shard's index in the plan (`moe-operator plan` lists them; status.expertShardStatus).
+    #[schemars(range(min = 0, max = 65535))]
+    pub shard: i32,
+    /// Image of this shard's pods, in place of `spec.image`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub image: Option<String>,
+    /// Where this shard's pods read their weights, in place of `spec.model.source`: another
+    /// revision of the same checkpoint (same architecture; only this shard's experts are read).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<ModelSource>,
+    /// CPU and memory of this shard's containers, in place of `spec.resources`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
 }
 
 /// Replicas per expert shard from the routed-token load.

@@ -150,6 +150,23 @@ pub fn plan(spec: &MoEDeploymentSpec) -> Result<SizedPlan> {
             ),
         ));
     }
+    for (i, o) in spec.experts.shards.iter().enumerate() {
+        if usize::try_from(o.shard).map_or(true, |j| j >= shards) {
+            return Err(Error::invalid(
+                format!("spec.experts.shards[{i}].shard"),
+                format!(
+                    "the plan has {shards} expert shards (0..{shards}); there is no shard {}",
+                    o.shard
+                ),
+            ));
+        }
+        if spec.experts.shards[..i].iter().any(|p| p.shard == o.shard) {
+            return Err(Error::invalid(
+                format!("spec.experts.shards[{i}].shard"),
+                format!("shard {} is listed twice", o.shard),
+            ));
+        }
+    }
     let min = u64::try_from(spec.experts.min_replicas.max(1)).unwrap_or(1);
     let pods = stages as u64 + shards as u64 * min;
     if pods > MAX_MIN_WORKER_PODS {
@@ -167,6 +184,30 @@ pub fn plan(spec: &MoEDeploymentSpec) -> Result<SizedPlan> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shard_overrides_name_a_planned_shard_once() {
+        let base = "model:\n  source: {synthetic: {preset: tiny}}\nparallelism: {pipeline: 2, expert: 2}\n";
+        let ok = spec(&format!(
+            "{base}experts:\n  shards: [{{shard: 1, image: 'x:1'}}, {{shard: 0}}]\n"
+        ));
+        assert!(plan(&ok).is_ok());
+        for (shards, field, words) in [
+            ("[{shard: 2}]", "spec.experts.shards[0].shard", "no shard 2"),
+            (
+                "[{shard: 1}, {shard: 1}]",
+                "spec.experts.shards[1].shard",
+                "twice",
+            ),
+        ] {
+            let e = plan(&spec(&format!("{base}experts:\n  shards: {shards}\n"))).unwrap_err();
+            let Error::Invalid { field: f, message } = &e else {
+                panic!("{e}")
+            };
+            assert_eq!(f, field);
+            assert!(message.contains(words), "{message}");
+        }
+    }
 
     fn spec(yaml_spec: &str) -> MoEDeploymentSpec {
         serde_yaml::from_str(yaml_spec).expect("spec")

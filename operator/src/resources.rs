@@ -21,7 +21,10 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, StatefulSet, StatefulSetSpec};
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment, StatefulSet,
+    StatefulSetSpec,
+};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
     GRPCAction, HTTPGetAction, HostPathVolumeSource, ObjectFieldSelector,
@@ -41,7 +44,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 use moe_plan::{PodSizing, SizedPlan};
 
-use crate::crd::MoEDeployment;
+use crate::crd::{ExpertShardOverride, MoEDeployment};
 use crate::error::{Error, Result};
 pub use moe_api::workers::{MAX_NAME_LEN, WorkerRole, expert_name, gateway_name, stage_name};
 
@@ -489,15 +492,14 @@ pub fn gpu_placement(
     (node_selector, tolerations)
 }
 
-/// `--model` for the worker, and the volume that holds the checkpoint.
-fn model_arg(cx: &Ctx) -> (String, Option<(Volume, VolumeMount)>) {
-    model_source(cx.md)
-}
-
 /// `--model` for a worker of `md`, and the volume that holds the checkpoint (none for a
 /// synthetic model).
 pub fn model_source(md: &MoEDeployment) -> (String, Option<(Volume, VolumeMount)>) {
-    let source = &md.spec.model.source;
+    source_arg(&md.spec.model.source)
+}
+
+/// `--model` for a worker reading `source`, and its volume.
+fn source_arg(source: &crate::crd::ModelSource) -> (String, Option<(Volume, VolumeMount)>) {
     if let Some(s) = &source.synthetic {
         return (format!("synthetic:{}:{}", s.preset, s.seed), None);
     }
@@ -586,8 +588,11 @@ fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
 }
 
 /// Requests and limits: CPU and memory from the spec (or modest defaults), GPUs from the plan.
-fn resources(cx: &Ctx, pod: &PodSizing) -> ResourceRequirements {
-    let mut r = cx.md.spec.resources.clone().unwrap_or_else(|| {
+fn resources(cx: &Ctx, pod: &PodSizing, own: Option<&ExpertShardOverride>) -> ResourceRequirements {
+    let base = own
+        .and_then(|o| o.resources.as_ref())
+        .or(cx.md.spec.resources.as_ref());
+    let mut r = base.cloned().unwrap_or_else(|| {
         let q = |s: &str| Quantity(s.into());
         ResourceRequirements {
             requests: Some(BTreeMap::from([
@@ -617,8 +622,12 @@ fn pod_template(
     index: Option<(&str, usize)>,
     args: Vec<String>,
     pod: &PodSizing,
+    own: Option<&ExpertShardOverride>,
 ) -> PodTemplateSpec {
-    let (model, model_volume) = model_arg(cx);
+    let (model, model_volume) = source_arg(
+        own.and_then(|o| o.source.as_ref())
+            .unwrap_or(&cx.md.spec.model.source),
+    );
     let mut args = args;
     args.splice(1..1, ["--model".to_string(), model]);
     if let Some(t) = &cx.md.spec.model.tokenizer {
@@ -763,7 +772,10 @@ fn pod_template(
             }),
             containers: vec![Container {
                 name: role.as_str().into(),
-                image: Some(cx.image.clone()),
+                image: Some(
+                    own.and_then(|o| o.image.clone())
+                        .unwrap_or_else(|| cx.image.clone()),
+                ),
                 image_pull_policy: Some("IfNotPresent".into()),
                 command: Some(vec!["moe-worker".into()]),
                 args: Some(args),
@@ -772,7 +784,7 @@ fn pod_template(
                 readiness_probe: Some(readiness),
                 liveness_probe: Some(liveness),
                 startup_probe: Some(startup),
-                resources: Some(resources(cx, pod)),
+                resources: Some(resources(cx, pod, own)),
                 security_context: Some(container_security()),
                 volume_mounts: Some(mounts),
                 ..Container::default()
@@ -858,7 +870,14 @@ fn stage(cx: &Ctx, s: usize) -> StatefulSet {
                 match_labels: Some(selector(&cx.name, WorkerRole::Stage, index)),
                 ..LabelSelector::default()
             },
-            template: pod_template(cx, WorkerRole::Stage, index, args, &cx.plan.stages[s].pod),
+            template: pod_template(
+                cx,
+                WorkerRole::Stage,
+                index,
+                args,
+                &cx.plan.stages[s].pod,
+                None,
+            ),
             ..StatefulSetSpec::default()
         },
         ..StatefulSet::default()
@@ -867,6 +886,13 @@ fn stage(cx: &Ctx, s: usize) -> StatefulSet {
 
 fn expert_shard(cx: &Ctx, j: usize) -> Deployment {
     let index = Some((LABEL_SHARD, j));
+    let own = cx
+        .md
+        .spec
+        .experts
+        .shards
+        .iter()
+        .find(|o| usize::try_from(o.shard) == Ok(j));
     let mut args = expert_args(cx.plan, j);
     args.extend(moe_api::workers::spec_precision_args(cx.md));
     Deployment {
@@ -886,7 +912,17 @@ fn expert_shard(cx: &Ctx, j: usize) -> Deployment {
                 index,
                 args,
                 &cx.plan.expert_shards[j].pod,
+                own,
             ),
+            // One replica at a time, a new one ready before an old one stops (and drains):
+            // a shard never has fewer ready replicas than it should during a rollout.
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_surge: Some(IntOrString::Int(1)),
+                    max_unavailable: Some(IntOrString::Int(0)),
+                }),
+            }),
             ..DeploymentSpec::default()
         },
         ..Deployment::default()
@@ -913,7 +949,7 @@ fn gateway(cx: &Ctx) -> Deployment {
                 match_labels: Some(selector(&cx.name, WorkerRole::Gateway, None)),
                 ..LabelSelector::default()
             },
-            template: pod_template(cx, WorkerRole::Gateway, None, args, &cx.plan.gateway),
+            template: pod_template(cx, WorkerRole::Gateway, None, args, &cx.plan.gateway, None),
             ..DeploymentSpec::default()
         },
         ..Deployment::default()

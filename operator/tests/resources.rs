@@ -493,6 +493,13 @@ fn moe_worker_local_runs_the_processes_the_operator_creates() {
     md.spec.parallelism.pipeline = 1;
     md.spec.parallelism.expert = None;
     cases.push(md);
+    // One shard reads another revision of the weights.
+    let mut md = example("tiny.yaml");
+    md.spec.experts.shards = serde_yaml::from_str(
+        "[{shard: 1, source: {synthetic: {preset: tiny, seed: 8}}, image: 'example.com/w:2'}]",
+    )
+    .unwrap();
+    cases.push(md);
     for md in cases {
         let children = build(&md);
         let mut operator: Vec<(String, Vec<(String, String)>)> = Vec::new();
@@ -645,4 +652,74 @@ fn the_pod_monitor_scrapes_every_worker_pod_on_a_port_it_serves_metrics_on() {
 
     // Without the option there is none.
     assert!(build(&md).pod_monitor.is_none());
+}
+
+#[test]
+fn one_shards_own_settings_change_only_that_shard_and_it_rolls_one_replica_at_a_time() {
+    let md = example("tiny.yaml");
+    let mut changed = md.clone();
+    changed.spec.experts.shards = serde_yaml::from_str(
+        "[{shard: 1, image: 'registry.example.com/moe-worker:canary', \
+           source: {hostPath: {path: /models/tiny-rev2}}, \
+           resources: {requests: {cpu: '2', memory: 3Gi}, limits: {memory: 6Gi}}}]",
+    )
+    .unwrap();
+    let (a, b) = (build(&md), build(&changed));
+    let json = |v: &dyn erased::Ser| v.json();
+    // Everything but expert shard 1 is the same object.
+    assert_eq!(json(&a.stages), json(&b.stages));
+    assert_eq!(json(&a.gateway), json(&b.gateway));
+    assert_eq!(json(&a.services), json(&b.services));
+    assert_eq!(json(&a.config_map), json(&b.config_map));
+    assert_eq!(json(&a.expert_shards[0]), json(&b.expert_shards[0]));
+    assert_ne!(json(&a.expert_shards[1]), json(&b.expert_shards[1]));
+
+    let t = b.expert_shards[1].spec.template.spec.clone().unwrap();
+    let c = &t.containers[0];
+    assert_eq!(
+        c.image.as_deref(),
+        Some("registry.example.com/moe-worker:canary")
+    );
+    let args = template_args(&b.expert_shards[1].spec.template);
+    let model = args.windows(2).find(|w| w[0] == "--model").unwrap()[1].clone();
+    assert_eq!(model, "/models/tiny-rev2");
+    let volume = t
+        .volumes
+        .unwrap()
+        .into_iter()
+        .find(|v| v.name == "model")
+        .unwrap();
+    assert_eq!(volume.host_path.unwrap().path, "/models/tiny-rev2");
+    let r = c.resources.clone().unwrap();
+    assert_eq!(r.limits.as_ref().unwrap()["memory"].0, "6Gi");
+    assert_eq!(r.requests.as_ref().unwrap()["cpu"].0, "2");
+    // The plan's GPUs stay.
+    assert!(r.limits.unwrap().contains_key("nvidia.com/gpu"));
+
+    // Every shard rolls with a surge of one and nothing unavailable.
+    for d in &b.expert_shards {
+        let s = d.spec.strategy.clone().unwrap();
+        assert_eq!(s.type_.as_deref(), Some("RollingUpdate"));
+        let ru = s.rolling_update.unwrap();
+        assert_eq!(
+            ru.max_surge,
+            Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(1))
+        );
+        assert_eq!(
+            ru.max_unavailable,
+            Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(0))
+        );
+    }
+}
+
+/// Serialising the children for comparison.
+mod erased {
+    pub trait Ser {
+        fn json(&self) -> String;
+    }
+    impl<T: serde::Serialize> Ser for T {
+        fn json(&self) -> String {
+            serde_json::to_string(self).unwrap()
+        }
+    }
 }

@@ -148,8 +148,36 @@ pub struct Launch {
     /// Expert shards, then stages, then the gateways (the order they start in, but stages
     /// start from the last).
     pub workloads: Vec<Workload>,
+    /// Expert shards whose manifest entry reads another source, by shard index.
+    pub shard_models: std::collections::BTreeMap<usize, ModelArg>,
     /// What the launcher cannot reproduce of a manifest, said once at start.
     pub notes: Vec<String>,
+}
+
+/// A manifest's model source as this machine reads it (`field` names it in errors).
+fn local_source(source: &moe_api::crd::ModelSource, field: &str) -> Result<ModelArg> {
+    if let Some(s) = &source.synthetic {
+        return Ok(ModelArg::Synthetic {
+            preset: s.preset.clone(),
+            seed: u64::try_from(s.seed).map_err(|_| {
+                Error::invalid(format!("{field}.synthetic.seed"), "must not be negative")
+            })?,
+        });
+    }
+    if let Some(h) = &source.host_path {
+        return Ok(ModelArg::Dir(PathBuf::from(&h.path)));
+    }
+    Err(Error::invalid(
+        field,
+        match &source.pvc {
+            Some(p) => format!(
+                "the PersistentVolumeClaim `{}` cannot be read outside the cluster: \
+                 pass --model with a folder holding the same checkpoint",
+                p.claim_name
+            ),
+            None => "no source: give synthetic, hostPath or pvc".to_string(),
+        },
+    ))
 }
 
 /// One process of a [`Launch`]: a workload's arguments, the model's, and its replica number.
@@ -228,6 +256,7 @@ impl Launch {
             stages: plan.stages.len(),
             expert_shards: plan.expert_shards.len(),
             workloads,
+            shard_models: Default::default(),
             notes: Vec::new(),
         })
     }
@@ -238,67 +267,66 @@ impl Launch {
         let plan = moe_api::planning::plan(spec).map_err(api_error)?;
         let workloads = moe_api::workers::workloads(md, &plan).map_err(api_error)?;
         let name = moe_api::workers::checked_name(md).map_err(api_error)?;
-        let source = &spec.model.source;
-        let model = match (&args.model, &source.synthetic, &source.host_path) {
-            (Some(m), _, _) => m.clone(),
-            (None, Some(s), _) => ModelArg::Synthetic {
-                preset: s.preset.clone(),
-                seed: u64::try_from(s.seed).map_err(|_| {
-                    Error::invalid("spec.model.source.synthetic.seed", "must not be negative")
-                })?,
-            },
-            (None, None, Some(h)) => ModelArg::Dir(PathBuf::from(&h.path)),
-            (None, None, None) => {
-                return Err(Error::invalid(
-                    "spec.model.source",
-                    match &source.pvc {
-                        Some(p) => format!(
-                            "the PersistentVolumeClaim `{}` cannot be read outside the cluster: \
-                             pass --model with a folder holding the same checkpoint",
-                            p.claim_name
-                        ),
-                        None => "no source: give synthetic, hostPath or pvc".to_string(),
-                    },
-                ));
-            }
+        let model = match &args.model {
+            Some(m) => m.clone(),
+            None => local_source(&spec.model.source, "spec.model.source")?,
         };
+        // Shards that read another revision of the weights.
+        let mut shard_models = std::collections::BTreeMap::new();
+        let mut shard_fields = std::collections::BTreeMap::new();
+        for (i, o) in spec.experts.shards.iter().enumerate() {
+            if let Some(src) = &o.source {
+                let field = format!("spec.experts.shards[{i}].source");
+                let j = usize::try_from(o.shard).unwrap_or(usize::MAX);
+                shard_models.insert(j, local_source(src, &field)?);
+                shard_fields.insert(j, field);
+            }
+        }
         // The plan is made from the spec's architecture (or the preset's); the model must
         // have that shape, or the stages would load layers it does not have.
-        let cfg = model.open()?.config().clone();
-        let m = &plan.model;
-        for (field, planned, has, key) in [
-            (
-                "numLayers",
-                m.num_layers,
-                cfg.num_hidden_layers,
-                "num_hidden_layers",
-            ),
-            (
-                "numExperts",
-                m.num_experts,
-                cfg.num_local_experts,
-                "num_local_experts",
-            ),
-            (
-                "topK",
-                m.top_k,
-                cfg.num_experts_per_tok,
-                "num_experts_per_tok",
-            ),
-            ("hiddenSize", m.hidden_size, cfg.hidden_size, "hidden_size"),
-            ("vocabSize", m.vocab_size, cfg.vocab_size, "vocab_size"),
-            (
-                "denseLayers",
-                m.variant.dense_layers.iter().count(),
-                cfg.dense_layers(),
-                "dense layers (first_k_dense_replace, decoder_sparse_step, mlp_only_layers)",
-            ),
-        ] {
-            if planned != has {
-                return Err(Error::invalid(
-                    format!("spec.model.architecture.{field}"),
-                    format!("the plan has {planned}, but the model `{model}` has {key} = {has}"),
-                ));
+        for (what, model) in
+            std::iter::once((None, &model)).chain(shard_models.iter().map(|(j, m)| (Some(*j), m)))
+        {
+            let cfg = model.open()?.config().clone();
+            let m = &plan.model;
+            for (field, planned, has, key) in [
+                (
+                    "numLayers",
+                    m.num_layers,
+                    cfg.num_hidden_layers,
+                    "num_hidden_layers",
+                ),
+                (
+                    "numExperts",
+                    m.num_experts,
+                    cfg.num_local_experts,
+                    "num_local_experts",
+                ),
+                (
+                    "topK",
+                    m.top_k,
+                    cfg.num_experts_per_tok,
+                    "num_experts_per_tok",
+                ),
+                ("hiddenSize", m.hidden_size, cfg.hidden_size, "hidden_size"),
+                ("vocabSize", m.vocab_size, cfg.vocab_size, "vocab_size"),
+                (
+                    "denseLayers",
+                    m.variant.dense_layers.iter().count(),
+                    cfg.dense_layers(),
+                    "dense layers (first_k_dense_replace, decoder_sparse_step, mlp_only_layers)",
+                ),
+            ] {
+                if planned != has {
+                    let field = match what {
+                        None => format!("spec.model.architecture.{field}"),
+                        Some(j) => shard_fields.get(&j).cloned().unwrap_or_default(),
+                    };
+                    return Err(Error::invalid(
+                        field,
+                        format!("the plan has {planned} {key}, but the model `{model}` has {has}"),
+                    ));
+                }
             }
         }
         let mut notes = Vec::new();
@@ -338,6 +366,7 @@ impl Launch {
             stages: plan.stages.len(),
             expert_shards: plan.expert_shards.len(),
             workloads,
+            shard_models,
             notes,
         })
     }
@@ -359,7 +388,16 @@ impl Launch {
             let n = usize::try_from(w.replicas.max(1)).unwrap_or(1);
             for r in 0..n {
                 let mut args = w.args.clone();
-                args.splice(1..1, model.iter().cloned());
+                match (w.role, w.index.and_then(|j| self.shard_models.get(&j))) {
+                    (WorkerRole::Expert, Some(m)) => {
+                        let mut own = model.clone();
+                        own[1] = m.to_string();
+                        args.splice(1..1, own);
+                    }
+                    _ => {
+                        args.splice(1..1, model.iter().cloned());
+                    }
+                }
                 let name = match (w.role, n) {
                     (WorkerRole::Stage, _) | (_, 1) => w.name.clone(),
                     _ => format!("{} replica {r}", w.name),
