@@ -390,10 +390,11 @@ pub struct ExpertsSpec {
     pub autoscaling: Autoscaling,
     /// Settings of single expert shards that differ from the deployment's (image, weights,
     /// resources). Changing one shard's entry rolls only that shard's replicas, one at a time,
-    /// each drained before it stops; the other shards and the stages are untouched.
+    /// each drained before it stops; the other shards and the stages are untouched. At most
+    /// 256 entries (the API server bounds the cost of the sources' validation rules by it).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(
-        length(max = 1024),
+        length(max = 256),
         extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["shard"])
     )]
     pub shards: Vec<ExpertShardOverride>,

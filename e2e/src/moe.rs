@@ -57,16 +57,26 @@ pub async fn crds(cluster: &Cluster) -> Result<()> {
             "-f",
             &crds.to_string_lossy(),
         ])?;
-        cluster.kubectl(&[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "crd/moedeployments.serving.moe.dev",
-        ])?;
+        established(cluster, "moedeployments.serving.moe.dev").await?;
         Ok::<(), anyhow::Error>(())
     })
     .await?;
     Ok(())
+}
+
+/// Waits until the CRD `name` is established (`kubectl wait` fails outright while the new
+/// object has no status yet, so it is retried).
+pub async fn established(cluster: &Cluster, name: &str) -> Result<()> {
+    let crd = format!("crd/{name}");
+    until(
+        &format!("CRD {name} to be established"),
+        Duration::from_secs(60),
+        || async {
+            cluster.kubectl(&["wait", "--for=condition=Established", "--timeout=10s", &crd])?;
+            Ok(Some(()))
+        },
+    )
+    .await
 }
 
 /// Builds the binaries the chart's images map to (no-op when current).

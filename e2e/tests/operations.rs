@@ -1,10 +1,14 @@
-//! Operating moe-serve with Prometheus: the chart's alert rules pass their promtool unit tests;
-//! on a real cluster, a real Prometheus scrapes a deployment as the operator's PodMonitor says,
-//! every query of the shipped Grafana dashboard answers with data, and the expert-shard-down
-//! alert fires when a shard loses its last replica and resolves when it is back.
+//! Operating moe-serve: the chart's alert rules pass their promtool unit tests; on a real
+//! cluster, a real Prometheus scrapes a deployment as the operator's PodMonitor says, every
+//! query of the shipped Grafana dashboard answers with data, and the expert-shard-down alert
+//! fires when a shard loses its last replica and resolves when it is back; and updating one
+//! expert shard rolls only its replicas, one at a time, while requests keep succeeding.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
@@ -315,12 +319,7 @@ async fn prometheus_scrapes_a_deployment_the_dashboard_answers_and_a_lost_expert
         &crds.to_string_lossy(),
     ])?;
     for c in ["podmonitors", "servicemonitors", "prometheusrules"] {
-        cluster.kubectl(&[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            &format!("crd/{c}.monitoring.coreos.com"),
-        ])?;
+        moe::established(cluster, &format!("{c}.monitoring.coreos.com")).await?;
     }
     moe::install_operator(
         cluster,
@@ -502,6 +501,214 @@ async fn prometheus_scrapes_a_deployment_the_dashboard_answers_and_a_lost_expert
     )
     .await?;
     drop(prom);
+    cluster.delete_namespace(&ns).await?;
+    Ok(())
+}
+
+/// Requests sent in a loop until `stop`: (succeeded, failures with their answers).
+async fn steady_traffic(base: String, stop: Arc<AtomicBool>, seed: u32) -> (u32, Vec<String>) {
+    let http = reqwest::Client::new();
+    let (mut ok, mut failed) = (0, Vec::new());
+    let mut i = 0u32;
+    while !stop.load(Ordering::SeqCst) {
+        i += 1;
+        let r = http
+            .post(format!("{base}/v1/completions"))
+            .json(&json!({"prompt": [1 + (seed + i) % 50, 2, 3], "max_tokens": 8, "ignore_eos": true}))
+            .timeout(Duration::from_secs(60))
+            .send()
+            .await;
+        match r {
+            Ok(r) if r.status() == 200 => ok += 1,
+            Ok(r) => failed.push(format!(
+                "{}: {}",
+                r.status(),
+                r.text().await.unwrap_or_default()
+            )),
+            Err(e) => failed.push(e.to_string()),
+        }
+    }
+    (ok, failed)
+}
+
+fn memory_limit(p: &k8s_openapi::api::core::v1::Pod) -> Option<String> {
+    let c = p.spec.as_ref()?.containers.first()?;
+    Some(
+        c.resources
+            .as_ref()?
+            .limits
+            .as_ref()?
+            .get("memory")?
+            .0
+            .clone(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn updating_one_expert_shard_rolls_only_its_replicas_one_at_a_time_while_requests_succeed()
+-> Result<()> {
+    let cluster = moe::cluster().await;
+    let client = cluster.client().await?;
+    let ns = cluster.namespace("rollout").await?;
+    moe::install_operator(cluster, &ns, &[]).await?;
+    // tiny with two replicas per expert shard and no autoscaler moving them.
+    let text = std::fs::read_to_string(moe::example("tiny.yaml"))?;
+    let mut md: Value = serde_yaml::from_str(&text)?;
+    md["spec"]["experts"] = json!({"minReplicas": 2, "maxReplicas": 2});
+    let file = tempfile_dir("rollout")?.join("tiny.yaml");
+    std::fs::write(&file, serde_json::to_string(&md)?)?;
+    cluster.kubectl(&["-n", &ns, "apply", "-f", &file.to_string_lossy()])?;
+    moe::wait_ready(&client, &ns, "tiny", Duration::from_secs(240))
+        .await
+        .map_err(|e| e.context(moe::diagnostics(cluster, &ns)))?;
+
+    let all = "serving.moe.dev/deployment=tiny";
+    let shard1 = "serving.moe.dev/deployment=tiny,serving.moe.dev/expert-shard=1";
+    let uids = |pods: &[k8s_openapi::api::core::v1::Pod]| -> BTreeMap<String, String> {
+        pods.iter()
+            .map(|p| {
+                (
+                    p.metadata.name.clone().unwrap_or_default(),
+                    p.metadata.uid.clone().unwrap_or_default(),
+                )
+            })
+            .collect()
+    };
+    let before = moe::pods(&client, &ns, all).await?;
+    let old_shard1 = uids(&moe::pods(&client, &ns, shard1).await?);
+    assert_eq!(old_shard1.len(), 2);
+    let others: BTreeMap<String, String> = uids(&before)
+        .into_iter()
+        .filter(|(n, _)| !old_shard1.contains_key(n))
+        .collect();
+    let generations = |c: &str| -> Result<String> {
+        cluster
+            .kubectl(&[
+                "-n",
+                &ns,
+                "get",
+                "deployments,statefulsets",
+                "-l",
+                all,
+                "-o",
+                "jsonpath={range .items[*]}{.metadata.name}={.metadata.generation} {end}",
+            ])
+            .map(|s| s.trim().to_string())
+            .with_context(|| c.to_string())
+    };
+    let gens_before = generations("before")?;
+
+    let base = moe::gateway_url(&client, &ns, "tiny").await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic: Vec<_> = (0..2)
+        .map(|k| tokio::spawn(steady_traffic(base.clone(), stop.clone(), k * 17)))
+        .collect();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // Shard 1 gets its own resources.
+    cluster.kubectl(&[
+        "-n", &ns, "patch", "moedeployment", "tiny", "--type", "merge", "-p",
+        r#"{"spec":{"experts":{"shards":[{"shard":1,"resources":{"requests":{"cpu":"250m","memory":"256Mi"},"limits":{"memory":"1100Mi"}}}]}}}"#,
+    ])?;
+    // Until the rollout is over: never fewer than two ready replicas serving, never more than
+    // three live pods (one surge) nor more than one starting, and each old replica drains
+    // before it stops.
+    let violations = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let rolled = until(
+        "shard 1 to roll to its new resources",
+        Duration::from_secs(240),
+        || {
+            let (client, ns, violations) = (client.clone(), ns.clone(), violations.clone());
+            async move {
+                let api: kube::Api<k8s_openapi::api::core::v1::Pod> =
+                    kube::Api::namespaced(client.clone(), &ns);
+                let pods = api
+                    .list(&kube::api::ListParams::default().labels(shard1))
+                    .await?
+                    .items;
+                // Draining (terminating) replicas do not count: they take no new work.
+                let live: Vec<_> = pods
+                    .iter()
+                    .filter(|p| p.metadata.deletion_timestamp.is_none())
+                    .collect();
+                let ready = live.iter().filter(|p| moe::is_ready(p)).count();
+                let starting = live.len() - ready;
+                if ready < 2 || starting > 1 || live.len() > 3 {
+                    let state: Vec<String> = pods
+                        .iter()
+                        .map(|p| {
+                            format!(
+                                "{} ready={} terminating={} memory={:?}",
+                                p.metadata.name.clone().unwrap_or_default(),
+                                moe::is_ready(p),
+                                p.metadata.deletion_timestamp.is_some(),
+                                memory_limit(p)
+                            )
+                        })
+                        .collect();
+                    if let Ok(mut v) = violations.lock() {
+                        v.push(state.join("; "));
+                    }
+                }
+                let new = live
+                    .iter()
+                    .filter(|p| memory_limit(p).as_deref() == Some("1100Mi"))
+                    .count();
+                Ok((pods.len() == 2 && new == 2 && ready == 2).then_some(()))
+            }
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::SeqCst);
+    let mut ok = 0;
+    let mut failed = Vec::new();
+    for t in traffic {
+        let (o, f) = t.await?;
+        ok += o;
+        failed.extend(f);
+    }
+    rolled.map_err(|e| e.context(moe::diagnostics(cluster, &ns)))?;
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed during the rollout: {failed:#?}",
+        failed.len(),
+        ok as usize + failed.len()
+    );
+    assert!(ok >= 10, "only {ok} requests ran during the rollout");
+    let violations = violations.lock().map(|v| v.clone()).unwrap_or_default();
+    assert!(
+        violations.is_empty(),
+        "mid-rollout, shard 1 had fewer than 2 ready replicas, more than one starting or more \
+         than one surge replica:\n{}",
+        violations.join("\n")
+    );
+
+    // Shard 1's replicas are new; every other pod and workload is the one from before.
+    let after = moe::pods(&client, &ns, all).await?;
+    let new_shard1 = uids(&moe::pods(&client, &ns, shard1).await?);
+    assert!(
+        new_shard1.keys().all(|n| !old_shard1.contains_key(n)),
+        "{new_shard1:?}"
+    );
+    let others_after: BTreeMap<String, String> = uids(&after)
+        .into_iter()
+        .filter(|(n, _)| !new_shard1.contains_key(n))
+        .collect();
+    assert_eq!(others_after, others, "only shard 1's pods were replaced");
+    let gens_after = generations("after")?;
+    let changed: Vec<(&str, &str)> = gens_before
+        .split(' ')
+        .zip(gens_after.split(' '))
+        .filter(|(a, b)| a != b)
+        .collect();
+    assert_eq!(changed.len(), 1, "{gens_before} -> {gens_after}");
+    assert!(changed[0].0.starts_with("tiny-expert-1="), "{changed:?}");
+    // Each old replica drained: it said so, then stopped.
+    for old in old_shard1.keys() {
+        let log = std::fs::read_to_string(cluster.pod_log(&ns, old, "expert")).unwrap_or_default();
+        assert!(log.contains("draining"), "{old} did not drain:\n{log}");
+    }
     cluster.delete_namespace(&ns).await?;
     Ok(())
 }
