@@ -68,6 +68,20 @@ fn alert_rules_pass_their_promtool_unit_tests() -> Result<()> {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("monitoring/alerts_test.yaml"),
         dir.join("alerts_test.yaml"),
     )?;
+    // Every alert links to its section of the operations guide.
+    let guide = std::fs::read_to_string(moe::repo_root().join("docs/operations.md"))?;
+    let rules = rendered_rules(&[])?;
+    for r in rules["groups"][0]["rules"].as_array().context("rules")? {
+        let runbook = r["annotations"]["runbook"].as_str().context("runbook")?;
+        let anchor = runbook
+            .strip_prefix("docs/operations.md#")
+            .context("runbook link")?;
+        assert!(
+            guide.contains(&format!("<a id=\"{anchor}\"></a>")),
+            "{}: docs/operations.md has no section {anchor}",
+            r["alert"]
+        );
+    }
     let checked = promtool(&["check", "rules", "rules.yaml"], &dir)?;
     assert!(checked.contains("SUCCESS: 10 rules found"), "{checked}");
     let tested = promtool(&["test", "rules", "alerts_test.yaml"], &dir)?;
