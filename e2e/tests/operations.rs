@@ -340,6 +340,8 @@ async fn prometheus_scrapes_a_deployment_the_dashboard_answers_and_a_lost_expert
         &ns,
         &[
             "--set",
+            "rbac.aggregateToDefaultRoles=false",
+            "--set",
             "serviceMonitor.enabled=true",
             "--set",
             "prometheusRule.enabled=true",
@@ -564,7 +566,13 @@ async fn updating_one_expert_shard_rolls_only_its_replicas_one_at_a_time_while_r
     let cluster = moe::cluster().await;
     let client = cluster.client().await?;
     let ns = cluster.namespace("rollout").await?;
-    moe::install_operator(cluster, &ns, &[]).await?;
+    // Tests of this binary share the cluster: only one release may own the aggregated roles.
+    moe::install_operator(
+        cluster,
+        &ns,
+        &["--set", "rbac.aggregateToDefaultRoles=false"],
+    )
+    .await?;
     // tiny with two replicas per expert shard and no autoscaler moving them.
     let text = std::fs::read_to_string(moe::example("tiny.yaml"))?;
     let mut md: Value = serde_yaml::from_str(&text)?;
