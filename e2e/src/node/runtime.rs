@@ -134,10 +134,15 @@ impl Runc {
                 .blob(&r.repository, &config_digest)
                 .await
                 .map_err(|e| pull_err(format!("pulling {image}: {e}")))?;
-            let tmp =
-                self.store
-                    .join("tmp")
-                    .join(format!("{}-{}", hex(&digest), std::process::id()));
+            // One folder per pull: the nodes of a cluster share this store and one process,
+            // and two pods may pull the same image at once (the first rename wins).
+            static PULLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let tmp = self.store.join("tmp").join(format!(
+                "{}-{}-{}",
+                hex(&digest),
+                std::process::id(),
+                PULLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            ));
             let _ = std::fs::remove_dir_all(&tmp);
             let rootfs = tmp.join("rootfs");
             std::fs::create_dir_all(&rootfs).map_err(|e| pull_err(e.to_string()))?;
