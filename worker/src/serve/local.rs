@@ -324,7 +324,9 @@ impl Launch {
                     };
                     return Err(Error::invalid(
                         field,
-                        format!("the plan has {planned} {key}, but the model `{model}` has {has}"),
+                        format!(
+                            "the plan has {planned}, but the model `{model}` has {key} = {has}"
+                        ),
                     ));
                 }
             }
