@@ -36,6 +36,8 @@ pub enum Command {
         file: PathBuf,
         #[arg(short, long, value_enum, default_value_t = Output::Table)]
         output: Output,
+        #[command(flatten)]
+        estimate: EstimateArgs,
     },
     /// Benchmark the expert-autoscaling policy: load per replica under Zipf routing skew,
     /// fixed uniform replicas vs the policy at the same total replica count.
@@ -55,6 +57,143 @@ pub enum Command {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+}
+
+/// `plan --estimate`: the performance model's prediction for the plan.
+#[derive(Debug, Clone, clap::Args)]
+pub struct EstimateArgs {
+    /// Also estimate time to first token, time per output token, throughput, utilisation and
+    /// cost (moe_plan::perf: rooflines per operator, transport per hop, pipelining).
+    #[arg(long)]
+    pub estimate: bool,
+    /// Hardware profile: a100-40gb, a100-80gb, h100-80gb, h200-141gb (default: from
+    /// spec.placement.gpuProduct).
+    #[arg(long)]
+    pub hardware: Option<String>,
+    /// Sequences per micro-batch.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Micro-batches in flight (default: one per stage, at least 2, as the gateway runs).
+    #[arg(long)]
+    pub micro_batches: Option<usize>,
+    #[arg(long, default_value_t = 512)]
+    pub prompt_tokens: usize,
+    #[arg(long, default_value_t = 256)]
+    pub output_tokens: usize,
+    /// Zipf exponent of the experts' popularity (0: uniform routing).
+    #[arg(long, default_value_t = 0.0)]
+    pub zipf: f64,
+    /// USD per GPU-hour (default: the profile's).
+    #[arg(long)]
+    pub price: Option<f64>,
+}
+
+/// The hardware profile of a GPU product label (`NVIDIA-A100-SXM4-80GB`, ...).
+pub fn profile_for_product(product: &str) -> Option<moe_plan::perf::Hardware> {
+    let p = product.to_ascii_uppercase();
+    let name = if p.contains("H200") {
+        "h200-141gb"
+    } else if p.contains("H100") {
+        "h100-80gb"
+    } else if p.contains("A100") && p.contains("40GB") {
+        "a100-40gb"
+    } else if p.contains("A100") {
+        "a100-80gb"
+    } else {
+        return None;
+    };
+    moe_plan::perf::gpu_profile(name)
+}
+
+/// The estimate `args` ask for.
+pub fn estimate_for(
+    moe: &MoEDeployment,
+    plan: &SizedPlan,
+    args: &EstimateArgs,
+) -> Result<(moe_plan::perf::Hardware, moe_plan::perf::Estimate)> {
+    use moe_plan::perf;
+    let bad = |field: &str, message: String| {
+        Error::Api(moe_api::Error::invalid(field.to_string(), message))
+    };
+    let mut hw = match &args.hardware {
+        Some(h) => perf::gpu_profile(h).ok_or_else(|| {
+            let names: Vec<String> = perf::gpu_profiles().into_iter().map(|p| p.name).collect();
+            bad(
+                "--hardware",
+                format!("`{h}` is not one of {}", names.join(", ")),
+            )
+        })?,
+        None => profile_for_product(&moe.spec.placement.gpu_product).ok_or_else(|| {
+            bad(
+                "--hardware",
+                format!(
+                    "no profile for spec.placement.gpuProduct `{}`: name one",
+                    moe.spec.placement.gpu_product
+                ),
+            )
+        })?,
+    };
+    if let Some(p) = args.price {
+        hw.price_per_hour = p;
+    }
+    if args.batch == 0 {
+        return Err(bad("--batch", "must be at least 1".into()));
+    }
+    let layout = perf::Layout {
+        expert_replicas: vec![
+            usize::try_from(moe.spec.experts.min_replicas.max(1)).unwrap_or(1);
+            plan.expert_shards.len()
+        ],
+        micro_batches: args
+            .micro_batches
+            .unwrap_or(plan.stages.len().max(2))
+            .max(1),
+        wire_bytes: match moe.spec.serving.wire_dtype {
+            crate::crd::WireDType::Bf16 => 2,
+            _ => 4,
+        },
+        across_nodes: true,
+    };
+    let w = perf::Workload {
+        batch: args.batch,
+        prompt_tokens: args.prompt_tokens,
+        output_tokens: args.output_tokens,
+        routing_skew: args.zipf,
+    };
+    let e = perf::estimate(plan, &hw, &layout, &w);
+    Ok((hw, e))
+}
+
+/// The estimate as lines under the plan's table.
+pub fn estimate_table(
+    hw: &moe_plan::perf::Hardware,
+    args: &EstimateArgs,
+    e: &moe_plan::perf::Estimate,
+) -> String {
+    format!(
+        "estimate on {} (batch {} per micro-batch, prompt {}, output {}, zipf {}):\n  \
+         time to first token {:.1} ms, time per output token {:.1} ms, {:.0} tokens/s \
+         ({:.0} per GPU over {} GPUs)\n  stage GPUs {:.0}% busy, expert GPUs {:.0}% busy; \
+         ${:.3} per million tokens at ${:.2}/GPU-hour\n  one decode step: attention {:.1} ms, \
+         experts {:.1} ms, activations moved {:.1} ms\n",
+        hw.name,
+        args.batch,
+        args.prompt_tokens,
+        args.output_tokens,
+        args.zipf,
+        e.time_to_first_token * 1e3,
+        e.time_per_output_token * 1e3,
+        e.tokens_per_second,
+        e.tokens_per_second_per_gpu,
+        e.gpus,
+        e.stage_utilization * 100.0,
+        e.expert_utilization * 100.0,
+        e.cost_per_million_tokens,
+        hw.price_per_hour,
+        e.step_attention * 1e3,
+        e.step_experts * 1e3,
+        e.step_transport * 1e3,
+    )
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -100,9 +239,18 @@ pub fn run(cli: Cli) -> Result<()> {
                 crate::bench::run(&plan, zipf, tokens, total, e.max_replicas, seed)
             );
         }
-        Command::Plan { file, output } => {
+        Command::Plan {
+            file,
+            output,
+            estimate,
+        } => {
             let moe = moe_api::read_deployment(&file)?;
             let plan = planning::plan(&moe.spec)?;
+            let est = if estimate.estimate {
+                Some(estimate_for(&moe, &plan, &estimate)?)
+            } else {
+                None
+            };
             match output {
                 Output::Manifest => print!(
                     "{}",
@@ -111,14 +259,27 @@ pub fn run(cli: Cli) -> Result<()> {
                         message: e.to_string(),
                     })?
                 ),
-                Output::Table => print!("{}", plan_table(&moe, &plan)),
-                Output::Json => println!(
-                    "{}",
-                    serde_json::to_string_pretty(&plan).map_err(|e| Error::Encode {
-                        what: "plan",
-                        message: e.to_string(),
-                    })?
-                ),
+                Output::Table => {
+                    print!("{}", plan_table(&moe, &plan));
+                    if let Some((hw, e)) = &est {
+                        print!("{}", estimate_table(hw, &estimate, e));
+                    }
+                }
+                Output::Json => {
+                    let v = match &est {
+                        Some((hw, e)) => serde_json::json!({
+                            "plan": plan, "hardware": hw, "estimate": e,
+                        }),
+                        None => serde_json::to_value(&plan).unwrap_or_default(),
+                    };
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&v).map_err(|e| Error::Encode {
+                            what: "plan",
+                            message: e.to_string(),
+                        })?
+                    )
+                }
             }
         }
     }

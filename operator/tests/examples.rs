@@ -130,3 +130,45 @@ fn a_checkpoint_folder_plans_from_its_config() {
         assert_eq!(launch.stages, 1);
     }
 }
+
+#[test]
+fn plan_estimates_on_the_spec_s_gpu_and_names_an_unknown_profile() {
+    use clap::Parser;
+    let moe = read_manifest(&example("gpt4.yaml")).unwrap();
+    let p = plan(&moe.spec).unwrap();
+    let args = |extra: &[&str]| {
+        let mut argv = vec!["moe-operator", "plan", "-f", "x", "--estimate"];
+        argv.extend(extra);
+        match moe_operator::cli::Cli::try_parse_from(argv)
+            .unwrap()
+            .command
+        {
+            moe_operator::cli::Command::Plan { estimate, .. } => estimate,
+            _ => unreachable!(),
+        }
+    };
+    let (hw, e) = moe_operator::cli::estimate_for(&moe, &p, &args(&[])).unwrap();
+    assert_eq!(hw.name, "a100-80gb", "from spec.placement.gpuProduct");
+    // Every planned GPU is counted (one replica per shard at minReplicas 1).
+    assert_eq!(e.gpus, p.total_gpus);
+    assert!(e.time_per_output_token > 0.0 && e.tokens_per_second.is_finite());
+    // A larger batch raises throughput and the time per token.
+    let (_, big) = moe_operator::cli::estimate_for(&moe, &p, &args(&["--batch", "64"])).unwrap();
+    assert!(big.tokens_per_second > e.tokens_per_second);
+    assert!(big.time_per_output_token >= e.time_per_output_token);
+    // An H100 profile is faster than the A100 for the same plan.
+    let (_, h100) =
+        moe_operator::cli::estimate_for(&moe, &p, &args(&["--hardware", "h100-80gb"])).unwrap();
+    assert!(h100.time_per_output_token < e.time_per_output_token);
+    let err = moe_operator::cli::estimate_for(&moe, &p, &args(&["--hardware", "tpu-v5"]))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("--hardware") && err.contains("a100-80gb"),
+        "{err}"
+    );
+    let err = moe_operator::cli::estimate_for(&moe, &p, &args(&["--batch", "0"]))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("--batch"), "{err}");
+}

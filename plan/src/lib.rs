@@ -8,6 +8,7 @@ use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
 
+pub mod perf;
 mod sizing;
 pub use sizing::{
     LatentDims, LayerSet, ModelDims, PodSizing, SizedExpertShard, SizedPlan, SizedStage,

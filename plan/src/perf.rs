@@ -1,0 +1,434 @@
+//! A performance model of a planned deployment: pure, closed-form, fast enough to search
+//! layouts with.
+//!
+//! Every operator is a roofline: its time is the larger of its floating-point work over the
+//! hardware's dense peak times an efficiency, and its bytes (weights read, KV cache read) over
+//! the memory bandwidth times an efficiency. A decode step of one micro-batch runs every layer
+//! of every stage in turn: attention on the stage (tensor-parallel over the pod's GPUs, with an
+//! all-reduce over NVLink), the dispatch of each token's hidden state to its top-k experts'
+//! shards, the experts (each shard reads the weights of the experts its tokens hit, its rows
+//! split over its replicas), and the combine; then the hop to the next stage. Micro-batches
+//! pipeline over the stages, so the token rate is bounded by the busiest stage or expert shard
+//! over all micro-batches, and a token's latency by the whole step. Routing skew (Zipf) makes
+//! hot experts' shards the bottleneck unless they have replicas.
+//!
+//! What is not modelled: overlap of communication with compute (none is assumed, as the data
+//! plane does today), kernel launch overheads (folded into the efficiencies), and queueing
+//! (the discrete-event simulator adds it).
+
+use serde::{Deserialize, Serialize};
+
+use crate::sizing::SizedPlan;
+
+/// One accelerator (or this machine's CPU, as a profile measured here).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Hardware {
+    pub name: String,
+    pub memory_bytes: u64,
+    /// Published HBM bandwidth, bytes/s.
+    pub memory_bandwidth: f64,
+    /// Dense bf16 FLOP/s (no sparsity).
+    pub peak_flops: f64,
+    /// Share of `peak_flops` large matrix products reach.
+    pub compute_efficiency: f64,
+    /// Share of `memory_bandwidth` weight streaming reaches.
+    pub bandwidth_efficiency: f64,
+    /// Between GPUs of one node, bytes/s one way.
+    pub nvlink_bandwidth: f64,
+    /// Between nodes, per GPU, bytes/s one way.
+    pub network_bandwidth: f64,
+    /// One message between nodes (or processes), seconds.
+    pub network_latency: f64,
+    /// Fixed seconds per operator (kernel launches, synchronisation): what keeps a tiny
+    /// model's step from taking no time.
+    pub op_overhead: f64,
+    /// Price of one GPU-hour (USD).
+    pub price_per_hour: f64,
+}
+
+const GB: f64 = 1e9;
+const TB: f64 = 1e12;
+
+/// Published figures of the GPUs the operator plans for. Efficiencies are typical of large
+/// bf16 products (cuBLAS) and weight streaming; calibration replaces them.
+pub fn gpu_profiles() -> Vec<Hardware> {
+    let gpu =
+        |name: &str, mem_gib: u64, bw: f64, flops: f64, nvlink: f64, net: f64, price| Hardware {
+            name: name.into(),
+            memory_bytes: mem_gib << 30,
+            memory_bandwidth: bw,
+            peak_flops: flops,
+            compute_efficiency: 0.7,
+            bandwidth_efficiency: 0.8,
+            nvlink_bandwidth: nvlink,
+            network_bandwidth: net,
+            network_latency: 10e-6,
+            op_overhead: 5e-6,
+            price_per_hour: price,
+        };
+    vec![
+        // SXM4: HBM2 1.555 TB/s, HBM2e 2.039 TB/s; 312 TFLOP/s bf16; NVLink 3 600 GB/s both
+        // ways; HDR InfiniBand 200 Gb/s per GPU.
+        gpu(
+            "a100-40gb",
+            40,
+            1.555 * TB,
+            312e12,
+            300.0 * GB,
+            25.0 * GB,
+            1.5,
+        ),
+        gpu(
+            "a100-80gb",
+            80,
+            2.039 * TB,
+            312e12,
+            300.0 * GB,
+            25.0 * GB,
+            2.0,
+        ),
+        // SXM5: 3.35 TB/s, 989 TFLOP/s dense bf16; NVLink 4 900 GB/s; NDR 400 Gb/s.
+        gpu(
+            "h100-80gb",
+            80,
+            3.35 * TB,
+            989e12,
+            450.0 * GB,
+            50.0 * GB,
+            3.0,
+        ),
+        // H200: the H100 with 141 GB of HBM3e at 4.8 TB/s.
+        gpu(
+            "h200-141gb",
+            141,
+            4.8 * TB,
+            989e12,
+            450.0 * GB,
+            50.0 * GB,
+            3.8,
+        ),
+    ]
+}
+
+/// A profile by name (`a100-80gb`, ...).
+pub fn gpu_profile(name: &str) -> Option<Hardware> {
+    gpu_profiles().into_iter().find(|h| h.name == name)
+}
+
+/// How the planned parts run: replicas, micro-batches, and where the hops go.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Layout {
+    /// Replicas of each expert shard (missing: 1).
+    pub expert_replicas: Vec<usize>,
+    /// Micro-batches in flight through the pipeline.
+    pub micro_batches: usize,
+    /// Bytes per activation element on the wire (4: f32, 2: bf16).
+    pub wire_bytes: u64,
+    /// Hops between pods cross the network (else NVLink: parts on one node).
+    pub across_nodes: bool,
+}
+
+/// What the deployment serves.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Workload {
+    /// Sequences decoding together in one micro-batch.
+    pub batch: usize,
+    /// Mean prompt tokens.
+    pub prompt_tokens: usize,
+    /// Mean generated tokens.
+    pub output_tokens: usize,
+    /// Zipf exponent of the experts' popularity (0: uniform routing).
+    pub routing_skew: f64,
+}
+
+/// What the model predicts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Estimate {
+    /// Prefill of one prompt through the pipeline, seconds (no queueing).
+    pub time_to_first_token: f64,
+    /// Between two tokens of one sequence, seconds.
+    pub time_per_output_token: f64,
+    /// Generated tokens per second, the whole deployment.
+    pub tokens_per_second: f64,
+    pub gpus: usize,
+    pub tokens_per_second_per_gpu: f64,
+    /// Busy share of each role's GPUs (0..1) at the modelled rate.
+    pub stage_utilization: f64,
+    pub expert_utilization: f64,
+    /// USD per million generated tokens at the profile's price.
+    pub cost_per_million_tokens: f64,
+    /// Of one decode step: seconds in attention, experts, and moving activations.
+    pub step_attention: f64,
+    pub step_experts: f64,
+    pub step_transport: f64,
+}
+
+/// One roofline: seconds for `flops` and `bytes` on `gpus` GPUs of `hw`, plus its fixed
+/// overhead.
+pub fn roofline(hw: &Hardware, gpus: usize, flops: f64, bytes: f64) -> f64 {
+    let g = gpus.max(1) as f64;
+    let compute = flops / (g * hw.peak_flops * hw.compute_efficiency);
+    let memory = bytes / (g * hw.memory_bandwidth * hw.bandwidth_efficiency);
+    hw.op_overhead + compute.max(memory)
+}
+
+/// Expert popularity under a Zipf law of exponent `s` (sums to 1; uniform at 0).
+pub fn zipf(n: usize, s: f64) -> Vec<f64> {
+    let w: Vec<f64> = (1..=n.max(1))
+        .map(|r| (r as f64).powf(-s.max(0.0)))
+        .collect();
+    let total: f64 = w.iter().sum();
+    w.into_iter().map(|x| x / total).collect()
+}
+
+/// One message of `bytes` over the hop the layout says.
+fn hop(hw: &Hardware, layout: &Layout, bytes: f64) -> f64 {
+    if layout.across_nodes {
+        hw.network_latency + bytes / hw.network_bandwidth
+    } else {
+        hw.network_latency + bytes / hw.nvlink_bandwidth
+    }
+}
+
+/// Seconds of one forward pass of `rows` tokens of one micro-batch (decode: one row per
+/// sequence, `context` tokens of KV each; prefill: the prompt's rows) through the whole
+/// pipeline, split as (attention, experts, transport), and the busiest stage's and expert
+/// shard's share of it.
+struct Pass {
+    attention: f64,
+    experts: f64,
+    transport: f64,
+    /// Per stage: seconds it is occupied by the micro-batch (its compute, and waiting for
+    /// its experts: a stage runs one micro-batch at a time).
+    stage_busy: Vec<f64>,
+    /// Per stage: seconds its GPUs compute.
+    stage_compute: Vec<f64>,
+    /// Per expert shard: busy seconds of its busiest replica.
+    shard_busy: Vec<f64>,
+    head: f64,
+}
+
+fn pass(
+    plan: &SizedPlan,
+    hw: &Hardware,
+    layout: &Layout,
+    rows: usize,
+    sequences: usize,
+    context: usize,
+    popularity: &[f64],
+) -> Pass {
+    let m = &plan.model;
+    let dtype = plan.dtype_bytes as f64;
+    let h = m.hidden_size as f64;
+    let rows_f = rows as f64;
+    let heads = m.num_attention_heads as f64;
+    let head_dim = m.head_dim as f64;
+    let kv_token = m.kv_bytes_per_token_layer(plan.dtype_bytes) as f64;
+    let expert_params = m.expert_params() as f64;
+    let expert_bytes = if plan.expert_shards.is_empty() {
+        expert_params * dtype
+    } else {
+        plan.expert_shards[0].pod.weight_bytes as f64
+            / (plan.expert_shards[0].layout.layers().len()
+                * plan.expert_shards[0].layout.experts.len())
+            .max(1) as f64
+    };
+    let mut out = Pass {
+        attention: 0.0,
+        experts: 0.0,
+        transport: 0.0,
+        stage_busy: vec![0.0; plan.stages.len()],
+        stage_compute: vec![0.0; plan.stages.len()],
+        shard_busy: vec![0.0; plan.expert_shards.len()],
+        head: 0.0,
+    };
+    let routed = rows_f * m.top_k as f64;
+    for (s, stage) in plan.stages.iter().enumerate() {
+        let g = stage.pod.gpus.max(1);
+        for layer in stage.layout.layers() {
+            // Attention, norms, router and shared experts on the stage.
+            let params = (m.attention_params() + m.stage_ffn_params(layer)) as f64;
+            let kv = sequences as f64 * context as f64 * kv_token;
+            let score_flops = 4.0
+                * sequences as f64
+                * context as f64
+                * heads
+                * head_dim
+                * (rows_f / sequences.max(1) as f64);
+            let mut t = roofline(
+                hw,
+                g,
+                2.0 * params * rows_f + score_flops,
+                params * dtype + kv,
+            );
+            if g > 1 {
+                // Tensor parallel: two all-reduces of the rows' hidden states per layer.
+                t += 2.0 * (hw.network_latency + rows_f * h * dtype / hw.nvlink_bandwidth);
+            }
+            out.attention += t;
+            out.stage_busy[s] += t;
+            out.stage_compute[s] += t;
+            if !m.is_moe_layer(layer) {
+                continue;
+            }
+            if plan.expert_shards.is_empty() {
+                // The stage computes its own experts.
+                let (flops, bytes) = expert_work(
+                    m.num_experts,
+                    popularity,
+                    routed,
+                    expert_params,
+                    expert_bytes,
+                    1,
+                );
+                let t = roofline(hw, g, flops, bytes);
+                out.experts += t;
+                out.stage_busy[s] += t;
+                out.stage_compute[s] += t;
+                continue;
+            }
+            // Dispatch and combine: each routed row's hidden state out and back.
+            let wire = layout.wire_bytes.max(1) as f64;
+            let moved = 2.0 * hop(hw, layout, routed * h * wire);
+            out.transport += moved;
+            out.stage_busy[s] += moved;
+            // The layer's shards work in parallel; the step waits for the slowest.
+            let mut slowest: f64 = 0.0;
+            for (j, shard) in plan.expert_shards.iter().enumerate() {
+                if !shard.layout.layers().contains(&layer) {
+                    continue;
+                }
+                let share: Vec<f64> = shard
+                    .layout
+                    .experts
+                    .iter()
+                    .map(|&e| popularity.get(e).copied().unwrap_or(0.0))
+                    .collect();
+                let replicas = layout.expert_replicas.get(j).copied().unwrap_or(1).max(1);
+                let (flops, bytes) = expert_work(
+                    share.len(),
+                    &share,
+                    routed,
+                    expert_params,
+                    expert_bytes,
+                    replicas,
+                );
+                let t = roofline(hw, shard.pod.gpus.max(1), flops, bytes);
+                out.shard_busy[j] += t;
+                slowest = slowest.max(t);
+            }
+            out.experts += slowest;
+            out.stage_busy[s] += slowest;
+        }
+        // To the next stage, or the last stage's rows to the gateway.
+        let t = hop(
+            hw,
+            layout,
+            sequences as f64 * h * layout.wire_bytes.max(1) as f64,
+        );
+        out.transport += t;
+    }
+    // The LM head on the gateway, for each sequence's last row.
+    let head = m.head_params() as f64;
+    out.head = roofline(
+        hw,
+        plan.gateway.gpus.max(1),
+        2.0 * head * sequences as f64,
+        head * dtype,
+    );
+    out
+}
+
+/// FLOPs and bytes of one replica of a group of experts (`share[i]`: the fraction of routed
+/// rows expert i gets) for `routed` rows split over `replicas`: it reads the weights of every
+/// expert at least one of its rows hits.
+fn expert_work(
+    n: usize,
+    share: &[f64],
+    routed: f64,
+    expert_params: f64,
+    expert_bytes: f64,
+    replicas: usize,
+) -> (f64, f64) {
+    let r = replicas as f64;
+    let mut flops = 0.0;
+    let mut touched = 0.0;
+    for &p in share.iter().take(n) {
+        let rows = routed * p / r;
+        flops += 2.0 * expert_params * rows;
+        // Chance that at least one of its rows lands on this expert (rows Poisson-ish).
+        touched += 1.0 - (-rows).exp();
+    }
+    (flops, touched * expert_bytes)
+}
+
+/// The model's estimate for `plan` on `hw` with `layout`, serving `w`.
+pub fn estimate(plan: &SizedPlan, hw: &Hardware, layout: &Layout, w: &Workload) -> Estimate {
+    let popularity = zipf(plan.model.num_experts, w.routing_skew);
+    let b = w.batch.max(1);
+    let context = w.prompt_tokens + w.output_tokens / 2;
+    let decode = pass(plan, hw, layout, b, b, context, &popularity);
+    let step = decode.attention + decode.experts + decode.transport + decode.head;
+    let mb = layout.micro_batches.max(1) as f64;
+    // The busiest part's seconds per micro-batch bound how often a micro-batch can start.
+    let busiest_stage = decode.stage_busy.iter().copied().fold(0.0, f64::max);
+    let busiest_shard = decode.shard_busy.iter().copied().fold(0.0, f64::max);
+    let bottleneck = busiest_stage.max(busiest_shard).max(decode.head);
+    // A sequence's next token waits for its micro-batch to come round again.
+    let cycle = step.max(mb * bottleneck);
+    let tokens_per_second = mb * b as f64 / cycle;
+    let prefill = pass(
+        plan,
+        hw,
+        layout,
+        w.prompt_tokens.max(1),
+        1,
+        w.prompt_tokens / 2,
+        &popularity,
+    );
+    let ttft = prefill.attention + prefill.experts + prefill.transport + prefill.head;
+    let stage_gpus: usize = plan.stages.iter().map(|s| s.pod.gpus.max(1)).sum();
+    let expert_gpus: usize = plan
+        .expert_shards
+        .iter()
+        .enumerate()
+        .map(|(j, s)| {
+            s.pod.gpus.max(1) * layout.expert_replicas.get(j).copied().unwrap_or(1).max(1)
+        })
+        .sum();
+    let gpus = stage_gpus + expert_gpus + plan.gateway.gpus;
+    let stage_busy: f64 = decode.stage_compute.iter().sum();
+    let shard_busy: f64 = decode
+        .shard_busy
+        .iter()
+        .enumerate()
+        .map(|(j, t)| t * layout.expert_replicas.get(j).copied().unwrap_or(1).max(1) as f64)
+        .sum();
+    let per_cycle = |busy: f64, parts: usize| {
+        if parts == 0 {
+            0.0
+        } else {
+            (mb * busy / (cycle * parts as f64)).min(1.0)
+        }
+    };
+    let replicas: usize = (0..plan.expert_shards.len())
+        .map(|j| layout.expert_replicas.get(j).copied().unwrap_or(1).max(1))
+        .sum();
+    Estimate {
+        time_to_first_token: ttft,
+        time_per_output_token: cycle,
+        tokens_per_second,
+        gpus,
+        tokens_per_second_per_gpu: tokens_per_second / gpus.max(1) as f64,
+        stage_utilization: per_cycle(stage_busy, plan.stages.len()),
+        expert_utilization: per_cycle(shard_busy, replicas),
+        cost_per_million_tokens: gpus as f64 * hw.price_per_hour / 3600.0 / tokens_per_second * 1e6,
+        step_attention: decode.attention,
+        step_experts: decode.experts,
+        step_transport: decode.transport,
+    }
+}

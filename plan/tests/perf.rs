@@ -1,0 +1,198 @@
+//! Invariants of the performance model: decode at batch 1 is bound by memory bandwidth, at
+//! large batch by compute; more batch never lowers throughput nor shortens a token's time;
+//! replicas of the hot shard help under skew; micro-batches fill the pipeline.
+
+use moe_plan::perf::{Estimate, Layout, Workload, estimate, gpu_profile, zipf};
+use moe_plan::{ModelDims, SizedPlan, SizingRequest, Variant, size};
+
+fn mixtral() -> ModelDims {
+    ModelDims {
+        num_layers: 32,
+        num_experts: 8,
+        top_k: 2,
+        hidden_size: 4096,
+        intermediate_size: 14336,
+        num_attention_heads: 32,
+        num_key_value_heads: 8,
+        head_dim: 128,
+        vocab_size: 32000,
+        max_position_embeddings: 32768,
+        tie_word_embeddings: false,
+        variant: Variant::default(),
+    }
+}
+
+fn plan(stages: usize, shards: usize) -> SizedPlan {
+    size(&SizingRequest {
+        model: mixtral(),
+        dtype_bytes: 2,
+        expert_millibytes: 0,
+        stages,
+        expert_shards: Some(shards),
+        tensor: 1,
+        gpus_per_pod: 1,
+        gpu_memory_bytes: 80 << 30,
+        context_tokens: 4096,
+        concurrent_sequences: 64,
+    })
+    .expect("plan")
+}
+
+fn layout(shards: usize, micro_batches: usize) -> Layout {
+    Layout {
+        expert_replicas: vec![1; shards],
+        micro_batches,
+        wire_bytes: 2,
+        across_nodes: true,
+    }
+}
+
+fn work(batch: usize) -> Workload {
+    Workload {
+        batch,
+        prompt_tokens: 512,
+        output_tokens: 256,
+        routing_skew: 0.0,
+    }
+}
+
+fn run(
+    p: &SizedPlan,
+    hw_tweak: impl Fn(&mut moe_plan::perf::Hardware),
+    l: &Layout,
+    w: &Workload,
+) -> Estimate {
+    let mut hw = gpu_profile("a100-80gb").expect("profile");
+    hw_tweak(&mut hw);
+    estimate(p, &hw, l, w)
+}
+
+#[test]
+fn batch_one_is_bound_by_bandwidth_and_a_large_batch_by_compute() {
+    let p = plan(2, 4);
+    let l = layout(4, 1);
+    let base = |b| run(&p, |_| {}, &l, &work(b));
+    let more_flops = |b| run(&p, |h| h.peak_flops *= 2.0, &l, &work(b));
+    let more_bw = |b| run(&p, |h| h.memory_bandwidth *= 2.0, &l, &work(b));
+    let (t, f, m) = (base(1), more_flops(1), more_bw(1));
+    let compute_part = |e: &Estimate| e.step_attention + e.step_experts;
+    assert!(
+        (compute_part(&f) - compute_part(&t)).abs() / compute_part(&t) < 0.01,
+        "batch 1 does not depend on FLOP/s: {t:?} vs {f:?}"
+    );
+    assert!(
+        compute_part(&m) < 0.55 * compute_part(&t),
+        "batch 1 halves with the bandwidth: {t:?} vs {m:?}"
+    );
+    // Large batch with a short context: the products dominate (long contexts make attention
+    // read the KV cache, bandwidth again).
+    let short = |b| {
+        let mut w = work(b);
+        w.prompt_tokens = 16;
+        w.output_tokens = 16;
+        w
+    };
+    let (t, f, m) = (
+        run(&p, |_| {}, &l, &short(2048)),
+        run(&p, |h| h.peak_flops *= 2.0, &l, &short(2048)),
+        run(&p, |h| h.memory_bandwidth *= 2.0, &l, &short(2048)),
+    );
+    assert!(
+        compute_part(&f) < 0.6 * compute_part(&t),
+        "batch 2048 follows the FLOP/s: {t:?} vs {f:?}"
+    );
+    assert!(
+        compute_part(&m) > 0.85 * compute_part(&t),
+        "batch 2048 barely depends on bandwidth: {t:?} vs {m:?}"
+    );
+}
+
+#[test]
+fn more_batch_never_lowers_throughput_nor_shortens_a_token() {
+    let p = plan(4, 8);
+    let l = layout(8, 4);
+    let mut last: Option<Estimate> = None;
+    for b in [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024] {
+        let e = run(&p, |_| {}, &l, &work(b));
+        if let Some(prev) = &last {
+            assert!(
+                e.tokens_per_second >= prev.tokens_per_second * 0.999,
+                "batch {b}: {prev:?} -> {e:?}"
+            );
+            assert!(
+                e.time_per_output_token >= prev.time_per_output_token * 0.999,
+                "batch {b}"
+            );
+        }
+        assert!(e.stage_utilization <= 1.0 && e.expert_utilization <= 1.0);
+        assert!(e.cost_per_million_tokens > 0.0);
+        last = Some(e);
+    }
+}
+
+#[test]
+fn micro_batches_fill_the_pipeline_up_to_its_depth() {
+    // Stages computing their own experts: four equal stages.
+    let p = plan(4, 0);
+    let one = run(&p, |_| {}, &layout(0, 1), &work(16));
+    let four = run(&p, |_| {}, &layout(0, 4), &work(16));
+    let eight = run(&p, |_| {}, &layout(0, 8), &work(16));
+    assert!(
+        four.tokens_per_second > 2.5 * one.tokens_per_second,
+        "{one:?} {four:?}"
+    );
+    // Past the depth, more micro-batches only wait on the busiest part.
+    assert!(
+        eight.tokens_per_second < 1.5 * four.tokens_per_second,
+        "{four:?} {eight:?}"
+    );
+    assert!(eight.time_per_output_token > four.time_per_output_token);
+
+    // Expert shards that each hold every layer (experts split, not layers) work in every
+    // layer of every micro-batch: they bound the pipeline, whatever its depth.
+    let p = plan(4, 4);
+    assert!(p.expert_shards.iter().all(|s| s.layout.layers() == (0..32)));
+    let one = run(&p, |_| {}, &layout(4, 1), &work(16));
+    let four = run(&p, |_| {}, &layout(4, 4), &work(16));
+    assert!(
+        four.tokens_per_second < 2.0 * one.tokens_per_second,
+        "{one:?} {four:?}"
+    );
+    assert!(four.expert_utilization > 0.99, "{four:?}");
+}
+
+#[test]
+fn under_skew_a_replica_of_the_hot_shard_helps_and_one_of_a_cold_shard_does_not() {
+    let p = plan(1, 4);
+    let mut w = work(256);
+    w.routing_skew = 1.2;
+    let pop = zipf(8, 1.2);
+    assert!(pop[0] > 3.0 * pop[7]);
+    let base = run(&p, |_| {}, &layout(4, 1), &w);
+    let hot_shard = p
+        .expert_shards
+        .iter()
+        .position(|s| s.layout.experts.contains(&0))
+        .expect("expert 0's shard");
+    let cold_shard = p
+        .expert_shards
+        .iter()
+        .position(|s| s.layout.experts.contains(&7))
+        .expect("expert 7's shard");
+    assert_ne!(hot_shard, cold_shard);
+    let mut hot = layout(4, 1);
+    hot.expert_replicas[hot_shard] = 2;
+    let mut cold = layout(4, 1);
+    cold.expert_replicas[cold_shard] = 2;
+    let hot = run(&p, |_| {}, &hot, &w);
+    let cold = run(&p, |_| {}, &cold, &w);
+    assert!(
+        hot.tokens_per_second > 1.05 * base.tokens_per_second,
+        "{base:?} {hot:?}"
+    );
+    assert!(
+        cold.tokens_per_second < 1.01 * base.tokens_per_second,
+        "{base:?} {cold:?}"
+    );
+    assert_eq!(hot.gpus, base.gpus + 1);
+}
