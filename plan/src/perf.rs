@@ -366,6 +366,35 @@ fn expert_work(
     (flops, touched * expert_bytes)
 }
 
+/// Seconds each stage is occupied by one step of `rows` rows over `sequences` sequences with
+/// `context` tokens of KV each (its layers, their experts and hops; the last stage also the
+/// LM head): the service times the simulator runs on.
+pub fn stage_seconds(
+    plan: &SizedPlan,
+    hw: &Hardware,
+    layout: &Layout,
+    routing_skew: f64,
+    rows: usize,
+    sequences: usize,
+    context: usize,
+) -> Vec<f64> {
+    let popularity = zipf(plan.model.num_experts, routing_skew);
+    let p = pass(
+        plan,
+        hw,
+        layout,
+        rows.max(1),
+        sequences.max(1),
+        context,
+        &popularity,
+    );
+    let mut out = p.stage_busy;
+    if let Some(last) = out.last_mut() {
+        *last += p.head;
+    }
+    out
+}
+
 /// The model's estimate for `plan` on `hw` with `layout`, serving `w`.
 pub fn estimate(plan: &SizedPlan, hw: &Hardware, layout: &Layout, w: &Workload) -> Estimate {
     let popularity = zipf(plan.model.num_experts, w.routing_skew);

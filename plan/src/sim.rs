@@ -36,7 +36,10 @@ pub struct SimConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SimReport {
-    pub completed: usize,
+    /// Sequences that got their first token.
+    pub started: usize,
+    /// Sequences that got all their tokens.
+    pub finished: usize,
     /// Arrival to first token, seconds: mean and percentiles.
     pub ttft_mean: f64,
     pub ttft_p50: f64,
@@ -144,6 +147,7 @@ pub fn simulate(cfg: &SimConfig, service: impl Fn(usize, usize, usize) -> f64) -
     let mut ttft = Vec::new();
     let mut tpot = Vec::new();
     let mut tokens = 0usize;
+    let mut finished = 0usize;
     let mut now = 0.0;
     let mut last_token_at = 0.0f64;
 
@@ -212,6 +216,7 @@ pub fn simulate(cfg: &SimConfig, service: impl Fn(usize, usize, usize) -> f64) -
                 let out = cfg.output_tokens.max(1);
                 l.seqs.retain(|s| {
                     if s.generated >= out {
+                        finished += 1;
                         if out > 1 {
                             let first = s.first_token.unwrap_or(now);
                             tpot.push((now - first) / (out - 1) as f64);
@@ -277,7 +282,8 @@ pub fn simulate(cfg: &SimConfig, service: impl Fn(usize, usize, usize) -> f64) -
         }
     };
     SimReport {
-        completed: ttft.len(),
+        started: ttft.len(),
+        finished,
         ttft_mean: mean(&ttft),
         ttft_p50: pct(0.5),
         ttft_p99: pct(0.99),

@@ -64,3 +64,85 @@ fn a_saturated_pipeline_runs_at_the_rate_of_its_lanes_or_its_stages() {
         assert!((busy - expect_busy).abs() < 0.05, "{lanes} lanes: {r:?}");
     }
 }
+
+#[test]
+fn driven_by_the_model_s_operator_times_a_saturated_deployment_matches_its_estimate() {
+    use moe_plan::perf::{Layout, Workload, estimate, gpu_profile, stage_seconds};
+    use moe_plan::{ModelDims, SizingRequest, Variant, size};
+    let model = ModelDims {
+        num_layers: 32,
+        num_experts: 8,
+        top_k: 2,
+        hidden_size: 4096,
+        intermediate_size: 14336,
+        num_attention_heads: 32,
+        num_key_value_heads: 8,
+        head_dim: 128,
+        vocab_size: 32000,
+        max_position_embeddings: 32768,
+        tie_word_embeddings: false,
+        variant: Variant::default(),
+    };
+    let plan = size(&SizingRequest {
+        model,
+        dtype_bytes: 2,
+        expert_millibytes: 0,
+        stages: 4,
+        expert_shards: Some(0),
+        tensor: 1,
+        gpus_per_pod: 1,
+        gpu_memory_bytes: 80 << 30,
+        context_tokens: 4096,
+        concurrent_sequences: 64,
+    })
+    .expect("plan");
+    let hw = gpu_profile("a100-80gb").expect("profile");
+    let layout = Layout {
+        expert_replicas: vec![],
+        micro_batches: 4,
+        wire_bytes: 2,
+        across_nodes: true,
+    };
+    let (batch, prompt, output) = (16, 128, 200);
+    let w = Workload {
+        batch,
+        prompt_tokens: prompt,
+        output_tokens: output,
+        routing_skew: 0.0,
+    };
+    let e = estimate(&plan, &hw, &layout, &w);
+    let context = prompt + output / 2;
+    let mut c = config(4, 4, batch, 1e4, output);
+    c.prompt_tokens = prompt;
+    // Always more requests waiting than lanes take, until the horizon.
+    c.duration = 0.5;
+    c.horizon = 30.0;
+    let r = simulate(&c, |s, rows, seqs| {
+        // Decode steps at the model's mean context; prompt rows at their own.
+        let ctx = if rows > seqs { prompt / 2 } else { context };
+        stage_seconds(&plan, &hw, &layout, 0.0, rows, seqs, ctx)[s]
+    });
+    // The closed form leaves out the prompt rows of sequences joining a running lane (here
+    // 128 prompt rows per 200 tokens generated): the simulation may be a few percent slower.
+    let err = (r.tokens_per_second - e.tokens_per_second).abs() / e.tokens_per_second;
+    eprintln!(
+        "simulated {:.0} tokens/s, {:.2} ms per token; the model: {:.0}, {:.2}",
+        r.tokens_per_second,
+        r.tpot_mean * 1e3,
+        e.tokens_per_second,
+        e.time_per_output_token * 1e3
+    );
+    assert!(
+        err < 0.1,
+        "simulated {:.0} tokens/s, the model says {:.0}",
+        r.tokens_per_second,
+        e.tokens_per_second
+    );
+    assert!(r.finished >= 64, "{r:?}");
+    assert!(
+        (r.tpot_mean - e.time_per_output_token).abs() / e.time_per_output_token < 0.1,
+        "simulated {:.2} ms per token, the model says {:.2}",
+        r.tpot_mean * 1e3,
+        e.time_per_output_token * 1e3
+    );
+}
