@@ -39,6 +39,10 @@ pub enum Command {
         #[command(flatten)]
         estimate: EstimateArgs,
     },
+    /// Simulate serving a manifest's plan (discrete events driven by the performance model's
+    /// operator times) next to another layout: tensor x pipeline parallelism with the experts
+    /// on the stages, GPT-4's reported layout by default (8-way tensor x 16-way pipeline).
+    Simulate(SimulateArgs),
     /// Benchmark the expert-autoscaling policy: load per replica under Zipf routing skew,
     /// fixed uniform replicas vs the policy at the same total replica count.
     BenchAutoscale {
@@ -57,6 +61,171 @@ pub enum Command {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct SimulateArgs {
+    #[arg(short = 'f', long = "filename", default_value = "examples/gpt4.yaml")]
+    pub file: PathBuf,
+    /// Requests per second (Poisson).
+    #[arg(long, default_value_t = 20.0)]
+    pub rate: f64,
+    /// Simulated seconds of arrivals.
+    #[arg(long, default_value_t = 600.0)]
+    pub duration: f64,
+    /// The other layout, TENSORxPIPELINE (GPUs per stage x stages).
+    #[arg(long, default_value = "8x16")]
+    pub versus: String,
+    #[command(flatten)]
+    pub estimate: EstimateArgs,
+}
+
+/// One simulated layout: its name, GPUs, the simulation and the closed form.
+pub struct Simulated {
+    pub name: String,
+    pub gpus: usize,
+    pub report: moe_plan::sim::SimReport,
+    pub estimate: moe_plan::perf::Estimate,
+    pub cost_per_million_tokens: f64,
+}
+
+/// Simulates the manifest's plan and the `versus` layout at the same arrival rate.
+pub fn simulate(moe: &MoEDeployment, args: &SimulateArgs) -> Result<Vec<Simulated>> {
+    use moe_plan::{perf, sim};
+    let bad = |field: &str, message: String| {
+        Error::Api(moe_api::Error::invalid(field.to_string(), message))
+    };
+    if !(args.rate > 0.0 && args.rate.is_finite()) {
+        return Err(bad("--rate", "must be a positive number".into()));
+    }
+    if !(args.duration > 0.0 && args.duration <= 86_400.0 * 7.0) {
+        return Err(bad(
+            "--duration",
+            "must be within (0, 604800] seconds".into(),
+        ));
+    }
+    let (tensor, stages) = args
+        .versus
+        .split_once('x')
+        .and_then(|(t, p)| Some((t.parse::<usize>().ok()?, p.parse::<usize>().ok()?)))
+        .filter(|&(t, p)| t > 0 && p > 0)
+        .ok_or_else(|| {
+            bad(
+                "--versus",
+                format!("`{}` is not TENSORxPIPELINE", args.versus),
+            )
+        })?;
+    let ours = planning::plan(&moe.spec)?;
+    let mut req = moe_api::planning::sizing_request(&moe.spec)?;
+    req.stages = stages;
+    req.expert_shards = Some(0);
+    req.tensor = tensor;
+    req.gpus_per_pod = tensor;
+    let other = moe_plan::size(&req).map_err(|e| bad("--versus", e.to_string()))?;
+    let mut out = Vec::new();
+    for (name, plan) in [
+        (
+            format!(
+                "planned ({} stages, {} expert shards)",
+                ours.stages.len(),
+                ours.expert_shards.len()
+            ),
+            ours,
+        ),
+        (
+            format!("{tensor}-way tensor x {stages}-way pipeline"),
+            other,
+        ),
+    ] {
+        let mut est = args.estimate.clone();
+        est.micro_batches = Some(est.micro_batches.unwrap_or(plan.stages.len().max(2)));
+        let (hw, e) = estimate_for(moe, &plan, &est)?;
+        let layout = perf::Layout {
+            expert_replicas: vec![
+                usize::try_from(moe.spec.experts.min_replicas.max(1)).unwrap_or(1);
+                plan.expert_shards.len()
+            ],
+            micro_batches: est.micro_batches.unwrap_or(2),
+            wire_bytes: 2,
+            across_nodes: true,
+        };
+        let cfg = sim::SimConfig {
+            stages: plan.stages.len(),
+            lanes: layout.micro_batches,
+            batch: est.batch,
+            arrival_rate: args.rate,
+            prompt_tokens: est.prompt_tokens,
+            output_tokens: est.output_tokens,
+            duration: args.duration,
+            horizon: args.duration * 2.0,
+            seed: 1,
+        };
+        let context = est.prompt_tokens + est.output_tokens / 2;
+        let (prompt, zipf) = (est.prompt_tokens, est.zipf);
+        // Step times depend only on (rows, sequences): computed once each.
+        let mut cache: std::collections::HashMap<(usize, usize), Vec<f64>> = Default::default();
+        let cache = std::cell::RefCell::new(&mut cache);
+        let report = sim::simulate(&cfg, |s, rows, seqs| {
+            let ctx = if rows > seqs { prompt / 2 } else { context };
+            let mut c = cache.borrow_mut();
+            let times = c
+                .entry((rows, seqs))
+                .or_insert_with(|| perf::stage_seconds(&plan, &hw, &layout, zipf, rows, seqs, ctx));
+            times.get(s).copied().unwrap_or(0.0)
+        });
+        let cost =
+            e.gpus as f64 * hw.price_per_hour / 3600.0 / report.tokens_per_second.max(1e-9) * 1e6;
+        out.push(Simulated {
+            name,
+            gpus: e.gpus,
+            report,
+            estimate: e,
+            cost_per_million_tokens: cost,
+        });
+    }
+    Ok(out)
+}
+
+/// The simulated layouts side by side.
+pub fn simulate_table(args: &SimulateArgs, rows: &[Simulated]) -> String {
+    let mut out = format!(
+        "{:.1} requests/s for {:.0} s, prompt {} / output {} tokens, batch {} per micro-batch, zipf {}\n",
+        args.rate,
+        args.duration,
+        args.estimate.prompt_tokens,
+        args.estimate.output_tokens,
+        args.estimate.batch,
+        args.estimate.zipf
+    );
+    out.push_str(&format!(
+        "{:<44} {:>5} {:>10} {:>10} {:>10} {:>9} {:>11} {:>8} {:>12}\n",
+        "layout",
+        "GPUs",
+        "tokens/s",
+        "TTFT p50",
+        "TTFT p99",
+        "TPOT",
+        "stage busy",
+        "done",
+        "$/M tokens"
+    ));
+    for r in rows {
+        let busy = r.report.stage_utilization.iter().sum::<f64>()
+            / r.report.stage_utilization.len().max(1) as f64;
+        out.push_str(&format!(
+            "{:<44} {:>5} {:>10.0} {:>8.0}ms {:>8.0}ms {:>7.1}ms {:>10.0}% {:>8} {:>12.3}\n",
+            r.name,
+            r.gpus,
+            r.report.tokens_per_second,
+            r.report.ttft_p50 * 1e3,
+            r.report.ttft_p99 * 1e3,
+            r.report.tpot_mean * 1e3,
+            busy * 100.0,
+            r.report.finished,
+            r.cost_per_million_tokens
+        ));
+    }
+    out
 }
 
 /// `plan --estimate`: the performance model's prediction for the plan.
@@ -219,6 +388,11 @@ pub fn run(cli: Cli) -> Result<()> {
             result.map_err(Error::Run)?;
         }
         Command::Crd => print!("{}", crd_yaml()?),
+        Command::Simulate(args) => {
+            let moe = read_manifest(&args.file)?;
+            let rows = simulate(&moe, &args)?;
+            print!("{}", simulate_table(&args, &rows));
+        }
         Command::BenchAutoscale {
             file,
             zipf,

@@ -172,3 +172,50 @@ fn plan_estimates_on_the_spec_s_gpu_and_names_an_unknown_profile() {
         .to_string();
     assert!(err.contains("--batch"), "{err}");
 }
+
+#[test]
+fn simulate_compares_the_plan_with_tensor_by_pipeline_at_the_same_rate() {
+    use clap::Parser;
+    let moe = read_manifest(&example("gpt4.yaml")).unwrap();
+    let args = |extra: &[&str]| {
+        let mut argv = vec!["moe-operator", "simulate"];
+        for (flag, default) in [("--duration", "60"), ("--rate", "0.5")] {
+            if !extra.contains(&flag) {
+                argv.extend([flag, default]);
+            }
+        }
+        argv.extend(extra);
+        match moe_operator::cli::Cli::try_parse_from(argv)
+            .unwrap()
+            .command
+        {
+            moe_operator::cli::Command::Simulate(a) => a,
+            _ => unreachable!(),
+        }
+    };
+    let a = args(&[]);
+    let rows = moe_operator::cli::simulate(&moe, &a).unwrap();
+    assert_eq!(rows.len(), 2);
+    let p = plan(&moe.spec).unwrap();
+    assert_eq!(rows[0].gpus, p.total_gpus);
+    // 16 stages of 8 GPUs, and the gateway's pod.
+    assert!(rows[1].name.contains("8-way tensor x 16-way pipeline"));
+    assert!(rows[1].gpus >= 128, "{}", rows[1].gpus);
+    for r in &rows {
+        assert!(r.report.finished > 0 && r.report.tokens_per_second > 0.0);
+        assert!(r.report.ttft_p99 >= r.report.ttft_p50);
+        assert!(r.cost_per_million_tokens.is_finite());
+    }
+    let table = moe_operator::cli::simulate_table(&a, &rows);
+    assert!(
+        table.contains("$/M tokens") && table.lines().count() == 4,
+        "{table}"
+    );
+    for (flag, value) in [("--versus", "8by16"), ("--rate", "0"), ("--duration", "0")] {
+        let err = moe_operator::cli::simulate(&moe, &args(&[flag, value]))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains(flag), "{err}");
+    }
+}
