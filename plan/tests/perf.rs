@@ -3,24 +3,10 @@
 //! replicas of the hot shard help under skew; micro-batches fill the pipeline.
 
 use moe_plan::perf::{Estimate, Layout, Workload, estimate, gpu_profile, zipf};
-use moe_plan::{ModelDims, SizedPlan, SizingRequest, Variant, size};
+mod common;
 
-fn mixtral() -> ModelDims {
-    ModelDims {
-        num_layers: 32,
-        num_experts: 8,
-        top_k: 2,
-        hidden_size: 4096,
-        intermediate_size: 14336,
-        num_attention_heads: 32,
-        num_key_value_heads: 8,
-        head_dim: 128,
-        vocab_size: 32000,
-        max_position_embeddings: 32768,
-        tie_word_embeddings: false,
-        variant: Variant::default(),
-    }
-}
+use common::mixtral;
+use moe_plan::{SizedPlan, SizingRequest, size};
 
 fn plan(stages: usize, shards: usize) -> SizedPlan {
     size(&SizingRequest {

@@ -1,6 +1,8 @@
 //! The simulator against closed-form results: an M/D/1 queue's mean wait, and a saturated
 //! pipeline's throughput with fewer and more lanes than stages.
 
+mod common;
+
 use moe_plan::sim::{SimConfig, simulate};
 
 fn config(stages: usize, lanes: usize, batch: usize, rate: f64, output: usize) -> SimConfig {
@@ -68,21 +70,8 @@ fn a_saturated_pipeline_runs_at_the_rate_of_its_lanes_or_its_stages() {
 #[test]
 fn driven_by_the_model_s_operator_times_a_saturated_deployment_matches_its_estimate() {
     use moe_plan::perf::{Layout, Workload, estimate, gpu_profile, stage_seconds};
-    use moe_plan::{ModelDims, SizingRequest, Variant, size};
-    let model = ModelDims {
-        num_layers: 32,
-        num_experts: 8,
-        top_k: 2,
-        hidden_size: 4096,
-        intermediate_size: 14336,
-        num_attention_heads: 32,
-        num_key_value_heads: 8,
-        head_dim: 128,
-        vocab_size: 32000,
-        max_position_embeddings: 32768,
-        tie_word_embeddings: false,
-        variant: Variant::default(),
-    };
+    use moe_plan::{SizingRequest, size};
+    let model = common::mixtral();
     let plan = size(&SizingRequest {
         model,
         dtype_bytes: 2,
