@@ -208,7 +208,8 @@ impl ExpertService {
             "Calls computed at once (--max-concurrent-calls)",
             self.limits.concurrent.max(1) as f64,
         );
-        self.load.expose(e, "moe_expert_shard", "calls");
+        self.load
+            .expose(e, "moe_expert_shard", super::metrics::Unit::Calls);
     }
 
     /// One call, whichever path it came by (see [`ExpertService::call`]), counted: refusals
@@ -331,11 +332,7 @@ pub async fn run(args: ExpertArgs) -> Result<()> {
     let listener = bind(args.part.server.listen, "expert").await?;
     let late = super::metrics::serve(
         args.part.server.metrics_listen,
-        super::metrics::Identity {
-            role: "expert",
-            index: args.part.index,
-            model: args.part.model.model.to_string(),
-        },
+        super::metrics::Identity::of("expert", &args.part),
     )
     .await?;
     let (reporter, health) = tonic_health::server::health_reporter();

@@ -180,6 +180,52 @@ fn local_source(source: &moe_api::crd::ModelSource, field: &str) -> Result<Model
     ))
 }
 
+/// The model must have the plan's shape; `field` names the spec field for a mismatched key.
+fn check_shape(
+    model: &ModelArg,
+    plan: &moe_plan::SizedPlan,
+    field: impl Fn(&str) -> String,
+) -> Result<()> {
+    let cfg = model.open()?.config().clone();
+    let m = &plan.model;
+    for (name, planned, has, key) in [
+        (
+            "numLayers",
+            m.num_layers,
+            cfg.num_hidden_layers,
+            "num_hidden_layers",
+        ),
+        (
+            "numExperts",
+            m.num_experts,
+            cfg.num_local_experts,
+            "num_local_experts",
+        ),
+        (
+            "topK",
+            m.top_k,
+            cfg.num_experts_per_tok,
+            "num_experts_per_tok",
+        ),
+        ("hiddenSize", m.hidden_size, cfg.hidden_size, "hidden_size"),
+        ("vocabSize", m.vocab_size, cfg.vocab_size, "vocab_size"),
+        (
+            "denseLayers",
+            m.variant.dense_layers.iter().count(),
+            cfg.dense_layers(),
+            "dense layers (first_k_dense_replace, decoder_sparse_step, mlp_only_layers)",
+        ),
+    ] {
+        if planned != has {
+            return Err(Error::invalid(
+                field(name),
+                format!("the plan has {planned}, but the model `{model}` has {key} = {has}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// One process of a [`Launch`]: a workload's arguments, the model's, and its replica number.
 /// Addresses (`--listen`, `--next`, `--expert-addrs`, `--stage-addrs`) come at start.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -271,64 +317,17 @@ impl Launch {
             Some(m) => m.clone(),
             None => local_source(&spec.model.source, "spec.model.source")?,
         };
-        // Shards that read another revision of the weights.
+        // The plan is made from the spec's architecture (or the preset's); the model must
+        // have that shape, or the stages would load layers it does not have.
+        check_shape(&model, &plan, |f| format!("spec.model.architecture.{f}"))?;
+        // Shards that read another revision of the weights (of the same shape).
         let mut shard_models = std::collections::BTreeMap::new();
-        let mut shard_fields = std::collections::BTreeMap::new();
         for (i, o) in spec.experts.shards.iter().enumerate() {
             if let Some(src) = &o.source {
                 let field = format!("spec.experts.shards[{i}].source");
-                let j = usize::try_from(o.shard).unwrap_or(usize::MAX);
-                shard_models.insert(j, local_source(src, &field)?);
-                shard_fields.insert(j, field);
-            }
-        }
-        // The plan is made from the spec's architecture (or the preset's); the model must
-        // have that shape, or the stages would load layers it does not have.
-        for (what, model) in
-            std::iter::once((None, &model)).chain(shard_models.iter().map(|(j, m)| (Some(*j), m)))
-        {
-            let cfg = model.open()?.config().clone();
-            let m = &plan.model;
-            for (field, planned, has, key) in [
-                (
-                    "numLayers",
-                    m.num_layers,
-                    cfg.num_hidden_layers,
-                    "num_hidden_layers",
-                ),
-                (
-                    "numExperts",
-                    m.num_experts,
-                    cfg.num_local_experts,
-                    "num_local_experts",
-                ),
-                (
-                    "topK",
-                    m.top_k,
-                    cfg.num_experts_per_tok,
-                    "num_experts_per_tok",
-                ),
-                ("hiddenSize", m.hidden_size, cfg.hidden_size, "hidden_size"),
-                ("vocabSize", m.vocab_size, cfg.vocab_size, "vocab_size"),
-                (
-                    "denseLayers",
-                    m.variant.dense_layers.iter().count(),
-                    cfg.dense_layers(),
-                    "dense layers (first_k_dense_replace, decoder_sparse_step, mlp_only_layers)",
-                ),
-            ] {
-                if planned != has {
-                    let field = match what {
-                        None => format!("spec.model.architecture.{field}"),
-                        Some(j) => shard_fields.get(&j).cloned().unwrap_or_default(),
-                    };
-                    return Err(Error::invalid(
-                        field,
-                        format!(
-                            "the plan has {planned}, but the model `{model}` has {key} = {has}"
-                        ),
-                    ));
-                }
+                let m = local_source(src, &field)?;
+                check_shape(&m, &plan, |_| field.clone())?;
+                shard_models.insert(usize::try_from(o.shard).unwrap_or(usize::MAX), m);
             }
         }
         let mut notes = Vec::new();

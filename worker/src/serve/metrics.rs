@@ -20,6 +20,15 @@ pub struct Exposition {
     out: String,
 }
 
+/// What a process's load counters count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unit {
+    /// A stage's micro-batches.
+    MicroBatches,
+    /// An expert shard's calls.
+    Calls,
+}
+
 /// A metric family's type.
 #[derive(Debug, Clone, Copy)]
 pub enum Kind {
@@ -139,6 +148,17 @@ pub struct Identity {
     pub role: &'static str,
     pub index: u32,
     pub model: String,
+}
+
+impl Identity {
+    /// A stage's or expert shard's, from its arguments.
+    pub fn of(role: &'static str, part: &super::PartArgs) -> Self {
+        Self {
+            role,
+            index: part.index,
+            model: part.model.model.to_string(),
+        }
+    }
 }
 
 /// Binds `addr` (when given), prints `ROLE metrics on http://ADDR` (after the `listening on`

@@ -388,17 +388,17 @@ impl LoadCounters {
         }
     }
 
-    /// Writes the counters as `PREFIX_*` families (`what`: "micro-batches" or "calls").
-    pub fn expose(&self, e: &mut metrics::Exposition, prefix: &str, what: &str) {
+    /// Writes the counters as `PREFIX_*` families of a stage's micro-batches or an expert
+    /// shard's calls.
+    pub fn expose(&self, e: &mut metrics::Exposition, prefix: &str, unit: metrics::Unit) {
         use metrics::Kind::Counter;
         let Ok(g) = self.inner.lock() else { return };
-        let calls = if what == "calls" {
-            "calls"
-        } else {
-            "microbatches"
+        let (name, what) = match unit {
+            metrics::Unit::MicroBatches => ("microbatches", "micro-batches"),
+            metrics::Unit::Calls => ("calls", "calls"),
         };
         e.single(
-            &format!("{prefix}_{calls}_total"),
+            &format!("{prefix}_{name}_total"),
             Counter,
             &format!("{what} served"),
             g.batches as f64,
@@ -427,7 +427,7 @@ impl LoadCounters {
             &format!("{what} refused for capacity (RESOURCE_EXHAUSTED)"),
             g.rejected as f64,
         );
-        if what != "calls" {
+        if unit == metrics::Unit::MicroBatches {
             e.single(
                 &format!("{prefix}_expert_wait_seconds_total"),
                 Counter,

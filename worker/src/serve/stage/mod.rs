@@ -175,7 +175,8 @@ impl Core {
             self.max_streams
                 .saturating_sub(self.streams.available_permits()) as f64,
         );
-        self.load.expose(e, "moe_stage", "micro-batches");
+        self.load
+            .expose(e, "moe_stage", super::metrics::Unit::MicroBatches);
     }
 
     /// Runs a micro-batch through this stage's layers; returns the hidden states of every
@@ -493,11 +494,7 @@ pub async fn run(args: StageArgs) -> Result<()> {
     let listener = bind(args.part.server.listen, "stage").await?;
     let late = super::metrics::serve(
         args.part.server.metrics_listen,
-        super::metrics::Identity {
-            role: "stage",
-            index: args.part.index,
-            model: args.part.model.model.to_string(),
-        },
+        super::metrics::Identity::of("stage", &args.part),
     )
     .await?;
     let src = args.part.model.model.open()?;
