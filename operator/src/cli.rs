@@ -148,6 +148,7 @@ pub fn simulate(moe: &MoEDeployment, args: &SimulateArgs) -> Result<Vec<Simulate
             micro_batches: est.micro_batches.unwrap_or(2),
             wire_bytes: 2,
             across_nodes: true,
+            ..Default::default()
         };
         let cfg = sim::SimConfig {
             stages: plan.stages.len(),
@@ -322,6 +323,7 @@ pub fn estimate_for(
             _ => 4,
         },
         across_nodes: true,
+        ..Default::default()
     };
     let w = perf::Workload {
         batch: args.batch,

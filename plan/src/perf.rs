@@ -128,6 +128,22 @@ pub struct Layout {
     pub wire_bytes: u64,
     /// Hops between pods cross the network (else NVLink: parts on one node).
     pub across_nodes: bool,
+    /// Every part runs on the one device the profile describes (the `moe-worker local`
+    /// deployment on one machine): their compute shares it instead of overlapping.
+    #[serde(default)]
+    pub shared_device: bool,
+}
+
+impl Default for Layout {
+    fn default() -> Self {
+        Self {
+            expert_replicas: Vec::new(),
+            micro_batches: 1,
+            wire_bytes: 2,
+            across_nodes: true,
+            shared_device: false,
+        }
+    }
 }
 
 /// What the deployment serves.

@@ -30,6 +30,7 @@ fn layout(shards: usize, micro_batches: usize) -> Layout {
         micro_batches,
         wire_bytes: 2,
         across_nodes: true,
+        ..Default::default()
     }
 }
 

@@ -91,6 +91,7 @@ fn driven_by_the_model_s_operator_times_a_saturated_deployment_matches_its_estim
         micro_batches: 4,
         wire_bytes: 2,
         across_nodes: true,
+        ..Default::default()
     };
     let (batch, prompt, output) = (16, 128, 200);
     let w = Workload {
