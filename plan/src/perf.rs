@@ -477,3 +477,85 @@ pub fn estimate(plan: &SizedPlan, hw: &Hardware, layout: &Layout, w: &Workload) 
         step_transport: decode.transport,
     }
 }
+
+/// One stage's visit by a step, split the way the discrete-event simulator serves it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StageParts {
+    /// Seconds the stage works on its own: its layers' attention, norms, router, shared and
+    /// dense MLPs, the dispatch and combine of routed rows (and the experts, when the plan has
+    /// no expert shards); on the last stage also the LM head.
+    pub compute: f64,
+    /// Per expert shard: seconds one replica takes for one call carrying every layer of this
+    /// stage the shard holds and all the step's rows routed to it (0: it holds none of them).
+    pub shard_seconds: Vec<f64>,
+    /// Per expert shard: rows routed to it over those layers, summed over (layer, expert) as the
+    /// gateway's counters count them.
+    pub shard_rows: Vec<f64>,
+}
+
+/// Per stage, its own seconds and its calls to the expert shards for one step of `rows` rows
+/// over `sequences` sequences with `context` tokens of KV each, experts chosen with
+/// `popularity` (one share per expert, e.g. [`zipf`] in any order). With every shard's slowest
+/// call added, `compute` is [`stage_seconds`] at one replica per shard when every layer's
+/// slowest shard is the same one (shards that split experts and hold whole stages).
+pub fn stage_parts(
+    plan: &SizedPlan,
+    hw: &Hardware,
+    layout: &Layout,
+    popularity: &[f64],
+    rows: usize,
+    sequences: usize,
+    context: usize,
+) -> Vec<StageParts> {
+    let (rows, sequences) = (rows.max(1), sequences.max(1));
+    // A call goes to one replica with all its rows: price it at one replica.
+    let one = Layout {
+        expert_replicas: Vec::new(),
+        ..layout.clone()
+    };
+    let m = &plan.model;
+    let routed = (rows * m.top_k) as f64;
+    let last = plan.stages.len().saturating_sub(1);
+    let mut alone = plan.clone();
+    plan.stages
+        .iter()
+        .enumerate()
+        .map(|(s, stage)| {
+            alone.stages = vec![stage.clone()];
+            let p = pass(&alone, hw, &one, rows, sequences, context, popularity);
+            // The stage's occupancy less its waits for the slowest shard of each layer.
+            let mut compute = if plan.expert_shards.is_empty() {
+                p.stage_busy[0]
+            } else {
+                (p.stage_busy[0] - p.experts).max(0.0)
+            };
+            if s == last {
+                compute += p.head;
+            }
+            let shard_rows = plan
+                .expert_shards
+                .iter()
+                .map(|shard| {
+                    let layers = stage
+                        .layout
+                        .layers()
+                        .filter(|&l| shard.layout.layers().contains(&l) && m.is_moe_layer(l))
+                        .count();
+                    let share: f64 = shard
+                        .layout
+                        .experts
+                        .iter()
+                        .map(|&e| popularity.get(e).copied().unwrap_or(0.0))
+                        .sum();
+                    routed * share * layers as f64
+                })
+                .collect();
+            StageParts {
+                compute,
+                shard_seconds: p.shard_busy,
+                shard_rows,
+            }
+        })
+        .collect()
+}

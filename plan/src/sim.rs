@@ -1,14 +1,27 @@
 //! A discrete-event simulator of a deployment's request path: Poisson arrivals queue at the
 //! gateway, lanes (micro-batches) admit them continuously up to a batch size, and every step of
 //! a lane visits the pipeline's stages in order, each stage serving one micro-batch at a time in
-//! arrival order. Service times come from a function of (stage, rows, sequences), the
-//! performance model's operator times in deployments, a constant in queueing tests.
+//! arrival order. A stage visit is the stage's own compute, then one call to each expert shard
+//! it needs (all its layers' expert work for that shard in one call); the stage waits for all of
+//! them before the micro-batch moves on. Each shard has replicas; a call goes to the replica
+//! with the fewest outstanding calls (ties in turn, as the data plane's stages pick), and a
+//! replica serves its calls one at a time in arrival order. Replicas can change while it runs:
+//! a controller looks at each shard's routed rows at a fixed interval, removed replicas take no
+//! new calls, added ones serve after a startup delay.
+//!
+//! Service times come from a [`Deployment`]: the performance model's operator times
+//! (`perf::stage_parts`) in deployments, constants in queueing tests.
 //!
 //! It measures what the closed-form model cannot: queueing delay, its tail, and how lanes
-//! contend for the stages.
+//! contend for the stages and the expert shards.
+//!
+//! Cost: two events per stage visit (compute done, visit done) whatever the shard count: a
+//! call's completion is known when it is dispatched (a FIFO replica with known service times),
+//! so calls need no events of their own.
 
 use std::cmp::Ordering;
-use std::collections::{BinaryHeap, VecDeque};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::rc::Rc;
 
 use serde::{Deserialize, Serialize};
 
@@ -32,6 +45,34 @@ pub struct SimConfig {
     pub seed: u64,
 }
 
+/// The expert shards' replicas and how they may change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Replicas {
+    /// Replicas of each shard at the start (at least one each); empty: no expert shards.
+    pub initial: Vec<usize>,
+    /// Seconds from a replica being asked for to its serving.
+    pub startup: f64,
+    /// Seconds between two looks of the controller ([`Deployment::control`]); 0: never.
+    pub control_interval: f64,
+}
+
+impl Replicas {
+    /// No expert shards: the stages compute their experts.
+    pub fn none() -> Self {
+        Self::fixed(Vec::new())
+    }
+
+    /// These replicas throughout.
+    pub fn fixed(initial: Vec<usize>) -> Self {
+        Self {
+            initial,
+            startup: 0.0,
+            control_interval: 0.0,
+        }
+    }
+}
+
 /// What it measured.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -46,9 +87,54 @@ pub struct SimReport {
     pub ttft_p99: f64,
     /// Between tokens of one sequence, seconds (mean over sequences of their mean).
     pub tpot_mean: f64,
+    /// Percentiles over finished sequences of their mean time between tokens.
+    pub tpot_p50: f64,
+    pub tpot_p99: f64,
     pub tokens_per_second: f64,
-    /// Busy share of each stage.
+    /// Busy share of each stage (its compute and its waits for expert calls).
     pub stage_utilization: Vec<f64>,
+    /// Per expert shard: busy share of its replicas (busy seconds over serving replica-seconds).
+    pub shard_utilization: Vec<f64>,
+    /// Per expert shard: mean seconds a call waited for its replica.
+    pub shard_wait: Vec<f64>,
+    /// Per expert shard: serving replicas, mean over time.
+    pub shard_replicas: Vec<f64>,
+    /// Per expert shard: calls served.
+    pub shard_calls: Vec<u64>,
+    /// Times a shard's replica count changed (each replica asked for or removed).
+    pub replica_changes: usize,
+    /// The most replicas held at once, all shards together (serving and starting: GPUs).
+    pub peak_replicas: usize,
+}
+
+/// One stage visit of a step: the stage's own seconds, then its calls.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Visit {
+    pub compute: f64,
+    pub calls: Vec<Call>,
+}
+
+/// One call of a stage visit to an expert shard.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Call {
+    pub shard: usize,
+    /// Seconds one replica serves it.
+    pub seconds: f64,
+    /// Routed rows it carries, summed over its (layer, expert) pairs (what the controller sees).
+    pub rows: f64,
+}
+
+/// Where the service times come from, and who changes the replicas.
+pub trait Deployment {
+    /// The visits, one per stage, of a step of `rows` rows over `sequences` sequences that
+    /// starts at `now` (implementations cache them by their inputs; a missing stage's visit
+    /// takes no time).
+    fn step(&mut self, now: f64, rows: usize, sequences: usize) -> Rc<[Visit]>;
+    /// Every control interval: each shard's routed rows so far and its replicas (serving and
+    /// starting). Returns the replicas each shard should have, or `None` to keep them.
+    fn control(&mut self, _now: f64, _routed: &[f64], _replicas: &[usize]) -> Option<Vec<usize>> {
+        None
+    }
 }
 
 #[derive(Debug, PartialEq)]
@@ -61,10 +147,20 @@ struct Event {
 #[derive(Debug, PartialEq)]
 enum Kind {
     Arrival,
-    /// Lane finished stage `stage` of its step.
-    StageDone {
+    /// Lane finished its own compute at `stage`: its calls go out.
+    Computed {
         lane: usize,
         stage: usize,
+    },
+    /// Lane's visit of `stage` is over (its compute and every call).
+    Visited {
+        lane: usize,
+        stage: usize,
+    },
+    Control,
+    /// A replica asked for at some point may now serve.
+    Ready {
+        shard: usize,
     },
 }
 
@@ -83,6 +179,23 @@ impl Ord for Event {
 impl PartialOrd for Event {
     fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
         Some(self.cmp(other))
+    }
+}
+
+#[derive(Default)]
+struct Events {
+    heap: BinaryHeap<Event>,
+    seq: u64,
+}
+
+impl Events {
+    fn push(&mut self, at: f64, kind: Kind) {
+        self.seq += 1;
+        self.heap.push(Event {
+            at,
+            seq: self.seq,
+            kind,
+        });
     }
 }
 
@@ -112,36 +225,216 @@ struct Seq {
     first_token: Option<f64>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Lane {
     seqs: Vec<Seq>,
-    /// Rows of the step in flight (prompt rows of new sequences, one per decoding one).
-    rows: usize,
+    /// The visits of the step in flight.
+    visits: Rc<[Visit]>,
     busy: bool,
+    /// When its current stage visit started.
+    started: f64,
 }
 
-/// Runs the simulation; `service(stage, rows, sequences)` is one stage's seconds for a step.
+/// One replica of a shard: when it is free, and when its outstanding calls complete.
+#[derive(Debug, Default)]
+struct Replica {
+    free_at: f64,
+    done: VecDeque<f64>,
+}
+
+impl Replica {
+    fn outstanding(&mut self, now: f64) -> usize {
+        while self.done.front().is_some_and(|&t| t <= now) {
+            self.done.pop_front();
+        }
+        self.done.len()
+    }
+}
+
+#[derive(Debug, Default)]
+struct Shard {
+    serving: Vec<Replica>,
+    /// Ready times of replicas asked for, in the order asked.
+    starting: VecDeque<f64>,
+    turn: usize,
+    busy: f64,
+    wait: f64,
+    calls: u64,
+    routed: f64,
+    replica_seconds: f64,
+    since: f64,
+}
+
+impl Shard {
+    /// The replica a call dispatched at `now` goes to: the fewest outstanding calls, ties
+    /// starting from this call's turn (`None`: no replica serves).
+    fn pick(&mut self, now: f64) -> Option<usize> {
+        let n = self.serving.len();
+        if n == 0 {
+            return None;
+        }
+        let first = self.turn % n;
+        self.turn = self.turn.wrapping_add(1);
+        let mut best: Option<(usize, usize)> = None;
+        for k in 0..n {
+            let i = (first + k) % n;
+            let o = self.serving[i].outstanding(now);
+            if best.is_none_or(|(_, b)| o < b) {
+                best = Some((i, o));
+                if o == 0 {
+                    break;
+                }
+            }
+        }
+        best.map(|(i, _)| i)
+    }
+
+    /// Dispatches a call at `now`: when it completes.
+    fn dispatch(&mut self, now: f64, call: &Call) -> f64 {
+        let Some(i) = self.pick(now) else {
+            return now;
+        };
+        let r = &mut self.serving[i];
+        let start = r.free_at.max(now);
+        let done = start + call.seconds.max(0.0);
+        r.free_at = done;
+        r.done.push_back(done);
+        self.wait += start - now;
+        self.busy += call.seconds.max(0.0);
+        self.calls += 1;
+        self.routed += call.rows.max(0.0);
+        done
+    }
+
+    fn account(&mut self, now: f64) {
+        self.replica_seconds += self.serving.len() as f64 * (now - self.since).max(0.0);
+        self.since = now;
+    }
+
+    fn held(&self) -> usize {
+        self.serving.len() + self.starting.len()
+    }
+
+    /// Asks for or removes replicas so that `want` are held (at least one serving stays).
+    /// Returns how many replicas were asked for or removed.
+    fn resize(&mut self, now: f64, want: usize, startup: f64) -> usize {
+        let want = want.max(1);
+        let held = self.held();
+        if want > held {
+            for _ in held..want {
+                self.starting.push_back(now + startup);
+            }
+            return want - held;
+        }
+        let mut changed = 0;
+        for _ in want..held {
+            if self.starting.pop_back().is_some() {
+                changed += 1;
+                continue;
+            }
+            if self.serving.len() <= 1 {
+                break;
+            }
+            self.account(now);
+            // The replica with the fewest outstanding calls goes; the ones it has finish.
+            let mut gone = 0;
+            let mut least = usize::MAX;
+            for i in (0..self.serving.len()).rev() {
+                let o = self.serving[i].outstanding(now);
+                if o < least {
+                    least = o;
+                    gone = i;
+                }
+            }
+            self.serving.remove(gone);
+            changed += 1;
+        }
+        changed
+    }
+}
+
+/// A deployment whose stages compute everything: `service(stage, rows, sequences)` seconds.
+struct Stages<F> {
+    stages: usize,
+    service: F,
+    steps: HashMap<(usize, usize), Rc<[Visit]>>,
+}
+
+impl<F: Fn(usize, usize, usize) -> f64> Deployment for Stages<F> {
+    fn step(&mut self, _now: f64, rows: usize, sequences: usize) -> Rc<[Visit]> {
+        let (stages, service) = (self.stages, &self.service);
+        self.steps
+            .entry((rows, sequences))
+            .or_insert_with(|| {
+                (0..stages)
+                    .map(|s| Visit {
+                        compute: service(s, rows, sequences),
+                        calls: Vec::new(),
+                    })
+                    .collect()
+            })
+            .clone()
+    }
+}
+
+/// Runs the simulation of stages alone; `service(stage, rows, sequences)` is one stage's
+/// seconds for a step (a pure function of its inputs).
 pub fn simulate(cfg: &SimConfig, service: impl Fn(usize, usize, usize) -> f64) -> SimReport {
+    let mut d = Stages {
+        stages: cfg.stages.max(1),
+        service,
+        steps: HashMap::new(),
+    };
+    simulate_deployment(cfg, &Replicas::none(), &mut d)
+}
+
+/// Runs the simulation of a whole deployment: stages, expert shards and their replicas.
+pub fn simulate_deployment(
+    cfg: &SimConfig,
+    replicas: &Replicas,
+    dep: &mut impl Deployment,
+) -> SimReport {
     let stages = cfg.stages.max(1);
     let mut rng = Rng(cfg.seed);
-    let mut events = BinaryHeap::new();
-    let mut next_seq = 0u64;
-    let mut push = |events: &mut BinaryHeap<Event>, at: f64, kind: Kind| {
-        next_seq += 1;
-        events.push(Event {
-            at,
-            seq: next_seq,
-            kind,
-        });
-    };
-    if cfg.arrival_rate > 0.0 {
+    let mut events = Events::default();
+    if cfg.arrival_rate > 0.0 && cfg.arrival_rate.is_finite() {
         let t = rng.exponential(cfg.arrival_rate);
-        push(&mut events, t, Kind::Arrival);
+        events.push(t, Kind::Arrival);
     }
+    let interval = if replicas.control_interval.is_finite() && replicas.control_interval > 0.0 {
+        replicas.control_interval
+    } else {
+        0.0
+    };
+    let startup = if replicas.startup.is_finite() {
+        replicas.startup.max(0.0)
+    } else {
+        0.0
+    };
+    if interval > 0.0 && !replicas.initial.is_empty() {
+        events.push(interval, Kind::Control);
+    }
+    let mut shards: Vec<Shard> = replicas
+        .initial
+        .iter()
+        .map(|&n| Shard {
+            serving: (0..n.max(1)).map(|_| Replica::default()).collect(),
+            ..Default::default()
+        })
+        .collect();
+    let mut peak_replicas: usize = shards.iter().map(Shard::held).sum();
+    let mut replica_changes = 0usize;
     let mut queue: VecDeque<Seq> = VecDeque::new();
-    let mut lanes: Vec<Lane> = (0..cfg.lanes.max(1)).map(|_| Lane::default()).collect();
-    // Per stage: when it is free, and the lanes waiting for it.
-    let mut free_at = vec![0.0f64; stages];
+    let mut lanes: Vec<Lane> = (0..cfg.lanes.max(1))
+        .map(|_| Lane {
+            seqs: Vec::new(),
+            visits: Rc::from(Vec::new()),
+            busy: false,
+            started: 0.0,
+        })
+        .collect();
+    // Per stage: whether a lane is in it, and the lanes waiting for it.
+    let mut occupied = vec![false; stages];
     let mut stage_queue: Vec<VecDeque<usize>> = vec![VecDeque::new(); stages];
     let mut busy = vec![0.0f64; stages];
     let mut ttft = Vec::new();
@@ -150,27 +443,16 @@ pub fn simulate(cfg: &SimConfig, service: impl Fn(usize, usize, usize) -> f64) -
     let mut finished = 0usize;
     let mut now = 0.0;
     let mut last_token_at = 0.0f64;
+    let mut routed = vec![0.0f64; shards.len()];
+    let mut held = vec![0usize; shards.len()];
 
-    // Starts stage `s` for `lane` now (the stage is free).
-    let start = |lane: usize,
-                 s: usize,
-                 now: f64,
-                 lanes: &[Lane],
-                 free_at: &mut [f64],
-                 busy: &mut [f64]|
-     -> f64 {
-        let d = service(s, lanes[lane].rows, lanes[lane].seqs.len());
-        free_at[s] = now + d;
-        busy[s] += d;
-        now + d
-    };
-
-    while let Some(ev) = events.pop() {
+    while let Some(ev) = events.heap.pop() {
         if cfg.horizon > 0.0 && ev.at > cfg.horizon {
             now = cfg.horizon;
             break;
         }
         now = ev.at;
+        let mut admit = false;
         match ev.kind {
             Kind::Arrival => {
                 queue.push_back(Seq {
@@ -180,22 +462,66 @@ pub fn simulate(cfg: &SimConfig, service: impl Fn(usize, usize, usize) -> f64) -
                 });
                 let t = now + rng.exponential(cfg.arrival_rate);
                 if t < cfg.duration {
-                    push(&mut events, t, Kind::Arrival);
+                    events.push(t, Kind::Arrival);
+                }
+                admit = true;
+            }
+            Kind::Computed { lane, stage } => {
+                let mut done = now;
+                let calls = lanes[lane].visits.get(stage).map_or(&[][..], |v| &v.calls);
+                for c in calls {
+                    if let Some(sh) = shards.get_mut(c.shard) {
+                        done = done.max(sh.dispatch(now, c));
+                    }
+                }
+                events.push(done, Kind::Visited { lane, stage });
+            }
+            Kind::Control => {
+                for (j, sh) in shards.iter().enumerate() {
+                    routed[j] = sh.routed;
+                    held[j] = sh.held();
+                }
+                if let Some(want) = dep.control(now, &routed, &held) {
+                    for (j, (sh, &w)) in shards.iter_mut().zip(&want).enumerate() {
+                        let before = sh.starting.len();
+                        replica_changes += sh.resize(now, w, startup);
+                        for k in before..sh.starting.len() {
+                            events.push(sh.starting[k], Kind::Ready { shard: j });
+                        }
+                    }
+                    peak_replicas = peak_replicas.max(shards.iter().map(Shard::held).sum());
+                }
+                let working = !queue.is_empty() || lanes.iter().any(|l| l.busy);
+                if now < cfg.duration || working {
+                    events.push(now + interval, Kind::Control);
                 }
             }
-            Kind::StageDone { lane, stage } => {
+            Kind::Ready { shard } => {
+                if let Some(sh) = shards.get_mut(shard)
+                    && sh.starting.front().is_some_and(|&t| t <= now)
+                {
+                    sh.starting.pop_front();
+                    sh.account(now);
+                    sh.serving.push(Replica {
+                        free_at: now,
+                        done: VecDeque::new(),
+                    });
+                }
+            }
+            Kind::Visited { lane, stage } => {
+                busy[stage] += now - lanes[lane].started;
                 // The stage takes the next waiting lane.
                 if let Some(next) = stage_queue[stage].pop_front() {
-                    let done = start(next, stage, now, &lanes, &mut free_at, &mut busy);
-                    push(&mut events, done, Kind::StageDone { lane: next, stage });
+                    start(next, stage, now, &mut lanes, &mut events);
+                    occupied[stage] = true;
                 } else {
-                    free_at[stage] = now;
+                    occupied[stage] = false;
                 }
                 if stage + 1 < stages {
                     let s = stage + 1;
-                    if free_at[s] <= now && stage_queue[s].is_empty() {
-                        let done = start(lane, s, now, &lanes, &mut free_at, &mut busy);
-                        push(&mut events, done, Kind::StageDone { lane, stage: s });
+                    if !occupied[s] && stage_queue[s].is_empty() {
+                        start(lane, s, now, &mut lanes, &mut events);
+                        occupied[s] = true;
                     } else {
                         stage_queue[s].push_back(lane);
                     }
@@ -226,7 +552,11 @@ pub fn simulate(cfg: &SimConfig, service: impl Fn(usize, usize, usize) -> f64) -
                         true
                     }
                 });
+                admit = true;
             }
+        }
+        if !admit {
+            continue;
         }
         // Idle lanes admit queued requests and start a step at stage 0.
         for i in 0..lanes.len() {
@@ -251,11 +581,11 @@ pub fn simulate(cfg: &SimConfig, service: impl Fn(usize, usize, usize) -> f64) -
                     }
                 })
                 .sum();
-            lanes[i].rows = rows;
+            lanes[i].visits = dep.step(now, rows, lanes[i].seqs.len());
             lanes[i].busy = true;
-            if free_at[0] <= now && stage_queue[0].is_empty() {
-                let done = start(i, 0, now, &lanes, &mut free_at, &mut busy);
-                push(&mut events, done, Kind::StageDone { lane: i, stage: 0 });
+            if !occupied[0] && stage_queue[0].is_empty() {
+                start(i, 0, now, &mut lanes, &mut events);
+                occupied[0] = true;
             } else {
                 stage_queue[0].push_back(i);
             }
@@ -266,12 +596,16 @@ pub fn simulate(cfg: &SimConfig, service: impl Fn(usize, usize, usize) -> f64) -
     } else {
         last_token_at.max(now).max(1e-12)
     };
+    for sh in &mut shards {
+        sh.account(span);
+    }
     ttft.sort_by(f64::total_cmp);
-    let pct = |p: f64| {
-        if ttft.is_empty() {
+    tpot.sort_by(f64::total_cmp);
+    let pct = |v: &[f64], p: f64| {
+        if v.is_empty() {
             0.0
         } else {
-            ttft[((ttft.len() - 1) as f64 * p).round() as usize]
+            v[((v.len() - 1) as f64 * p).round() as usize]
         }
     };
     let mean = |v: &[f64]| {
@@ -285,10 +619,40 @@ pub fn simulate(cfg: &SimConfig, service: impl Fn(usize, usize, usize) -> f64) -
         started: ttft.len(),
         finished,
         ttft_mean: mean(&ttft),
-        ttft_p50: pct(0.5),
-        ttft_p99: pct(0.99),
+        ttft_p50: pct(&ttft, 0.5),
+        ttft_p99: pct(&ttft, 0.99),
         tpot_mean: mean(&tpot),
+        tpot_p50: pct(&tpot, 0.5),
+        tpot_p99: pct(&tpot, 0.99),
         tokens_per_second: tokens as f64 / span,
         stage_utilization: busy.iter().map(|b| b / span).collect(),
+        shard_utilization: shards
+            .iter()
+            .map(|s| s.busy / s.replica_seconds.max(1e-12))
+            .collect(),
+        shard_wait: shards
+            .iter()
+            .map(|s| s.wait / (s.calls.max(1) as f64))
+            .collect(),
+        shard_replicas: shards.iter().map(|s| s.replica_seconds / span).collect(),
+        shard_calls: shards.iter().map(|s| s.calls).collect(),
+        replica_changes,
+        peak_replicas,
     }
+}
+
+/// Starts `lane`'s visit of stage `s` at `now` (the stage is free).
+fn start(lane: usize, s: usize, now: f64, lanes: &mut [Lane], events: &mut Events) {
+    let l = &mut lanes[lane];
+    l.started = now;
+    let (compute, calls) = l
+        .visits
+        .get(s)
+        .map_or((0.0, false), |v| (v.compute, !v.calls.is_empty()));
+    let kind = if calls {
+        Kind::Computed { lane, stage: s }
+    } else {
+        Kind::Visited { lane, stage: s }
+    };
+    events.push(now + compute.max(0.0), kind);
 }
