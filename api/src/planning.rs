@@ -40,7 +40,9 @@ fn count(n: i32) -> usize {
     usize::try_from(n).unwrap_or(0)
 }
 
-fn dims(a: &Architecture) -> ModelDims {
+/// The planner's dimensions of an architecture (a manifest's, or a checkpoint's config.json
+/// read by [`crate::checkpoint::architecture`]).
+pub fn dims(a: &Architecture) -> ModelDims {
     let heads = count(a.num_attention_heads);
     ModelDims {
         num_layers: count(a.num_layers),

@@ -45,6 +45,36 @@ pub struct Hardware {
     pub op_overhead: f64,
     /// Price of one GPU-hour (USD).
     pub price_per_hour: f64,
+    /// For a CPU machine measured by `moe-worker profile`: the figures above are one process's
+    /// (its threads); this is the machine the processes share.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<Host>,
+}
+
+/// The machine a profile's processes share (see [`Layout::shared_device`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Host {
+    /// Cores: processes that compute at once.
+    pub cores: usize,
+    /// Read bandwidth of all cores together, bytes/s.
+    pub memory_bandwidth: f64,
+}
+
+impl Hardware {
+    /// How many parts of a deployment on one device of this profile make progress at once:
+    /// one for a GPU (its parts take turns); on a CPU host, its cores, or fewer when the
+    /// cores together cannot stream more than that many processes' worth of memory.
+    pub fn parallel_parts(&self) -> f64 {
+        self.host.as_ref().map_or(1.0, |h| {
+            let by_bandwidth = if self.memory_bandwidth > 0.0 {
+                h.memory_bandwidth / self.memory_bandwidth
+            } else {
+                f64::INFINITY
+            };
+            (h.cores as f64).min(by_bandwidth).max(1.0)
+        })
+    }
 }
 
 const GB: f64 = 1e9;
@@ -66,6 +96,7 @@ pub fn gpu_profiles() -> Vec<Hardware> {
             network_latency: 10e-6,
             op_overhead: 5e-6,
             price_per_hour: price,
+            host: None,
         };
     vec![
         // SXM4: HBM2 1.555 TB/s, HBM2e 2.039 TB/s; 312 TFLOP/s bf16; NVLink 3 600 GB/s both
@@ -263,6 +294,7 @@ fn pass(
         head: 0.0,
     };
     let routed = rows_f * m.top_k as f64;
+    let mut sampled: std::collections::HashMap<Vec<usize>, f64> = Default::default();
     for (s, stage) in plan.stages.iter().enumerate() {
         let g = stage.pod.gpus.max(1);
         for layer in stage.layout.layers() {
@@ -314,6 +346,8 @@ fn pass(
             out.stage_busy[s] += moved;
             // The layer's shards work in parallel; the step waits for the slowest.
             let mut slowest: f64 = 0.0;
+            let mut summed = 0.0;
+            let mut present = Vec::new();
             for (j, shard) in plan.expert_shards.iter().enumerate() {
                 if !shard.layout.layers().contains(&layer) {
                     continue;
@@ -336,6 +370,20 @@ fn pass(
                 let t = roofline(hw, shard.pod.gpus.max(1), flops, bytes);
                 out.shard_busy[j] += t;
                 slowest = slowest.max(t);
+                summed += t;
+                present.push(j);
+            }
+            if layout.shared_device {
+                // More shards at work than the device runs at once take turns.
+                slowest = slowest.max(summed / hw.parallel_parts());
+            }
+            if routed <= SAMPLED_ROUTED_ROWS {
+                // Few rows: each shard's mean time understates the wait (two tokens' experts
+                // often land on one shard), so take the mean of the slowest over routings.
+                let key = present.clone();
+                slowest = *sampled.entry(key).or_insert_with(|| {
+                    sampled_slowest(plan, hw, layout, &present, popularity, rows, expert_bytes)
+                });
             }
             out.experts += slowest;
             out.stage_busy[s] += slowest;
@@ -357,6 +405,109 @@ fn pass(
         head * dtype,
     );
     out
+}
+
+/// Routed rows (rows x top-k) up to which a layer's wait for its shards is sampled.
+const SAMPLED_ROUTED_ROWS: f64 = 256.0;
+
+/// The mean over sampled routings (fixed seed) of a layer's wait for the slowest of the expert
+/// shards `present`: each of `rows` tokens picks top-k distinct experts by `popularity`; a
+/// shard's call carries all its rows to one replica and reads each expert it hit once. Where
+/// the layout shares one device, shards beyond its parallel parts take turns.
+fn sampled_slowest(
+    plan: &SizedPlan,
+    hw: &Hardware,
+    layout: &Layout,
+    present: &[usize],
+    popularity: &[f64],
+    rows: usize,
+    expert_bytes: f64,
+) -> f64 {
+    const SAMPLES: usize = 64;
+    let m = &plan.model;
+    let k = m.top_k.min(m.num_experts).max(1);
+    // Which shard among `present` holds each expert (its layers hold the layer).
+    let mut owner = vec![usize::MAX; m.num_experts];
+    for (i, &j) in present.iter().enumerate() {
+        for &e in &plan.expert_shards[j].layout.experts {
+            if let Some(o) = owner.get_mut(e) {
+                *o = i;
+            }
+        }
+    }
+    let weights: Vec<f64> = (0..m.num_experts)
+        .map(|e| popularity.get(e).copied().unwrap_or(0.0).max(0.0))
+        .collect();
+    let total: f64 = weights.iter().sum();
+    if total <= 0.0 {
+        return 0.0;
+    }
+    let mut state = 0x243F_6A88_85A3_08D3u64;
+    let mut uniform = || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let expert_params = m.expert_params() as f64;
+    let mut hits = vec![0usize; m.num_experts];
+    let mut acc = 0.0;
+    for _ in 0..SAMPLES {
+        hits.iter_mut().for_each(|h| *h = 0);
+        for _ in 0..rows {
+            // k distinct experts, each drawn by weight among those not yet chosen.
+            let mut chosen = [usize::MAX; 16];
+            let mut left = total;
+            for c in 0..k.min(16) {
+                let mut r = uniform() * left;
+                let mut pick = usize::MAX;
+                for (e, &w) in weights.iter().enumerate() {
+                    if chosen[..c].contains(&e) || w <= 0.0 {
+                        continue;
+                    }
+                    pick = e;
+                    if r < w {
+                        break;
+                    }
+                    r -= w;
+                }
+                if pick == usize::MAX {
+                    break;
+                }
+                chosen[c] = pick;
+                left -= weights[pick];
+                hits[pick] += 1;
+            }
+        }
+        let mut slowest: f64 = 0.0;
+        let mut summed = 0.0;
+        for (i, &j) in present.iter().enumerate() {
+            let (mut routed, mut touched) = (0usize, 0usize);
+            for (e, &h) in hits.iter().enumerate() {
+                if owner[e] == i && h > 0 {
+                    routed += h;
+                    touched += 1;
+                }
+            }
+            if routed == 0 {
+                continue;
+            }
+            let t = roofline(
+                hw,
+                plan.expert_shards[j].pod.gpus.max(1),
+                2.0 * expert_params * routed as f64,
+                touched as f64 * expert_bytes,
+            );
+            slowest = slowest.max(t);
+            summed += t;
+        }
+        if layout.shared_device {
+            slowest = slowest.max(summed / hw.parallel_parts());
+        }
+        acc += slowest;
+    }
+    acc / SAMPLES as f64
 }
 
 /// FLOPs and bytes of one replica of a group of experts (`share[i]`: the fraction of routed
@@ -424,7 +575,19 @@ pub fn estimate(plan: &SizedPlan, hw: &Hardware, layout: &Layout, w: &Workload) 
     let busiest_shard = decode.shard_busy.iter().copied().fold(0.0, f64::max);
     let bottleneck = busiest_stage.max(busiest_shard).max(decode.head);
     // A sequence's next token waits for its micro-batch to come round again.
-    let cycle = step.max(mb * bottleneck);
+    let mut cycle = step.max(mb * bottleneck);
+    if layout.shared_device {
+        // Every part's work of every micro-batch shares the one device.
+        let work = decode.stage_compute.iter().sum::<f64>()
+            + decode
+                .shard_busy
+                .iter()
+                .enumerate()
+                .map(|(j, t)| t * layout.expert_replicas.get(j).copied().unwrap_or(1).max(1) as f64)
+                .sum::<f64>()
+            + decode.head;
+        cycle = cycle.max(mb * work / hw.parallel_parts());
+    }
     let tokens_per_second = mb * b as f64 / cycle;
     let prefill = pass(
         plan,

@@ -183,3 +183,68 @@ fn under_skew_a_replica_of_the_hot_shard_helps_and_one_of_a_cold_shard_does_not(
     );
     assert_eq!(hot.gpus, base.gpus + 1);
 }
+
+#[test]
+fn a_few_tokens_wait_for_their_slowest_shard() {
+    // Batch 1, top-2 of 8 experts: on one shard a layer reads both experts; on two shards of
+    // four the two land on one shard 3 times in 7, so the wait is 1 + 3/7 experts, not the
+    // 0.88 experts each shard reads on average.
+    let w = work(1);
+    let roomy = |shards| {
+        size(&SizingRequest {
+            model: mixtral(),
+            dtype_bytes: 2,
+            expert_millibytes: 0,
+            stages: 1,
+            expert_shards: Some(shards),
+            tensor: 1,
+            gpus_per_pod: 1,
+            gpu_memory_bytes: 160 << 30,
+            context_tokens: 4096,
+            concurrent_sequences: 64,
+        })
+        .expect("plan")
+    };
+    let one = run(&roomy(1), |_| {}, &layout(1, 1), &w);
+    let two = run(&roomy(2), |_| {}, &layout(2, 1), &w);
+    let ratio = two.step_experts / one.step_experts;
+    assert!(
+        (0.64..0.79).contains(&ratio),
+        "two shards wait {ratio:.2} of one shard's expert time (expected ~0.71)"
+    );
+}
+
+#[test]
+fn parts_sharing_one_device_take_turns() {
+    use moe_plan::perf::Host;
+    let p = plan(4, 4);
+    let shared = Layout {
+        shared_device: true,
+        ..layout(4, 4)
+    };
+    let w = work(8);
+    let cores = |n: usize, bw: f64| {
+        move |h: &mut moe_plan::perf::Hardware| {
+            h.host = Some(Host {
+                cores: n,
+                memory_bandwidth: h.memory_bandwidth * bw,
+            })
+        }
+    };
+    let apart = run(&p, |_| {}, &layout(4, 4), &w);
+    let one = run(&p, cores(1, 1.0), &shared, &w);
+    let four = run(&p, cores(4, 4.0), &shared, &w);
+    let starved = run(&p, cores(4, 1.5), &shared, &w);
+    assert!(
+        one.tokens_per_second < 0.6 * apart.tokens_per_second,
+        "one device for all parts is slower than a device each: {one:?} vs {apart:?}"
+    );
+    assert!(
+        four.tokens_per_second > 1.5 * one.tokens_per_second,
+        "four cores run parts at once: {four:?} vs {one:?}"
+    );
+    assert!(
+        starved.tokens_per_second < 0.7 * four.tokens_per_second,
+        "cores that share too little bandwidth do not help: {starved:?} vs {four:?}"
+    );
+}

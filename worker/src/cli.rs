@@ -44,6 +44,12 @@ pub enum Command {
     BenchTransport(crate::serve::bench::TransportArgs),
     /// Benchmark the `local` deployment against single-process generation.
     BenchLocal(crate::serve::bench::LocalBenchArgs),
+    /// Measure this machine as a hardware profile of the performance model (the engine's
+    /// kernels and the gRPC hop, timed here): JSON for `moe-operator plan --estimate`.
+    Profile(crate::hardware::ProfileArgs),
+    /// The performance model's predictions for `local` deployments next to their measured
+    /// tokens/s and per-token latency, with the error.
+    BenchCalibrate(crate::hardware::CalibrateArgs),
     /// Serve the whole deployment on this machine: every role as its own process on loopback.
     Local(crate::serve::local::LocalArgs),
     /// Serve the OpenAI-compatible HTTP API in front of the pipeline.
@@ -175,7 +181,7 @@ pub fn init_threads(threads: Option<usize>) -> Result<usize> {
 }
 
 pub fn run(cli: Cli) -> Result<()> {
-    init_threads(cli.threads)?;
+    let threads = init_threads(cli.threads)?;
     match cli.command {
         Command::Generate(args) => generate(args),
         Command::Export(args) => export(args),
@@ -195,6 +201,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::BenchEngine(args) => crate::bench::run_engine(args),
         Command::BenchTransport(args) => crate::serve::bench::transport(args),
         Command::BenchLocal(args) => crate::serve::bench::local(args),
+        Command::Profile(args) => crate::hardware::profile(args, threads),
+        Command::BenchCalibrate(args) => crate::hardware::run_calibrate(args),
         Command::Local(args) => serve(crate::serve::local::run(args)),
         Command::Gateway(args) => serve(crate::serve::gateway::run(args)),
         Command::Stage(args) => serve(crate::serve::stage::run(args)),

@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod cli;
+pub mod hardware;
 pub mod inspect;
 pub mod load;
 pub mod serve;

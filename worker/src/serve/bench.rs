@@ -510,7 +510,8 @@ pub struct LocalBenchArgs {
     pub batch: usize,
 }
 
-fn prompt(n: usize, seed: u64, vocab: usize) -> Vec<u32> {
+/// A deterministic prompt of `n` token ids below `vocab`.
+pub fn prompt(n: usize, seed: u64, vocab: usize) -> Vec<u32> {
     let mut x = seed;
     (0..n)
         .map(|_| {
@@ -550,45 +551,9 @@ pub fn local(args: LocalBenchArgs) -> Result<()> {
     drop(engine);
 
     // The deployment.
-    let exe = std::env::current_exe().map_err(|e| Error::peer("bench", e.to_string()))?;
-    let mut child = Command::new(exe)
-        .args([
-            "local",
-            "--model",
-            &args.model.to_string(),
-            "--http-port",
-            "0",
-        ])
-        .args([
-            "--stages",
-            &args.stages.to_string(),
-            "--expert-shards",
-            &args.expert_shards.to_string(),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .map_err(|e| Error::peer("bench", e.to_string()))?;
+    let deployment = LocalDeployment::start(&args.model, args.stages, args.expert_shards, None)?;
+    let addr = deployment.addr.clone();
     let result = (|| -> Result<()> {
-        let mut out = std::io::BufReader::new(
-            child
-                .stdout
-                .take()
-                .ok_or_else(|| Error::peer("bench", "stdout"))?,
-        );
-        let addr = loop {
-            let mut line = String::new();
-            if std::io::BufRead::read_line(&mut out, &mut line)
-                .map_err(|e| Error::peer("bench", e.to_string()))?
-                == 0
-            {
-                return Err(Error::peer("bench", "local exited before it was ready"));
-            }
-            if let Some(ep) = line.trim().strip_prefix("OpenAI endpoint: http://") {
-                break ep.trim_end_matches("/v1").to_string();
-            }
-        };
-        std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
         let request = |p: &Vec<u32>| json!({"prompt": p, "max_tokens": args.tokens, "temperature": 0, "ignore_eos": true});
         super::http_json(
             &addr,
@@ -668,11 +633,72 @@ pub fn local(args: LocalBenchArgs) -> Result<()> {
         );
         Ok(())
     })();
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let _ = child.wait();
+    drop(deployment);
     result
+}
+
+/// A `moe-worker local` deployment started for a benchmark; stopped (SIGTERM, waited for)
+/// when dropped, so no process outlives the benchmark.
+pub struct LocalDeployment {
+    child: std::process::Child,
+    /// host:port of its OpenAI endpoint.
+    pub addr: String,
+}
+
+impl LocalDeployment {
+    pub fn start(
+        model: &ModelArg,
+        stages: usize,
+        expert_shards: usize,
+        micro_batches: Option<usize>,
+    ) -> Result<Self> {
+        let exe = std::env::current_exe().map_err(|e| Error::peer("bench", e.to_string()))?;
+        let mut cmd = Command::new(exe);
+        cmd.args(["local", "--model", &model.to_string(), "--http-port", "0"])
+            .args(["--stages", &stages.to_string()])
+            .args(["--expert-shards", &expert_shards.to_string()]);
+        if let Some(m) = micro_batches {
+            cmd.args(["--micro-batches", &m.to_string()]);
+        }
+        let child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| Error::peer("bench", e.to_string()))?;
+        let mut d = Self {
+            child,
+            addr: String::new(),
+        };
+        let mut out = std::io::BufReader::new(
+            d.child
+                .stdout
+                .take()
+                .ok_or_else(|| Error::peer("bench", "stdout"))?,
+        );
+        d.addr = loop {
+            let mut line = String::new();
+            if std::io::BufRead::read_line(&mut out, &mut line)
+                .map_err(|e| Error::peer("bench", e.to_string()))?
+                == 0
+            {
+                return Err(Error::peer("bench", "local exited before it was ready"));
+            }
+            if let Some(ep) = line.trim().strip_prefix("OpenAI endpoint: http://") {
+                break ep.trim_end_matches("/v1").to_string();
+            }
+        };
+        std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+        Ok(d)
+    }
+}
+
+impl Drop for LocalDeployment {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
 }
 
 /// Where a measurement's time went, per generated token (the counters only grow: each figure
@@ -699,4 +725,81 @@ fn breakdown(label: &str, s: &Value, before: Option<&Value>, wall: f64, tokens: 
         per((gw("pipelineSeconds") - busy).max(0.0)),
         per(gw("headSeconds")),
     );
+}
+
+/// The deployed hop between two processes here (moe.v1 gRPC over mutual TLS on loopback, f32
+/// activations of width `hidden`), as the performance model describes a hop: one-way latency
+/// (half the median round trip of a one-row tensor) and one-way bandwidth (a large tensor's
+/// round trip moves its bytes twice). The echo server is its own process, as a peer is.
+pub fn grpc_hop(hidden: usize) -> Result<(f64, f64)> {
+    let args = TransportArgs {
+        hidden,
+        large_rows: (16 << 20) / (hidden.max(1) * 4),
+        small_rows: 1,
+        large_iters: 8,
+        small_iters: 400,
+        repeats: 5,
+        serve_echo: false,
+        echo_tls_dir: None,
+    };
+    let certs = super::tls::TempCerts::new()?;
+    let (mut child, addrs) = spawn_echo(&args, &certs.dir)?;
+    let result = (|| {
+        let tls = super::tls::Tls::load(&certs.dir)?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| Error::peer("runtime", e.to_string()))?;
+        let mut client = rt.block_on(async {
+            Ok::<_, Error>(ComputeClient::new(
+                super::endpoint(&addrs[3])?
+                    .connect_with_connector_lazy(super::tls::Connector::new(tls)),
+                message_limit(&args),
+            ))
+        })?;
+        let mut round_trip = |rows: usize, iters: usize, idle: bool| -> Result<f64> {
+            let x: Vec<f32> = (0..rows * hidden).map(|i| (i % 977) as f32).collect();
+            let input = encode_f32(&x, &[rows, hidden]);
+            let experts = [ExpertRows {
+                expert: 0,
+                rows: rows as u32,
+            }];
+            let mut times = Vec::new();
+            for _ in 0..args.repeats {
+                let t = rt.block_on(async {
+                    let mut took = 0.0;
+                    for _ in 0..iters {
+                        if idle {
+                            // As in a pipeline: both ends slept while others computed.
+                            std::thread::sleep(std::time::Duration::from_millis(1));
+                        }
+                        let t = Instant::now();
+                        client
+                            .compute(MetadataMap::new(), None, 0, &experts, input.clone())
+                            .await
+                            .map_err(|s| Error::peer("grpc", s.message().to_string()))?;
+                        took += t.elapsed().as_secs_f64();
+                    }
+                    Ok::<_, Error>(took / iters as f64)
+                })?;
+                times.push(t);
+            }
+            Ok(median_f64(times.into_iter()))
+        };
+        // Warm the connection (handshake, buffers) before timing.
+        round_trip(1, 50, false)?;
+        let hot = round_trip(1, args.small_iters, false)? / 2.0;
+        let latency = round_trip(1, args.small_iters / 4, true)? / 2.0;
+        eprintln!(
+            "gRPC hop: {:.0} us back to back, {:.0} us after 1 ms idle",
+            hot * 1e6,
+            latency * 1e6
+        );
+        let large = round_trip(args.large_rows, args.large_iters, false)?;
+        let bytes = (args.large_rows * hidden * 4) as f64;
+        Ok((latency, bytes / (large / 2.0 - hot).max(1e-9)))
+    })();
+    drop(child.stdin.take());
+    let _ = child.wait();
+    result
 }
