@@ -94,7 +94,10 @@ pub fn gpu_profiles() -> Vec<Hardware> {
             nvlink_bandwidth: nvlink,
             network_bandwidth: net,
             network_latency: 10e-6,
-            op_overhead: 5e-6,
+            // One modelled operator is a group of kernels (an attention block: norm, QKV,
+            // rotary, attention, output; an expert block: router, top-k, gate/up/down, combine),
+            // each with a floor of a few microseconds once launched.
+            op_overhead: 20e-6,
             price_per_hour: price,
             host: None,
         };

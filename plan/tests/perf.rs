@@ -58,9 +58,30 @@ fn run(
 fn batch_one_is_bound_by_bandwidth_and_a_large_batch_by_compute() {
     let p = plan(2, 4);
     let l = layout(4, 1);
-    let base = |b| run(&p, |_| {}, &l, &work(b));
-    let more_flops = |b| run(&p, |h| h.peak_flops *= 2.0, &l, &work(b));
-    let more_bw = |b| run(&p, |h| h.memory_bandwidth *= 2.0, &l, &work(b));
+    // Fixed costs per operator apart: the rooflines alone.
+    let base = |b| run(&p, |h| h.op_overhead = 0.0, &l, &work(b));
+    let more_flops = |b| {
+        run(
+            &p,
+            |h| {
+                h.op_overhead = 0.0;
+                h.peak_flops *= 2.0
+            },
+            &l,
+            &work(b),
+        )
+    };
+    let more_bw = |b| {
+        run(
+            &p,
+            |h| {
+                h.op_overhead = 0.0;
+                h.memory_bandwidth *= 2.0
+            },
+            &l,
+            &work(b),
+        )
+    };
     let (t, f, m) = (base(1), more_flops(1), more_bw(1));
     let compute_part = |e: &Estimate| e.step_attention + e.step_experts;
     assert!(
