@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod pki;
 pub mod resources;
 pub mod run;
+pub mod simulate;
 pub mod status;
 
 pub use error::{Error, Result};

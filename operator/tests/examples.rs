@@ -211,11 +211,100 @@ fn simulate_compares_the_plan_with_tensor_by_pipeline_at_the_same_rate() {
         table.contains("$/M tokens") && table.lines().count() == 4,
         "{table}"
     );
-    for (flag, value) in [("--versus", "8by16"), ("--rate", "0"), ("--duration", "0")] {
-        let err = moe_operator::cli::simulate(&moe, &args(&[flag, value]))
+    for (flag, bad) in [
+        ("--versus", &["--versus", "8by16"][..]),
+        ("--rate", &["--rate", "0"]),
+        ("--duration", &["--duration", "0"]),
+        ("--skew-period", &["--skew-period", "5"]),
+        ("--skew-period", &["--skew-period", "inf"]),
+        ("--zipf", &["--zipf=-1"]),
+        ("--micro-batches", &["--micro-batches", "0"]),
+        ("--autoscale-interval", &["--autoscale-interval", "0"]),
+        ("--replica-startup", &["--replica-startup=-1"]),
+        // 8 shards at 1..4 replicas each (the spec) hold 8..=32.
+        ("--replicas", &["--autoscale", "--replicas", "33"]),
+        ("--replicas", &["--autoscale", "--replicas", "7"]),
+    ] {
+        let err = moe_operator::cli::simulate(&moe, &args(bad))
             .err()
-            .unwrap()
+            .unwrap_or_else(|| panic!("{bad:?} accepted"))
             .to_string();
-        assert!(err.contains(flag), "{err}");
+        assert!(err.contains(flag), "{bad:?}: {err}");
     }
+}
+
+/// Expert shards with replicas, fixed and autoscaled at the same total, on GPT-4's plan under
+/// Zipf 1.2 routing (experts 0 and 1, shard 0's, take about half the routed rows).
+#[test]
+fn simulate_autoscaling_at_the_same_replica_count() {
+    use clap::Parser;
+    use moe_operator::cli::RowKind;
+    let moe = read_manifest(&example("gpt4.yaml")).unwrap();
+    let run = |extra: &[&str]| {
+        let mut argv = vec![
+            "moe-operator",
+            "simulate",
+            "--autoscale",
+            "--zipf",
+            "1.2",
+            "--replicas",
+            "16",
+            "--rate",
+            "0.8",
+            "--duration",
+            "3600",
+        ];
+        argv.extend(extra);
+        let a = match moe_operator::cli::Cli::try_parse_from(argv)
+            .unwrap()
+            .command
+        {
+            moe_operator::cli::Command::Simulate(a) => a,
+            _ => unreachable!(),
+        };
+        let rows = moe_operator::cli::simulate(&moe, &a).unwrap();
+        let table = moe_operator::cli::simulate_table(&a, &rows);
+        (rows, table)
+    };
+    // The popular experts stay where they are.
+    let (rows, table) = run(&["--skew-period", "0"]);
+    eprintln!("{table}");
+    assert_eq!(rows.len(), 4);
+    let (fixed, auto) = (&rows[2], &rows[3]);
+    assert_eq!(
+        (fixed.kind, auto.kind),
+        (RowKind::FixedReplicas, RowKind::Autoscaled)
+    );
+    assert_eq!(fixed.replicas, vec![2; 8]);
+    assert_eq!(auto.replicas, fixed.replicas);
+    // Same GPUs: the autoscaler never holds more than the 16 replicas.
+    assert_eq!(fixed.gpus, auto.gpus);
+    assert!(auto.report.peak_replicas <= 16, "{:?}", auto.report);
+    let f = &fixed.report;
+    // Uniform replicas: the hot experts' shard is the busiest and its calls wait the longest.
+    for j in 1..8 {
+        assert!(f.shard_utilization[0] > f.shard_utilization[j], "{f:?}");
+        assert!(f.shard_wait[0] > f.shard_wait[j], "{f:?}");
+    }
+    // The autoscaler moves replicas to shard 0 and lowers the tail of the time per token.
+    let a = &auto.report;
+    assert!(a.replica_changes > 0, "{a:?}");
+    assert!(a.shard_replicas[0] > 2.5, "{a:?}");
+    assert!(a.shard_utilization[0] < f.shard_utilization[0], "{a:?}");
+    assert!(
+        a.tpot_p99 < f.tpot_p99 * 0.95,
+        "TPOT p99 autoscaled {:.1} ms vs fixed {:.1} ms",
+        a.tpot_p99 * 1e3,
+        f.tpot_p99 * 1e3
+    );
+    assert!(table.contains("autoscaled from 2,2,2,2,2,2,2,2"), "{table}");
+    assert!(table.contains("TPOT p99"), "{table}");
+    // The popular experts change every 20 minutes: the autoscaler follows them (more changes,
+    // and replicas spread over more shards in time).
+    let (moving, table) = run(&["--skew-period", "1200"]);
+    eprintln!("{table}");
+    let m = &moving[3].report;
+    assert!(m.replica_changes > a.replica_changes, "{m:?} vs {a:?}");
+    assert!(m.shard_replicas[0] < a.shard_replicas[0], "{m:?} vs {a:?}");
+    assert!(m.peak_replicas <= 16, "{m:?}");
 }
