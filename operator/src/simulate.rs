@@ -86,6 +86,11 @@ pub struct Simulated {
 const MIN_SKEW_PERIOD: f64 = 60.0;
 /// The most micro-batch lanes simulated.
 const MAX_LANES: usize = 4096;
+/// The most requests one run expects (rate x duration): each is held until it finishes.
+const MAX_REQUESTS: f64 = 1e7;
+/// The most tokens of one prompt or output, and sequences of one micro-batch.
+const MAX_TOKENS: usize = 1 << 20;
+const MAX_BATCH: usize = 1 << 16;
 
 /// Experts' popularity over time: the Zipf shares by rank; every period the blocks of
 /// `block` experts (one expert shard's group) trade ranks, so the same skew lands on other
@@ -261,6 +266,24 @@ pub fn simulate(moe: &MoEDeployment, args: &SimulateArgs) -> Result<Vec<Simulate
     }
     if !(args.duration > 0.0 && args.duration <= 86_400.0 * 7.0) {
         return Err(bad("--duration", "must be within (0, 604800] seconds"));
+    }
+    if args.rate * args.duration > MAX_REQUESTS {
+        return Err(bad(
+            "--rate",
+            format!(
+                "{} requests/s for {} s is more than {MAX_REQUESTS:e} requests",
+                args.rate, args.duration
+            ),
+        ));
+    }
+    for (flag, n, max) in [
+        ("--prompt-tokens", args.estimate.prompt_tokens, MAX_TOKENS),
+        ("--output-tokens", args.estimate.output_tokens, MAX_TOKENS),
+        ("--batch", args.estimate.batch, MAX_BATCH),
+    ] {
+        if n > max {
+            return Err(bad(flag, format!("must be at most {max}")));
+        }
     }
     let p = args.skew_period;
     if !(p == 0.0 || (p.is_finite() && p >= MIN_SKEW_PERIOD)) {

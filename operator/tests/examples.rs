@@ -214,6 +214,9 @@ fn simulate_compares_the_plan_with_tensor_by_pipeline_at_the_same_rate() {
     for (flag, bad) in [
         ("--versus", &["--versus", "8by16"][..]),
         ("--rate", &["--rate", "0"]),
+        ("--rate", &["--rate", "1000", "--duration", "86400"]),
+        ("--prompt-tokens", &["--prompt-tokens", "99999999999"]),
+        ("--batch", &["--batch", "0"]),
         ("--duration", &["--duration", "0"]),
         ("--skew-period", &["--skew-period", "5"]),
         ("--skew-period", &["--skew-period", "inf"]),
