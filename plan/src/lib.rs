@@ -9,6 +9,7 @@ use std::ops::Range;
 use serde::{Deserialize, Serialize};
 
 pub mod perf;
+pub mod search;
 pub mod sim;
 mod sizing;
 pub use sizing::{
