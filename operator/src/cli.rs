@@ -30,7 +30,8 @@ pub enum Command {
     /// Print the MoEDeployment CustomResourceDefinition as YAML.
     Crd,
     /// Print the plan for a MoEDeployment manifest, or for a checkpoint folder (its
-    /// config.json; default parallelism): stages, expert shards, memory, GPUs.
+    /// config.json; default parallelism): stages, expert shards, memory, GPUs. With
+    /// --optimize, the cheapest layout that meets latency targets within a GPU budget.
     Plan {
         /// The manifest (YAML or JSON), or a Hugging Face checkpoint folder.
         #[arg(short = 'f', long = "filename")]
@@ -39,6 +40,8 @@ pub enum Command {
         output: Output,
         #[command(flatten)]
         estimate: EstimateArgs,
+        #[command(flatten)]
+        optimize: crate::optimize::OptimizeArgs,
     },
     /// Simulate serving a manifest's plan (discrete events driven by the performance model's
     /// operator times) next to another layout: tensor x pipeline parallelism with the experts
@@ -254,8 +257,13 @@ pub fn run(cli: Cli) -> Result<()> {
             file,
             output,
             estimate,
+            optimize,
         } => {
+            optimize.check_unused()?;
             let moe = moe_api::read_deployment(&file)?;
+            if optimize.optimize {
+                return crate::optimize::run(&moe, &estimate, &optimize, output);
+            }
             let plan = planning::plan(&moe.spec)?;
             let est = if estimate.estimate {
                 Some(estimate_for(&moe, &plan, &estimate)?)

@@ -11,6 +11,7 @@ pub mod error;
 pub mod inspect;
 pub mod leader;
 pub mod metrics;
+pub mod optimize;
 pub mod pki;
 pub mod resources;
 pub mod run;

@@ -313,3 +313,212 @@ fn simulate_autoscaling_at_the_same_replica_count() {
     assert!(m.shard_replicas[0] < a.shard_replicas[0], "{m:?} vs {a:?}");
     assert!(m.peak_replicas <= 16, "{m:?}");
 }
+
+/// `plan --optimize` arguments (the estimate's and the search's) as the CLI parses them.
+fn optimize_args(
+    extra: &[&str],
+) -> (
+    moe_operator::cli::EstimateArgs,
+    moe_operator::optimize::OptimizeArgs,
+    moe_operator::cli::Output,
+) {
+    use clap::Parser;
+    let mut argv = vec!["moe-operator", "plan", "-f", "x", "--optimize"];
+    argv.extend(extra);
+    match moe_operator::cli::Cli::try_parse_from(argv)
+        .expect("arguments")
+        .command
+    {
+        moe_operator::cli::Command::Plan {
+            estimate,
+            optimize,
+            output,
+            ..
+        } => (estimate, optimize, output),
+        _ => unreachable!(),
+    }
+}
+
+#[test]
+fn plan_optimize_meets_the_targets_within_the_budget_and_writes_a_manifest_that_plans_back() {
+    use moe_operator::optimize::{manifest_yaml, optimize, table, write_manifest};
+    let moe = read_manifest(&example("gpt4.yaml")).unwrap();
+    let flags = [
+        "--rate",
+        "1",
+        "--ttft-p99",
+        "2s",
+        "--tpot-p99",
+        "150ms",
+        "--max-gpus",
+        "256",
+    ];
+    let (est, args, _) = optimize_args(&flags);
+    let mut o = optimize(&moe, &est, &args).unwrap();
+    let w = o.winner().expect("a layout meets the targets").clone();
+    assert!(w.gpus <= 256, "{}", w.gpus);
+    assert_eq!(o.problem.targets.len(), 2);
+    for (t, v) in o.problem.targets.iter().zip(&w.values) {
+        assert!(v.unwrap() <= t.seconds, "{} {v:?}", t.name());
+    }
+    // Nothing the search estimated is cheaper and meets the targets.
+    let cost = w.cost_per_million_tokens.unwrap();
+    assert!(
+        o.outcome
+            .feasible
+            .iter()
+            .all(|e| e.cost_per_million_tokens.unwrap() >= cost)
+            || o.confirmed() == Some(true)
+    );
+    // The table names the winner, each target's column and what the search skipped.
+    let text = table(&o);
+    assert!(
+        text.contains("TTFT p99") && text.contains("TPOT p99"),
+        "{text}"
+    );
+    assert!(text.lines().any(|l| l.contains("winner")), "{text}");
+    assert!(text.contains("over the budget before sizing"), "{text}");
+    assert!(text.contains("as written:"), "{text}");
+
+    // The winner's manifest parses back and plans to the searched layout.
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("gpt4-optimized.yaml");
+    write_manifest(&mut o, &path).unwrap();
+    assert!(table(&o).contains("wrote the winner's manifest"));
+    let back = read_manifest(&path).unwrap();
+    assert_eq!(
+        manifest_yaml(&back).unwrap(),
+        manifest_yaml(o.manifest.as_ref().unwrap()).unwrap()
+    );
+    let p = plan(&back.spec).unwrap();
+    assert_eq!(p.stages.len(), w.point.stages);
+    assert_eq!(p.expert_shards.len(), w.point.expert_shards);
+    assert_eq!(back.spec.parallelism.tensor as usize, w.point.tensor);
+    assert_eq!(
+        back.spec.serving.max_concurrent_sequences as usize,
+        w.point.batch * w.micro_batches
+    );
+    assert_eq!(
+        moe_plan::search::deployment_gpus(&p, w.point.expert_replicas, back.spec.replicas as usize),
+        w.gpus
+    );
+    // What is not layout is untouched.
+    assert_eq!(back.spec.model, moe.spec.model);
+    assert_eq!(back.spec.placement, moe.spec.placement);
+    assert_eq!(back.metadata.name, moe.metadata.name);
+    // Optimising the written manifest finds the same layout at the same cost.
+    let again = optimize(&back, &est, &args).unwrap();
+    let w2 = again.winner().unwrap();
+    assert_eq!(w2.point, w.point);
+    assert_eq!(w2.cost_per_million_tokens, w.cost_per_million_tokens);
+    let written = again.as_written.as_ref().unwrap();
+    assert_eq!(written.point, w.point);
+    assert!(written.meets());
+
+    // JSON: the winner, the rows and the counts.
+    let (est, args, output) = optimize_args(&[&flags[..], &["-o", "json"]].concat());
+    assert_eq!(output, moe_operator::cli::Output::Json);
+    let o = optimize(&moe, &est, &args).unwrap();
+    let v = moe_operator::optimize::json(&o);
+    assert_eq!(v["winner"]["point"]["stages"], w.point.stages);
+    assert!(v["winner"]["costPerMillionTokens"].as_f64().unwrap() > 0.0);
+    assert_eq!(
+        v["rows"][o.chosen.unwrap()]["label"],
+        format!("#{}", o.chosen.unwrap() + 1)
+    );
+    assert!(v["stats"]["estimated"].as_u64().unwrap() > 0);
+    assert_eq!(v["problem"]["maxGpus"], 256);
+}
+
+#[test]
+fn plan_optimize_without_an_answer_names_the_closest_miss() {
+    use moe_operator::optimize::{optimize, table};
+    let moe = read_manifest(&example("gpt4.yaml")).unwrap();
+    let (est, args, _) = optimize_args(&["--rate", "1", "--ttft-p99", "1ms", "--max-gpus", "256"]);
+    let o = optimize(&moe, &est, &args).unwrap();
+    assert!(o.winner().is_none() && o.manifest.is_none());
+    let e = o.require_winner().unwrap_err().to_string();
+    assert!(
+        e.starts_with("no layout meets the targets within 256 GPUs; closest: ")
+            && e.contains("misses TTFT p99 by"),
+        "{e}"
+    );
+    assert!(
+        table(&o).contains("closest miss: misses TTFT p99"),
+        "{}",
+        table(&o)
+    );
+    let mut o = o;
+    let err =
+        moe_operator::optimize::write_manifest(&mut o, std::path::Path::new("/nonexistent/x"))
+            .unwrap_err()
+            .to_string();
+    assert!(err.starts_with("--write-manifest:"), "{err}");
+    // A budget nothing fits in: the closest is over it by the least.
+    let (est, args, _) = optimize_args(&["--rate", "1", "--max-gpus", "8"]);
+    let e = optimize(&moe, &est, &args)
+        .unwrap()
+        .require_winner()
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("over budget"), "{e}");
+}
+
+#[test]
+fn plan_optimize_refuses_bad_flags_naming_them() {
+    use clap::Parser;
+    let moe = read_manifest(&example("gpt4.yaml")).unwrap();
+    for (flags, flag) in [
+        (&["--rate", "1", "--max-gpus", "0"][..], "--max-gpus"),
+        (&["--max-gpus", "64"][..], "--rate"),
+        (&["--rate", "-1"][..], "--rate"),
+        (&["--rate", "0"][..], "--rate"),
+        (&["--rate", "1", "--ttft-p99", "2"][..], "--ttft-p99"),
+        (&["--rate", "1", "--tpot-p99", "fast"][..], "--tpot-p99"),
+        (&["--rate", "1", "--target", "ttft.p99"][..], "--target"),
+        (&["--rate", "1", "--target", "ttft.p100=1s"][..], "--target"),
+        (&["--rate", "1", "--target", "itl.p99=1s"][..], "--target"),
+        (&["--rate", "1", "--max-batch", "0"][..], "--max-batch"),
+        (
+            &["--rate", "1", "--micro-batches", "4"][..],
+            "--micro-batches",
+        ),
+        (&["--rate", "1", "--hardware", "tpu"][..], "--hardware"),
+        (&["--rate", "1", "--price", "0"][..], "--price"),
+    ] {
+        let (est, args, _) = optimize_args(flags);
+        let e = moe_operator::optimize::optimize(&moe, &est, &args)
+            .err()
+            .unwrap_or_else(|| panic!("{flags:?} accepted"))
+            .to_string();
+        assert!(e.starts_with(&format!("{flag}:")), "{flags:?}: {e}");
+    }
+    // Not a number: clap names the flag.
+    let e = moe_operator::cli::Cli::try_parse_from([
+        "moe-operator",
+        "plan",
+        "-f",
+        "x",
+        "--optimize",
+        "--max-gpus",
+        "-3",
+    ])
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("--max-gpus"), "{e}");
+    // Search flags without --optimize.
+    let cli = moe_operator::cli::Cli::try_parse_from([
+        "moe-operator",
+        "plan",
+        "-f",
+        "x",
+        "--max-gpus",
+        "8",
+    ])
+    .unwrap();
+    let moe_operator::cli::Command::Plan { optimize, .. } = cli.command else {
+        unreachable!()
+    };
+    let e = optimize.check_unused().unwrap_err().to_string();
+    assert!(e.starts_with("--max-gpus: only with --optimize"), "{e}");
+}
