@@ -45,6 +45,11 @@ pub struct Hardware {
     pub op_overhead: f64,
     /// Price of one GPU-hour (USD).
     pub price_per_hour: f64,
+    /// Seconds of compute one hop costs its two ends (encoding, encryption, system calls,
+    /// wake-ups): on a GPU the copy engines and NICs move the bytes (0); parts sharing one
+    /// CPU spend it from the cores they compute with.
+    #[serde(default)]
+    pub hop_cpu: f64,
     /// For a CPU machine measured by `moe-worker profile`: the figures above are one process's
     /// (its threads); this is the machine the processes share.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -99,6 +104,7 @@ pub fn gpu_profiles() -> Vec<Hardware> {
             // each with a floor of a few microseconds once launched.
             op_overhead: 20e-6,
             price_per_hour: price,
+            hop_cpu: 0.0,
             host: None,
         };
     vec![
@@ -260,6 +266,8 @@ struct Pass {
     /// Per expert shard: busy seconds of its busiest replica.
     shard_busy: Vec<f64>,
     head: f64,
+    /// Hops between processes (each costs `Hardware::hop_cpu` of compute).
+    hops: f64,
 }
 
 fn pass(
@@ -295,6 +303,7 @@ fn pass(
         stage_compute: vec![0.0; plan.stages.len()],
         shard_busy: vec![0.0; plan.expert_shards.len()],
         head: 0.0,
+        hops: 0.0,
     };
     let routed = rows_f * m.top_k as f64;
     let mut sampled: std::collections::HashMap<Vec<usize>, f64> = Default::default();
@@ -346,6 +355,22 @@ fn pass(
             let wire = layout.wire_bytes.max(1) as f64;
             let moved = 2.0 * hop(hw, layout, routed * h * wire);
             out.transport += moved;
+            // Each shard a row lands on is one call: two hops.
+            out.hops += 2.0
+                * plan
+                    .expert_shards
+                    .iter()
+                    .filter(|shard| shard.layout.layers().contains(&layer))
+                    .map(|shard| {
+                        let share: f64 = shard
+                            .layout
+                            .experts
+                            .iter()
+                            .map(|&e| popularity.get(e).copied().unwrap_or(0.0))
+                            .sum();
+                        1.0 - (-routed * share).exp()
+                    })
+                    .sum::<f64>();
             out.stage_busy[s] += moved;
             // The layer's shards work in parallel; the step waits for the slowest.
             let mut slowest: f64 = 0.0;
@@ -398,6 +423,7 @@ fn pass(
             sequences as f64 * h * layout.wire_bytes.max(1) as f64,
         );
         out.transport += t;
+        out.hops += 1.0;
     }
     // The LM head on the gateway, for each sequence's last row.
     let head = m.head_params() as f64;
@@ -588,7 +614,8 @@ pub fn estimate(plan: &SizedPlan, hw: &Hardware, layout: &Layout, w: &Workload) 
                 .enumerate()
                 .map(|(j, t)| t * layout.expert_replicas.get(j).copied().unwrap_or(1).max(1) as f64)
                 .sum::<f64>()
-            + decode.head;
+            + decode.head
+            + decode.hops * hw.hop_cpu;
         cycle = cycle.max(mb * work / hw.parallel_parts());
     }
     let tokens_per_second = mb * b as f64 / cycle;

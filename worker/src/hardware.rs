@@ -172,7 +172,13 @@ pub fn measure(name: &str, process_threads: usize, price: f64) -> Result<Hardwar
     let overhead = overhead?;
     let host_bandwidth = concurrent_streaming(cores())?;
     eprintln!("timing the gRPC hop (mutual TLS, loopback)");
-    let (latency, wire) = crate::serve::bench::grpc_hop(1024)?;
+    let hop = crate::serve::bench::grpc_hop(1024)?;
+    let (call, call_cpu) = crate::serve::bench::expert_call()?;
+    eprintln!(
+        "a real expert call: {:.0} us, {:.0} us of CPU",
+        call * 1e6,
+        call_cpu * 1e6
+    );
     Ok(Hardware {
         name: name.to_string(),
         memory_bytes: memory_bytes(),
@@ -180,9 +186,12 @@ pub fn measure(name: &str, process_threads: usize, price: f64) -> Result<Hardwar
         peak_flops: peak,
         compute_efficiency: (product / peak).min(1.0),
         bandwidth_efficiency: (streaming / bandwidth).min(1.0),
-        nvlink_bandwidth: wire,
-        network_bandwidth: wire,
-        network_latency: latency,
+        nvlink_bandwidth: hop.bandwidth,
+        network_bandwidth: hop.bandwidth,
+        // A hop as the deployment makes it: half a real expert call after idle (its gRPC,
+        // TLS, and the threads that wake for it; the echo's bare hop is printed above).
+        network_latency: (call / 2.0).max(hop.latency),
+        hop_cpu: (call_cpu / 2.0).max(hop.cpu),
         op_overhead: overhead,
         price_per_hour: price,
         host: Some(Host {

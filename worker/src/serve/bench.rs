@@ -727,11 +727,146 @@ fn breakdown(label: &str, s: &Value, before: Option<&Value>, wall: f64, tokens: 
     );
 }
 
+/// One hop between two processes, as the performance model describes it.
+#[derive(Debug, Clone, Copy)]
+pub struct Hop {
+    /// One way, seconds: half the median round trip of a one-row tensor, each call after both
+    /// ends slept (as in a pipeline, where a peer waits while others compute).
+    pub latency: f64,
+    /// CPU seconds one hop costs both processes together (encoding, TLS, system calls,
+    /// wake-ups), over the same calls.
+    pub cpu: f64,
+    /// One way, bytes/s (a large tensor's round trip moves its bytes twice).
+    pub bandwidth: f64,
+}
+
+/// CPU seconds process `pid` has used (`/proc` counts in USER_HZ, 100 on Linux).
+fn cpu_seconds(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // Fields after the command name (which may hold spaces) in parentheses.
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+            Some(ticks / 100.0)
+        })
+        .unwrap_or(0.0)
+}
+
+/// One call to a real expert shard process here (`moe-worker expert` serving the `tiny`
+/// preset, whose experts take microseconds, over mutual TLS, one thread as `local` runs it),
+/// each call after both ends slept 1 ms as in a pipeline: (seconds per call, CPU seconds per
+/// call of both processes). What a call costs beyond its experts' work: both ends' gRPC and
+/// TLS, and every thread that wakes for it.
+pub fn expert_call() -> Result<(f64, f64)> {
+    let certs = super::tls::TempCerts::new()?;
+    let err = |e: std::io::Error| Error::peer("bench", e.to_string());
+    let exe = std::env::current_exe().map_err(err)?;
+    let mut child = Command::new(exe)
+        .args([
+            "--threads",
+            "1",
+            "expert",
+            "--model",
+            "synthetic:tiny",
+            "--layers",
+            "0..4",
+        ])
+        .args(["--experts", "0,1,2,3,4,5,6,7", "--listen", "127.0.0.1:0"])
+        .arg("--tls-dir")
+        .arg(&certs.dir)
+        .arg("--exit-with-stdin")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(err)?;
+    let result = (|| {
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| Error::peer("bench", "expert stdout"))?;
+        let mut out = std::io::BufReader::new(stdout);
+        let addr = loop {
+            let mut line = String::new();
+            if std::io::BufRead::read_line(&mut out, &mut line).map_err(err)? == 0 {
+                return Err(Error::peer("bench", "the expert exited before it listened"));
+            }
+            if let Some((_, a)) = line.trim().rsplit_once("listening on ") {
+                break a.to_string();
+            }
+        };
+        std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+        let tls = super::tls::Tls::load(&certs.dir)?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| Error::peer("runtime", e.to_string()))?;
+        let mut client = rt.block_on(async {
+            Ok::<_, Error>(ComputeClient::new(
+                super::endpoint(&addr)?
+                    .connect_with_connector_lazy(super::tls::Connector::new(tls)),
+                64 << 20,
+            ))
+        })?;
+        // Two tokens' rows to two experts, as a top-2 layer sends them.
+        let hidden = 64;
+        let x: Vec<f32> = (0..2 * hidden).map(|i| (i % 17) as f32 * 0.01).collect();
+        let experts = [
+            ExpertRows { expert: 1, rows: 1 },
+            ExpertRows { expert: 5, rows: 1 },
+        ];
+        let call = |client: &mut ComputeClient<tonic::transport::Channel>| {
+            let limit = Duration::from_secs(10);
+            rt.block_on(async {
+                tokio::time::timeout(
+                    limit,
+                    client.compute(
+                        MetadataMap::new(),
+                        Some(limit),
+                        0,
+                        &experts,
+                        encode_f32(&x, &[2, hidden]),
+                    ),
+                )
+                .await
+            })
+            .map_err(|_| Error::peer("expert", "no answer within 10 s"))?
+            .map_err(|s| Error::peer("expert", s.message().to_string()))
+        };
+        // It listens before its weights are loaded: ready once a call succeeds.
+        let ready_by = Instant::now() + Duration::from_secs(60);
+        while let Err(e) = call(&mut client) {
+            if Instant::now() > ready_by {
+                return Err(e);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        for _ in 0..50 {
+            call(&mut client)?;
+        }
+        let calls = 300;
+        let cpu = || cpu_seconds(std::process::id()) + cpu_seconds(child.id());
+        let before = cpu();
+        let mut times = Vec::with_capacity(calls);
+        for _ in 0..calls {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            let t = Instant::now();
+            call(&mut client)?;
+            times.push(t.elapsed().as_secs_f64());
+        }
+        let cpu_per_call = (cpu() - before) / calls as f64;
+        Ok((median_f64(times.into_iter()), cpu_per_call))
+    })();
+    drop(child.stdin.take());
+    let _ = child.wait();
+    result
+}
+
 /// The deployed hop between two processes here (moe.v1 gRPC over mutual TLS on loopback, f32
-/// activations of width `hidden`), as the performance model describes a hop: one-way latency
-/// (half the median round trip of a one-row tensor) and one-way bandwidth (a large tensor's
-/// round trip moves its bytes twice). The echo server is its own process, as a peer is.
-pub fn grpc_hop(hidden: usize) -> Result<(f64, f64)> {
+/// activations of width `hidden`). The echo server is its own process, as a peer is.
+pub fn grpc_hop(hidden: usize) -> Result<Hop> {
     let args = TransportArgs {
         hidden,
         large_rows: (16 << 20) / (hidden.max(1) * 4),
@@ -789,15 +924,24 @@ pub fn grpc_hop(hidden: usize) -> Result<(f64, f64)> {
         // Warm the connection (handshake, buffers) before timing.
         round_trip(1, 50, false)?;
         let hot = round_trip(1, args.small_iters, false)? / 2.0;
-        let latency = round_trip(1, args.small_iters / 4, true)? / 2.0;
+        let idle_calls = args.small_iters / 4;
+        let cpu = || cpu_seconds(std::process::id()) + cpu_seconds(child.id());
+        let before = cpu();
+        let latency = round_trip(1, idle_calls, true)? / 2.0;
+        let hop_cpu = (cpu() - before) / (2 * idle_calls * args.repeats) as f64;
         eprintln!(
-            "gRPC hop: {:.0} us back to back, {:.0} us after 1 ms idle",
+            "gRPC hop: {:.0} us back to back, {:.0} us after 1 ms idle, {:.0} us of CPU",
             hot * 1e6,
-            latency * 1e6
+            latency * 1e6,
+            hop_cpu * 1e6
         );
         let large = round_trip(args.large_rows, args.large_iters, false)?;
         let bytes = (args.large_rows * hidden * 4) as f64;
-        Ok((latency, bytes / (large / 2.0 - hot).max(1e-9)))
+        Ok(Hop {
+            latency,
+            cpu: hop_cpu,
+            bandwidth: bytes / (large / 2.0 - hot).max(1e-9),
+        })
     })();
     drop(child.stdin.take());
     let _ = child.wait();
