@@ -74,8 +74,9 @@ pub struct EstimateArgs {
     /// cost (moe_plan::perf: rooflines per operator, transport per hop, pipelining).
     #[arg(long)]
     pub estimate: bool,
-    /// Hardware profile: a100-40gb, a100-80gb, h100-80gb, h200-141gb (default: from
-    /// spec.placement.gpuProduct).
+    /// Hardware profile: a100-40gb, a100-80gb, h100-80gb, h200-141gb, or a profile file
+    /// (JSON, as `moe-worker profile -o FILE` writes for the machine it runs on) (default:
+    /// from spec.placement.gpuProduct).
     #[arg(long)]
     pub hardware: Option<String>,
     /// Sequences per micro-batch.
@@ -124,13 +125,46 @@ pub fn estimate_for(
         Error::Api(moe_api::Error::invalid(field.to_string(), message))
     };
     let mut hw = match &args.hardware {
-        Some(h) => perf::gpu_profile(h).ok_or_else(|| {
-            let names: Vec<String> = perf::gpu_profiles().into_iter().map(|p| p.name).collect();
-            bad(
-                "--hardware",
-                format!("`{h}` is not one of {}", names.join(", ")),
-            )
-        })?,
+        Some(h) => match perf::gpu_profile(h) {
+            Some(p) => p,
+            None if Path::new(h).is_file() => {
+                let text = std::fs::read_to_string(h)
+                    .map_err(|e| bad("--hardware", format!("reading {h}: {e}")))?;
+                let p: perf::Hardware = serde_json::from_str(&text).map_err(|e| {
+                    bad(
+                        "--hardware",
+                        format!("{h} is not a hardware profile (moe-worker profile -o): {e}"),
+                    )
+                })?;
+                let positive = [
+                    ("memoryBandwidth", p.memory_bandwidth),
+                    ("peakFlops", p.peak_flops),
+                    ("computeEfficiency", p.compute_efficiency),
+                    ("bandwidthEfficiency", p.bandwidth_efficiency),
+                    ("nvlinkBandwidth", p.nvlink_bandwidth),
+                    ("networkBandwidth", p.network_bandwidth),
+                ];
+                if let Some((field, v)) =
+                    positive.iter().find(|(_, v)| !(v.is_finite() && *v > 0.0))
+                {
+                    return Err(bad(
+                        "--hardware",
+                        format!("{h}: {field} must be a positive number, not {v}"),
+                    ));
+                }
+                p
+            }
+            None => {
+                let names: Vec<String> = perf::gpu_profiles().into_iter().map(|p| p.name).collect();
+                return Err(bad(
+                    "--hardware",
+                    format!(
+                        "`{h}` is neither one of {} nor a profile file",
+                        names.join(", ")
+                    ),
+                ));
+            }
+        },
         None => profile_for_product(&moe.spec.placement.gpu_product).ok_or_else(|| {
             bad(
                 "--hardware",

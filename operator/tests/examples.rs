@@ -171,6 +171,29 @@ fn plan_estimates_on_the_spec_s_gpu_and_names_an_unknown_profile() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("--batch"), "{err}");
+    // A profile file, as `moe-worker profile -o` writes one: its figures drive the estimate.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("profile.json");
+    let mut slow = moe_plan::perf::gpu_profile("a100-80gb").unwrap();
+    slow.name = "measured-here".into();
+    slow.memory_bandwidth /= 4.0;
+    std::fs::write(&file, serde_json::to_string(&slow).unwrap()).unwrap();
+    let path = file.to_str().unwrap();
+    let (hw, from_file) =
+        moe_operator::cli::estimate_for(&moe, &p, &args(&["--hardware", path])).unwrap();
+    assert_eq!(hw.name, "measured-here");
+    assert!(from_file.time_per_output_token > 2.0 * e.time_per_output_token);
+    slow.peak_flops = 0.0;
+    std::fs::write(&file, serde_json::to_string(&slow).unwrap()).unwrap();
+    let err = moe_operator::cli::estimate_for(&moe, &p, &args(&["--hardware", path]))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("peakFlops"), "{err}");
+    std::fs::write(&file, "{\"name\": 3}").unwrap();
+    let err = moe_operator::cli::estimate_for(&moe, &p, &args(&["--hardware", path]))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not a hardware profile"), "{err}");
 }
 
 #[test]
