@@ -572,8 +572,16 @@ impl Evaluation {
         if self.reasons.is_empty() {
             return None;
         }
+        // A target unbounded because the queue grows is measured by how far the rate is
+        // beyond the capacity (the `Saturated` reason that comes with it), so that among
+        // saturated layouts the one closest to keeping up is the closest miss.
+        let saturated = self
+            .reasons
+            .iter()
+            .any(|r| matches!(r, Reason::Saturated { .. }));
         self.reasons
             .iter()
+            .filter(|r| !(saturated && matches!(r, Reason::Unbounded { .. })))
             .map(Reason::shortfall)
             .try_fold(f64::NEG_INFINITY, |m, s| s.map(|s| m.max(s)))
     }

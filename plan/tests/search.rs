@@ -264,6 +264,19 @@ fn without_a_feasible_layout_the_answer_names_the_closest_miss() {
         c.reasons
     );
     assert!(o.stats.over_budget_unsized > 0, "{:?}", o.stats);
+
+    // A rate no layout keeps up with: the closest is the one with the most capacity (every
+    // saturated layout also has unbounded percentiles; those must not make them all tie).
+    let pr = problem(small(), 4, 1e6, vec![target("ttft.p99=10s")], None);
+    let o = search(&pr, &space).unwrap();
+    assert!(o.winner().is_none());
+    let c = o.closest.as_ref().expect("a closest miss");
+    let most = o
+        .infeasible
+        .iter()
+        .filter_map(|e| Some(e.latency.as_ref()?.capacity))
+        .fold(0.0, f64::max);
+    assert_eq!(c.latency.as_ref().map(|l| l.capacity), Some(most), "{c:?}");
 }
 
 #[test]
