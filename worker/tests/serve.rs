@@ -784,6 +784,128 @@ async fn an_api_key_guards_the_openai_routes_and_stats_but_not_health_or_metrics
     d.stop();
 }
 
+async fn stats(base: &str) -> Value {
+    let r = reqwest::get(format!("{base}/v1/stats"))
+        .await
+        .expect("stats");
+    assert_eq!(r.status().as_u16(), 200);
+    r.json().await.expect("json")
+}
+
+fn counter(v: &Value, path: &[&str]) -> f64 {
+    let mut x = &v["gateway"];
+    for p in path {
+        x = &x[*p];
+    }
+    x.as_f64()
+        .unwrap_or_else(|| panic!("gateway.{} is not a number in {v}", path.join(".")))
+}
+
+/// What the operator measures a deployment by (`status.performance.measured`): each gateway's
+/// `/v1/stats` counts the tokens it generated and the time to first token and per output token
+/// (counts and sums of seconds), moving by exactly what its completed requests did; another
+/// gateway's requests do not move them; a restarted gateway reports a new instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_count_tokens_and_latencies_as_requests_complete() {
+    let d = Deployment::start("synthetic:tiny", 1, 1, &["--gateways", "2"]);
+    let (a, b) = (d.bases[0].clone(), d.bases[1].clone());
+    let before = stats(&a).await;
+    let other_before = stats(&b).await;
+    let instance = before["gateway"]["instance"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    assert!(!instance.is_empty(), "{before}");
+    assert_ne!(
+        other_before["gateway"]["instance"].as_str(),
+        Some(instance.as_str())
+    );
+
+    // Three requests through gateway 0: 4 prompt tokens and 6 generated tokens each.
+    for i in 0..3u32 {
+        let (status, v) = post(
+            &a,
+            "/v1/completions",
+            json!({"prompt": [3, 4, 5, 6 + i], "max_tokens": 6, "ignore_eos": true}),
+        )
+        .await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["usage"]["completion_tokens"], 6);
+    }
+    let after = stats(&a).await;
+    let delta = |path: &[&str]| counter(&after, path) - counter(&before, path);
+    assert_eq!(delta(&["generatedTokens"]), 18.0, "{before}\n{after}");
+    assert_eq!(delta(&["promptTokens"]), 12.0, "{after}");
+    assert_eq!(delta(&["sequencesAdmitted"]), 3.0, "{after}");
+    // One first token per sequence; the other five tokens each have a time since the last.
+    assert_eq!(delta(&["timeToFirstToken", "count"]), 3.0, "{after}");
+    assert_eq!(delta(&["timePerOutputToken", "count"]), 15.0, "{after}");
+    let ttft = delta(&["timeToFirstToken", "sumSeconds"]) / 3.0;
+    let tpot = delta(&["timePerOutputToken", "sumSeconds"]) / 15.0;
+    assert!(ttft > 0.0 && ttft < 30.0, "mean TTFT {ttft} s: {after}");
+    assert!(tpot > 0.0 && tpot < 30.0, "mean TPOT {tpot} s: {after}");
+    assert_eq!(
+        after["gateway"]["instance"].as_str(),
+        Some(instance.as_str())
+    );
+
+    // The same counters as the gateway's Prometheus metrics.
+    let text = reqwest::get(format!("{a}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let generated = format!(
+        "moe_gateway_generated_tokens_total {}",
+        counter(&after, &["generatedTokens"])
+    );
+    assert!(text.contains(&generated), "no `{generated}` in\n{text}");
+
+    // Gateway 1 served none of them: its counters are its own.
+    let other = stats(&b).await;
+    for path in [
+        &["generatedTokens"][..],
+        &["timeToFirstToken", "count"],
+        &["timePerOutputToken", "count"],
+    ] {
+        assert_eq!(
+            counter(&other, path),
+            counter(&other_before, path),
+            "gateway 1's {path:?} moved: {other}"
+        );
+    }
+
+    // Gateway 1 killed and restarted by the launcher: a new instance, counting from zero.
+    let pid = d.pid_of("gateway", 1);
+    std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .expect("kill");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let restarted = loop {
+        assert!(Instant::now() < deadline, "gateway 1 did not come back");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let Ok(r) = reqwest::get(format!("{b}/v1/stats")).await else {
+            continue;
+        };
+        let Ok(v) = r.json::<Value>().await else {
+            continue;
+        };
+        if v["gateway"]["instance"].is_string()
+            && v["gateway"]["instance"] != other_before["gateway"]["instance"]
+        {
+            break v;
+        }
+    };
+    assert_eq!(
+        counter(&restarted, &["generatedTokens"]),
+        0.0,
+        "{restarted}"
+    );
+    d.stop();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificate_and_ca_rotation_under_load_loses_no_request() {
     use std::sync::Arc;

@@ -1042,7 +1042,9 @@ async fn models(State(sh): State<Arc<Shared>>) -> Response {
 }
 
 /// moe-serve extension: load statistics of the deployment (routed tokens per (layer, expert),
-/// where time goes). Read-only: every counter only grows, readers take differences.
+/// where time goes) and this gateway's serving counters (tokens generated, time to first token
+/// and per output token as counts and sums of seconds). Read-only: every counter only grows
+/// while the gateway process lives, readers take differences.
 async fn stats(
     State(sh): State<Arc<Shared>>,
     axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>,
@@ -1075,11 +1077,22 @@ async fn stats(
         .iter()
         .map(|(&(layer, expert), &tokens)| json!({"layer": layer, "expert": expert, "tokens": tokens}))
         .collect();
+    let m = &sh.metrics;
+    // The serving counters of this gateway process (the same as its `/metrics`): a reader
+    // measures throughput and latency over a window from two readings of the same `instance`.
+    let latency =
+        |t: &super::metrics::Totals| json!({"count": t.count(), "sumSeconds": t.sum_seconds()});
     axum::Json(json!({
         "gateway": {
+            "instance": sh.instance,
             "steps": sh.steps.load(Ordering::Relaxed),
             "pipelineSeconds": sh.pipeline_us.load(Ordering::Relaxed) as f64 / 1e6,
             "headSeconds": sh.head_us.load(Ordering::Relaxed) as f64 / 1e6,
+            "sequencesAdmitted": m.admitted.get(),
+            "promptTokens": m.prompt_tokens.get(),
+            "generatedTokens": m.generated_tokens.get(),
+            "timeToFirstToken": latency(&m.first_token_totals),
+            "timePerOutputToken": latency(&m.output_token_totals),
         },
         "stages": stages,
         "experts": load,

@@ -6,7 +6,7 @@
 //! aggregate replicas with `max by (layer, expert)`, not `sum`.
 
 use std::collections::HashMap;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -55,6 +55,10 @@ pub struct Metrics {
     pub ready: Gauge,
     pub time_to_first_token: Histogram,
     pub time_per_output_token: Histogram,
+    /// The count and sum of the two histograms above, for `/v1/stats` (prometheus-client
+    /// keeps its own private).
+    pub first_token_totals: Totals,
+    pub output_token_totals: Totals,
     pub sequence_duration: Histogram,
     pub step_seconds: Histogram,
 }
@@ -75,6 +79,8 @@ impl Metrics {
             ready: Gauge::default(),
             time_to_first_token: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
             time_per_output_token: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
+            first_token_totals: Totals::default(),
+            output_token_totals: Totals::default(),
             sequence_duration: Histogram::new(exponential_buckets(0.01, 2.0, 16)),
             step_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             registry: Registry::default(),
@@ -179,6 +185,18 @@ impl Metrics {
         self.expert_load_imbalance.set(imbalance(deltas, pairs));
     }
 
+    /// A sequence's first token, `seconds` after its admission.
+    pub fn first_token(&self, seconds: f64) {
+        self.time_to_first_token.observe(seconds);
+        self.first_token_totals.add(seconds);
+    }
+
+    /// A further token of a sequence, `seconds` after its previous one.
+    pub fn next_token(&self, seconds: f64) {
+        self.time_per_output_token.observe(seconds);
+        self.output_token_totals.add(seconds);
+    }
+
     pub fn finished(&self, reason: &str) {
         self.finish
             .get_or_create(&FinishLabel {
@@ -209,6 +227,33 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// How many observations and their sum, both only growing.
+#[derive(Debug, Default)]
+pub struct Totals {
+    count: AtomicU64,
+    sum_ns: AtomicU64,
+}
+
+impl Totals {
+    pub fn add(&self, seconds: f64) {
+        let ns = if seconds.is_finite() && seconds > 0.0 {
+            (seconds * 1e9).min(u64::MAX as f64) as u64
+        } else {
+            0
+        };
+        self.sum_ns.fetch_add(ns, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    pub fn sum_seconds(&self) -> f64 {
+        self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9
     }
 }
 
@@ -279,5 +324,28 @@ mod tests {
         assert!(text.contains("moe_expert_load_imbalance 4.0"), "{text}");
         assert!(text.contains("moe_gateway_ready"), "{text}");
         assert_eq!(text.matches("# EOF").count(), 1);
+    }
+
+    #[test]
+    fn latency_totals_follow_the_histograms() {
+        let m = Metrics::new();
+        m.first_token(0.5);
+        m.next_token(0.25);
+        m.next_token(0.125);
+        // A clock that went backwards counts the observation, not the negative time.
+        m.next_token(-1.0);
+        assert_eq!(m.first_token_totals.count(), 1);
+        assert!((m.first_token_totals.sum_seconds() - 0.5).abs() < 1e-9);
+        assert_eq!(m.output_token_totals.count(), 3);
+        assert!((m.output_token_totals.sum_seconds() - 0.375).abs() < 1e-9);
+        let text = m.render();
+        assert!(
+            text.contains("moe_gateway_time_per_output_token_seconds_count 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("moe_gateway_time_to_first_token_seconds_count 1"),
+            "{text}"
+        );
     }
 }

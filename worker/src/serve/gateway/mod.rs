@@ -139,6 +139,9 @@ pub struct Shared {
     pub pipeline_us: AtomicU64,
     pub head_us: AtomicU64,
     pub steps: AtomicU64,
+    /// This process's name (host, pid, a random part): a reader of `/v1/stats` that sees it
+    /// change knows the counters began again.
+    pub instance: String,
 }
 
 impl Shared {
@@ -347,14 +350,8 @@ async fn lane(shared: Arc<Shared>, index: usize) {
                     };
                     let now = Instant::now();
                     match r.last_token {
-                        None => shared
-                            .metrics
-                            .time_to_first_token
-                            .observe((now - r.started).as_secs_f64()),
-                        Some(t) => shared
-                            .metrics
-                            .time_per_output_token
-                            .observe((now - t).as_secs_f64()),
+                        None => shared.metrics.first_token((now - r.started).as_secs_f64()),
+                        Some(t) => shared.metrics.next_token((now - t).as_secs_f64()),
                     }
                     r.last_token = Some(now);
                     shared.metrics.generated_tokens.inc();
@@ -558,7 +555,12 @@ pub async fn run(args: GatewayArgs) -> Result<()> {
             .unwrap_or_else(|| args.model.model.to_string()),
         api_key: args.api_key.clone().filter(|k| !k.is_empty()),
         checker: Batcher::new(BatchLimits::of(&cfg), opts.clone())?,
-        pipeline: Pipeline::new(&addrs, cfg.hidden_size, args.max_message_bytes, owner)?,
+        pipeline: Pipeline::new(
+            &addrs,
+            cfg.hidden_size,
+            args.max_message_bytes,
+            owner.clone(),
+        )?,
         cfg,
         tokenizer,
         chat_template,
@@ -574,6 +576,7 @@ pub async fn run(args: GatewayArgs) -> Result<()> {
         pipeline_us: AtomicU64::new(0),
         head_us: AtomicU64::new(0),
         steps: AtomicU64::new(0),
+        instance: owner,
     });
     shared
         .metrics
