@@ -340,3 +340,42 @@ async fn every_process_serves_its_metrics_while_loading_and_after() {
     assert_eq!(staged, computed);
     d.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_arriving_together_spread_over_the_lanes() {
+    // Two stages: two lanes. Eight requests at once used to land 7 + 1 (the first lane to step
+    // took everything queued); each lane now takes at most its share of what runs and waits,
+    // so the micro-batches are even and pipeline through the stages.
+    let d = Deployment::start("synthetic:tiny", 2, 2, &["--max-sequences", "16"]);
+    let gateway = d
+        .metrics
+        .iter()
+        .find(|(name, _)| name.contains("gateway"))
+        .map(|(_, url)| url.clone())
+        .expect("gateway metrics");
+    let streams: Vec<_> = (0..8)
+        .map(|_| tokio::spawn(stream_tokens(d.base.clone(), 400, Some(300))))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let lanes = loop {
+        let s = scrape(&gateway).await;
+        if total(&s, "moe_gateway_sequences_admitted_total") >= 8.0 {
+            break s
+                .iter()
+                .filter(|(k, _)| k.starts_with("moe_gateway_lane_sequences{"))
+                .map(|(_, v)| *v)
+                .collect::<Vec<f64>>();
+        }
+        assert!(Instant::now() < deadline, "8 requests not admitted in 30 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(lanes.len(), 2, "{lanes:?}");
+    assert_eq!(lanes.iter().sum::<f64>(), 8.0, "{lanes:?}");
+    assert!(
+        lanes.iter().all(|&n| (3.0..=5.0).contains(&n)),
+        "the lanes run {lanes:?} of 8 sequences"
+    );
+    for s in streams {
+        s.await.expect("stream");
+    }
+}

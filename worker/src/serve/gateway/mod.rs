@@ -132,6 +132,10 @@ pub struct Shared {
     /// `--max-sequences` (the operator gives each gateway replica its share of the stages'
     /// capacity, so the stages accept every sequence a gateway admits).
     slots: Arc<tokio::sync::Semaphore>,
+    /// Sequences each lane runs: a busy lane takes more from the queue only up to its fair
+    /// share, so that requests arriving together spread over the lanes and their micro-batches
+    /// pipeline through the stages (one lane taking them all leaves the others idle).
+    lane_counts: Vec<std::sync::atomic::AtomicUsize>,
     opts: EngineOptions,
     step_timeout: Duration,
     next_seq: AtomicU64,
@@ -254,8 +258,13 @@ async fn lane(shared: Arc<Shared>, index: usize) {
             let Some(r) = next else { return };
             admit(&shared, &mut batcher, running, r, slot);
         }
-        // A busy lane takes more between steps while slots are free.
+        // A busy lane takes more between steps while slots are free, up to its fair share of
+        // what runs and waits.
+        set_lane_sequences(&shared, index, batcher.len());
         loop {
+            if batcher.len() >= fair_share(&shared) {
+                break;
+            }
             let Ok(slot) = shared.slots.clone().try_acquire_owned() else {
                 break;
             };
@@ -265,6 +274,7 @@ async fn lane(shared: Arc<Shared>, index: usize) {
             let Ok(r) = rx.try_recv() else { break };
             drop(rx);
             admit(&shared, &mut batcher, running, r, slot);
+            set_lane_sequences(&shared, index, batcher.len());
         }
         shared.metrics.queue_depth.set(shared.queued() as i64);
         // Clients that went away.
@@ -389,7 +399,21 @@ async fn lane(shared: Arc<Shared>, index: usize) {
     }
 }
 
+/// A lane's share of the sequences running on all lanes and those queued, rounded up.
+fn fair_share(shared: &Shared) -> usize {
+    let lanes = shared.lane_counts.len().max(1);
+    let running: usize = shared
+        .lane_counts
+        .iter()
+        .map(|c| c.load(Ordering::Relaxed))
+        .sum();
+    (running + shared.queued()).div_ceil(lanes).max(1)
+}
+
 fn set_lane_sequences(shared: &Shared, index: usize, n: usize) {
+    if let Some(c) = shared.lane_counts.get(index) {
+        c.store(n, Ordering::Relaxed);
+    }
     shared
         .metrics
         .lane_sequences
@@ -570,6 +594,9 @@ pub async fn run(args: GatewayArgs) -> Result<()> {
         queue,
         queue_rx: tokio::sync::Mutex::new(queue_rx),
         slots: Arc::new(tokio::sync::Semaphore::new(args.max_sequences)),
+        lane_counts: (0..lanes)
+            .map(|_| std::sync::atomic::AtomicUsize::new(0))
+            .collect(),
         opts,
         step_timeout: Duration::from_millis(args.step_timeout_ms),
         next_seq: AtomicU64::new(1),
