@@ -529,29 +529,37 @@ pub fn simulate_table(args: &SimulateArgs, rows: &[Simulated]) -> String {
         args.estimate.zipf
     );
     out.push_str(&format!(
-        "{:<44} {:>5} {:>10} {:>10} {:>10} {:>9} {:>11} {:>8} {:>12}\n",
+        "{:<44} {:>5} {:>10} {:>10} {:>10} {:>9} {:>9} {:>11} {:>12} {:>8} {:>12}\n",
         "layout",
         "GPUs",
         "tokens/s",
         "TTFT p50",
         "TTFT p99",
         "TPOT",
+        "TPOT p99",
         "stage busy",
+        "expert busy",
         "done",
         "$/M tokens"
     ));
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
     for r in rows.iter().filter(|r| r.kind == RowKind::Layout) {
-        let busy = r.report.stage_utilization.iter().sum::<f64>()
-            / r.report.stage_utilization.len().max(1) as f64;
+        let experts = if r.report.shard_utilization.is_empty() {
+            "-".to_string()
+        } else {
+            format!("{:.0}%", mean(&r.report.shard_utilization) * 100.0)
+        };
         out.push_str(&format!(
-            "{:<44} {:>5} {:>10.0} {:>8.0}ms {:>8.0}ms {:>7.1}ms {:>10.0}% {:>8} {:>12.3}\n",
+            "{:<44} {:>5} {:>10.0} {:>8.0}ms {:>8.0}ms {:>7.1}ms {:>7.1}ms {:>10.0}% {:>12} {:>8} {:>12.3}\n",
             r.name,
             r.gpus,
             r.report.tokens_per_second,
             r.report.ttft_p50 * 1e3,
             r.report.ttft_p99 * 1e3,
             r.report.tpot_mean * 1e3,
-            busy * 100.0,
+            r.report.tpot_p99 * 1e3,
+            mean(&r.report.stage_utilization) * 100.0,
+            experts,
             r.report.finished,
             r.cost_per_million_tokens
         ));
