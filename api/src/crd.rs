@@ -57,6 +57,12 @@ use serde::{Deserialize, Serialize};
         json_path = ".status.gpus"
     ),
     printcolumn(
+        name = "Tok/s",
+        type_ = "number",
+        description = "generated tokens per second the gateways measured over the last window with traffic",
+        json_path = ".status.performance.measured.tokensPerSecond"
+    ),
+    printcolumn(
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
@@ -569,6 +575,106 @@ pub struct MoEDeploymentStatus {
     /// names a volume and no `model.architecture`), and the source it was read from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<ModelStatus>,
+    /// The performance model's estimate for the plan next to what the gateways measure, and
+    /// how far they are apart (condition `PerformanceAsPlanned`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub performance: Option<PerformanceStatus>,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PerformanceStatus {
+    /// What the performance model predicts for this spec generation's plan.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimate: Option<PerformanceEstimate>,
+    /// What the gateways measured over the last window that had traffic (kept while there is
+    /// none, or while the gateways cannot be read).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub measured: Option<MeasuredPerformance>,
+    /// The measurement against the estimate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub departure: Option<PerformanceDeparture>,
+    /// Why the gateways' statistics could not be read, while no read has succeeded since.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_error: Option<String>,
+    /// When reading them began to fail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_error_since: Option<Time>,
+}
+
+/// The performance model's prediction (`moe-operator plan --estimate`) for the plan on the
+/// hardware profile of `spec.placement.gpuProduct`, at full micro-batches.
+#[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PerformanceEstimate {
+    /// The spec generation it was computed for.
+    pub observed_generation: i64,
+    /// The hardware profile used; absent when the GPU product has none (see `message`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hardware_profile: Option<String>,
+    /// Sequences per micro-batch assumed (`serving.maxConcurrentSequences` over the
+    /// micro-batches).
+    pub batch: i32,
+    /// Micro-batches in flight: each gateway's lanes, one per stage and at least two.
+    pub micro_batches: i32,
+    /// Prompt and generated tokens per request assumed.
+    pub prompt_tokens: i32,
+    pub output_tokens: i32,
+    /// Time to first token of one prompt, no queueing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttft_seconds: Option<f64>,
+    /// Time per output token at full micro-batches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tpot_seconds: Option<f64>,
+    /// Generated tokens per second, the whole deployment at full micro-batches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_second: Option<f64>,
+    /// Why there are no figures.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// What the gateways measured: every ready gateway pod's counters, differences over the window.
+#[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MeasuredPerformance {
+    /// Generated tokens per second, all gateways together.
+    pub tokens_per_second: f64,
+    /// Mean time from admission to the first token of the sequences that got one in the window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttft_seconds: Option<f64>,
+    /// Mean time between two tokens of one sequence in the window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tpot_seconds: Option<f64>,
+    /// Tokens generated in the window.
+    pub generated_tokens: i64,
+    /// Length of the window.
+    pub window_seconds: f64,
+    /// Gateway pods read.
+    pub gateways: i32,
+    /// When the window ended.
+    pub sampled_at: Time,
+}
+
+/// Measured over estimated, and what it means.
+#[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PerformanceDeparture {
+    /// Measured time per output token over the estimate (above the operator's tolerance for
+    /// long enough: `PerformanceAsPlanned` False, reason `SlowerThanPlanned`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tpot_ratio: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttft_ratio: Option<f64>,
+    /// Measured tokens per second over the estimate at full micro-batches (below 1 at light
+    /// load).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_second_ratio: Option<f64>,
+    /// Since when every measurement had time per output token above the tolerance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slower_since: Option<Time>,
+    /// E.g. "TPOT 2.3x the plan's estimate (41 ms vs 18 ms)".
+    pub message: String,
 }
 
 #[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, PartialEq, Default)]

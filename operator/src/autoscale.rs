@@ -15,9 +15,10 @@
 //!   only after its load has stayed low for the whole window; a cooldown separates changes;
 //!   the budget is re-checked after stabilisation (scale-ups wait for held replicas to go).
 //!
-//! [`run`] is the operator's side: a background task that samples every autoscaled
-//! deployment's gateway, decides, keeps the decision in a [`Store`] keyed by the object's uid,
-//! and asks the controller to reconcile when it changed. Reconcile applies it.
+//! [`run`] is the operator's side: a background task that samples every deployment's gateways
+//! (their serving counters go to [`crate::performance`]), decides for the autoscaled ones, keeps
+//! the decision in a [`Store`] keyed by the object's uid, and asks the controller to reconcile
+//! when it changed. Reconcile applies it.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt::Write as _;
@@ -33,8 +34,8 @@ use moe_plan::ExpertShardPlan;
 use tracing::{debug, info, warn};
 
 use crate::crd::{AutoscalingDriver, ExpertsSpec, MoEDeployment};
-use crate::planning;
 use crate::resources::{HTTP_PORT, LABEL_DEPLOYMENT, LABEL_ROLE, WorkerRole};
+use crate::{performance, planning};
 
 /// What one decision is given about one expert shard.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -472,6 +473,8 @@ pub struct LoopConfig {
     pub timeout: Duration,
     /// A reconcile is asked for at least this often (to refresh status) even without a change.
     pub refresh: Duration,
+    /// How the gateways' serving counters are measured and judged (`status.performance`).
+    pub performance: performance::Config,
 }
 
 impl Default for LoopConfig {
@@ -481,13 +484,17 @@ impl Default for LoopConfig {
             smoothing: Duration::from_secs(20),
             timeout: Duration::from_secs(3),
             refresh: Duration::from_secs(60),
+            performance: performance::Config::default(),
         }
     }
 }
 
-/// The IP of a ready, not terminating gateway pod of `md` (the first by name, so the same pod
-/// is read while it lives).
-async fn gateway_ip(client: &Client, md: &MoEDeployment) -> Result<(String, String), String> {
+/// The ready, not terminating gateway pods of `md` as (name, IP), by name (so the autoscaler
+/// reads the same pod, the first, while it lives).
+async fn gateway_pods(
+    client: &Client,
+    md: &MoEDeployment,
+) -> Result<Vec<(String, String)>, String> {
     let ns = md.namespace().unwrap_or_default();
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let lp = ListParams::default().labels(&format!(
@@ -501,9 +508,10 @@ async fn gateway_ip(client: &Client, md: &MoEDeployment) -> Result<(String, Stri
         .map_err(|e| format!("listing gateway pods: {e}"))?
         .items;
     list.sort_by_key(|p| p.name_any());
-    list.into_iter()
+    let ready: Vec<(String, String)> = list
+        .into_iter()
         .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .find_map(|p| {
+        .filter_map(|p| {
             let st = p.status.as_ref()?;
             let ready = st
                 .conditions
@@ -513,7 +521,11 @@ async fn gateway_ip(client: &Client, md: &MoEDeployment) -> Result<(String, Stri
             let ip = st.pod_ip.clone().filter(|ip| !ip.is_empty())?;
             ready.then(|| (p.name_any(), ip))
         })
-        .ok_or_else(|| "no ready gateway pod".to_string())
+        .collect();
+    if ready.is_empty() {
+        return Err("no ready gateway pod".to_string());
+    }
+    Ok(ready)
 }
 
 /// The gateway's API key, when the spec names one (the gateway then wants it for /v1/stats).
@@ -545,14 +557,46 @@ fn host(ip: &str) -> String {
     }
 }
 
-/// One sample and decision for `md`; returns whether reconcile should run.
-async fn tick(
+/// `/v1/stats` of every ready gateway pod of `md`, by pod name: each answer or why it failed.
+async fn read_gateways(
     client: &Client,
     http: &reqwest::Client,
+    md: &MoEDeployment,
+    cfg: &LoopConfig,
+) -> Result<Vec<(String, Result<serde_json::Value, String>)>, String> {
+    let pods = gateway_pods(client, md).await?;
+    let key = api_key(client, md).await?;
+    let mut out = Vec::with_capacity(pods.len());
+    for (pod, ip) in pods {
+        let url = format!("http://{}:{HTTP_PORT}/v1/stats", host(&ip));
+        let mut get = http.get(&url).timeout(cfg.timeout);
+        if let Some(key) = &key {
+            get = get.bearer_auth(key);
+        }
+        let body = async {
+            get.send()
+                .await
+                .and_then(reqwest::Response::error_for_status)
+                .map_err(|e| format!("GET {url}: {e}"))?
+                .json::<serde_json::Value>()
+                .await
+                .map_err(|e| format!("GET {url}: {e}"))
+        }
+        .await;
+        out.push((pod, body));
+    }
+    Ok(out)
+}
+
+/// One sample and decision for `md` from `body`, pod `pod`'s `/v1/stats`; returns whether
+/// reconcile should run.
+fn tick(
     store: &Store,
     md: &MoEDeployment,
     cfg: &LoopConfig,
     now: f64,
+    pod: String,
+    body: &serde_json::Value,
 ) -> Result<bool, String> {
     let uid = md.uid().ok_or("no uid")?;
     let plan = planning::plan(&md.spec).map_err(|e| e.to_string())?;
@@ -565,21 +609,8 @@ async fn tick(
         .iter()
         .map(|s| s.layout.clone())
         .collect();
-    let (pod, ip) = gateway_ip(client, md).await?;
-    let url = format!("http://{}:{HTTP_PORT}/v1/stats", host(&ip));
-    let mut get = http.get(&url).timeout(cfg.timeout);
-    if let Some(key) = api_key(client, md).await? {
-        get = get.bearer_auth(key);
-    }
-    let body: serde_json::Value = get
-        .send()
-        .await
-        .and_then(reqwest::Response::error_for_status)
-        .map_err(|e| format!("GET {url}: {e}"))?
-        .json()
-        .await
-        .map_err(|e| format!("GET {url}: {e}"))?;
-    let sample = parse_stats(&body, now).ok_or_else(|| format!("{url}: incomplete statistics"))?;
+    let sample = parse_stats(body, now)
+        .ok_or_else(|| format!("{pod}'s /v1/stats: incomplete statistics"))?;
 
     let e = &md.spec.experts;
     let params = Params::from_spec(e, n);
@@ -654,14 +685,17 @@ async fn tick(
     Ok(trigger)
 }
 
-/// The sampling task: every `cfg.interval`, each operator-driven deployment in `mds` is
-/// sampled and decided; `trigger` gets one message per round in which some deployment needs a
+/// The sampling task: every `cfg.interval`, the ready gateway pods of each deployment in `mds`
+/// are read (`/v1/stats`): their serving counters measure it (`status.performance`, all
+/// gateways), and for operator-driven expert autoscaling the first pod's routed-token counters
+/// are decided on. `trigger` gets one message per round in which some deployment needs a
 /// reconcile (kube-runtime's per-object `reconcile_on` is still behind an unstable feature, so
 /// the controller reconciles every object then; unchanged ones apply nothing new).
 pub async fn run(
     client: Client,
     mds: Reader<MoEDeployment>,
     store: Arc<Store>,
+    measured: Arc<performance::Store>,
     trigger: futures::channel::mpsc::UnboundedSender<()>,
     cfg: LoopConfig,
 ) {
@@ -672,27 +706,90 @@ pub async fn run(
     {
         Ok(c) => c,
         Err(e) => {
-            warn!(error = %e, "expert autoscaling disabled: no HTTP client");
+            warn!(error = %e, "expert autoscaling and performance measurement disabled: no HTTP client");
             return;
         }
     };
     let epoch = Instant::now();
     let mut warned: HashMap<String, String> = HashMap::new();
+    let mut unread: HashMap<String, String> = HashMap::new();
     let mut ticker = tokio::time::interval(cfg.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
         let all = mds.state();
         let mut keep = Vec::new();
+        let mut driven = Vec::new();
         let mut wanted = false;
-        for md in all.iter().filter(|m| operator_driven(m)) {
+        for md in all.iter() {
             let Some(uid) = md.uid() else { continue };
             keep.push(uid.clone());
             if md.metadata.deletion_timestamp.is_some() {
                 continue;
             }
             let now = epoch.elapsed().as_secs_f64();
-            match tick(&client, &http, &store, md, &cfg, now).await {
+            let reads = read_gateways(&client, &http, md, &cfg).await;
+
+            // What the gateways measure: every pod that answered.
+            let readings = match &reads {
+                Err(e) => Err(e.clone()),
+                Ok(answers) => {
+                    let (mut ok, mut errors) = (Vec::new(), Vec::new());
+                    for (pod, body) in answers {
+                        match body
+                            .as_ref()
+                            .map_err(Clone::clone)
+                            .and_then(performance::parse_gateway)
+                        {
+                            Ok(r) => ok.push((pod.clone(), r)),
+                            Err(e) => errors.push(format!("{pod}: {e}")),
+                        }
+                    }
+                    if ok.is_empty() {
+                        Err(errors.join("; "))
+                    } else {
+                        if !errors.is_empty() {
+                            debug!(name = %md.name_any(), errors = %errors.join("; "), "some gateways not read");
+                        }
+                        Ok(ok)
+                    }
+                }
+            };
+            match &readings {
+                Err(e) if unread.get(&uid) != Some(e) => {
+                    info!(name = %md.name_any(), error = %e, "gateway statistics not read");
+                    unread.insert(uid.clone(), e.clone());
+                }
+                Err(_) => {}
+                Ok(_) => {
+                    unread.remove(&uid);
+                }
+            }
+            if measured.observe(
+                &uid,
+                performance::current_estimate(md),
+                performance::shown_judgement(md),
+                readings,
+                now,
+                Timestamp::now(),
+                &cfg.performance,
+                cfg.refresh.as_secs_f64(),
+            ) {
+                wanted = true;
+            }
+
+            if !operator_driven(md) {
+                continue;
+            }
+            driven.push(uid.clone());
+            let decided = reads.and_then(|mut answers| {
+                if answers.is_empty() {
+                    return Err("no ready gateway pod".to_string());
+                }
+                let (pod, body) = answers.swap_remove(0);
+                tick(&store, md, &cfg, now, pod, &body?)
+            });
+            match decided {
                 Ok(true) => {
                     warned.remove(&uid);
                     wanted = true;
@@ -712,7 +809,9 @@ pub async fn run(
         if wanted {
             let _ = trigger.unbounded_send(());
         }
-        store.retain(&keep);
-        warned.retain(|k, _| keep.contains(k));
+        store.retain(&driven);
+        measured.retain(&keep);
+        warned.retain(|k, _| driven.contains(k));
+        unread.retain(|k, _| keep.contains(k));
     }
 }

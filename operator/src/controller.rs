@@ -25,7 +25,7 @@ use crate::crd::{AutoscalingDriver, MoEDeployment, MoEDeploymentStatus};
 use crate::metrics::Metrics;
 use crate::resources::{self, Children, LABEL_DEPLOYMENT};
 use crate::status::{self, Observed, Part};
-use crate::{Error, autoscale, inspect, pki, planning};
+use crate::{Error, autoscale, inspect, performance, pki, planning};
 
 /// The one field manager of every write.
 pub const MANAGER: &str = "moe-operator";
@@ -41,6 +41,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Expert-autoscaling decisions by `MoEDeployment` uid (driver `operator`).
     pub autoscale: Arc<autoscale::Store>,
+    /// What the gateways measured, by `MoEDeployment` uid (`status.performance`).
+    pub performance: Arc<performance::Store>,
     /// What recent reconciles applied, so that the next ones skip what has not changed.
     pub applied: AppliedCache,
     /// Whether the cluster serves the PodMonitor API (looked up again every minute).
@@ -550,6 +552,12 @@ async fn reconcile_inner(md: &MoEDeployment, ctx: &Context) -> Result<Action, Re
         Ok(plan) => plan,
         Err(e @ Error::Api(moe_api::Error::Invalid { .. })) => {
             let mut next = status::invalid(&prev, generation, e.to_string(), Timestamp::now());
+            // The workloads of the last valid generation keep serving: so does their measure.
+            next.conditions.extend(
+                status::find(&prev.conditions, performance::CONDITION)
+                    .cloned()
+                    .filter(|_| next.performance.is_some()),
+            );
             status::with_model(
                 &mut next,
                 &prev,
@@ -705,6 +713,17 @@ async fn reconcile_inner(md: &MoEDeployment, ctx: &Context) -> Result<Action, Re
         &mut next,
         &prev,
         read.as_ref(),
+        generation,
+        Timestamp::now(),
+    );
+    // The plan's estimate next to what the gateways measured (never fails the reconcile).
+    let (perf, verdict) =
+        performance::status(&prev, md, &plan, ctx.performance.snapshot(&uid).as_ref());
+    status::with_performance(
+        &mut next,
+        &prev,
+        perf,
+        &verdict,
         generation,
         Timestamp::now(),
     );

@@ -12,6 +12,7 @@ pub mod inspect;
 pub mod leader;
 pub mod metrics;
 pub mod optimize;
+pub mod performance;
 pub mod pki;
 pub mod resources;
 pub mod run;

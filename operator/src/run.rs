@@ -101,6 +101,21 @@ pub struct RunArgs {
     #[arg(long, env = "MOE_AUTOSCALE_SMOOTHING_S", default_value_t = 20)]
     pub autoscale_smoothing_s: u64,
 
+    /// Seconds of gateway counters each measurement in `status.performance.measured` covers
+    /// (read every --autoscale-interval-s; the first ones cover what has been read so far).
+    #[arg(long, env = "MOE_PERFORMANCE_WINDOW_S", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub performance_window_s: u64,
+
+    /// Measured time per output token above this many times the plan's estimate is slower than
+    /// planned (condition PerformanceAsPlanned False, reason SlowerThanPlanned, and a Warning
+    /// Event) once it lasts --performance-sustain-s.
+    #[arg(long, env = "MOE_PERFORMANCE_TOLERANCE", default_value_t = 1.5, value_parser = parse_tolerance)]
+    pub performance_tolerance: f64,
+
+    /// Seconds every measurement must stay above the tolerance before it is reported.
+    #[arg(long, env = "MOE_PERFORMANCE_SUSTAIN_S", default_value_t = 300)]
+    pub performance_sustain_s: u64,
+
     /// Create a Prometheus Operator PodMonitor for each MoEDeployment's worker pods (only
     /// where the cluster serves `monitoring.coreos.com/v1` PodMonitor).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1,
@@ -115,6 +130,18 @@ pub struct RunArgs {
     /// Scrape interval of the PodMonitors (empty: Prometheus's own).
     #[arg(long, env = "MOE_POD_MONITOR_INTERVAL", default_value = "15s")]
     pub pod_monitor_interval: String,
+}
+
+fn parse_tolerance(s: &str) -> Result<f64, String> {
+    let x: f64 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number (a factor such as 1.5)"))?;
+    if !(x.is_finite() && x >= 1.0) {
+        return Err(format!(
+            "`{s}`: the tolerance is a factor of at least 1 (1.5: 50% slower than the estimate)"
+        ));
+    }
+    Ok(x)
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -241,6 +268,7 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
     }
 
     let autoscale_store = Arc::new(autoscale::Store::default());
+    let performance_store = Arc::new(crate::performance::Store::default());
     let ctx = Arc::new(Context {
         client: client.clone(),
         config: resources::Config {
@@ -260,6 +288,7 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
         ),
         metrics: metrics.clone(),
         autoscale: autoscale_store.clone(),
+        performance: performance_store.clone(),
         applied: Default::default(),
         monitoring: Default::default(),
     });
@@ -280,17 +309,24 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
         watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
 
     let (ctl_stop_tx, mut ctl_stop_rx) = watch::channel(false);
-    // Expert autoscaling samples outside reconcile and asks for a reconcile when it decides.
+    // Expert autoscaling and performance measurement sample the gateways outside reconcile and
+    // ask for a reconcile when a decision or what status shows changes.
     let (scale_tx, scale_rx) = futures::channel::mpsc::unbounded();
     let controller = Controller::new(mds, watcher::Config::default().any_semantic());
     let autoscaler = tokio::spawn(autoscale::run(
         client.clone(),
         controller.store(),
         autoscale_store,
+        performance_store,
         scale_tx,
         autoscale::LoopConfig {
             interval: Duration::from_secs(args.autoscale_interval_s.max(1)),
             smoothing: Duration::from_secs(args.autoscale_smoothing_s),
+            performance: crate::performance::Config {
+                window: Duration::from_secs(args.performance_window_s),
+                tolerance: args.performance_tolerance,
+                sustain: Duration::from_secs(args.performance_sustain_s),
+            },
             ..autoscale::LoopConfig::default()
         },
     ));

@@ -249,6 +249,7 @@ pub fn compute(
         active_parameters_per_token: i64::try_from(plan.active_parameters_per_token).ok(),
         autoscaling: None,
         model: prev.model.clone(),
+        performance: prev.performance.clone(),
     }
 }
 
@@ -350,6 +351,33 @@ pub fn with_autoscaling(status: &mut MoEDeploymentStatus, d: &crate::autoscale::
     });
 }
 
+/// Sets `status.performance` and its condition (`PerformanceAsPlanned`), keeping the
+/// condition's transition time while its status does not change.
+pub fn with_performance(
+    status: &mut MoEDeploymentStatus,
+    prev: &MoEDeploymentStatus,
+    performance: crate::crd::PerformanceStatus,
+    verdict: &crate::performance::Verdict,
+    generation: i64,
+    now: Timestamp,
+) {
+    status.performance = Some(performance);
+    status
+        .conditions
+        .retain(|c| c.type_ != crate::performance::CONDITION);
+    let mut c = vec![Condition {
+        type_: crate::performance::CONDITION.into(),
+        status: verdict.status.clone(),
+        reason: verdict.reason.clone(),
+        // The API server holds a condition's message to 32768 bytes.
+        message: verdict.message.chars().take(4000).collect(),
+        observed_generation: Some(generation),
+        last_transition_time: Time(Timestamp::UNIX_EPOCH),
+    }];
+    carry_transitions(&prev.conditions, &mut c, now);
+    status.conditions.extend(c);
+}
+
 /// The status of a spec the operator cannot deploy: the error names the field. The workloads
 /// already running (from an earlier valid generation) are left as they are.
 pub fn invalid(
@@ -422,6 +450,24 @@ pub fn transitions(prev: &MoEDeploymentStatus, next: &MoEDeploymentStatus) -> Ve
             reason: c.reason.clone(),
             message: c.message,
         });
+    }
+    // Slower than the plan (a Warning), and back to it after having been slower.
+    let perf = crate::performance::CONDITION;
+    if let Some(c) = changed(perf) {
+        let was_slower = find(&prev.conditions, perf).is_some_and(|p| p.status == "False");
+        if c.status == "False" {
+            out.push(Transition {
+                warning: true,
+                reason: c.reason.clone(),
+                message: c.message,
+            });
+        } else if c.status == "True" && was_slower {
+            out.push(Transition {
+                warning: false,
+                reason: perf.into(),
+                message: c.message,
+            });
+        }
     }
     out
 }
@@ -583,6 +629,68 @@ mod tests {
         assert_eq!(t[0].reason, "InvalidSpec");
         let again = invalid(&s, 3, "spec.x: bad".into(), at(6));
         assert!(transitions(&s, &again).is_empty());
+    }
+
+    #[test]
+    fn slower_than_planned_is_one_warning_and_back_to_plan_one_normal_event() {
+        use crate::performance::{CONDITION, SLOWER, Verdict};
+        let p = plan();
+        let base = compute(
+            &MoEDeploymentStatus::default(),
+            1,
+            &p,
+            &observed(1),
+            String::new(),
+            at(1),
+        );
+        let v = |status: &str, reason: &str| Verdict {
+            status: status.into(),
+            reason: reason.into(),
+            message: format!("{status} {reason}"),
+        };
+        let step = |prev: &MoEDeploymentStatus, verdict: Verdict, t: i64| {
+            let mut next = compute(prev, 1, &p, &observed(1), String::new(), at(t));
+            with_performance(&mut next, prev, Default::default(), &verdict, 1, at(t));
+            next
+        };
+        let unknown = step(&base, v("Unknown", "NoTraffic"), 2);
+        assert!(transitions(&base, &unknown).is_empty());
+        let ok = step(&unknown, v("True", "AsPlanned"), 3);
+        assert!(transitions(&unknown, &ok).is_empty());
+        let slow = step(&ok, v("False", SLOWER), 4);
+        let t = transitions(&ok, &slow);
+        assert_eq!(t.len(), 1);
+        assert!(t[0].warning);
+        assert_eq!(t[0].reason, SLOWER);
+        assert_eq!(status_of(&slow, CONDITION), ("False", SLOWER));
+        assert_eq!(
+            find(&slow.conditions, CONDITION)
+                .unwrap()
+                .last_transition_time,
+            Time(at(4))
+        );
+        // Still slower: no new Event, the transition time kept, one condition of the type.
+        let still = step(&slow, v("False", SLOWER), 5);
+        assert!(transitions(&slow, &still).is_empty());
+        assert_eq!(
+            find(&still.conditions, CONDITION)
+                .unwrap()
+                .last_transition_time,
+            Time(at(4))
+        );
+        assert_eq!(
+            still
+                .conditions
+                .iter()
+                .filter(|c| c.type_ == CONDITION)
+                .count(),
+            1
+        );
+        let back = step(&still, v("True", "AsPlanned"), 6);
+        let t = transitions(&still, &back);
+        assert_eq!(t.len(), 1);
+        assert!(!t[0].warning);
+        assert_eq!(t[0].reason, CONDITION);
     }
 
     #[test]

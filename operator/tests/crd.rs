@@ -48,7 +48,15 @@ fn crd_names_printer_columns_and_rules() {
         .collect();
     assert_eq!(
         columns,
-        ["Ready", "Stages", "ExpertShards", "Replicas", "GPUs", "Age"]
+        [
+            "Ready",
+            "Stages",
+            "ExpertShards",
+            "Replicas",
+            "GPUs",
+            "Tok/s",
+            "Age"
+        ]
     );
     let text = serde_json::to_string(&crd).unwrap();
     for message in [

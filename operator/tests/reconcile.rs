@@ -221,6 +221,7 @@ async fn reconcile_with(
         ),
         metrics: Arc::new(Metrics::new()),
         autoscale: Default::default(),
+        performance: Default::default(),
         applied,
         monitoring: Default::default(),
     });
@@ -337,6 +338,28 @@ async fn first_reconcile_applies_children_in_order_then_writes_status() {
         .unwrap();
     assert_eq!(ready["status"], "False");
     assert_eq!(ready["reason"], "StageUnavailable");
+    // The plan's estimate on the spec's GPU (the default A100 80GB), nothing measured yet.
+    let est = &status["performance"]["estimate"];
+    assert_eq!(est["observedGeneration"], 1);
+    assert_eq!(est["hardwareProfile"], "a100-80gb");
+    assert_eq!(
+        (est["batch"].as_i64(), est["microBatches"].as_i64()),
+        (Some(2), Some(2))
+    );
+    for f in ["ttftSeconds", "tpotSeconds", "tokensPerSecond"] {
+        assert!(est[f].as_f64().is_some_and(|x| x > 0.0), "{f}: {est}");
+    }
+    assert!(status["performance"].get("measured").is_none(), "{status}");
+    let perf = status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "PerformanceAsPlanned")
+        .unwrap();
+    assert_eq!(
+        (perf["status"].as_str(), perf["reason"].as_str()),
+        (Some("Unknown"), Some("NoTraffic"))
+    );
 }
 
 #[tokio::test]
