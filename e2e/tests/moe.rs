@@ -85,6 +85,7 @@ async fn install_apply_serve_delete_uninstall() -> Result<()> {
             "EXPERTSHARDS",
             "REPLICAS",
             "GPUS",
+            "TOK/S",
             "AGE"
         ]
     );
@@ -493,7 +494,8 @@ async fn replicas(deps: &Api<Deployment>, name: &str) -> Result<(i32, i32)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn skewed_load_scales_the_hot_expert_shard_up_and_back_down() -> Result<()> {
     let cluster = moe::cluster().await;
-    // Sample every second and smooth over 4 s, so the test need not wait minutes.
+    // Sample every second and smooth over 4 s, so the test need not wait minutes; measure
+    // over 5 s and report a slower-than-planned TPOT at once.
     let Serving {
         ns,
         client,
@@ -502,7 +504,7 @@ async fn skewed_load_scales_the_hot_expert_shard_up_and_back_down() -> Result<()
     } = serving(
         cluster,
         "moe-scale",
-        "--autoscale-interval-s=1,--autoscale-smoothing-s=4",
+        "--autoscale-interval-s=1,--autoscale-smoothing-s=4,--performance-window-s=5,--performance-sustain-s=0",
         "tiny-hot",
     )
     .await?;
@@ -556,6 +558,108 @@ async fn skewed_load_scales_the_hot_expert_shard_up_and_back_down() -> Result<()
     );
     // The cold shard keeps one replica.
     assert_eq!(replicas(&deps, "tiny-hot-expert-1").await?.0, 1);
+
+    // Status shows the plan's estimate next to what the gateway measures under this load.
+    let perf = until(
+        "status.performance.measured under load",
+        Duration::from_secs(60),
+        || {
+            let mds = mds.clone();
+            async move {
+                let md = mds.get("tiny-hot").await?;
+                let p = md.status.and_then(|s| s.performance);
+                Ok(p.filter(|p| {
+                    p.measured
+                        .as_ref()
+                        .is_some_and(|m| m.tokens_per_second > 0.0)
+                        && p.departure.is_some()
+                }))
+            }
+        },
+    )
+    .await
+    .map_err(|e| e.context(moe::diagnostics(cluster, &ns)))?;
+    let est = perf
+        .estimate
+        .clone()
+        .context("status.performance.estimate")?;
+    let measured = perf.measured.clone().context("measured")?;
+    let departure = perf.departure.clone().context("departure")?;
+    eprintln!(
+        "[moe] performance: {est:?}\n  measured {measured:?}\n  {}",
+        departure.message
+    );
+    assert_eq!(
+        est.hardware_profile.as_deref(),
+        Some("a100-80gb"),
+        "{est:?}"
+    );
+    assert!(est.tpot_seconds.is_some_and(|t| t > 0.0), "{est:?}");
+    assert!(est.tokens_per_second.is_some_and(|t| t > 0.0), "{est:?}");
+    assert!(
+        measured.generated_tokens > 0 && measured.window_seconds > 0.0,
+        "{measured:?}"
+    );
+    assert_eq!(measured.gateways, 1, "{measured:?}");
+    let tpot = measured.tpot_seconds.context("measured TPOT")?;
+    assert!(tpot > 0.0 && tpot < 10.0, "{measured:?}");
+    // These CPU processes talking gRPC over mutual TLS are far slower per token than the
+    // A100 the spec names (the model: well under a millisecond), so with no sustain period
+    // the operator reports it at once.
+    let ratio = departure.tpot_ratio.context("TPOT ratio")?;
+    assert!(ratio > 1.5, "{departure:?}");
+    assert!(departure.message.starts_with("TPOT "), "{departure:?}");
+    let md = until(
+        "PerformanceAsPlanned=False",
+        Duration::from_secs(30),
+        || {
+            let mds = mds.clone();
+            async move {
+                let md = mds.get("tiny-hot").await?;
+                Ok(moe::condition(&md, "PerformanceAsPlanned")
+                    .is_some_and(|c| c.0 == "False")
+                    .then_some(md))
+            }
+        },
+    )
+    .await?;
+    let c = md
+        .status
+        .as_ref()
+        .and_then(|s| {
+            s.conditions
+                .iter()
+                .find(|c| c.type_ == "PerformanceAsPlanned")
+        })
+        .context("condition")?;
+    assert_eq!(c.reason, "SlowerThanPlanned", "{c:?}");
+    assert!(c.message.contains("time per output token"), "{c:?}");
+    let slower = until("a SlowerThanPlanned Event", Duration::from_secs(30), || {
+        let events: Api<Event> = Api::namespaced(client.clone(), &ns);
+        async move {
+            Ok(events
+                .list(&ListParams::default())
+                .await?
+                .items
+                .into_iter()
+                .find(|e| e.reason.as_deref() == Some("SlowerThanPlanned")))
+        }
+    })
+    .await?;
+    assert_eq!(slower.type_.as_deref(), Some("Warning"), "{slower:?}");
+    // `kubectl get moe` shows the measured tokens per second.
+    let table = cluster.kubectl(&["-n", &ns, "get", "moe", "tiny-hot"])?;
+    let row: Vec<&str> = table
+        .lines()
+        .nth(1)
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let shown: f64 = row
+        .get(6)
+        .and_then(|x| x.parse().ok())
+        .with_context(|| format!("no tokens per second in\n{table}"))?;
+    assert!(shown > 0.0, "{table}");
     let events: Api<Event> = Api::namespaced(client.clone(), &ns);
     let scaled: Vec<String> = events
         .list(&ListParams::default())
