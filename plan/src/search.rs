@@ -572,16 +572,8 @@ impl Evaluation {
         if self.reasons.is_empty() {
             return None;
         }
-        // A target unbounded because the queue grows is measured by how far the rate is
-        // beyond the capacity (the `Saturated` reason that comes with it), so that among
-        // saturated layouts the one closest to keeping up is the closest miss.
-        let saturated = self
-            .reasons
-            .iter()
-            .any(|r| matches!(r, Reason::Saturated { .. }));
         self.reasons
             .iter()
-            .filter(|r| !(saturated && matches!(r, Reason::Unbounded { .. })))
             .map(Reason::shortfall)
             .try_fold(f64::NEG_INFINITY, |m, s| s.map(|s| m.max(s)))
     }
@@ -605,10 +597,24 @@ pub fn cheaper(a: &Evaluation, b: &Evaluation) -> Ordering {
 /// misses are known; one over the budget was not estimated, so its latency is unknown), then
 /// the smaller shortfall, then the point.
 pub fn closer(a: &Evaluation, b: &Evaluation) -> Ordering {
-    let s = |e: &Evaluation| e.shortfall().unwrap_or(f64::INFINITY);
+    // A layout that keeps up with the rate comes before one that does not (whose percentiles
+    // are all unbounded); among those that do not, the nearer to keeping up (rate over
+    // capacity) comes first, so that they do not all tie at an infinite shortfall.
+    let key = |e: &Evaluation| {
+        let saturation = e.reasons.iter().find_map(|r| match r {
+            Reason::Saturated { .. } => r.shortfall(),
+            _ => None,
+        });
+        match saturation {
+            Some(x) => (1, x),
+            None => (0, e.shortfall().unwrap_or(f64::INFINITY)),
+        }
+    };
+    let (ka, kb) = (key(a), key(b));
     (a.estimate.is_none())
         .cmp(&b.estimate.is_none())
-        .then(s(a).total_cmp(&s(b)))
+        .then(ka.0.cmp(&kb.0))
+        .then(ka.1.total_cmp(&kb.1))
         .then(a.point.cmp(&b.point))
 }
 

@@ -116,7 +116,21 @@ fn exhaustive(pr: &Problem, space: &Space) -> (Vec<Evaluation>, Option<Evaluatio
         all.iter()
             .filter(|e| e.shortfall().is_some())
             .min_by(|a, b| {
-                let key = |e: &Evaluation| (e.latency.is_none(), e.shortfall(), e.point);
+                // Keeping up with the rate first; among layouts that do not, the most capacity.
+                let behind = |e: &Evaluation| {
+                    e.reasons.iter().find_map(|r| match r {
+                        Reason::Saturated { capacity, rate } => Some(rate / capacity),
+                        _ => None,
+                    })
+                };
+                let key = |e: &Evaluation| {
+                    (
+                        e.latency.is_none(),
+                        behind(e).is_some(),
+                        behind(e).or(e.shortfall()),
+                        e.point,
+                    )
+                };
                 key(a).partial_cmp(&key(b)).expect("shortfalls are numbers")
             })
             .cloned()

@@ -759,21 +759,30 @@ fn cpu_seconds(pid: u32) -> f64 {
 /// each call after both ends slept 1 ms as in a pipeline: (seconds per call, CPU seconds per
 /// call of both processes). What a call costs beyond its experts' work: both ends' gRPC and
 /// TLS, and every thread that wakes for it.
-pub fn expert_call() -> Result<(f64, f64)> {
+pub fn expert_call(
+    preset: &str,
+    hidden: usize,
+    layers: usize,
+    experts: &[u32],
+) -> Result<(f64, f64)> {
     let certs = super::tls::TempCerts::new()?;
     let err = |e: std::io::Error| Error::peer("bench", e.to_string());
     let exe = std::env::current_exe().map_err(err)?;
+    let all_experts = (0..=experts.iter().copied().max().unwrap_or(0))
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
     let mut child = Command::new(exe)
         .args([
             "--threads",
             "1",
             "expert",
             "--model",
-            "synthetic:tiny",
+            &format!("synthetic:{preset}"),
             "--layers",
-            "0..4",
+            &format!("0..{layers}"),
         ])
-        .args(["--experts", "0,1,2,3,4,5,6,7", "--listen", "127.0.0.1:0"])
+        .args(["--experts", &all_experts, "--listen", "127.0.0.1:0"])
         .arg("--tls-dir")
         .arg(&certs.dir)
         .arg("--exit-with-stdin")
@@ -811,12 +820,14 @@ pub fn expert_call() -> Result<(f64, f64)> {
             ))
         })?;
         // Two tokens' rows to two experts, as a top-2 layer sends them.
-        let hidden = 64;
-        let x: Vec<f32> = (0..2 * hidden).map(|i| (i % 17) as f32 * 0.01).collect();
-        let experts = [
-            ExpertRows { expert: 1, rows: 1 },
-            ExpertRows { expert: 5, rows: 1 },
-        ];
+        let rows = experts.len();
+        let x: Vec<f32> = (0..rows * hidden).map(|i| (i % 17) as f32 * 0.01).collect();
+        let experts: Vec<ExpertRows> = experts
+            .iter()
+            .map(|&expert| ExpertRows { expert, rows: 1 })
+            .collect();
+        // What a stage's own compute does to the caches before it calls.
+        let mut scratch = vec![1f32; 4 << 20];
         let call = |client: &mut ComputeClient<tonic::transport::Channel>| {
             let limit = Duration::from_secs(10);
             rt.block_on(async {
@@ -827,7 +838,7 @@ pub fn expert_call() -> Result<(f64, f64)> {
                         Some(limit),
                         0,
                         &experts,
-                        encode_f32(&x, &[2, hidden]),
+                        encode_f32(&x, &[rows, hidden]),
                     ),
                 )
                 .await
@@ -850,13 +861,18 @@ pub fn expert_call() -> Result<(f64, f64)> {
         let cpu = || cpu_seconds(std::process::id()) + cpu_seconds(child.id());
         let before = cpu();
         let mut times = Vec::with_capacity(calls);
-        for _ in 0..calls {
+        let mut polluting = 0.0;
+        for i in 0..calls {
             std::thread::sleep(std::time::Duration::from_millis(1));
+            let t = Instant::now();
+            scratch.iter_mut().for_each(|v| *v += i as f32);
+            std::hint::black_box(&scratch);
+            polluting += t.elapsed().as_secs_f64();
             let t = Instant::now();
             call(&mut client)?;
             times.push(t.elapsed().as_secs_f64());
         }
-        let cpu_per_call = (cpu() - before) / calls as f64;
+        let cpu_per_call = ((cpu() - before - polluting) / calls as f64).max(0.0);
         Ok((median_f64(times.into_iter()), cpu_per_call))
     })();
     drop(child.stdin.take());
