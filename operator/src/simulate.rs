@@ -10,7 +10,7 @@ use std::rc::Rc;
 
 use moe_plan::SizedPlan;
 use moe_plan::perf::{self, Hardware, Layout};
-use moe_plan::sim::{self, Call, Deployment, Replicas, SimConfig, SimReport, Visit};
+use moe_plan::sim::{self, Deployment, Replicas, SimConfig, SimReport, Visit};
 
 use crate::autoscale::{self, Params, ShardLoad, State};
 use crate::bench::Rng;
@@ -171,39 +171,16 @@ impl Deployment for Model<'_> {
         if let Some(v) = self.steps.get(&(rows, sequences)) {
             return v.clone();
         }
-        // Steps with prompt rows read the KV of half a prompt; decode steps the mean context.
-        let ctx = if rows > sequences {
-            self.prompt / 2
-        } else {
-            self.context
-        };
-        let parts = perf::stage_parts(
+        let visits = moe_plan::sim::priced_step(
             self.plan,
             self.hw,
             &self.layout,
             &self.popularity,
             rows,
             sequences,
-            ctx,
+            self.prompt,
+            self.context,
         );
-        let visits: Rc<[Visit]> = parts
-            .into_iter()
-            .map(|p| Visit {
-                compute: p.compute,
-                calls: p
-                    .shard_seconds
-                    .iter()
-                    .zip(&p.shard_rows)
-                    .enumerate()
-                    .filter(|(_, (t, _))| **t > 0.0)
-                    .map(|(shard, (&seconds, &rows))| Call {
-                        shard,
-                        seconds,
-                        rows,
-                    })
-                    .collect(),
-            })
-            .collect();
         self.steps.insert((rows, sequences), visits.clone());
         visits
     }

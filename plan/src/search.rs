@@ -1000,39 +1000,16 @@ impl crate::sim::Deployment for Served<'_> {
         if let Some(v) = self.steps.get(&(rows, sequences)) {
             return v.clone();
         }
-        // Steps with prompt rows read the KV of half a prompt; decode steps the mean context.
-        let context = if rows > sequences {
-            self.prompt / 2
-        } else {
-            self.context
-        };
-        let parts = perf::stage_parts(
+        let visits = crate::sim::priced_step(
             self.plan,
             self.hardware,
             &self.layout,
             &self.popularity,
             rows,
             sequences,
-            context,
+            self.prompt,
+            self.context,
         );
-        let visits: std::rc::Rc<[crate::sim::Visit]> = parts
-            .into_iter()
-            .map(|p| crate::sim::Visit {
-                compute: p.compute,
-                calls: p
-                    .shard_seconds
-                    .iter()
-                    .zip(&p.shard_rows)
-                    .enumerate()
-                    .filter(|(_, (t, _))| **t > 0.0)
-                    .map(|(shard, (&seconds, &rows))| crate::sim::Call {
-                        shard,
-                        seconds,
-                        rows,
-                    })
-                    .collect(),
-            })
-            .collect();
         self.steps.insert((rows, sequences), visits.clone());
         visits
     }

@@ -656,3 +656,43 @@ fn start(lane: usize, s: usize, now: f64, lanes: &mut [Lane], events: &mut Event
     };
     events.push(now + compute.max(0.0), kind);
 }
+
+/// One step of `rows` rows over `sequences` sequences as the performance model prices it:
+/// each stage's visit (its own seconds, then one call per expert shard it routes rows to).
+/// Steps with prompt rows read the KV cache of half a prompt (`prompt` tokens); decode steps
+/// that of `context` tokens.
+#[allow(clippy::too_many_arguments)]
+pub fn priced_step(
+    plan: &crate::SizedPlan,
+    hw: &crate::perf::Hardware,
+    layout: &crate::perf::Layout,
+    popularity: &[f64],
+    rows: usize,
+    sequences: usize,
+    prompt: usize,
+    context: usize,
+) -> Rc<[Visit]> {
+    let ctx = if rows > sequences {
+        prompt / 2
+    } else {
+        context
+    };
+    crate::perf::stage_parts(plan, hw, layout, popularity, rows, sequences, ctx)
+        .into_iter()
+        .map(|p| Visit {
+            compute: p.compute,
+            calls: p
+                .shard_seconds
+                .iter()
+                .zip(&p.shard_rows)
+                .enumerate()
+                .filter(|(_, (t, _))| **t > 0.0)
+                .map(|(shard, (&seconds, &rows))| Call {
+                    shard,
+                    seconds,
+                    rows,
+                })
+                .collect(),
+        })
+        .collect()
+}

@@ -8,9 +8,10 @@ mod common;
 use std::collections::HashMap;
 use std::rc::Rc;
 
-use moe_plan::perf::{Hardware, Layout, StageParts, gpu_profile, stage_parts, stage_seconds, zipf};
+use moe_plan::perf::{Hardware, Layout, gpu_profile, stage_parts, stage_seconds, zipf};
 use moe_plan::sim::{
-    Call, Deployment, Replicas, SimConfig, SimReport, Visit, simulate, simulate_deployment,
+    Call, Deployment, Replicas, SimConfig, SimReport, Visit, priced_step, simulate,
+    simulate_deployment,
 };
 use moe_plan::{SizedPlan, SizingRequest, size};
 
@@ -318,33 +319,14 @@ struct Modelled<'a> {
 
 impl Deployment for Modelled<'_> {
     fn step(&mut self, _now: f64, rows: usize, sequences: usize) -> Rc<[Visit]> {
-        let ctx = if rows > sequences {
-            self.prompt / 2
-        } else {
-            self.context
-        };
         let (plan, hw, layout, popularity) = (self.plan, self.hw, &self.layout, &self.popularity);
+        let (prompt, context) = (self.prompt, self.context);
         self.steps
             .entry((rows, sequences))
             .or_insert_with(|| {
-                stage_parts(plan, hw, layout, popularity, rows, sequences, ctx)
-                    .into_iter()
-                    .map(|p: StageParts| Visit {
-                        compute: p.compute,
-                        calls: p
-                            .shard_seconds
-                            .iter()
-                            .zip(&p.shard_rows)
-                            .enumerate()
-                            .filter(|(_, (t, _))| **t > 0.0)
-                            .map(|(shard, (&seconds, &rows))| Call {
-                                shard,
-                                seconds,
-                                rows,
-                            })
-                            .collect(),
-                    })
-                    .collect()
+                priced_step(
+                    plan, hw, layout, popularity, rows, sequences, prompt, context,
+                )
             })
             .clone()
     }
