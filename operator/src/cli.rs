@@ -114,17 +114,14 @@ pub fn profile_for_product(product: &str) -> Option<moe_plan::perf::Hardware> {
     moe_plan::perf::gpu_profile(name)
 }
 
-/// The estimate `args` ask for.
-pub fn estimate_for(
-    moe: &MoEDeployment,
-    plan: &SizedPlan,
-    args: &EstimateArgs,
-) -> Result<(moe_plan::perf::Hardware, moe_plan::perf::Estimate)> {
+/// The hardware profile `hardware` names (a built-in profile, or a profile file as `moe-worker
+/// profile -o` writes one), else the one of the spec's `placement.gpuProduct`.
+pub fn hardware(moe: &MoEDeployment, hardware: Option<&str>) -> Result<moe_plan::perf::Hardware> {
     use moe_plan::perf;
     let bad = |field: &str, message: String| {
         Error::Api(moe_api::Error::invalid(field.to_string(), message))
     };
-    let mut hw = match &args.hardware {
+    Ok(match hardware {
         Some(h) => match perf::gpu_profile(h) {
             Some(p) => p,
             None if Path::new(h).is_file() => {
@@ -174,7 +171,20 @@ pub fn estimate_for(
                 ),
             )
         })?,
+    })
+}
+
+/// The estimate `args` ask for.
+pub fn estimate_for(
+    moe: &MoEDeployment,
+    plan: &SizedPlan,
+    args: &EstimateArgs,
+) -> Result<(moe_plan::perf::Hardware, moe_plan::perf::Estimate)> {
+    use moe_plan::perf;
+    let bad = |field: &str, message: String| {
+        Error::Api(moe_api::Error::invalid(field.to_string(), message))
     };
+    let mut hw = hardware(moe, args.hardware.as_deref())?;
     if let Some(p) = args.price {
         hw.price_per_hour = p;
     }

@@ -18,7 +18,7 @@ use moe_plan::search::{
     self, Confirmation, Evaluation, Metric, Outcome, Point, Problem, Reason, Space, Target, seconds,
 };
 
-use crate::cli::{EstimateArgs, profile_for_product};
+use crate::cli::EstimateArgs;
 use crate::crd::{MoEDeployment, WireDType};
 use crate::error::{Error, Result};
 
@@ -171,25 +171,7 @@ fn bad(flag: &str, message: impl Into<String>) -> Error {
 
 /// The hardware profile `est` names, or the spec's GPU product's, at `--price`.
 fn hardware(moe: &MoEDeployment, est: &EstimateArgs) -> Result<moe_plan::perf::Hardware> {
-    use moe_plan::perf;
-    let mut hw = match &est.hardware {
-        Some(h) => perf::gpu_profile(h).ok_or_else(|| {
-            let names: Vec<String> = perf::gpu_profiles().into_iter().map(|p| p.name).collect();
-            bad(
-                "--hardware",
-                format!("`{h}` is not one of {}", names.join(", ")),
-            )
-        })?,
-        None => profile_for_product(&moe.spec.placement.gpu_product).ok_or_else(|| {
-            bad(
-                "--hardware",
-                format!(
-                    "no profile for spec.placement.gpuProduct `{}`: name one",
-                    moe.spec.placement.gpu_product
-                ),
-            )
-        })?,
-    };
+    let mut hw = crate::cli::hardware(moe, est.hardware.as_deref())?;
     if let Some(p) = est.price {
         if !(p > 0.0 && p.is_finite()) {
             return Err(bad(

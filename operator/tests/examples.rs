@@ -194,6 +194,14 @@ fn plan_estimates_on_the_spec_s_gpu_and_names_an_unknown_profile() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("not a hardware profile"), "{err}");
+    // plan --optimize reads the same profile files.
+    std::fs::write(&file, serde_json::to_string(&slow).unwrap()).unwrap();
+    let (est, opt, _) = optimize_args(&["--rate", "1", "--hardware", path]);
+    let err = moe_operator::optimize::optimize(&moe, &est, &opt)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(err.contains("peakFlops"), "{err}");
 }
 
 #[test]
