@@ -355,22 +355,6 @@ fn pass(
             let wire = layout.wire_bytes.max(1) as f64;
             let moved = 2.0 * hop(hw, layout, routed * h * wire);
             out.transport += moved;
-            // Each shard a row lands on is one call: two hops.
-            out.hops += 2.0
-                * plan
-                    .expert_shards
-                    .iter()
-                    .filter(|shard| shard.layout.layers().contains(&layer))
-                    .map(|shard| {
-                        let share: f64 = shard
-                            .layout
-                            .experts
-                            .iter()
-                            .map(|&e| popularity.get(e).copied().unwrap_or(0.0))
-                            .sum();
-                        1.0 - (-routed * share).exp()
-                    })
-                    .sum::<f64>();
             out.stage_busy[s] += moved;
             // The layer's shards work in parallel; the step waits for the slowest.
             let mut slowest: f64 = 0.0;
@@ -386,6 +370,8 @@ fn pass(
                     .iter()
                     .map(|&e| popularity.get(e).copied().unwrap_or(0.0))
                     .collect();
+                // Each shard a row lands on is one call: two hops.
+                out.hops += 2.0 * (1.0 - (-routed * share.iter().sum::<f64>()).exp());
                 let replicas = layout.expert_replicas.get(j).copied().unwrap_or(1).max(1);
                 let (flops, bytes) = expert_work(
                     share.len(),
