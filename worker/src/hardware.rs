@@ -17,6 +17,7 @@ use serde_json::json;
 use crate::error::{Error, Result};
 use crate::kernels::{Mat, matmul};
 use crate::sampling::SamplingParams;
+use crate::serve::bench::cores;
 use crate::source::ModelArg;
 
 #[derive(Debug, clap::Args)]
@@ -42,10 +43,6 @@ fn pool(threads: usize) -> Result<rayon::ThreadPool> {
         .num_threads(threads.max(1))
         .build()
         .map_err(|e| Error::peer("threads", e.to_string()))
-}
-
-fn cores() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 fn memory_bytes() -> u64 {

@@ -448,7 +448,8 @@ fn measure_transport(
     Ok(())
 }
 
-fn cores() -> usize {
+/// This machine's cores.
+pub fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
@@ -727,6 +728,30 @@ fn breakdown(label: &str, s: &Value, before: Option<&Value>, wall: f64, tokens: 
     );
 }
 
+/// A client of the moe.v1 compute service at `addr` over mutual TLS (the certificates in
+/// `certs`), driven by a current-thread runtime of its own as a stage's caller is.
+fn tls_client(
+    certs: &std::path::Path,
+    addr: &str,
+    limit: usize,
+) -> Result<(
+    tokio::runtime::Runtime,
+    ComputeClient<tonic::transport::Channel>,
+)> {
+    let tls = super::tls::Tls::load(certs)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::peer("runtime", e.to_string()))?;
+    let client = rt.block_on(async {
+        Ok::<_, Error>(ComputeClient::new(
+            super::endpoint(addr)?.connect_with_connector_lazy(super::tls::Connector::new(tls)),
+            limit,
+        ))
+    })?;
+    Ok((rt, client))
+}
+
 /// One hop between two processes, as the performance model describes it.
 #[derive(Debug, Clone, Copy)]
 pub struct Hop {
@@ -807,18 +832,7 @@ pub fn expert_call(
             }
         };
         std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
-        let tls = super::tls::Tls::load(&certs.dir)?;
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| Error::peer("runtime", e.to_string()))?;
-        let mut client = rt.block_on(async {
-            Ok::<_, Error>(ComputeClient::new(
-                super::endpoint(&addr)?
-                    .connect_with_connector_lazy(super::tls::Connector::new(tls)),
-                64 << 20,
-            ))
-        })?;
+        let (rt, mut client) = tls_client(&certs.dir, &addr, 64 << 20)?;
         // Two tokens' rows to two experts, as a top-2 layer sends them.
         let rows = experts.len();
         let x: Vec<f32> = (0..rows * hidden).map(|i| (i % 17) as f32 * 0.01).collect();
@@ -896,18 +910,7 @@ pub fn grpc_hop(hidden: usize) -> Result<Hop> {
     let certs = super::tls::TempCerts::new()?;
     let (mut child, addrs) = spawn_echo(&args, &certs.dir)?;
     let result = (|| {
-        let tls = super::tls::Tls::load(&certs.dir)?;
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| Error::peer("runtime", e.to_string()))?;
-        let mut client = rt.block_on(async {
-            Ok::<_, Error>(ComputeClient::new(
-                super::endpoint(&addrs[3])?
-                    .connect_with_connector_lazy(super::tls::Connector::new(tls)),
-                message_limit(&args),
-            ))
-        })?;
+        let (rt, mut client) = tls_client(&certs.dir, &addrs[3], message_limit(&args))?;
         let mut round_trip = |rows: usize, iters: usize, idle: bool| -> Result<f64> {
             let x: Vec<f32> = (0..rows * hidden).map(|i| (i % 977) as f32).collect();
             let input = encode_f32(&x, &[rows, hidden]);
