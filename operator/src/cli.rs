@@ -133,22 +133,8 @@ pub fn hardware(moe: &MoEDeployment, hardware: Option<&str>) -> Result<moe_plan:
                         format!("{h} is not a hardware profile (moe-worker profile -o): {e}"),
                     )
                 })?;
-                let positive = [
-                    ("memoryBandwidth", p.memory_bandwidth),
-                    ("peakFlops", p.peak_flops),
-                    ("computeEfficiency", p.compute_efficiency),
-                    ("bandwidthEfficiency", p.bandwidth_efficiency),
-                    ("nvlinkBandwidth", p.nvlink_bandwidth),
-                    ("networkBandwidth", p.network_bandwidth),
-                ];
-                if let Some((field, v)) =
-                    positive.iter().find(|(_, v)| !(v.is_finite() && *v > 0.0))
-                {
-                    return Err(bad(
-                        "--hardware",
-                        format!("{h}: {field} must be a positive number, not {v}"),
-                    ));
-                }
+                p.check()
+                    .map_err(|m| bad("--hardware", format!("{h}: {m}")))?;
                 p
             }
             None => {

@@ -189,6 +189,25 @@ fn plan_estimates_on_the_spec_s_gpu_and_names_an_unknown_profile() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("peakFlops"), "{err}");
+    // A measured CPU host's figures are checked too.
+    let mut host = moe_plan::perf::gpu_profile("a100-80gb").unwrap();
+    host.hop_cpu = -1e-6;
+    std::fs::write(&file, serde_json::to_string(&host).unwrap()).unwrap();
+    let err = moe_operator::cli::estimate_for(&moe, &p, &args(&["--hardware", path]))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("hopCpu"), "{err}");
+    host.hop_cpu = 50e-6;
+    host.host = Some(moe_plan::perf::Host {
+        cores: 2,
+        memory_bandwidth: 3e10,
+        call_chains: Some(0.0),
+    });
+    std::fs::write(&file, serde_json::to_string(&host).unwrap()).unwrap();
+    let err = moe_operator::cli::estimate_for(&moe, &p, &args(&["--hardware", path]))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("host.callChains"), "{err}");
     std::fs::write(&file, "{\"name\": 3}").unwrap();
     let err = moe_operator::cli::estimate_for(&moe, &p, &args(&["--hardware", path]))
         .unwrap_err()

@@ -8,6 +8,7 @@ use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
 
+pub mod host;
 pub mod perf;
 pub mod search;
 pub mod sim;

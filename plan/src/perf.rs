@@ -43,6 +43,11 @@ pub struct Hardware {
     /// Fixed seconds per operator (kernel launches, synchronisation): what keeps a tiny
     /// model's step from taking no time.
     pub op_overhead: f64,
+    /// Fixed seconds per row of an operator (per-token bookkeeping the roofline does not
+    /// count: a CPU's norms, rotary, attention loops, routing; 0 on a GPU, where a kernel
+    /// takes its rows at once).
+    #[serde(default)]
+    pub row_overhead: f64,
     /// Price of one GPU-hour (USD).
     pub price_per_hour: f64,
     /// Seconds of compute one hop costs its two ends (encoding, encryption, system calls,
@@ -64,12 +69,67 @@ pub struct Host {
     pub cores: usize,
     /// Read bandwidth of all cores together, bytes/s.
     pub memory_bandwidth: f64,
+    /// Chains of processes handing work to each other that progress at once (measured: one
+    /// per core at best; less where waking idle cores and scheduling cost time). Absent: as
+    /// many as cores.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub call_chains: Option<f64>,
 }
 
 impl Hardware {
+    /// Why this profile cannot be planned with (a field that names its problem), if so: rates
+    /// and efficiencies must be positive, times and prices not negative, a host's figures
+    /// positive.
+    pub fn check(&self) -> Result<(), String> {
+        let positive = [
+            ("memoryBandwidth", self.memory_bandwidth),
+            ("peakFlops", self.peak_flops),
+            ("computeEfficiency", self.compute_efficiency),
+            ("bandwidthEfficiency", self.bandwidth_efficiency),
+            ("nvlinkBandwidth", self.nvlink_bandwidth),
+            ("networkBandwidth", self.network_bandwidth),
+        ];
+        if let Some((field, v)) = positive.iter().find(|(_, v)| !(v.is_finite() && *v > 0.0)) {
+            return Err(format!("{field} must be a positive number, not {v}"));
+        }
+        let not_negative = [
+            ("networkLatency", self.network_latency),
+            ("opOverhead", self.op_overhead),
+            ("rowOverhead", self.row_overhead),
+            ("hopCpu", self.hop_cpu),
+            ("pricePerHour", self.price_per_hour),
+        ];
+        if let Some((field, v)) = not_negative
+            .iter()
+            .find(|(_, v)| !(v.is_finite() && *v >= 0.0))
+        {
+            return Err(format!("{field} must be a number of at least 0, not {v}"));
+        }
+        if let Some(h) = &self.host {
+            if h.cores == 0 {
+                return Err("host.cores must be at least 1".into());
+            }
+            if !(h.memory_bandwidth.is_finite() && h.memory_bandwidth > 0.0) {
+                return Err(format!(
+                    "host.memoryBandwidth must be a positive number, not {}",
+                    h.memory_bandwidth
+                ));
+            }
+            if let Some(c) = h.call_chains
+                && !(c.is_finite() && c > 0.0)
+            {
+                return Err(format!(
+                    "host.callChains must be a positive number, not {c}"
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// How many parts of a deployment on one device of this profile make progress at once:
     /// one for a GPU (its parts take turns); on a CPU host, its cores, or fewer when the
-    /// cores together cannot stream more than that many processes' worth of memory.
+    /// cores together cannot stream more than that many processes' worth of memory, or when
+    /// the host runs fewer chains of calls at once than it has cores.
     pub fn parallel_parts(&self) -> f64 {
         self.host.as_ref().map_or(1.0, |h| {
             let by_bandwidth = if self.memory_bandwidth > 0.0 {
@@ -77,7 +137,10 @@ impl Hardware {
             } else {
                 f64::INFINITY
             };
-            (h.cores as f64).min(by_bandwidth).max(1.0)
+            (h.cores as f64)
+                .min(by_bandwidth)
+                .min(h.call_chains.unwrap_or(f64::INFINITY))
+                .max(1.0)
         })
     }
 }
@@ -103,6 +166,7 @@ pub fn gpu_profiles() -> Vec<Hardware> {
             // rotary, attention, output; an expert block: router, top-k, gate/up/down, combine),
             // each with a floor of a few microseconds once launched.
             op_overhead: 20e-6,
+            row_overhead: 0.0,
             price_per_hour: price,
             hop_cpu: 0.0,
             host: None,
@@ -232,6 +296,11 @@ pub fn roofline(hw: &Hardware, gpus: usize, flops: f64, bytes: f64) -> f64 {
     hw.op_overhead + compute.max(memory)
 }
 
+/// [`roofline`] for an operator over `rows` rows, with their fixed costs.
+pub fn roofline_rows(hw: &Hardware, gpus: usize, flops: f64, bytes: f64, rows: f64) -> f64 {
+    roofline(hw, gpus, flops, bytes) + hw.row_overhead * rows.max(0.0)
+}
+
 /// Expert popularity under a Zipf law of exponent `s` (sums to 1; uniform at 0).
 pub fn zipf(n: usize, s: f64) -> Vec<f64> {
     let w: Vec<f64> = (1..=n.max(1))
@@ -270,6 +339,20 @@ struct Pass {
     hops: f64,
 }
 
+impl Pass {
+    /// Seconds of one micro-batch's pass through the pipeline when nothing else runs.
+    fn step(&self) -> f64 {
+        self.attention + self.experts + self.transport + self.head
+    }
+
+    /// The busiest part's seconds: how often a micro-batch can enter.
+    fn bottleneck(&self) -> f64 {
+        let stage = self.stage_busy.iter().copied().fold(0.0, f64::max);
+        let shard = self.shard_busy.iter().copied().fold(0.0, f64::max);
+        stage.max(shard).max(self.head)
+    }
+}
+
 fn pass(
     plan: &SizedPlan,
     hw: &Hardware,
@@ -280,21 +363,10 @@ fn pass(
     popularity: &[f64],
 ) -> Pass {
     let m = &plan.model;
-    let dtype = plan.dtype_bytes as f64;
     let h = m.hidden_size as f64;
     let rows_f = rows as f64;
-    let heads = m.num_attention_heads as f64;
-    let head_dim = m.head_dim as f64;
-    let kv_token = m.kv_bytes_per_token_layer(plan.dtype_bytes) as f64;
     let expert_params = m.expert_params() as f64;
-    let expert_bytes = if plan.expert_shards.is_empty() {
-        expert_params * dtype
-    } else {
-        plan.expert_shards[0].pod.weight_bytes as f64
-            / (plan.expert_shards[0].layout.layers().len()
-                * plan.expert_shards[0].layout.experts.len())
-            .max(1) as f64
-    };
+    let expert_bytes = expert_bytes(plan);
     let mut out = Pass {
         attention: 0.0,
         experts: 0.0,
@@ -310,25 +382,7 @@ fn pass(
     for (s, stage) in plan.stages.iter().enumerate() {
         let g = stage.pod.gpus.max(1);
         for layer in stage.layout.layers() {
-            // Attention, norms, router and shared experts on the stage.
-            let params = (m.attention_params() + m.stage_ffn_params(layer)) as f64;
-            let kv = sequences as f64 * context as f64 * kv_token;
-            let score_flops = 4.0
-                * sequences as f64
-                * context as f64
-                * heads
-                * head_dim
-                * (rows_f / sequences.max(1) as f64);
-            let mut t = roofline(
-                hw,
-                g,
-                2.0 * params * rows_f + score_flops,
-                params * dtype + kv,
-            );
-            if g > 1 {
-                // Tensor parallel: two all-reduces of the rows' hidden states per layer.
-                t += 2.0 * (hw.network_latency + rows_f * h * dtype / hw.nvlink_bandwidth);
-            }
+            let t = layer_seconds(plan, hw, layer, g, rows, sequences, context);
             out.attention += t;
             out.stage_busy[s] += t;
             out.stage_compute[s] += t;
@@ -345,7 +399,7 @@ fn pass(
                     expert_bytes,
                     1,
                 );
-                let t = roofline(hw, g, flops, bytes);
+                let t = roofline_rows(hw, g, flops, bytes, routed);
                 out.experts += t;
                 out.stage_busy[s] += t;
                 out.stage_compute[s] += t;
@@ -381,7 +435,8 @@ fn pass(
                     expert_bytes,
                     replicas,
                 );
-                let t = roofline(hw, shard.pod.gpus.max(1), flops, bytes);
+                let rows = flops / (2.0 * expert_params).max(1.0);
+                let t = roofline_rows(hw, shard.pod.gpus.max(1), flops, bytes, rows);
                 out.shard_busy[j] += t;
                 slowest = slowest.max(t);
                 summed += t;
@@ -411,15 +466,137 @@ fn pass(
         out.transport += t;
         out.hops += 1.0;
     }
-    // The LM head on the gateway, for each sequence's last row.
-    let head = m.head_params() as f64;
-    out.head = roofline(
+    out.head = head_seconds(plan, hw, sequences);
+    out
+}
+
+/// Bytes of one expert's weights as its shard stores them (the plan's expert format).
+pub(crate) fn expert_bytes(plan: &SizedPlan) -> f64 {
+    match plan.expert_shards.first() {
+        None => plan.model.expert_params() as f64 * plan.dtype_bytes as f64,
+        Some(shard) => {
+            shard.pod.weight_bytes as f64
+                / (shard.layout.layers().len() * shard.layout.experts.len()).max(1) as f64
+        }
+    }
+}
+
+/// Seconds of one layer's work on a stage of `gpus` GPUs for `rows` rows of `sequences`
+/// sequences with `context` tokens of KV each: attention, norms, router, shared experts and
+/// dense MLPs (not the routed experts), and tensor-parallel all-reduces.
+pub(crate) fn layer_seconds(
+    plan: &SizedPlan,
+    hw: &Hardware,
+    layer: usize,
+    gpus: usize,
+    rows: usize,
+    sequences: usize,
+    context: usize,
+) -> f64 {
+    let m = &plan.model;
+    let dtype = plan.dtype_bytes as f64;
+    let rows_f = rows as f64;
+    let params = (m.attention_params() + m.stage_ffn_params(layer)) as f64;
+    let kv =
+        sequences as f64 * context as f64 * m.kv_bytes_per_token_layer(plan.dtype_bytes) as f64;
+    let score_flops = 4.0
+        * sequences as f64
+        * context as f64
+        * m.num_attention_heads as f64
+        * m.head_dim as f64
+        * (rows_f / sequences.max(1) as f64);
+    let mut t = roofline_rows(
+        hw,
+        gpus,
+        2.0 * params * rows_f + score_flops,
+        params * dtype + kv,
+        rows_f,
+    );
+    if gpus > 1 {
+        // Tensor parallel: two all-reduces of the rows' hidden states per layer.
+        t += 2.0
+            * (hw.network_latency + rows_f * m.hidden_size as f64 * dtype / hw.nvlink_bandwidth);
+    }
+    t
+}
+
+/// Seconds of the LM head on the gateway for each sequence's last row.
+pub(crate) fn head_seconds(plan: &SizedPlan, hw: &Hardware, sequences: usize) -> f64 {
+    let head = plan.model.head_params() as f64;
+    roofline_rows(
         hw,
         plan.gateway.gpus.max(1),
         2.0 * head * sequences as f64,
-        head * dtype,
-    );
-    out
+        head * plan.dtype_bytes as f64,
+        sequences as f64,
+    )
+}
+
+/// Sampled routings (fixed seed): each row picks top-k distinct experts, each drawn by its
+/// weight among those not yet chosen.
+pub(crate) struct Router {
+    weights: Vec<f64>,
+    total: f64,
+    k: usize,
+    state: u64,
+}
+
+impl Router {
+    pub(crate) fn new(popularity: &[f64], num_experts: usize, top_k: usize) -> Self {
+        let weights: Vec<f64> = (0..num_experts)
+            .map(|e| popularity.get(e).copied().unwrap_or(0.0).max(0.0))
+            .collect();
+        Self {
+            total: weights.iter().sum(),
+            weights,
+            k: top_k.min(num_experts).clamp(1, 16),
+            state: 0x243F_6A88_85A3_08D3,
+        }
+    }
+
+    fn uniform(&mut self) -> f64 {
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Rows each expert gets from `rows` tokens, into `hits` (one count per expert); false
+    /// when no expert has weight.
+    pub(crate) fn route(&mut self, rows: usize, hits: &mut [usize]) -> bool {
+        hits.iter_mut().for_each(|h| *h = 0);
+        if self.total <= 0.0 {
+            return false;
+        }
+        for _ in 0..rows {
+            let mut chosen = [usize::MAX; 16];
+            let mut left = self.total;
+            for c in 0..self.k {
+                let mut r = self.uniform() * left;
+                let mut pick = usize::MAX;
+                for (e, &w) in self.weights.iter().enumerate() {
+                    if chosen[..c].contains(&e) || w <= 0.0 {
+                        continue;
+                    }
+                    pick = e;
+                    if r < w {
+                        break;
+                    }
+                    r -= w;
+                }
+                if pick == usize::MAX {
+                    break;
+                }
+                chosen[c] = pick;
+                left -= self.weights[pick];
+                if let Some(h) = hits.get_mut(pick) {
+                    *h += 1;
+                }
+            }
+        }
+        true
+    }
 }
 
 /// Routed rows (rows x top-k) up to which a layer's wait for its shards is sampled.
@@ -440,7 +617,6 @@ fn sampled_slowest(
 ) -> f64 {
     const SAMPLES: usize = 64;
     let m = &plan.model;
-    let k = m.top_k.min(m.num_experts).max(1);
     // Which shard among `present` holds each expert (its layers hold the layer).
     let mut owner = vec![usize::MAX; m.num_experts];
     for (i, &j) in present.iter().enumerate() {
@@ -450,50 +626,13 @@ fn sampled_slowest(
             }
         }
     }
-    let weights: Vec<f64> = (0..m.num_experts)
-        .map(|e| popularity.get(e).copied().unwrap_or(0.0).max(0.0))
-        .collect();
-    let total: f64 = weights.iter().sum();
-    if total <= 0.0 {
-        return 0.0;
-    }
-    let mut state = 0x243F_6A88_85A3_08D3u64;
-    let mut uniform = || {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-    };
+    let mut router = Router::new(popularity, m.num_experts, m.top_k);
     let expert_params = m.expert_params() as f64;
     let mut hits = vec![0usize; m.num_experts];
     let mut acc = 0.0;
     for _ in 0..SAMPLES {
-        hits.iter_mut().for_each(|h| *h = 0);
-        for _ in 0..rows {
-            // k distinct experts, each drawn by weight among those not yet chosen.
-            let mut chosen = [usize::MAX; 16];
-            let mut left = total;
-            for c in 0..k.min(16) {
-                let mut r = uniform() * left;
-                let mut pick = usize::MAX;
-                for (e, &w) in weights.iter().enumerate() {
-                    if chosen[..c].contains(&e) || w <= 0.0 {
-                        continue;
-                    }
-                    pick = e;
-                    if r < w {
-                        break;
-                    }
-                    r -= w;
-                }
-                if pick == usize::MAX {
-                    break;
-                }
-                chosen[c] = pick;
-                left -= weights[pick];
-                hits[pick] += 1;
-            }
+        if !router.route(rows, &mut hits) {
+            return 0.0;
         }
         let mut slowest: f64 = 0.0;
         let mut summed = 0.0;
@@ -508,11 +647,12 @@ fn sampled_slowest(
             if routed == 0 {
                 continue;
             }
-            let t = roofline(
+            let t = roofline_rows(
                 hw,
                 plan.expert_shards[j].pod.gpus.max(1),
                 2.0 * expert_params * routed as f64,
                 touched as f64 * expert_bytes,
+                routed as f64,
             );
             slowest = slowest.max(t);
             summed += t;
@@ -583,27 +723,18 @@ pub fn estimate(plan: &SizedPlan, hw: &Hardware, layout: &Layout, w: &Workload) 
     let b = w.batch.max(1);
     let context = w.prompt_tokens + w.output_tokens / 2;
     let decode = pass(plan, hw, layout, b, b, context, &popularity);
-    let step = decode.attention + decode.experts + decode.transport + decode.head;
+    let step = decode.step();
     let mb = layout.micro_batches.max(1) as f64;
     // The busiest part's seconds per micro-batch bound how often a micro-batch can start.
-    let busiest_stage = decode.stage_busy.iter().copied().fold(0.0, f64::max);
-    let busiest_shard = decode.shard_busy.iter().copied().fold(0.0, f64::max);
-    let bottleneck = busiest_stage.max(busiest_shard).max(decode.head);
+    let bottleneck = decode.bottleneck();
     // A sequence's next token waits for its micro-batch to come round again.
-    let mut cycle = step.max(mb * bottleneck);
-    if layout.shared_device {
-        // Every part's work of every micro-batch shares the one device.
-        let work = decode.stage_compute.iter().sum::<f64>()
-            + decode
-                .shard_busy
-                .iter()
-                .enumerate()
-                .map(|(j, t)| t * layout.expert_replicas.get(j).copied().unwrap_or(1).max(1) as f64)
-                .sum::<f64>()
-            + decode.head
-            + decode.hops * hw.hop_cpu;
-        cycle = cycle.max(mb * work / hw.parallel_parts());
-    }
+    let cycle = if layout.shared_device {
+        // Every part's work of every micro-batch shares the one device: simulated, as the
+        // bounds (the critical path, all work over the parallel parts) are far apart there.
+        crate::host::simulate(plan, hw, layout, w).cycle
+    } else {
+        step.max(mb * bottleneck)
+    };
     let tokens_per_second = mb * b as f64 / cycle;
     let prefill = pass(
         plan,
@@ -655,6 +786,22 @@ pub fn estimate(plan: &SizedPlan, hw: &Hardware, layout: &Layout, w: &Workload) 
         step_experts: decode.experts,
         step_transport: decode.transport,
     }
+}
+
+/// Mean seconds to the first token of a batch that arrives at once (`w.batch` sequences in
+/// each of the layout's micro-batches): each micro-batch's first step runs its sequences'
+/// prompts together; micro-batches follow each other through the pipeline's busiest part,
+/// or on a shared device all progress at once, sharing it.
+pub fn burst_first_token(plan: &SizedPlan, hw: &Hardware, layout: &Layout, w: &Workload) -> f64 {
+    if layout.shared_device {
+        return crate::host::simulate(plan, hw, layout, w).first_step;
+    }
+    let popularity = zipf(plan.model.num_experts, w.routing_skew);
+    let b = w.batch.max(1);
+    let prompt = w.prompt_tokens.max(1);
+    let p = pass(plan, hw, layout, b * prompt, b, prompt / 2, &popularity);
+    let mb = layout.micro_batches.max(1) as f64;
+    p.step() + (mb - 1.0) / 2.0 * p.bottleneck()
 }
 
 /// One stage's visit by a step, split the way the discrete-event simulator serves it.

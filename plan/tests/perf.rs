@@ -244,18 +244,21 @@ fn parts_sharing_one_device_take_turns() {
         ..layout(4, 4)
     };
     let w = work(8);
-    let cores = |n: usize, bw: f64| {
+    let chained = |n: usize, bw: f64, chains: Option<f64>| {
         move |h: &mut moe_plan::perf::Hardware| {
             h.host = Some(Host {
                 cores: n,
                 memory_bandwidth: h.memory_bandwidth * bw,
+                call_chains: chains,
             })
         }
     };
+    let cores = |n: usize, bw: f64| chained(n, bw, None);
     let apart = run(&p, |_| {}, &layout(4, 4), &w);
     let one = run(&p, cores(1, 1.0), &shared, &w);
     let four = run(&p, cores(4, 4.0), &shared, &w);
     let starved = run(&p, cores(4, 1.5), &shared, &w);
+    let handing_off = run(&p, chained(4, 4.0, Some(1.5)), &shared, &w);
     assert!(
         one.tokens_per_second < 0.6 * apart.tokens_per_second,
         "one device for all parts is slower than a device each: {one:?} vs {apart:?}"
@@ -267,5 +270,9 @@ fn parts_sharing_one_device_take_turns() {
     assert!(
         starved.tokens_per_second < 0.7 * four.tokens_per_second,
         "cores that share too little bandwidth do not help: {starved:?} vs {four:?}"
+    );
+    assert!(
+        handing_off.tokens_per_second < 0.7 * four.tokens_per_second,
+        "a host that runs fewer chains of calls than cores is held to them: {handing_off:?} vs {four:?}"
     );
 }

@@ -738,18 +738,27 @@ fn tls_client(
     tokio::runtime::Runtime,
     ComputeClient<tonic::transport::Channel>,
 )> {
+    let (rt, channel) = tls_channel(certs, addr)?;
+    Ok((rt, ComputeClient::new(channel, limit)))
+}
+
+/// A current-thread runtime (as a stage's compute thread drives its calls) and a mutual-TLS
+/// channel to `addr` made on it.
+fn tls_channel(
+    certs: &std::path::Path,
+    addr: &str,
+) -> Result<(tokio::runtime::Runtime, tonic::transport::Channel)> {
     let tls = super::tls::Tls::load(certs)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| Error::peer("runtime", e.to_string()))?;
-    let client = rt.block_on(async {
-        Ok::<_, Error>(ComputeClient::new(
+    let channel = rt.block_on(async {
+        Ok::<_, Error>(
             super::endpoint(addr)?.connect_with_connector_lazy(super::tls::Connector::new(tls)),
-            limit,
-        ))
+        )
     })?;
-    Ok((rt, client))
+    Ok((rt, channel))
 }
 
 /// One hop between two processes, as the performance model describes it.
@@ -779,119 +788,295 @@ fn cpu_seconds(pid: u32) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// One call to a real expert shard process here (`moe-worker expert` serving the `tiny`
-/// preset, whose experts take microseconds, over mutual TLS, one thread as `local` runs it),
-/// each call after both ends slept 1 ms as in a pipeline: (seconds per call, CPU seconds per
-/// call of both processes). What a call costs beyond its experts' work: both ends' gRPC and
-/// TLS, and every thread that wakes for it.
-pub fn expert_call(
-    preset: &str,
+/// What decode steps' expert calls cost a real expert shard process here.
+#[derive(Debug, Clone, Copy)]
+pub struct ExpertCalls {
+    /// Wall seconds per call, as the caller waits for it.
+    pub wall: f64,
+    /// CPU seconds per call of both processes (the caller's cache polluting excluded).
+    pub cpu: f64,
+    /// Seconds per call the shard spent computing its experts (its own busy counter).
+    pub compute: f64,
+}
+
+/// A real expert shard process here (`moe-worker expert` serving every layer and expert of
+/// `preset`, over mutual TLS with `certs`, one thread as `local` runs it); stops when dropped.
+struct ShardProcess {
+    child: std::process::Child,
+    addr: String,
+}
+
+impl ShardProcess {
+    fn start(preset: &str, layers: usize, experts: usize, certs: &std::path::Path) -> Result<Self> {
+        let err = |e: std::io::Error| Error::peer("bench", e.to_string());
+        let exe = std::env::current_exe().map_err(err)?;
+        let all_experts = (0..experts.max(1))
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut child = Command::new(exe)
+            .args([
+                "--threads",
+                "1",
+                "expert",
+                "--model",
+                &format!("synthetic:{preset}"),
+                "--layers",
+                &format!("0..{layers}"),
+            ])
+            .args(["--experts", &all_experts, "--listen", "127.0.0.1:0"])
+            .arg("--tls-dir")
+            .arg(certs)
+            .arg("--exit-with-stdin")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(err)?;
+        let addr = (|| {
+            let stdout = child
+                .stdout
+                .take()
+                .ok_or_else(|| Error::peer("bench", "expert stdout"))?;
+            let mut out = std::io::BufReader::new(stdout);
+            let addr = loop {
+                let mut line = String::new();
+                if std::io::BufRead::read_line(&mut out, &mut line).map_err(err)? == 0 {
+                    return Err(Error::peer("bench", "the expert exited before it listened"));
+                }
+                if let Some((_, a)) = line.trim().rsplit_once("listening on ") {
+                    break a.to_string();
+                }
+            };
+            std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+            Ok(addr)
+        })();
+        let mut shard = Self {
+            child,
+            addr: String::new(),
+        };
+        // On failure the shard is dropped here: its input closes and it exits.
+        shard.addr = addr?;
+        Ok(shard)
+    }
+}
+
+impl Drop for ShardProcess {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
+/// A caller of one [`ShardProcess`] as a stage's compute thread calls it: its own
+/// current-thread runtime, one call per layer in turn, `per_call` different experts with one
+/// row each, and a stage's worth of its own memory traffic before each call.
+struct ShardCaller {
+    rt: tokio::runtime::Runtime,
+    client: ComputeClient<tonic::transport::Channel>,
+    stats: ExpertClient<tonic::transport::Channel>,
+    x: Vec<f32>,
     hidden: usize,
     layers: usize,
-    experts: &[u32],
-) -> Result<(f64, f64)> {
-    let certs = super::tls::TempCerts::new()?;
-    let err = |e: std::io::Error| Error::peer("bench", e.to_string());
-    let exe = std::env::current_exe().map_err(err)?;
-    let all_experts = (0..=experts.iter().copied().max().unwrap_or(0))
-        .map(|e| e.to_string())
-        .collect::<Vec<_>>()
-        .join(",");
-    let mut child = Command::new(exe)
-        .args([
-            "--threads",
-            "1",
-            "expert",
-            "--model",
-            &format!("synthetic:{preset}"),
-            "--layers",
-            &format!("0..{layers}"),
-        ])
-        .args(["--experts", &all_experts, "--listen", "127.0.0.1:0"])
-        .arg("--tls-dir")
-        .arg(&certs.dir)
-        .arg("--exit-with-stdin")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(err)?;
-    let result = (|| {
-        let stdout = child
-            .stdout
-            .take()
-            .ok_or_else(|| Error::peer("bench", "expert stdout"))?;
-        let mut out = std::io::BufReader::new(stdout);
-        let addr = loop {
-            let mut line = String::new();
-            if std::io::BufRead::read_line(&mut out, &mut line).map_err(err)? == 0 {
-                return Err(Error::peer("bench", "the expert exited before it listened"));
-            }
-            if let Some((_, a)) = line.trim().rsplit_once("listening on ") {
-                break a.to_string();
-            }
-        };
-        std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
-        let (rt, mut client) = tls_client(&certs.dir, &addr, 64 << 20)?;
-        // Two tokens' rows to two experts, as a top-2 layer sends them.
-        let rows = experts.len();
-        let x: Vec<f32> = (0..rows * hidden).map(|i| (i % 17) as f32 * 0.01).collect();
-        let experts: Vec<ExpertRows> = experts
-            .iter()
-            .map(|&expert| ExpertRows { expert, rows: 1 })
-            .collect();
-        // What a stage's own compute does to the caches before it calls.
-        let mut scratch = vec![1f32; 4 << 20];
-        let call = |client: &mut ComputeClient<tonic::transport::Channel>| {
-            let limit = Duration::from_secs(10);
-            rt.block_on(async {
-                tokio::time::timeout(
-                    limit,
-                    client.compute(
-                        MetadataMap::new(),
-                        Some(limit),
-                        0,
-                        &experts,
-                        encode_f32(&x, &[rows, hidden]),
-                    ),
-                )
-                .await
-            })
-            .map_err(|_| Error::peer("expert", "no answer within 10 s"))?
-            .map_err(|s| Error::peer("expert", s.message().to_string()))
+    experts: usize,
+    per_call: usize,
+    scratch: Vec<f32>,
+    /// Calls made; the next call's layer and experts follow from it.
+    made: usize,
+}
+
+impl ShardCaller {
+    fn new(
+        certs: &std::path::Path,
+        shard: &ShardProcess,
+        hidden: usize,
+        layers: usize,
+        experts: usize,
+        per_call: usize,
+    ) -> Result<Self> {
+        let (rt, channel) = tls_channel(certs, &shard.addr)?;
+        let per_call = per_call.clamp(1, experts.max(1));
+        let mut caller = Self {
+            rt,
+            client: ComputeClient::new(channel.clone(), 64 << 20),
+            stats: ExpertClient::new(channel),
+            x: (0..per_call * hidden)
+                .map(|i| (i % 17) as f32 * 0.01)
+                .collect(),
+            hidden,
+            layers: layers.max(1),
+            experts: experts.max(1),
+            per_call,
+            scratch: vec![1f32; 4 << 20],
+            made: 0,
         };
         // It listens before its weights are loaded: ready once a call succeeds.
         let ready_by = Instant::now() + Duration::from_secs(60);
-        while let Err(e) = call(&mut client) {
+        while let Err(e) = caller.call() {
             if Instant::now() > ready_by {
                 return Err(e);
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        for _ in 0..50 {
-            call(&mut client)?;
+        for _ in 0..2 * caller.layers {
+            caller.call()?;
         }
-        let calls = 300;
-        let cpu = || cpu_seconds(std::process::id()) + cpu_seconds(child.id());
-        let before = cpu();
-        let mut times = Vec::with_capacity(calls);
-        let mut polluting = 0.0;
-        for i in 0..calls {
-            std::thread::sleep(std::time::Duration::from_millis(1));
-            let t = Instant::now();
-            scratch.iter_mut().for_each(|v| *v += i as f32);
-            std::hint::black_box(&scratch);
-            polluting += t.elapsed().as_secs_f64();
-            let t = Instant::now();
-            call(&mut client)?;
-            times.push(t.elapsed().as_secs_f64());
-        }
-        let cpu_per_call = ((cpu() - before - polluting) / calls as f64).max(0.0);
-        Ok((median_f64(times.into_iter()), cpu_per_call))
-    })();
-    drop(child.stdin.take());
-    let _ = child.wait();
-    result
+        Ok(caller)
+    }
+
+    /// Dirties the caches as a stage's own compute does between calls: seconds it took.
+    fn pollute(&mut self) -> f64 {
+        let t = Instant::now();
+        let bump = self.made as f32;
+        self.scratch.iter_mut().for_each(|v| *v += bump);
+        std::hint::black_box(&self.scratch);
+        t.elapsed().as_secs_f64()
+    }
+
+    /// The next call: layer `made mod layers`, experts from a stride that visits every pair.
+    fn call(&mut self) -> Result<()> {
+        let i = self.made;
+        let first = (i * 5 + i / self.layers) % self.experts;
+        let mut chosen: Vec<u32> = (0..self.per_call)
+            .map(|j| ((first + j) % self.experts) as u32)
+            .collect();
+        chosen.sort_unstable();
+        let experts: Vec<ExpertRows> = chosen
+            .into_iter()
+            .map(|expert| ExpertRows { expert, rows: 1 })
+            .collect();
+        let limit = Duration::from_secs(10);
+        let input = encode_f32(&self.x, &[self.per_call, self.hidden]);
+        let layer = (i % self.layers) as u32;
+        let client = &mut self.client;
+        self.rt
+            .block_on(async {
+                tokio::time::timeout(
+                    limit,
+                    client.compute(MetadataMap::new(), Some(limit), layer, &experts, input),
+                )
+                .await
+            })
+            .map_err(|_| Error::peer("expert", "no answer within 10 s"))?
+            .map_err(|s| Error::peer("expert", s.message().to_string()))?;
+        self.made += 1;
+        Ok(())
+    }
+
+    /// The shard's busy seconds so far.
+    fn busy(&mut self) -> Result<f64> {
+        let stats = &mut self.stats;
+        self.rt
+            .block_on(stats.load_stats(LoadStatsRequest { reset: false }))
+            .map(|r| r.into_inner().busy_seconds)
+            .map_err(|s| Error::peer("expert", s.message().to_string()))
+    }
+}
+
+/// Calls a real expert shard process here (see [`ShardProcess`], [`ShardCaller`]) as decode
+/// steps do, every call after the caller slept 1 ms and dirtied its caches (both ends idle,
+/// caches cold, weights streamed from memory as a deployment streams them). The shard's busy
+/// counter separates the experts' compute from what the call costs around it: both ends'
+/// gRPC and TLS, and every thread that wakes for it.
+pub fn expert_call(
+    preset: &str,
+    hidden: usize,
+    layers: usize,
+    experts: usize,
+    experts_per_call: usize,
+) -> Result<ExpertCalls> {
+    let certs = super::tls::TempCerts::new()?;
+    let shard = ShardProcess::start(preset, layers, experts, &certs.dir)?;
+    let mut caller = ShardCaller::new(
+        &certs.dir,
+        &shard,
+        hidden,
+        layers,
+        experts,
+        experts_per_call,
+    )?;
+    let calls = 40 * layers.max(1);
+    let cpu = || cpu_seconds(std::process::id()) + cpu_seconds(shard.child.id());
+    let (cpu_before, busy_before) = (cpu(), caller.busy()?);
+    let (mut wall, mut polluting) = (0.0, 0.0);
+    for _ in 0..calls {
+        std::thread::sleep(Duration::from_millis(1));
+        polluting += caller.pollute();
+        let t = Instant::now();
+        caller.call()?;
+        wall += t.elapsed().as_secs_f64();
+    }
+    let n = calls as f64;
+    Ok(ExpertCalls {
+        wall: wall / n,
+        cpu: ((cpu() - cpu_before - polluting) / n).max(0.0),
+        compute: (caller.busy()? - busy_before) / n,
+    })
+}
+
+/// How many chains of calls this host runs at once: `chains` callers, each with its own
+/// expert shard process, calling back to back (each chain keeps about one core busy), over
+/// one such chain alone: `chains` when nothing is lost to sharing the host, less for what
+/// the machine loses when processes hand work to each other on every core (wake-ups of idle
+/// cores, scheduling, contended memory).
+pub fn call_chains(
+    preset: &str,
+    hidden: usize,
+    layers: usize,
+    experts: usize,
+    chains: usize,
+) -> Result<f64> {
+    let certs = super::tls::TempCerts::new()?;
+    let chains = chains.max(1);
+    let shards = (0..chains)
+        .map(|_| ShardProcess::start(preset, layers, experts, &certs.dir))
+        .collect::<Result<Vec<_>>>()?;
+    let mut callers = shards
+        .iter()
+        .map(|s| ShardCaller::new(&certs.dir, s, hidden, layers, experts, 2))
+        .collect::<Result<Vec<_>>>()?;
+    let calls = 20 * layers.max(1);
+    // Calls per second of `n` chains at once.
+    let mut rate = |n: usize| -> Result<f64> {
+        let barrier = std::sync::Barrier::new(n);
+        let t = Instant::now();
+        let done: Vec<Result<()>> = std::thread::scope(|s| {
+            let handles: Vec<_> = callers
+                .iter_mut()
+                .take(n)
+                .map(|c| {
+                    let barrier = &barrier;
+                    s.spawn(move || {
+                        barrier.wait();
+                        for _ in 0..calls {
+                            c.pollute();
+                            c.call()?;
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(Error::peer("bench", "caller thread")))
+                })
+                .collect()
+        });
+        done.into_iter().collect::<Result<()>>()?;
+        Ok((n * calls) as f64 / t.elapsed().as_secs_f64())
+    };
+    // Rounds of one chain and of all, interleaved so drifts of the machine hit both alike;
+    // the median ratio.
+    let mut ratios = Vec::new();
+    for _ in 0..5 {
+        let one = rate(1)?;
+        let all = rate(chains)?;
+        ratios.push(all / one.max(1e-9));
+    }
+    let ratio = median_f64(ratios.into_iter());
+    Ok(ratio.clamp(1.0, chains as f64))
 }
 
 /// The deployed hop between two processes here (moe.v1 gRPC over mutual TLS on loopback, f32

@@ -339,6 +339,51 @@ pub fn http_json(
     serde_json::from_str(body).map_err(|e| Error::peer("http", format!("{path}: {e}")))
 }
 
+/// A blocking streaming completion (`"stream": true` is set on `body`) from a gateway: the
+/// seconds after sending at which each generated token arrived.
+pub fn http_token_times(addr: &str, path: &str, body: &serde_json::Value) -> Result<Vec<f64>> {
+    use std::io::{BufRead, Write};
+    let err = |e: std::io::Error| Error::peer("http", e.to_string());
+    let mut body = body.clone();
+    body["stream"] = serde_json::Value::Bool(true);
+    let body = body.to_string();
+    let mut s = std::net::TcpStream::connect(addr).map_err(err)?;
+    let _ = s.set_nodelay(true);
+    let start = std::time::Instant::now();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .map_err(err)?;
+    let mut lines = std::io::BufReader::new(s).lines();
+    let status = lines.next().transpose().map_err(err)?.unwrap_or_default();
+    if !status.starts_with("HTTP/1.1 200") {
+        return Err(Error::peer("http", format!("{path}: {status}")));
+    }
+    let mut times = Vec::new();
+    for line in lines {
+        let line = line.map_err(err)?;
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data.trim() == "[DONE]" {
+            break;
+        }
+        let event: serde_json::Value = serde_json::from_str(data)
+            .map_err(|e| Error::peer("http", format!("{path}: an event: {e}")))?;
+        if let Some(m) = event.get("error") {
+            return Err(Error::peer("http", format!("{path}: {m}")));
+        }
+        let n = event["choices"][0]["token_ids"]
+            .as_array()
+            .map_or(0, Vec::len);
+        let at = start.elapsed().as_secs_f64();
+        times.extend(std::iter::repeat_n(at, n));
+    }
+    Ok(times)
+}
+
 /// Parses comma-separated peer addresses.
 pub fn parse_addrs(list: &str) -> Vec<String> {
     list.split(',')
