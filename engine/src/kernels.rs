@@ -432,7 +432,7 @@ fn stream_max_rows() -> usize {
     })
 }
 
-/// Whether one input row over bf16 weights reads them in pairs on AVX-512 (default;
+/// Whether few input rows over bf16 weights read them in pairs on AVX-512 (default;
 /// `MOE_BF16_PAIRS=0` takes the 16-at-a-time path, for comparison).
 fn bf16_pairs() -> bool {
     static T: OnceLock<bool> = OnceLock::new();
@@ -773,7 +773,7 @@ mod x86 {
     trait Simd {
         /// Input rows per register tile.
         const X_TILE: usize;
-        /// Whether one input row over bf16 weights takes [`stream_bf16_pairs`].
+        /// Whether few input rows over bf16 weights take [`stream_bf16_pairs`].
         const PAIRED_BF16: bool = false;
         unsafe fn tile<W: WFmt>(mx: usize, t: Tile<W>, prefetch: bool);
         /// Widens `dst.len()` weights from `at` into `dst`.
@@ -1070,9 +1070,12 @@ mod x86 {
     unsafe fn rows<S: Simd, W: WFmt>(j: Raw, w: W, r0: usize, r1: usize) {
         // Streaming re-reads each input tile from L2 per weight quad: fine for short rows.
         if j.m <= super::stream_max_rows() || (j.m <= 64 && j.k <= 1024) {
+            // Pairs win in decode (base bf16 b1 +11%, b8 +6%) but lose on prefill's ~32-row
+            // expert products (mini −8%), where the 6-row tile widens each vector once for
+            // more rows.
             if S::PAIRED_BF16
                 && super::bf16_pairs()
-                && j.m == 1
+                && j.m <= PAIRED_MAX_ROWS
                 && j.k >= 32
                 && let Some(p) = w.bf16()
             {
@@ -1150,73 +1153,139 @@ mod x86 {
         });
     }
 
+    /// Input rows up to which bf16 weights are read in pairs (decode's sizes).
+    const PAIRED_MAX_ROWS: usize = 8;
+
     thread_local! {
-        /// The input row with each block of 32 split into its even and odd elements.
+        /// The input rows with each block of 32 split into its even and odd elements.
         static PAIRED_X: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     }
 
-    /// One input row over bf16 weights, four weight rows at a time, 32 weights per step: a
+    /// Few input rows over bf16 weights, four weight rows at a time, 32 weights per step: a
     /// 64-byte load holds 16 pairs, whose even weights are the pairs shifted left 16 bits and
-    /// odd weights the pairs with the low half cleared, against the input row's even and odd
-    /// elements (split once per call) — no widening shuffle per weight, half the instructions
-    /// of the 16-at-a-time path.
+    /// odd weights the pairs with the low half cleared, against each input row's even and odd
+    /// elements (split once per call) — no widening shuffle per weight. Input rows go in tiles
+    /// of up to four over each group of weight rows while it is in L1.
     ///
     /// # Safety
-    /// `j` is valid with `m == 1`, `w` its bf16 weights, rows `r0..r1` inside `0..n`; the CPU
+    /// `j` is valid, `w` its bf16 weights, rows `r0..r1` inside `0..n`, `j.k >= 32`; the CPU
     /// has AVX-512F.
     #[target_feature(enable = "avx512f")]
     unsafe fn stream_bf16_pairs(j: Raw, w: *const u16, r0: usize, r1: usize) {
-        let k = j.k;
+        let (m, k) = (j.m, j.k);
         let kv = k / 32 * 32;
-        // SAFETY: x holds k floats (m == 1).
-        let x = unsafe { std::slice::from_raw_parts(j.x, k) };
+        // SAFETY: x holds m rows of k floats.
+        let x = unsafe { std::slice::from_raw_parts(j.x, m * k) };
         PAIRED_X.with_borrow_mut(|xp| {
             xp.clear();
-            xp.reserve(kv);
-            for block in x[..kv].chunks_exact(32) {
-                xp.extend(block.iter().step_by(2));
-                xp.extend(block.iter().skip(1).step_by(2));
+            xp.reserve(m * kv);
+            for row in x.chunks_exact(k) {
+                for block in row[..kv].chunks_exact(32) {
+                    xp.extend(block.iter().step_by(2));
+                    xp.extend(block.iter().skip(1).step_by(2));
+                }
             }
-            let ahead = super::prefetch_bytes(Bf16W::PREFETCH_BYTES) / 2;
-            let high = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
+            let tile_rows = m.div_ceil(m.div_ceil(4));
             let mut r = r0;
             while r < r1 {
                 let rows = (r1 - r).min(4);
                 let wp: [usize; 4] =
                     std::array::from_fn(|q| if q < rows { (r + q) * k } else { r * k });
-                // SAFETY (block): the four rows hold k weights from wp[q]; xp holds kv floats;
-                // y holds n outputs (m == 1). Prefetches never fault.
-                unsafe {
-                    let mut acc = [_mm512_setzero_ps(); 4];
-                    let mut c = 0;
-                    while c < kv {
-                        for p in wp {
-                            _mm_prefetch::<_MM_HINT_T0>(w.add(p + c + ahead) as *const i8);
+                let mut i = 0;
+                while i < m {
+                    let mx = (m - i).min(tile_rows);
+                    let t = PairTile {
+                        j: &j,
+                        w,
+                        wp,
+                        rows,
+                        r,
+                        xp: &xp[i * kv..],
+                        i,
+                        kv,
+                    };
+                    // SAFETY: as this function's; i + mx <= m.
+                    unsafe {
+                        match (mx, i == 0) {
+                            (1, true) => pair_tile::<1, true>(t),
+                            (2, true) => pair_tile::<2, true>(t),
+                            (3, true) => pair_tile::<3, true>(t),
+                            (_, true) => pair_tile::<4, true>(t),
+                            (1, false) => pair_tile::<1, false>(t),
+                            (2, false) => pair_tile::<2, false>(t),
+                            (3, false) => pair_tile::<3, false>(t),
+                            (_, false) => pair_tile::<4, false>(t),
                         }
-                        let xe = _mm512_loadu_ps(xp.as_ptr().add(c));
-                        let xo = _mm512_loadu_ps(xp.as_ptr().add(c + 16));
-                        for q in 0..4 {
-                            let v = _mm512_loadu_si512(w.add(wp[q] + c) as *const __m512i);
-                            let even = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v));
-                            let odd = _mm512_castsi512_ps(_mm512_and_si512(v, high));
-                            acc[q] = _mm512_fmadd_ps(even, xe, acc[q]);
-                            acc[q] = _mm512_fmadd_ps(odd, xo, acc[q]);
-                        }
-                        c += 32;
                     }
-                    let mut s = reduce4_512(acc);
-                    for c in kv..k {
-                        for (q, v) in s.iter_mut().enumerate() {
-                            *v += from_bf16(*w.add(wp[q] + c)) * x[c];
-                        }
-                    }
-                    for (q, v) in s.iter().take(rows).enumerate() {
-                        *j.y.add(r + q) = *v;
-                    }
+                    i += mx;
                 }
                 r += rows;
             }
         });
+    }
+
+    /// One tile of [`stream_bf16_pairs`]: input rows `i..i + MX` against four weight rows.
+    struct PairTile<'a> {
+        j: &'a Raw,
+        w: *const u16,
+        /// Offsets of the four weight rows (missing rows alias the first; results dropped).
+        wp: [usize; 4],
+        rows: usize,
+        /// The first weight row (output column).
+        r: usize,
+        /// The tile's input rows split in even and odd, `kv` floats each.
+        xp: &'a [f32],
+        i: usize,
+        kv: usize,
+    }
+
+    /// # Safety
+    /// As [`stream_bf16_pairs`]; `t.xp` holds MX rows of `t.kv` floats.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn pair_tile<const MX: usize, const PREFETCH: bool>(t: PairTile<'_>) {
+        let (j, w, wp, kv, k) = (t.j, t.w, t.wp, t.kv, t.j.k);
+        let ahead = super::prefetch_bytes(Bf16W::PREFETCH_BYTES) / 2;
+        let high = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
+        // SAFETY (block): the four rows hold k weights from wp[q]; xp holds MX rows of kv; y
+        // holds m rows of n outputs. Prefetches never fault.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); 4]; MX];
+            let mut c = 0;
+            while c < kv {
+                if PREFETCH {
+                    for p in wp {
+                        _mm_prefetch::<_MM_HINT_T0>(w.add(p + c + ahead) as *const i8);
+                    }
+                }
+                let xe: [__m512; MX] =
+                    std::array::from_fn(|i| _mm512_loadu_ps(t.xp.as_ptr().add(i * kv + c)));
+                let xo: [__m512; MX] =
+                    std::array::from_fn(|i| _mm512_loadu_ps(t.xp.as_ptr().add(i * kv + c + 16)));
+                for q in 0..4 {
+                    let v = _mm512_loadu_si512(w.add(wp[q] + c) as *const __m512i);
+                    let even = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v));
+                    let odd = _mm512_castsi512_ps(_mm512_and_si512(v, high));
+                    for i in 0..MX {
+                        acc[i][q] = _mm512_fmadd_ps(even, xe[i], acc[i][q]);
+                        acc[i][q] = _mm512_fmadd_ps(odd, xo[i], acc[i][q]);
+                    }
+                }
+                c += 32;
+            }
+            for (i, a) in acc.iter().enumerate() {
+                let row = t.i + i;
+                let x = j.x.add(row * k);
+                let mut s = reduce4_512(*a);
+                for c in kv..k {
+                    for (q, v) in s.iter_mut().enumerate() {
+                        *v += from_bf16(*w.add(wp[q] + c)) * *x.add(c);
+                    }
+                }
+                for (q, v) in s.iter().take(t.rows).enumerate() {
+                    *j.y.add(row * j.n + t.r + q) = *v;
+                }
+            }
+        }
     }
 
     /// Few input rows: stream whole weight rows in place, four at a time; every input tile
