@@ -432,8 +432,8 @@ fn stream_max_rows() -> usize {
     })
 }
 
-/// Whether few input rows over bf16 weights read them in pairs on AVX-512 (default;
-/// `MOE_BF16_PAIRS=0` takes the 16-at-a-time path, for comparison).
+/// Whether few input rows over bf16 weights read them in pairs (default; `MOE_BF16_PAIRS=0`
+/// widens them one vector at a time, for comparison).
 fn bf16_pairs() -> bool {
     static T: OnceLock<bool> = OnceLock::new();
     *T.get_or_init(|| std::env::var("MOE_BF16_PAIRS").map_or(true, |v| v != "0"))
@@ -773,8 +773,17 @@ mod x86 {
     trait Simd {
         /// Input rows per register tile.
         const X_TILE: usize;
-        /// Whether few input rows over bf16 weights take [`stream_bf16_pairs`].
-        const PAIRED_BF16: bool = false;
+        /// f32 lanes of a vector: [`stream_bf16_pairs`] reads 2 x LANES bf16 weights per load.
+        const LANES: usize;
+        /// Input rows per tile of [`stream_bf16_pairs`].
+        const PAIR_ROWS: usize;
+        /// Input rows up to which bf16 weights are read in pairs: decode's sizes, not
+        /// prefill's ~32-row expert products (there the 6-row AVX-512 tile, widening each
+        /// vector once for more rows, won: mini prefill −8% with pairs). AVX2's 2-row tiles
+        /// lost at 8 rows (mini b8 −6%) and won at 1 (base b1 +12%).
+        const PAIR_MAX_ROWS: usize;
+        /// One tile of [`stream_bf16_pairs`] (`mx` input rows, at most `PAIR_ROWS`).
+        unsafe fn pair_tile(mx: usize, t: PairTile<'_>, prefetch: bool);
         unsafe fn tile<W: WFmt>(mx: usize, t: Tile<W>, prefetch: bool);
         /// Widens `dst.len()` weights from `at` into `dst`.
         unsafe fn widen<W: WFmt>(w: W, at: usize, dst: &mut [f32]);
@@ -786,7 +795,25 @@ mod x86 {
     impl Simd for Avx512 {
         /// 6 x 4 accumulators + 5 operands fit the 32 zmm registers.
         const X_TILE: usize = 6;
-        const PAIRED_BF16: bool = true;
+        const LANES: usize = 16;
+        /// 4 x 4 accumulators, 8 inputs, a pair and its halves, the mask: 31 zmm.
+        const PAIR_ROWS: usize = 4;
+        const PAIR_MAX_ROWS: usize = 8;
+        unsafe fn pair_tile(mx: usize, t: PairTile<'_>, prefetch: bool) {
+            // SAFETY: forwarded caller guarantees; `rows_avx512` checked the features.
+            unsafe {
+                match (mx, prefetch) {
+                    (1, true) => pair_tile512::<1, true>(t),
+                    (2, true) => pair_tile512::<2, true>(t),
+                    (3, true) => pair_tile512::<3, true>(t),
+                    (_, true) => pair_tile512::<4, true>(t),
+                    (1, false) => pair_tile512::<1, false>(t),
+                    (2, false) => pair_tile512::<2, false>(t),
+                    (3, false) => pair_tile512::<3, false>(t),
+                    (_, false) => pair_tile512::<4, false>(t),
+                }
+            }
+        }
         #[target_feature(enable = "avx512f")]
         unsafe fn widen<W: WFmt>(w: W, at: usize, dst: &mut [f32]) {
             let n = dst.len();
@@ -826,6 +853,21 @@ mod x86 {
     impl Simd for Avx2 {
         /// 3 x 4 accumulators, 3 inputs and one weight vector fill the 16 ymm registers.
         const X_TILE: usize = 3;
+        const LANES: usize = 8;
+        /// 2 x 4 accumulators, 4 inputs, a pair and its halves, the mask: 16 ymm.
+        const PAIR_ROWS: usize = 2;
+        const PAIR_MAX_ROWS: usize = 2;
+        unsafe fn pair_tile(mx: usize, t: PairTile<'_>, prefetch: bool) {
+            // SAFETY: forwarded caller guarantees; `rows_avx2` checked the features.
+            unsafe {
+                match (mx, prefetch) {
+                    (1, true) => pair_tile256::<1, true>(t),
+                    (_, true) => pair_tile256::<2, true>(t),
+                    (1, false) => pair_tile256::<1, false>(t),
+                    (_, false) => pair_tile256::<2, false>(t),
+                }
+            }
+        }
         #[target_feature(enable = "avx2,fma")]
         unsafe fn widen<W: WFmt>(w: W, at: usize, dst: &mut [f32]) {
             let n = dst.len();
@@ -1070,17 +1112,13 @@ mod x86 {
     unsafe fn rows<S: Simd, W: WFmt>(j: Raw, w: W, r0: usize, r1: usize) {
         // Streaming re-reads each input tile from L2 per weight quad: fine for short rows.
         if j.m <= super::stream_max_rows() || (j.m <= 64 && j.k <= 1024) {
-            // Pairs win in decode (base bf16 b1 +11%, b8 +6%) but lose on prefill's ~32-row
-            // expert products (mini −8%), where the 6-row tile widens each vector once for
-            // more rows.
-            if S::PAIRED_BF16
-                && super::bf16_pairs()
-                && j.m <= PAIRED_MAX_ROWS
-                && j.k >= 32
+            if super::bf16_pairs()
+                && j.m <= S::PAIR_MAX_ROWS
+                && j.k >= 2 * S::LANES
                 && let Some(p) = w.bf16()
             {
-                // SAFETY: forwarded caller guarantees; S says the CPU has AVX-512F.
-                unsafe { stream_bf16_pairs(j, p, r0, r1) };
+                // SAFETY: forwarded caller guarantees.
+                unsafe { stream_bf16_pairs::<S>(j, p, r0, r1) };
                 return;
             }
             // SAFETY: forwarded caller guarantees.
@@ -1153,39 +1191,36 @@ mod x86 {
         });
     }
 
-    /// Input rows up to which bf16 weights are read in pairs (decode's sizes).
-    const PAIRED_MAX_ROWS: usize = 8;
-
     thread_local! {
         /// The input rows with each block of 32 split into its even and odd elements.
         static PAIRED_X: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     }
 
-    /// Few input rows over bf16 weights, four weight rows at a time, 32 weights per step: a
-    /// 64-byte load holds 16 pairs, whose even weights are the pairs shifted left 16 bits and
-    /// odd weights the pairs with the low half cleared, against each input row's even and odd
-    /// elements (split once per call) — no widening shuffle per weight. Input rows go in tiles
-    /// of up to four over each group of weight rows while it is in L1.
+    /// Few input rows over bf16 weights, four weight rows at a time, a vector of pairs per
+    /// step (32 weights with AVX-512, 16 with AVX2): a pair's even weight is the pair shifted
+    /// left 16 bits, its odd weight the pair with the low half cleared, against each input
+    /// row's even and odd elements (split once per call) — no widening shuffle per weight.
+    /// Input rows go in tiles over each group of weight rows while it is in L1.
     ///
     /// # Safety
-    /// `j` is valid, `w` its bf16 weights, rows `r0..r1` inside `0..n`, `j.k >= 32`; the CPU
-    /// has AVX-512F.
-    #[target_feature(enable = "avx512f")]
-    unsafe fn stream_bf16_pairs(j: Raw, w: *const u16, r0: usize, r1: usize) {
+    /// `j` is valid, `w` its bf16 weights, rows `r0..r1` inside `0..n`, `j.k >= 2 * LANES`;
+    /// the CPU has S's instruction set.
+    unsafe fn stream_bf16_pairs<S: Simd>(j: Raw, w: *const u16, r0: usize, r1: usize) {
         let (m, k) = (j.m, j.k);
-        let kv = k / 32 * 32;
+        let block = 2 * S::LANES;
+        let kv = k / block * block;
         // SAFETY: x holds m rows of k floats.
         let x = unsafe { std::slice::from_raw_parts(j.x, m * k) };
         PAIRED_X.with_borrow_mut(|xp| {
             xp.clear();
             xp.reserve(m * kv);
             for row in x.chunks_exact(k) {
-                for block in row[..kv].chunks_exact(32) {
-                    xp.extend(block.iter().step_by(2));
-                    xp.extend(block.iter().skip(1).step_by(2));
+                for b in row[..kv].chunks_exact(block) {
+                    xp.extend(b.iter().step_by(2));
+                    xp.extend(b.iter().skip(1).step_by(2));
                 }
             }
-            let tile_rows = m.div_ceil(m.div_ceil(4));
+            let tile_rows = m.div_ceil(m.div_ceil(S::PAIR_ROWS));
             let mut r = r0;
             while r < r1 {
                 let rows = (r1 - r).min(4);
@@ -1204,19 +1239,8 @@ mod x86 {
                         i,
                         kv,
                     };
-                    // SAFETY: as this function's; i + mx <= m.
-                    unsafe {
-                        match (mx, i == 0) {
-                            (1, true) => pair_tile::<1, true>(t),
-                            (2, true) => pair_tile::<2, true>(t),
-                            (3, true) => pair_tile::<3, true>(t),
-                            (_, true) => pair_tile::<4, true>(t),
-                            (1, false) => pair_tile::<1, false>(t),
-                            (2, false) => pair_tile::<2, false>(t),
-                            (3, false) => pair_tile::<3, false>(t),
-                            (_, false) => pair_tile::<4, false>(t),
-                        }
-                    }
+                    // SAFETY: as this function's; i + mx <= m, mx <= PAIR_ROWS.
+                    unsafe { S::pair_tile(mx, t, i == 0) };
                     i += mx;
                 }
                 r += rows;
@@ -1239,15 +1263,38 @@ mod x86 {
         kv: usize,
     }
 
+    impl PairTile<'_> {
+        /// Adds the tail columns `kv..k` to input row `i`'s four sums and stores them.
+        ///
+        /// # Safety
+        /// As [`stream_bf16_pairs`]; `i` is a row of this tile.
+        unsafe fn finish(&self, i: usize, mut s: [f32; 4]) {
+            let (j, k) = (self.j, self.j.k);
+            let row = self.i + i;
+            // SAFETY: forwarded; row < m, r + rows <= n.
+            unsafe {
+                let x = j.x.add(row * k);
+                for c in self.kv..k {
+                    for (q, v) in s.iter_mut().enumerate() {
+                        *v += from_bf16(*self.w.add(self.wp[q] + c)) * *x.add(c);
+                    }
+                }
+                for (q, v) in s.iter().take(self.rows).enumerate() {
+                    *j.y.add(row * j.n + self.r + q) = *v;
+                }
+            }
+        }
+    }
+
     /// # Safety
     /// As [`stream_bf16_pairs`]; `t.xp` holds MX rows of `t.kv` floats.
     #[target_feature(enable = "avx512f")]
-    unsafe fn pair_tile<const MX: usize, const PREFETCH: bool>(t: PairTile<'_>) {
-        let (j, w, wp, kv, k) = (t.j, t.w, t.wp, t.kv, t.j.k);
+    unsafe fn pair_tile512<const MX: usize, const PREFETCH: bool>(t: PairTile<'_>) {
+        let (w, wp, kv) = (t.w, t.wp, t.kv);
         let ahead = super::prefetch_bytes(Bf16W::PREFETCH_BYTES) / 2;
         let high = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
-        // SAFETY (block): the four rows hold k weights from wp[q]; xp holds MX rows of kv; y
-        // holds m rows of n outputs. Prefetches never fault.
+        // SAFETY (block): the four rows hold k weights from wp[q]; xp holds MX rows of kv.
+        // Prefetches never fault.
         unsafe {
             let mut acc = [[_mm512_setzero_ps(); 4]; MX];
             let mut c = 0;
@@ -1257,10 +1304,9 @@ mod x86 {
                         _mm_prefetch::<_MM_HINT_T0>(w.add(p + c + ahead) as *const i8);
                     }
                 }
-                let xe: [__m512; MX] =
-                    std::array::from_fn(|i| _mm512_loadu_ps(t.xp.as_ptr().add(i * kv + c)));
-                let xo: [__m512; MX] =
-                    std::array::from_fn(|i| _mm512_loadu_ps(t.xp.as_ptr().add(i * kv + c + 16)));
+                let x = |i: usize, h: usize| _mm512_loadu_ps(t.xp.as_ptr().add(i * kv + c + h));
+                let xe: [__m512; MX] = std::array::from_fn(|i| x(i, 0));
+                let xo: [__m512; MX] = std::array::from_fn(|i| x(i, 16));
                 for q in 0..4 {
                     let v = _mm512_loadu_si512(w.add(wp[q] + c) as *const __m512i);
                     let even = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v));
@@ -1273,17 +1319,46 @@ mod x86 {
                 c += 32;
             }
             for (i, a) in acc.iter().enumerate() {
-                let row = t.i + i;
-                let x = j.x.add(row * k);
-                let mut s = reduce4_512(*a);
-                for c in kv..k {
-                    for (q, v) in s.iter_mut().enumerate() {
-                        *v += from_bf16(*w.add(wp[q] + c)) * *x.add(c);
+                t.finish(i, reduce4_512(*a));
+            }
+        }
+    }
+
+    /// The AVX2 tile of [`stream_bf16_pairs`]: 16 weights per load, up to 2 input rows.
+    ///
+    /// # Safety
+    /// As [`pair_tile512`], with AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn pair_tile256<const MX: usize, const PREFETCH: bool>(t: PairTile<'_>) {
+        let (w, wp, kv) = (t.w, t.wp, t.kv);
+        let ahead = super::prefetch_bytes(Bf16W::PREFETCH_BYTES) / 2;
+        let high = _mm256_set1_epi32(0xFFFF_0000u32 as i32);
+        // SAFETY (block): as in `pair_tile512`.
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); 4]; MX];
+            let mut c = 0;
+            while c < kv {
+                if PREFETCH && c % 32 == 0 {
+                    for p in wp {
+                        _mm_prefetch::<_MM_HINT_T0>(w.add(p + c + ahead) as *const i8);
                     }
                 }
-                for (q, v) in s.iter().take(t.rows).enumerate() {
-                    *j.y.add(row * j.n + t.r + q) = *v;
+                let x = |i: usize, h: usize| _mm256_loadu_ps(t.xp.as_ptr().add(i * kv + c + h));
+                let xe: [__m256; MX] = std::array::from_fn(|i| x(i, 0));
+                let xo: [__m256; MX] = std::array::from_fn(|i| x(i, 8));
+                for q in 0..4 {
+                    let v = _mm256_loadu_si256(w.add(wp[q] + c) as *const __m256i);
+                    let even = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(v));
+                    let odd = _mm256_castsi256_ps(_mm256_and_si256(v, high));
+                    for i in 0..MX {
+                        acc[i][q] = _mm256_fmadd_ps(even, xe[i], acc[i][q]);
+                        acc[i][q] = _mm256_fmadd_ps(odd, xo[i], acc[i][q]);
+                    }
                 }
+                c += 16;
+            }
+            for (i, a) in acc.iter().enumerate() {
+                t.finish(i, reduce4_256(*a));
             }
         }
     }
