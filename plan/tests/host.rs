@@ -1,27 +1,13 @@
 //! The shared-host simulation (`moe_plan::host`): its processor sharing against exact
 //! answers where there is one, and the orderings it must keep.
 
+use moe_plan::SizedPlan;
 use moe_plan::host::simulate;
 use moe_plan::perf::{Hardware, Host, Layout, Workload, estimate, gpu_profile};
-use moe_plan::{SizedPlan, SizingRequest, size};
 mod common;
 
-use common::mixtral;
-
 fn plan(stages: usize, shards: usize) -> SizedPlan {
-    size(&SizingRequest {
-        model: mixtral(),
-        dtype_bytes: 2,
-        expert_millibytes: 0,
-        stages,
-        expert_shards: Some(shards),
-        tensor: 1,
-        gpus_per_pod: 1,
-        gpu_memory_bytes: 80 << 30,
-        context_tokens: 4096,
-        concurrent_sequences: 64,
-    })
-    .expect("plan")
+    common::mixtral_plan(stages, shards)
 }
 
 fn shared(shards: usize, micro_batches: usize) -> Layout {

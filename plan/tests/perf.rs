@@ -9,19 +9,7 @@ use common::mixtral;
 use moe_plan::{SizedPlan, SizingRequest, size};
 
 fn plan(stages: usize, shards: usize) -> SizedPlan {
-    size(&SizingRequest {
-        model: mixtral(),
-        dtype_bytes: 2,
-        expert_millibytes: 0,
-        stages,
-        expert_shards: Some(shards),
-        tensor: 1,
-        gpus_per_pod: 1,
-        gpu_memory_bytes: 80 << 30,
-        context_tokens: 4096,
-        concurrent_sequences: 64,
-    })
-    .expect("plan")
+    common::mixtral_plan(stages, shards)
 }
 
 fn layout(shards: usize, micro_batches: usize) -> Layout {

@@ -8,12 +8,12 @@ mod common;
 use std::collections::HashMap;
 use std::rc::Rc;
 
+use moe_plan::SizedPlan;
 use moe_plan::perf::{Hardware, Layout, gpu_profile, stage_parts, stage_seconds, zipf};
 use moe_plan::sim::{
     Call, Deployment, Replicas, SimConfig, SimReport, Visit, priced_step, simulate,
     simulate_deployment,
 };
-use moe_plan::{SizedPlan, SizingRequest, size};
 
 fn config(stages: usize, lanes: usize, batch: usize, rate: f64, output: usize) -> SimConfig {
     SimConfig {
@@ -291,19 +291,7 @@ fn replicas_serve_after_their_startup_and_removed_ones_take_no_calls() {
 }
 
 fn mixtral_plan(stages: usize, shards: usize) -> SizedPlan {
-    size(&SizingRequest {
-        model: common::mixtral(),
-        dtype_bytes: 2,
-        expert_millibytes: 0,
-        stages,
-        expert_shards: Some(shards),
-        tensor: 1,
-        gpus_per_pod: 1,
-        gpu_memory_bytes: 80 << 30,
-        context_tokens: 4096,
-        concurrent_sequences: 64,
-    })
-    .expect("plan")
+    common::mixtral_plan(stages, shards)
 }
 
 /// The plan on the model's operator times, popularity fixed.

@@ -1,6 +1,6 @@
 //! What the performance tests share.
 
-use moe_plan::{ModelDims, Variant};
+use moe_plan::{ModelDims, SizedPlan, SizingRequest, Variant, size};
 
 /// Mixtral-8x7B's shape (its config.json).
 pub fn mixtral() -> ModelDims {
@@ -18,4 +18,23 @@ pub fn mixtral() -> ModelDims {
         tie_word_embeddings: false,
         variant: Variant::default(),
     }
+}
+
+/// Mixtral-8x7B in bf16 over `stages` stages and `shards` expert shards on 80 GB GPUs (one per
+/// pod), 4k-token contexts, 64 sequences.
+#[allow(dead_code)] // not every test file plans
+pub fn mixtral_plan(stages: usize, shards: usize) -> SizedPlan {
+    size(&SizingRequest {
+        model: mixtral(),
+        dtype_bytes: 2,
+        expert_millibytes: 0,
+        stages,
+        expert_shards: Some(shards),
+        tensor: 1,
+        gpus_per_pod: 1,
+        gpu_memory_bytes: 80 << 30,
+        context_tokens: 4096,
+        concurrent_sequences: 64,
+    })
+    .expect("plan")
 }
