@@ -788,22 +788,6 @@ pub fn estimate(plan: &SizedPlan, hw: &Hardware, layout: &Layout, w: &Workload) 
     }
 }
 
-/// Mean seconds to the first token of a batch that arrives at once (`w.batch` sequences in
-/// each of the layout's micro-batches): each micro-batch's first step runs its sequences'
-/// prompts together; micro-batches follow each other through the pipeline's busiest part,
-/// or on a shared device all progress at once, sharing it.
-pub fn burst_first_token(plan: &SizedPlan, hw: &Hardware, layout: &Layout, w: &Workload) -> f64 {
-    if layout.shared_device {
-        return crate::host::simulate(plan, hw, layout, w).first_step;
-    }
-    let popularity = zipf(plan.model.num_experts, w.routing_skew);
-    let b = w.batch.max(1);
-    let prompt = w.prompt_tokens.max(1);
-    let p = pass(plan, hw, layout, b * prompt, b, prompt / 2, &popularity);
-    let mb = layout.micro_batches.max(1) as f64;
-    p.step() + (mb - 1.0) / 2.0 * p.bottleneck()
-}
-
 /// One stage's visit by a step, split the way the discrete-event simulator serves it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

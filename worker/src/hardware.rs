@@ -416,14 +416,15 @@ pub fn predict(
         output_tokens: tokens,
         routing_skew: 0.0,
     };
-    let e = perf::estimate(&plan, hw, &layout, &w);
+    // The parts share this host: `perf::estimate` simulates it for the cycle; one run here
+    // gives the cycle and the first step of a batch sent at once (prompts prefill together).
+    let run = moe_plan::host::simulate(&plan, hw, &layout, &w);
     Ok(Predicted {
         // Every request gets a token each cycle (lanes may hold one sequence fewer than the
         // model's even split).
-        tokens_per_second: batch.max(1) as f64 / e.time_per_output_token,
-        token_latency: e.time_per_output_token,
-        // The benchmark sends its batch at once: prompts prefill together.
-        first_token: perf::burst_first_token(&plan, hw, &layout, &w),
+        tokens_per_second: batch.max(1) as f64 / run.cycle,
+        token_latency: run.cycle,
+        first_token: run.first_step,
     })
 }
 
