@@ -23,8 +23,8 @@ use std::collections::VecDeque;
 
 use crate::SizedPlan;
 use crate::perf::{
-    Hardware, Layout, Router, Workload, expert_bytes, head_seconds, layer_seconds, roofline_rows,
-    zipf,
+    Hardware, Layout, Router, Workload, expert_bytes, head_seconds, layer_seconds, link_bandwidth,
+    roofline_rows, zipf,
 };
 
 /// What the simulation measured: seconds per step of a micro-batch, and to a burst's first
@@ -102,12 +102,8 @@ impl<'a> Steps<'a> {
 
     /// One hop's pure wait for a message of `bytes`.
     fn wire(&self, bytes: f64) -> f64 {
-        let bandwidth = if self.layout.across_nodes {
-            self.hw.network_bandwidth
-        } else {
-            self.hw.nvlink_bandwidth
-        };
-        (self.hw.network_latency - self.hw.hop_cpu).max(0.0) + bytes / bandwidth.max(1.0)
+        (self.hw.network_latency - self.hw.hop_cpu).max(0.0)
+            + bytes / link_bandwidth(self.hw, self.layout).max(1.0)
     }
 
     /// A step of `rows` rows over `sequences` sequences with `context` tokens of KV each.
@@ -180,13 +176,14 @@ impl<'a> Steps<'a> {
                     out.push(cpu(at, t));
                     continue;
                 }
+                // An expert no shard computes (not in a valid plan) makes no call.
+                calls.retain(|c| c.0 != usize::MAX);
                 let k = calls.len() as f64;
                 out.push(cpu(at, k * half));
                 out.push(Phase {
                     stage: at,
                     branches: calls
                         .iter()
-                        .filter(|c| c.0 != usize::MAX)
                         .map(|&(j, routed, touched)| {
                             let gpus = plan.expert_shards[j].pod.gpus.max(1);
                             let bytes = routed as f64 * h * wire_bytes;

@@ -310,13 +310,18 @@ pub fn zipf(n: usize, s: f64) -> Vec<f64> {
     w.into_iter().map(|x| x / total).collect()
 }
 
+/// Bytes/s of the link a hop of `layout` takes: the network between nodes, else NVLink.
+pub(crate) fn link_bandwidth(hw: &Hardware, layout: &Layout) -> f64 {
+    if layout.across_nodes {
+        hw.network_bandwidth
+    } else {
+        hw.nvlink_bandwidth
+    }
+}
+
 /// One message of `bytes` over the hop the layout says.
 fn hop(hw: &Hardware, layout: &Layout, bytes: f64) -> f64 {
-    if layout.across_nodes {
-        hw.network_latency + bytes / hw.network_bandwidth
-    } else {
-        hw.network_latency + bytes / hw.nvlink_bandwidth
-    }
+    hw.network_latency + bytes / link_bandwidth(hw, layout)
 }
 
 /// Seconds of one forward pass of `rows` tokens of one micro-batch (decode: one row per
