@@ -317,16 +317,10 @@ pub fn http_json(
     path: &str,
     body: Option<&serde_json::Value>,
 ) -> Result<serde_json::Value> {
-    use std::io::{Read, Write};
+    use std::io::Read;
     let err = |e: std::io::Error| Error::peer("http", e.to_string());
-    let mut s = std::net::TcpStream::connect(addr).map_err(err)?;
     let body = body.map(|b| b.to_string()).unwrap_or_default();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .map_err(err)?;
+    let mut s = send_request(addr, method, path, &body)?;
     let mut resp = String::new();
     s.read_to_string(&mut resp).map_err(err)?;
     let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
@@ -339,23 +333,31 @@ pub fn http_json(
     serde_json::from_str(body).map_err(|e| Error::peer("http", format!("{path}: {e}")))
 }
 
-/// A blocking streaming completion (`"stream": true` is set on `body`) from a gateway: the
-/// seconds after sending at which each generated token arrived.
-pub fn http_token_times(addr: &str, path: &str, body: &serde_json::Value) -> Result<Vec<f64>> {
-    use std::io::{BufRead, Write};
+/// Connects to `addr` and sends one HTTP/1.1 request with a JSON `body` (the connection
+/// closes after the answer).
+fn send_request(addr: &str, method: &str, path: &str, body: &str) -> Result<std::net::TcpStream> {
+    use std::io::Write;
     let err = |e: std::io::Error| Error::peer("http", e.to_string());
-    let mut body = body.clone();
-    body["stream"] = serde_json::Value::Bool(true);
-    let body = body.to_string();
     let mut s = std::net::TcpStream::connect(addr).map_err(err)?;
     let _ = s.set_nodelay(true);
-    let start = std::time::Instant::now();
     write!(
         s,
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )
     .map_err(err)?;
+    Ok(s)
+}
+
+/// A blocking streaming completion (`"stream": true` is set on `body`) from a gateway: the
+/// seconds after sending at which each generated token arrived.
+pub fn http_token_times(addr: &str, path: &str, body: &serde_json::Value) -> Result<Vec<f64>> {
+    use std::io::BufRead;
+    let err = |e: std::io::Error| Error::peer("http", e.to_string());
+    let mut body = body.clone();
+    body["stream"] = serde_json::Value::Bool(true);
+    let start = std::time::Instant::now();
+    let s = send_request(addr, "POST", path, &body.to_string())?;
     let mut lines = std::io::BufReader::new(s).lines();
     let status = lines.next().transpose().map_err(err)?.unwrap_or_default();
     if !status.starts_with("HTTP/1.1 200") {
