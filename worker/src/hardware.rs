@@ -189,7 +189,7 @@ pub fn measure(name: &str, process_threads: usize, price: f64) -> Result<Hardwar
     let overhead = overhead?;
     let host_bandwidth = concurrent_streaming(cores())?;
     // As many real call chains (caller and expert shard process) as cores at once, over one.
-    let chains = crate::serve::bench::call_chains("mini", 512, 8, 8, cores())?;
+    let chains = crate::serve::bench::call_chains("mini", cores())?;
     eprintln!(
         "{} chains of expert calls at once run {chains:.2}x one chain",
         cores()
@@ -201,9 +201,9 @@ pub fn measure(name: &str, process_threads: usize, price: f64) -> Result<Hardwar
     // one row each (top-2 at batch 1). Its own busy counter gives the experts' compute as the
     // shard runs them (weights streamed from memory, the FFN's activation and bookkeeping
     // included); the rest of each call is what a round trip costs.
-    let calls = crate::serve::bench::expert_call("mini", 512, 8, 8, 2)?;
-    let expert_bytes = (3 * 512 * 1408 * 4) as f64;
-    let shard_streaming = 2.0 * expert_bytes / calls.compute.max(1e-9);
+    let calls = crate::serve::bench::expert_call("mini", 2)?;
+    let shard_streaming =
+        calls.experts_per_call as f64 * calls.expert_bytes / calls.compute.max(1e-9);
     let (call, call_cpu) = (
         (calls.wall - calls.compute).max(0.0),
         (calls.cpu - calls.compute).max(0.0),

@@ -797,20 +797,32 @@ pub struct ExpertCalls {
     pub cpu: f64,
     /// Seconds per call the shard spent computing its experts (its own busy counter).
     pub compute: f64,
+    /// Experts per call, and bytes of one expert's weights as the shard holds them.
+    pub experts_per_call: usize,
+    pub expert_bytes: f64,
 }
 
-/// A real expert shard process here (`moe-worker expert` serving every layer and expert of
-/// `preset`, over mutual TLS with `certs`, one thread as `local` runs it); stops when dropped.
+/// A real expert shard process here (`moe-worker expert` serving every layer and expert of a
+/// synthetic preset, over mutual TLS, one thread as `local` runs it); stops when dropped.
 struct ShardProcess {
     child: std::process::Child,
     addr: String,
+    /// The preset's hidden size, layers and experts per layer.
+    hidden: usize,
+    layers: usize,
+    experts: usize,
+    /// Bytes of one expert's weights (gate, up, down) as the shard holds them.
+    expert_bytes: f64,
 }
 
 impl ShardProcess {
-    fn start(preset: &str, layers: usize, experts: usize, certs: &std::path::Path) -> Result<Self> {
+    fn start(preset: &str, certs: &std::path::Path) -> Result<Self> {
         let err = |e: std::io::Error| Error::peer("bench", e.to_string());
+        let model = format!("synthetic:{preset}");
+        let cfg = model.parse::<ModelArg>()?.open()?.config().clone();
+        let (layers, experts) = (cfg.num_hidden_layers.max(1), cfg.num_local_experts.max(1));
         let exe = std::env::current_exe().map_err(err)?;
-        let all_experts = (0..experts.max(1))
+        let all_experts = (0..experts)
             .map(|e| e.to_string())
             .collect::<Vec<_>>()
             .join(",");
@@ -820,7 +832,7 @@ impl ShardProcess {
                 "1",
                 "expert",
                 "--model",
-                &format!("synthetic:{preset}"),
+                &model,
                 "--layers",
                 &format!("0..{layers}"),
             ])
@@ -854,6 +866,10 @@ impl ShardProcess {
         let mut shard = Self {
             child,
             addr: String::new(),
+            hidden: cfg.hidden_size,
+            layers,
+            experts,
+            expert_bytes: (3 * cfg.hidden_size * cfg.intermediate_size * cfg.dtype.size()) as f64,
         };
         // On failure the shard is dropped here: its input closes and it exits.
         shard.addr = addr?;
@@ -886,14 +902,8 @@ struct ShardCaller {
 }
 
 impl ShardCaller {
-    fn new(
-        certs: &std::path::Path,
-        shard: &ShardProcess,
-        hidden: usize,
-        layers: usize,
-        experts: usize,
-        per_call: usize,
-    ) -> Result<Self> {
+    fn new(certs: &std::path::Path, shard: &ShardProcess, per_call: usize) -> Result<Self> {
+        let (hidden, layers, experts) = (shard.hidden, shard.layers, shard.experts);
         let (rt, channel) = tls_channel(certs, &shard.addr)?;
         let per_call = per_call.clamp(1, experts.max(1));
         let mut caller = Self {
@@ -904,8 +914,8 @@ impl ShardCaller {
                 .map(|i| (i % 17) as f32 * 0.01)
                 .collect(),
             hidden,
-            layers: layers.max(1),
-            experts: experts.max(1),
+            layers,
+            experts,
             per_call,
             scratch: vec![1f32; 4 << 20],
             made: 0,
@@ -978,24 +988,11 @@ impl ShardCaller {
 /// caches cold, weights streamed from memory as a deployment streams them). The shard's busy
 /// counter separates the experts' compute from what the call costs around it: both ends'
 /// gRPC and TLS, and every thread that wakes for it.
-pub fn expert_call(
-    preset: &str,
-    hidden: usize,
-    layers: usize,
-    experts: usize,
-    experts_per_call: usize,
-) -> Result<ExpertCalls> {
+pub fn expert_call(preset: &str, experts_per_call: usize) -> Result<ExpertCalls> {
     let certs = super::tls::TempCerts::new()?;
-    let shard = ShardProcess::start(preset, layers, experts, &certs.dir)?;
-    let mut caller = ShardCaller::new(
-        &certs.dir,
-        &shard,
-        hidden,
-        layers,
-        experts,
-        experts_per_call,
-    )?;
-    let calls = 40 * layers.max(1);
+    let shard = ShardProcess::start(preset, &certs.dir)?;
+    let mut caller = ShardCaller::new(&certs.dir, &shard, experts_per_call)?;
+    let calls = 40 * shard.layers;
     let cpu = || cpu_seconds(std::process::id()) + cpu_seconds(shard.child.id());
     let (cpu_before, busy_before) = (cpu(), caller.busy()?);
     let (mut wall, mut polluting) = (0.0, 0.0);
@@ -1011,6 +1008,8 @@ pub fn expert_call(
         wall: wall / n,
         cpu: ((cpu() - cpu_before - polluting) / n).max(0.0),
         compute: (caller.busy()? - busy_before) / n,
+        experts_per_call: caller.per_call,
+        expert_bytes: shard.expert_bytes,
     })
 }
 
@@ -1019,23 +1018,17 @@ pub fn expert_call(
 /// one such chain alone: `chains` when nothing is lost to sharing the host, less for what
 /// the machine loses when processes hand work to each other on every core (wake-ups of idle
 /// cores, scheduling, contended memory).
-pub fn call_chains(
-    preset: &str,
-    hidden: usize,
-    layers: usize,
-    experts: usize,
-    chains: usize,
-) -> Result<f64> {
+pub fn call_chains(preset: &str, chains: usize) -> Result<f64> {
     let certs = super::tls::TempCerts::new()?;
     let chains = chains.max(1);
     let shards = (0..chains)
-        .map(|_| ShardProcess::start(preset, layers, experts, &certs.dir))
+        .map(|_| ShardProcess::start(preset, &certs.dir))
         .collect::<Result<Vec<_>>>()?;
     let mut callers = shards
         .iter()
-        .map(|s| ShardCaller::new(&certs.dir, s, hidden, layers, experts, 2))
+        .map(|s| ShardCaller::new(&certs.dir, s, 2))
         .collect::<Result<Vec<_>>>()?;
-    let calls = 20 * layers.max(1);
+    let calls = 20 * shards[0].layers;
     // Calls per second of `n` chains at once.
     let mut rate = |n: usize| -> Result<f64> {
         let barrier = std::sync::Barrier::new(n);
